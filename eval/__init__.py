@@ -1,0 +1,1 @@
+"""Evaluation, ablations and benchmarks of medvlm; added by the evaluation issue."""

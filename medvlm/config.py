@@ -1,0 +1,164 @@
+"""Configuration as data: YAML presets in ``configs/`` mapped onto dataclasses with strict checking.
+
+An unknown key or a value of the wrong type is an error that names the key and the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medvlm.errors import ConfigError
+
+
+@dataclass
+class PhantomDataConfig:
+    """How the built-in phantom dataset is generated (sizes along x, y, z)."""
+
+    n_cases: int = 120
+    seed: int = 0
+    shape: tuple[int, int, int] = (64, 64, 64)
+    spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
+    validation_fraction: float = 0.15
+    test_fraction: float = 0.15
+    previews: int = 6
+
+
+@dataclass
+class PreprocessConfig:
+    """The MONAI preprocessing chain: target spacing, HU window, foreground crop and ROI (x, y, z voxels)."""
+
+    spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
+    hu_window: tuple[float, float] = (-1000.0, 1500.0)
+    output_range: tuple[float, float] = (-1.0, 1.0)
+    roi_size: tuple[int, int, int] = (64, 64, 64)
+    crop_foreground: bool = True
+    foreground_threshold_hu: float = -500.0
+    foreground_margin_mm: float = 9.0
+
+
+@dataclass
+class DataConfig:
+    phantom: PhantomDataConfig = field(default_factory=PhantomDataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+
+@dataclass
+class MedVLMConfig:
+    """Root of a configuration file. Later sections (models, training) are added by their issues."""
+
+    name: str = "demo"
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for section {tp.__name__}, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in args:
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: value {value!r} matches none of {[_type_name(a) for a in args]}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)} ({value!r})")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (list, typing.List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin in (dict, typing.Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
+
+
+def _build(cls: type, mapping: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(mapping) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed keys: {sorted(known)}")
+    kwargs = {key: _coerce(value, hints[key], f"{where}.{key}" if where else key) for key, value in mapping.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(mapping: dict, *, source: str = "<dict>", cls: type = MedVLMConfig):
+    """Build a config dataclass from a mapping, naming ``source`` and the key path in every error."""
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(mapping).__name__}")
+    try:
+        return _build(cls, mapping, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {str(exc).lstrip(': ')}") from None
+
+
+def load_config(path: str | os.PathLike) -> MedVLMConfig:
+    """Read a YAML preset (e.g. ``configs/demo.yaml``) into a :class:`MedVLMConfig`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        mapping = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    return config_from_dict(mapping, source=str(path))
+
+
+def config_to_dict(config) -> dict:
+    """Plain-data view of a config (tuples become lists), e.g. for hashing or saving next to outputs."""
+
+    def plain(value):
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))

@@ -1,0 +1,100 @@
+"""The MONAI preprocessing chain (the seed's): RAS orientation, resampling, body crop, ROI padding, HU window.
+
+One visible ``Compose`` of dictionary transforms. It is invertible: predictions made on the processed
+grid return to the input's own grid with :func:`invert_to_input`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    Invertd,
+    LoadImaged,
+    Orientationd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+
+from medvlm.config import PreprocessConfig
+from medvlm.data.io import validate_volume
+from medvlm.errors import InputError
+
+
+def _foreground_selector(threshold_hu: float):
+    def select(image: torch.Tensor) -> torch.Tensor:
+        return image > threshold_hu
+
+    return select
+
+
+def preprocessing_transforms(config: PreprocessConfig | None = None, *, image_key: str = "image",
+                             label_keys: Sequence[str] = ("label",), load: bool = True) -> Compose:
+    """Build the chain for ``image_key`` (CT in HU) and ``label_keys`` (multi-label masks, channel first).
+
+    With ``load=True`` the values are file paths read by MONAI's ``LoadImaged``; otherwise they are
+    channel-first :class:`~monai.data.MetaTensor` objects carrying their affine (see :func:`as_metatensor`).
+    """
+    config = config or PreprocessConfig()
+    label_keys = list(label_keys)
+    keys = [image_key] + label_keys
+    margin = [int(round(config.foreground_margin_mm / s)) for s in config.spacing_mm]
+    chain = []
+    if load:
+        chain += [
+            LoadImaged(keys=keys, image_only=True, allow_missing_keys=True),
+            EnsureChannelFirstd(keys=image_key, channel_dim="no_channel"),
+        ]
+        if label_keys:
+            chain.append(EnsureChannelFirstd(keys=label_keys, channel_dim=-1, allow_missing_keys=True))
+    chain += [
+        EnsureTyped(keys=keys, dtype=torch.float32, track_meta=True, allow_missing_keys=True),
+        Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
+        Spacingd(keys=keys, pixdim=config.spacing_mm, mode=["bilinear"] + ["bilinear"] * len(label_keys),
+                 padding_mode="border", allow_missing_keys=True),
+    ]
+    if config.crop_foreground:
+        chain.append(CropForegroundd(keys=keys, source_key=image_key, select_fn=_foreground_selector(config.foreground_threshold_hu),
+                                     margin=margin, allow_smaller=True, allow_missing_keys=True))
+    chain += [
+        SpatialPadd(keys=image_key, spatial_size=config.roi_size, mode="constant", value=float(config.hu_window[0])),
+        SpatialPadd(keys=label_keys, spatial_size=config.roi_size, mode="constant", value=0.0, allow_missing_keys=True),
+        ScaleIntensityRanged(keys=image_key, a_min=config.hu_window[0], a_max=config.hu_window[1],
+                             b_min=config.output_range[0], b_max=config.output_range[1], clip=True),
+    ]
+    return Compose(chain)
+
+
+def as_metatensor(volume: np.ndarray | torch.Tensor, affine: np.ndarray | None = None, *, name: str = "ct") -> MetaTensor:
+    """Wrap a 3D volume (x, y, z) and its 4x4 affine as a channel-first MetaTensor for the chain."""
+    if isinstance(volume, MetaTensor):
+        array = volume.detach().cpu().numpy()
+        affine = volume.affine.numpy() if affine is None else affine
+    else:
+        array = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
+    array = validate_volume(array, name=name, allow_channel=True)
+    if affine is None:
+        raise InputError(f"{name}: an affine (or spacing) is needed to place the volume in space")
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise InputError(f"{name}: affine must be a finite, invertible 4x4 matrix, got {affine.tolist()}")
+    return MetaTensor(torch.as_tensor(array, dtype=torch.float32)[None], affine=torch.as_tensor(affine))
+
+
+def invert_to_input(transform: Compose, processed: dict, *, key: str, orig_key: str = "image",
+                    nearest: bool = False) -> MetaTensor:
+    """Map ``processed[key]`` (made on the processed grid of ``processed[orig_key]``) back to the input grid.
+
+    Probabilities should be inverted with linear interpolation (``nearest=False``) and thresholded
+    afterwards; label maps with ``nearest=True``.
+    """
+    inverter = Invertd(keys=key, transform=transform, orig_keys=orig_key, nearest_interp=nearest,
+                       to_tensor=True)
+    return inverter(processed)[key]
