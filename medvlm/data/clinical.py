@@ -114,6 +114,14 @@ class ClinicalRecord:
         return record
 
 
+def validate_record_fields(values: dict, *, where: str) -> None:
+    """Check the fields present in a (possibly partial) record against the vocabulary."""
+    for column, value in values.items():
+        allowed = _VOCABULARY.get(column)
+        if allowed is not None and str(value).strip() not in allowed:
+            raise DatalistError(f"{where}, field {column!r}: unknown value {value!r}; allowed: {[a for a in allowed if a]}")
+
+
 def ajcc8_stage(subsite: str, t: str, n: str, m: str, hpv: str) -> str:
     """AJCC 8th edition clinical stage group, simplified.
 

@@ -124,6 +124,7 @@ class _Grid:
 
     def __init__(self, shape: Sequence[int], spacing_mm: Sequence[float], local_from_world: np.ndarray):
         self.shape = tuple(shape)
+        self.spacing_mm = tuple(float(v) for v in spacing_mm)
         spacing = np.asarray(spacing_mm, dtype=np.float64)
         origin = -(np.asarray(shape) - 1) / 2.0 * spacing  # grid centred on the world origin
         self.affine = np.eye(4)
@@ -151,17 +152,27 @@ class _Grid:
         return self.x[box], self.y[box], self.z[box]
 
 
+class _EmptyMasks(dict):
+    """Named masks; a structure outside the field of view is an empty mask, not a missing key."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape = shape
+
+    def __missing__(self, name: str) -> np.ndarray:
+        self[name] = np.zeros(self.shape, dtype=bool)
+        return self[name]
+
+
 class _Canvas:
     """HU image plus named masks, painted primitive by primitive in anatomical order."""
 
     def __init__(self, grid: _Grid):
         self.grid = grid
         self.image = np.full(grid.shape, HU_AIR, dtype=np.float32)
-        self.masks: dict[str, np.ndarray] = {}
+        self.masks: dict[str, np.ndarray] = _EmptyMasks(grid.shape)
 
     def mask(self, name: str) -> np.ndarray:
-        if name not in self.masks:
-            self.masks[name] = np.zeros(self.grid.shape, dtype=bool)
         return self.masks[name]
 
     def ellipsoid(self, centre, semi, *, jitter_fn=None) -> tuple[tuple[slice, ...], np.ndarray] | None:
@@ -230,6 +241,26 @@ def _lobulation(rng: np.random.Generator, amplitude: float, lobes: int = 4):
         return amplitude * total
 
     return modulation
+
+
+def _sized_region(canvas: "_Canvas", centre, semi: np.ndarray, lobes, allowed: np.ndarray, target_mm: float) -> np.ndarray:
+    """A lobulated region inside ``allowed`` whose measured greatest dimension matches ``target_mm``.
+
+    Lobulation and clipping change the extent, so the semi-axes are rescaled until the measurement
+    (what a radiologist reports, and what T/N stage depends on) agrees within half a voxel.
+    """
+    spacing = canvas.grid.spacing_mm
+    region = np.zeros(canvas.grid.shape, dtype=bool)
+    for _ in range(5):
+        region = canvas.full(canvas.ellipsoid(centre, semi, jitter_fn=lobes)) & allowed
+        components, count = ndimage.label(region)
+        if count > 1:  # clipping by bone or air split it: one lesion is one connected piece
+            region = components == (np.argmax(np.bincount(components.ravel())[1:]) + 1)
+        measured = greatest_dimension_mm(region, spacing)
+        if measured == 0 or abs(measured - target_mm) <= min(spacing) / 2:
+            break
+        semi = semi * (target_mm / measured)
+    return region
 
 
 def greatest_dimension_mm(mask: np.ndarray, spacing_mm: Sequence[float]) -> float:
@@ -322,7 +353,7 @@ class HNCPhantom:
             if node["size_mm"] > 40:
                 bulge = canvas.ellipsoid(node["centre"], [s + fat_mm + 4 for s in node["semi"]])
                 canvas.paint(bulge, None, mask="_bulge")
-        if "_bulge" in canvas.masks:
+        if canvas.masks["_bulge"].any():
             body |= canvas.masks["_bulge"]
             inner |= canvas.masks["_bulge"] & ~ndimage.binary_erosion(body, iterations=2)
         canvas.image[body] = HU_FAT
@@ -366,20 +397,25 @@ class HNCPhantom:
             spinous = canvas.grid.box((-3, -48, z_lo), (3, -36, z_hi))
             if spinous is not None:
                 canvas.paint((spinous, np.ones(tuple(s.stop - s.start for s in spinous), bool)), HU_CORTICAL * 0.75, mask="_bone", only=inner)
-        canal = canvas.cylinder((0, -27), (7.5, 7.5), (-110, 66))
+        canal = canvas.cylinder((0, -27), (7.5, 7.5), (-110, 76))
         canvas.paint(canal, HU_CSF, mask="_canal")
         canvas.masks["_bone"] &= ~canvas.masks["_canal"]
-        cord = canvas.cylinder((0, -27), (4.5 * size(), 4.0), (-110, 68))
+        cord = canvas.cylinder((0, -27), (4.5 * size(), 4.0), (-110, 75))
         canvas.paint(cord, HU_CORD, mask="SpinalCord")
 
-        # Skull base: brain above the foramen magnum inside an occipital shell, clivus, brainstem.
-        cranial_shell = canvas.cylinder((0, -26), (42, 34), (64, 140))
-        canvas.paint(cranial_shell, HU_CORTICAL * 0.85, mask="_bone", only=body)
-        canvas.paint(canvas.cylinder((0, -26), (37, 29), (68, 140)), HU_BRAIN, only=body)
-        canvas.paint(canvas.cylinder((0, -4), (10, 5), (60, 140)), HU_CORTICAL * 0.75, mask="_bone")
+        # Skull base above the foramen magnum (z > 75 mm): posterior fossa in an occipital shell, clivus
+        # in front of the brainstem. The brainstem continues the cord upwards.
+        fossa_outer = canvas.full(canvas.cylinder((0, -30), (42, 34), (75, 200))) & (grid.y < -4)
+        fossa_inner = canvas.full(canvas.cylinder((0, -30), (37, 29), (78, 200)))
+        foramen = canvas.full(canvas.cylinder((0, -27), (9, 9), (70, 80)))
+        shell = fossa_outer & ~fossa_inner & ~foramen & body
+        canvas.image[shell] = HU_CORTICAL * 0.85
+        canvas.masks["_bone"] |= shell
+        canvas.image[fossa_inner & fossa_outer & body] = HU_BRAIN
+        canvas.paint(canvas.cylinder((0, -6), (10, 5), (62, 200)), HU_CORTICAL * 0.75, mask="_bone")
         s = size()
-        brainstem = canvas.ellipsoid((0, -22, 88), (11 * s, 10 * s, 22))
-        canvas.paint(brainstem, HU_CORD, mask="Brainstem", only=canvas.full(canvas.cylinder((0, -22), (30, 30), (68, 200))))
+        brainstem = canvas.ellipsoid((0, -24, 96), (11 * s, 10 * s, 22))
+        canvas.paint(brainstem, HU_CORD, mask="Brainstem", only=canvas.full(canvas.cylinder((0, -24), (30, 30), (75.5, 200))))
         canvas.masks["_bone"] &= ~canvas.masks["Brainstem"]
 
         # Mandible: U-shaped body plus rami, cortical shell around cancellous bone; teeth on the ridge.
@@ -437,7 +473,8 @@ class HNCPhantom:
 
         # Disease: primary tumour (or postoperative bed) and involved nodes.
         bone = canvas.masks["_bone"]
-        meta: dict = {"scale": float(scale), "neck_length": float(neck_length), "rotation_deg": [float(math.degrees(a)) for a in angles]}
+        meta: dict = {"scale": float(scale), "neck_length": float(neck_length), "shift_mm": [float(v) for v in shift],
+                      "rotation_deg": [float(math.degrees(a)) for a in angles]}
         sigma_primary = side_sign.get(record.laterality, 0.0)
         if record.subsite not in LATERAL_SUBSITES:
             sigma_primary = 0.0
@@ -452,27 +489,32 @@ class HNCPhantom:
         # Local mm are scaled by the case's global scale in the world: size the tumour in world mm.
         semi = semi_unit * plan.tumour_size_mm / 2.0 / (1.0 + amplitude) / scale
         lobes = _lobulation(disease_rng, amplitude)
-        tumour_region = canvas.ellipsoid(centre, semi, jitter_fn=lobes)
         if record.postoperative:
             bed = canvas.ellipsoid(centre, semi * 0.8, jitter_fn=lobes)
             canvas.paint(bed, HU_FAT + 50, only=body, protect=bone)
             meta["primary_greatest_dimension_mm"] = 0.0
         else:
             invades_bone = plan.t4_invasion in ("mandible", "cartilage", "skull base")
-            protect = None if invades_bone else bone
+            allowed = body if invades_bone else body & ~bone
+            # Lobulation and clipping change the extent: rescale until the measured greatest dimension
+            # (what a radiologist reports, and what T stage depends on) matches the planned size.
+            tumour = _sized_region(canvas, centre, semi, lobes, allowed, plan.tumour_size_mm)
             tumour_hu = HU_MUSCLE + disease_rng.uniform(15.0, 40.0)
-            # the tumour fills part of the airway lumen next to it (a bulging mass), not the outside air
-            canvas.paint(tumour_region, tumour_hu, mask="GTVp", only=body, protect=protect)
-            meta["primary_greatest_dimension_mm"] = greatest_dimension_mm(canvas.mask("GTVp"), cfg.spacing_mm)
-            meta["primary_invades_bone"] = bool(invades_bone and (canvas.mask("GTVp") & bone).any())
+            # the mass may bulge into the airway lumen next to it, never outside the body
+            canvas.image[tumour] = tumour_hu
+            canvas.masks["GTVp"] = tumour
+            meta["primary_greatest_dimension_mm"] = greatest_dimension_mm(tumour, cfg.spacing_mm)
+            meta["primary_invades_bone"] = bool(invades_bone and (tumour & bone).any())
         node_sizes = []
+        node_allowed = body & ~bone & ~canvas.masks["_airway"]
         for node in nodes:
             lobes_n = _lobulation(disease_rng, 0.05, lobes=3)
-            region = canvas.ellipsoid(node["centre"], node["semi"], jitter_fn=lobes_n)
-            canvas.paint(region, HU_MUSCLE + disease_rng.uniform(15.0, 35.0), mask="GTVn", only=body, protect=bone | canvas.masks["_airway"])
+            node_mask = _sized_region(canvas, node["centre"], np.asarray(node["semi"]), lobes_n, node_allowed, node["size_mm"])
+            canvas.image[node_mask] = HU_MUSCLE + disease_rng.uniform(15.0, 35.0)
+            canvas.mask("GTVn")[node_mask] = True
             if node["necrotic"]:
-                canvas.paint(canvas.ellipsoid(node["centre"], [s * 0.5 for s in node["semi"]]), HU_CSF + 5, only=canvas.mask("GTVn"))
-            node_sizes.append(float(node["size_mm"]))
+                canvas.paint(canvas.ellipsoid(node["centre"], [s * 0.5 for s in node["semi"]]), HU_CSF + 5, only=node_mask)
+            node_sizes.append(greatest_dimension_mm(node_mask, cfg.spacing_mm))
         meta["node_sizes_mm"] = node_sizes
         meta["node_sides"] = [node["side"] for node in nodes]
 
@@ -505,15 +547,15 @@ class HNCPhantom:
         bias = (np.cos(freqs[0] * grid.x + phases[0]) + np.cos(freqs[1] * grid.y + phases[1]) + np.cos(freqs[2] * grid.z + phases[2])) / 3.0
         image += (cfg.bias_field_hu * bias * body).astype(np.float32)
         if noise_rng.random() < cfg.dental_streak_probability:
-            teeth = canvas.masks.get("_teeth")
-            if teeth is not None and teeth.any():
+            teeth = canvas.masks["_teeth"]
+            if teeth.any():
                 _add_dental_streaks(image, grid, teeth, noise_rng)
                 meta["dental_streaks"] = True
         sigma_noise = noise_rng.uniform(*cfg.noise_sigma_hu)
         image += noise_rng.standard_normal(grid.shape, dtype=np.float32) * np.float32(sigma_noise)
         np.clip(image, HU_MIN, HU_MAX, out=image)
         meta["noise_sigma_hu"] = float(sigma_noise)
-        masks = {name: canvas.masks.get(name, np.zeros(grid.shape, bool)) for name in STRUCTURE_NAMES}
+        masks = {name: canvas.masks[name] for name in STRUCTURE_NAMES}
         return np.round(image).astype(np.float32), masks, grid.affine, meta
 
     def _place_nodes(self, nodes: Sequence[NodePlan], rng: np.random.Generator) -> list[dict]:

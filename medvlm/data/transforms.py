@@ -63,9 +63,10 @@ def preprocessing_transforms(config: PreprocessConfig | None = None, *, image_ke
     if config.crop_foreground:
         chain.append(CropForegroundd(keys=keys, source_key=image_key, select_fn=_foreground_selector(config.foreground_threshold_hu),
                                      margin=margin, allow_smaller=True, allow_missing_keys=True))
+    chain.append(SpatialPadd(keys=image_key, spatial_size=config.roi_size, mode="constant", value=float(config.hu_window[0])))
+    if label_keys:
+        chain.append(SpatialPadd(keys=label_keys, spatial_size=config.roi_size, mode="constant", value=0.0, allow_missing_keys=True))
     chain += [
-        SpatialPadd(keys=image_key, spatial_size=config.roi_size, mode="constant", value=float(config.hu_window[0])),
-        SpatialPadd(keys=label_keys, spatial_size=config.roi_size, mode="constant", value=0.0, allow_missing_keys=True),
         ScaleIntensityRanged(keys=image_key, a_min=config.hu_window[0], a_max=config.hu_window[1],
                              b_min=config.output_range[0], b_max=config.output_range[1], clip=True),
     ]

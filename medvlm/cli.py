@@ -1,0 +1,147 @@
+"""The ``medvlm`` command. The one module of ``medvlm`` allowed to import ``pipelines``/``train``/``eval``
+(lazily, inside command functions); errors meant for users print as one line, not a traceback."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from medvlm.errors import MedVLMError
+
+logger = logging.getLogger("medvlm")
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _config_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file() or path.suffix in (".yaml", ".yml"):
+        return path
+    return REPO_CONFIGS / f"{name_or_path}.yaml"
+
+
+def _xyz_from_dhw(values: Sequence[float] | None):
+    """CLI sizes are given as D H W (z y x, the radiological habit); arrays are stored x, y, z (RAS)."""
+    return None if values is None else tuple(reversed(values))
+
+
+def _progress_bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="case")
+
+    def update(done: int, _total: int) -> None:
+        bar.n = done
+        bar.refresh()
+        if done == _total:
+            bar.close()
+
+    return update
+
+
+def cmd_data_phantom(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from medvlm.config import PhantomDataConfig, load_config
+    from medvlm.data.writer import write_phantom_dataset
+
+    base = load_config(_config_path(args.config)).data.phantom if args.config else PhantomDataConfig()
+    overrides = {"n_cases": args.n, "seed": args.seed, "shape": _xyz_from_dhw(args.shape),
+                 "spacing_mm": _xyz_from_dhw(args.spacing_mm), "previews": args.previews}
+    config = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    stats = write_phantom_dataset(args.out, config, overwrite=args.overwrite,
+                                  progress=_progress_bar(config.n_cases, "phantom"))
+    if stats.reused:
+        print(f"{args.out}: already holds this dataset ({config.n_cases} cases, seed {config.seed}); reused. "
+              "Pass --overwrite to generate it again.")
+        return 0
+    d, h, w = reversed(config.shape)
+    print(f"wrote {stats.n_cases} cases ({d}x{h}x{w} voxels D x H x W) to {stats.out_dir}")
+    print(f"generation: {stats.cases_per_second_generate:.1f} cases/s; generation + writing + previews: "
+          f"{stats.cases_per_second_total:.1f} cases/s (one process)")
+    return 0
+
+
+def cmd_data_validate(args: argparse.Namespace) -> int:
+    from medvlm.data.datalist import load_datalist
+
+    datalist = load_datalist(args.datalist, records_csv=args.records, require_labels=args.require_labels)
+    counts = ", ".join(f"{section}: {len(items)}" for section, items in datalist.items())
+    print(f"{args.datalist}: valid ({counts})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job. At this stage: the phantom dataset with previews (later issues add training and more)."""
+    import dataclasses
+
+    from medvlm.config import load_config
+    from medvlm.data.writer import write_phantom_dataset
+
+    config = load_config(_config_path("tiny" if args.quick else args.config))
+    phantom_config = config.data.phantom
+    data_dir = Path(args.data or (Path(args.output) / "data"))
+    if args.quick:
+        phantom_config = dataclasses.replace(phantom_config, previews=min(phantom_config.previews, 2))
+    print(f"[1/1] phantom dataset -> {data_dir} ({phantom_config.n_cases} cases, config {config.name})")
+    stats = write_phantom_dataset(data_dir, phantom_config, overwrite=args.overwrite,
+                                  progress=_progress_bar(phantom_config.n_cases, "phantom"))
+    rate = "reused" if stats.reused else f"{stats.cases_per_second_generate:.1f} cases/s generation"
+    print("\nsummary")
+    print(f"  dataset   {data_dir}  ({phantom_config.n_cases} cases; {rate})")
+    print(f"  previews  {data_dir / 'previews'}")
+    print(f"  datalist  {data_dir / 'datalist.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medvlm", description="Report-conditioned CT generation and contouring for "
+                                     "head-and-neck radiotherapy (research software, not for clinical use).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="datasets: generate the phantom, validate a datalist")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    phantom = data_commands.add_parser("phantom", help="write the synthetic head-and-neck CT dataset")
+    phantom.add_argument("--n", type=int, default=None, help="number of cases (default 120)")
+    phantom.add_argument("--seed", type=int, default=None, help="dataset seed (default 0)")
+    phantom.add_argument("--out", required=True, help="output folder")
+    phantom.add_argument("--shape", type=int, nargs=3, metavar=("D", "H", "W"), help="voxels (default 64 64 64)")
+    phantom.add_argument("--spacing-mm", type=float, nargs=3, metavar=("Z", "Y", "X"), help="voxel size (default 3 3 3)")
+    phantom.add_argument("--previews", type=int, default=None, help="PNG previews for the first K cases (default 6)")
+    phantom.add_argument("--config", default=None, help="take defaults from a config preset (name or YAML path)")
+    phantom.add_argument("--overwrite", action="store_true", help="replace an existing, different dataset")
+    phantom.set_defaults(func=cmd_data_phantom)
+    validate = data_commands.add_parser("validate", help="check a datalist JSON (and records CSV) for errors")
+    validate.add_argument("datalist", help="datalist.json or the folder holding it")
+    validate.add_argument("--records", default=None, help="records CSV (default: the datalist's 'records' entry)")
+    validate.add_argument("--require-labels", action="store_true", help="every item must have a label")
+    validate.set_defaults(func=cmd_data_validate)
+
+    demo = commands.add_parser("demo", help="the main job: dataset, (later) training, evaluation and examples")
+    demo.add_argument("--config", default="demo", help="config preset name or YAML path (default demo)")
+    demo.add_argument("--quick", action="store_true", help="tiny configuration, seconds to minutes, no quality claims")
+    demo.add_argument("--output", default="outputs/demo", help="output folder (default outputs/demo)")
+    demo.add_argument("--data", default=None, help="dataset folder (default OUTPUT/data)")
+    demo.add_argument("--overwrite", action="store_true", help="start over instead of reusing what is built")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except MedVLMError as exc:
+        print(f"medvlm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medvlm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Presets load; a wrong key or type is an error naming the key and the file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medvlm.config import load_config
+from medvlm.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", ["tiny", "demo", "hnc_gpu"])
+def test_presets_load(name):
+    config = load_config(CONFIGS / f"{name}.yaml")
+    assert config.name == name
+    assert len(config.data.preprocess.roi_size) == 3
+
+
+def test_gpu_preset_uses_the_seed_roi():
+    config = load_config(CONFIGS / "hnc_gpu.yaml")
+    assert sorted(config.data.preprocess.roi_size) == [64, 352, 352]
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  preprocess:\n    roi_sise: [64, 64, 64]\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: data.preprocess: unknown key\(s\) \['roi_sise'\]"):
+        load_config(path)
+
+
+def test_wrong_type_names_key_and_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  phantom:\n    n_cases: many\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: data.phantom.n_cases: expected an integer, got 'many'"):
+        load_config(path)
+
+
+def test_wrong_length_and_invalid_yaml_are_errors(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  preprocess:\n    roi_size: [64, 64]\n")
+    with pytest.raises(ConfigError, match="roi_size: expected 3 values"):
+        load_config(path)
+    path.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
