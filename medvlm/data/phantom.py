@@ -311,6 +311,19 @@ class HNCPhantom:
             record=record, plan=plan, identity=identity, report=report, meta=meta,
         )
 
+    def record_and_report(self, index: int, *, report_family: str = "train") -> tuple[ClinicalRecord, Report]:
+        """Case ``index``'s record and a report, without drawing the volume (fast; for text work).
+
+        The report quotes planned sizes instead of sizes measured on the drawn masks, so its numbers can
+        differ by a few millimetres from :meth:`case`'s report; identifiers and clinical fields are equal.
+        """
+        rng = self._streams(index)
+        identity = sample_identity(rng["identity"])
+        record, plan = sample_record(rng["record"], number=index + 1, unit_no=identity.unit_no)
+        identity.date_of_birth = identity.exam_date - dt.timedelta(days=int(plan.age_years * 365.25 + rng["identity"].integers(1, 360)))
+        plan.sex = identity.sex
+        return record, render_report(record, plan, identity, rng["report"], family=report_family)
+
     # ------------------------------------------------------------------ drawing
     def _draw(self, record: ClinicalRecord, plan: DiseasePlan, rng: np.random.Generator,
               disease_rng: np.random.Generator, noise_rng: np.random.Generator):

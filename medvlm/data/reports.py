@@ -16,7 +16,7 @@ from medvlm.data.clinical import ClinicalRecord, DiseasePlan, elective_levels
 from medvlm.data.identifiers import SyntheticIdentity
 
 REPORT_FAMILIES = ("train", "heldout")
-PHI_TYPES = ("NAME", "DATE", "AGE", "PHONE", "EMAIL", "ID", "ADDRESS", "INSTITUTION", "URL", "IP")
+from medvlm.text.deid import PHI_TYPES  # noqa: E402 - one definition of identifier types
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Clinical text: de-identification, report parsing, structured prompts and text encoders."""
