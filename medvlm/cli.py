@@ -95,6 +95,61 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deid_text(args: argparse.Namespace) -> int:
+    from medvlm.data.io import atomic_write_text
+    from medvlm.text.deid import Deidentifier, check_text
+
+    deid = Deidentifier(args.policy, shift_dates=args.shift_dates, secret=args.secret)
+    if len(args.files) > 1 and not args.out:
+        raise MedVLMError("several files need --out DIR (outputs are never written over inputs)")
+    for name in args.files:
+        path = Path(name)
+        if not path.is_file():
+            raise MedVLMError(f"text file not found: {path}")
+        text = check_text(path.read_bytes(), what=str(path))
+        result = deid.deidentify(text, patient_key=path.stem)
+        if args.out:
+            target = Path(args.out) / f"{path.stem}.deid{path.suffix or '.txt'}"
+            if target.resolve() == path.resolve():
+                raise MedVLMError(f"refusing to overwrite the input {path}")
+            atomic_write_text(target, result.text)
+            print(f"{path} -> {target}: {result.summary()}", file=sys.stderr)
+        else:
+            sys.stdout.write(result.text)
+            print(f"{path}: {result.summary()}", file=sys.stderr)
+    return 0
+
+
+def cmd_deid_dicom(args: argparse.Namespace) -> int:
+    from medvlm.text.dicom_deid import deidentify_dicom_folder
+
+    report = deidentify_dicom_folder(args.folder, args.out, secret=args.secret, overwrite=args.overwrite)
+    print(f"wrote {len(report.written)} de-identified DICOM file(s) to {args.out}; actions {report.actions}")
+    for path, why in report.skipped:
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.task == "deid":
+        from eval import deid_eval
+
+        return deid_eval.main(args.rest)
+    if args.task == "extraction":
+        from eval import extraction_eval
+
+        return extraction_eval.main(args.rest)
+    if args.task == "phantom-speed":
+        import sys as _sys
+
+        from eval import bench_phantom
+
+        _sys.argv = ["bench_phantom", *args.rest]
+        bench_phantom.main()
+        return 0
+    raise MedVLMError(f"unknown evaluation task {args.task!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medvlm", description="Report-conditioned CT generation and contouring for "
                                      "head-and-neck radiotherapy (research software, not for clinical use).")
@@ -118,6 +173,27 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--records", default=None, help="records CSV (default: the datalist's 'records' entry)")
     validate.add_argument("--require-labels", action="store_true", help="every item must have a label")
     validate.set_defaults(func=cmd_data_validate)
+
+    deid = commands.add_parser("deid", help="de-identify free text or DICOM headers (inputs are never overwritten)")
+    deid_commands = deid.add_subparsers(dest="deid_command", required=True)
+    deid_text = deid_commands.add_parser("text", help="remove identifiers from text files")
+    deid_text.add_argument("files", nargs="+", help="UTF-8 text files")
+    deid_text.add_argument("--out", default=None, help="output folder (default: print a single file to stdout)")
+    deid_text.add_argument("--policy", choices=("redact", "surrogate"), default="redact")
+    deid_text.add_argument("--shift-dates", action="store_true", help="with surrogate: shift dates per file")
+    deid_text.add_argument("--secret", default="medvlm", help="key for surrogates and date shifts")
+    deid_text.set_defaults(func=cmd_deid_text)
+    deid_dicom = deid_commands.add_parser("dicom", help="PS3.15 Annex E basic profile on every DICOM file of a folder")
+    deid_dicom.add_argument("folder", help="input folder (read only)")
+    deid_dicom.add_argument("--out", required=True, help="output folder, outside the input")
+    deid_dicom.add_argument("--secret", default="medvlm", help="key for UID remapping and pseudonyms")
+    deid_dicom.add_argument("--overwrite", action="store_true", help="allow a non-empty output folder")
+    deid_dicom.set_defaults(func=cmd_deid_dicom)
+
+    evaluate = commands.add_parser("eval", help="evaluation and benchmarks: deid, extraction, phantom-speed")
+    evaluate.add_argument("task", choices=("deid", "extraction", "phantom-speed"))
+    evaluate.add_argument("rest", nargs=argparse.REMAINDER, help="options of the task (see --help of each)")
+    evaluate.set_defaults(func=cmd_eval)
 
     demo = commands.add_parser("demo", help="the main job: dataset, (later) training, evaluation and examples")
     demo.add_argument("--config", default="demo", help="config preset name or YAML path (default demo)")

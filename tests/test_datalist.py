@@ -124,3 +124,11 @@ def test_empty_and_enormous_reports_are_refused(dataset):
 def test_missing_datalist_is_named(tmp_path):
     with pytest.raises(DatalistError, match="datalist not found"):
         load_datalist(tmp_path / "nowhere")
+
+
+def test_reports_are_deidentified_on_the_way_in(dataset):
+    raw = load_datalist(dataset, deidentify_reports=False)["training"][0]["report"]
+    clean = load_datalist(dataset)["training"][0]["report"]
+    assert raw != clean and "[NAME]" in clean and "[DATE]" in clean
+    unit_no = next(line for line in raw.splitlines() if "Unit No" in line or "MRN" in line)
+    assert unit_no not in clean

@@ -48,10 +48,12 @@ def _report(base: Path, value: Any, where: str) -> str:
 
 
 def load_datalist(path: str | os.PathLike, *, records_csv: str | os.PathLike | None = None,
-                  require_labels: bool = False, read_reports: bool = True) -> dict[str, list[dict]]:
+                  require_labels: bool = False, read_reports: bool = True,
+                  deidentify_reports: bool = True) -> dict[str, list[dict]]:
     """Load and validate a datalist; return ``{section: [item, ...]}`` with absolute paths.
 
-    Items keep their other keys. ``report`` becomes the report text (``report_path`` keeps the file) and
+    Items keep their other keys. ``report`` becomes the report text, de-identified unless
+    ``deidentify_reports=False`` (``report_path`` keeps the file), and
     ``record`` becomes a :class:`ClinicalRecord` when the records CSV (or a full mapping) provides one.
     Errors name the file, the section, the item and the field.
     """
@@ -69,6 +71,11 @@ def load_datalist(path: str | os.PathLike, *, records_csv: str | os.PathLike | N
     if not isinstance(payload, dict) or not any(section in payload for section in SECTIONS):
         raise DatalistError(f"{path}: expected a mapping with at least one of {list(SECTIONS)}")
     base = path.parent
+    deidentifier = None
+    if deidentify_reports:
+        from medvlm.text.deid import Deidentifier
+
+        deidentifier = Deidentifier()
     records: dict[int, ClinicalRecord] = {}
     csv_path = records_csv or payload.get("records")
     if csv_path:
@@ -97,6 +104,8 @@ def load_datalist(path: str | os.PathLike, *, records_csv: str | os.PathLike | N
                 if isinstance(item["report"], str) and item["report"].endswith(".txt"):
                     entry["report_path"] = _resolve(base, item["report"], where, "report")
                 entry["report"] = _report(base, item["report"], where)
+                if deidentifier is not None:  # identifiers never travel further than this loader
+                    entry["report"] = deidentifier.deidentify(entry["report"]).text
             if "record" in item:
                 entry["record"] = _record(item["record"], records, where)
             checked.append(entry)
