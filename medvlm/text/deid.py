@@ -85,7 +85,8 @@ _PHONE_CONTEXT = re.compile(r"(?:tel|phone|telephone|ph|mobile|mob|cell|fax|page
 _ID_LABELS = (r"MRN|M\.R\.N\.|Unit\s*(?:No\.?|Number|#)|Hosp(?:ital)?\.?\s*(?:No\.?|Number|#|ID)|NHS\s*(?:No\.?|Number|#)?|"
               r"CHI(?:\s*No\.?)?|Patient\s*(?:ID|No\.?|Number|#)|Pt\.?\s*(?:ID|#)|ID|Acc(?:ession)?\.?\s*(?:No\.?|Number|#)?|"
               r"Case\s*(?:No\.?|#)|Record\s*(?:No\.?|Number|#)|Study\s*ID|SSN|Medicare\s*(?:No\.?)?|Insurance\s*(?:No\.?|ID)|"
-              r"Member\s*ID|Account\s*(?:No\.?|#)|Encounter\s*(?:No\.?|#)|URN|UR\s*No\.?|Reg(?:istration)?\.?\s*No\.?")
+              r"Member\s*ID|Account\s*(?:No\.?|#)|Encounter\s*(?:No\.?|#)|URN|UR\s*No\.?|Reg(?:istration)?\.?\s*No\.?|"
+              r"Ref(?:erence)?\.?\s*(?:No\.?|#)?|Hosp|Trial\s*ID|Screen(?:ing)?\s*ID|Specimen\s*(?:No\.?|#)?|Lab\s*(?:No\.?|#)")
 _ID_CONTEXT_RE = re.compile(rf"\b(?:{_ID_LABELS})\s*[:#.]?\s*(?:is\s+)?([A-Z0-9][A-Z0-9/-]{{2,}}(?:\s\d{{3,4}}){{0,2}})", re.IGNORECASE)
 _ID_SHAPE_RE = re.compile(r"\b(?:[A-Z]{1,4}-?\d{5,}[A-Z]?|\d{3}-\d{2}-\d{4}|\d{7,12})\b")
 _STREET_WORDS = (r"Road|Rd|Street|St|Avenue|Ave|Lane|Ln|Drive|Dr|Way|Close|Court|Ct|Boulevard|Blvd|Place|Pl|Crescent|"
@@ -124,10 +125,19 @@ _INLINE_FIELD_RE = re.compile(
     rf"reviewed\s+by|discussed\s+with|d/w|per|attending|under\s+the\s+care\s+of|c/o|documented\s+by|written\s+by|completed\s+by|"
     rf"prepared\s+by|entered\s+by|recorded\s+by|examined\s+by|operated\s+by|performed\s+by|supervised\s+by|assisted\s+by)\s+(?:(?:Dr|Mr|Mrs|Ms|Miss|Prof)\.?\s+)?({_NAME})"
 )
+# Strong labels that introduce a person even without a colon ("pt Jo Bloggs", "Name BLOGGS Jo").
+_BARE_LABEL_RE = re.compile(
+    rf"\b(?i:pt|patient|client|resident|service\s+user|participant|name|checked|prescriber|approved|"
+    rf"checked\s+by|approved\s+by|prescribed\s+by|ordered\s+by)\b:?[ \t]+"
+    rf"(?:(?:Mr|Mrs|Ms|Miss|Dr|Prof)\.?[ \t]+)?({_NAME_TOKEN}(?:[ \t]+(?:{_PARTICLE}[ \t]+)*{_NAME_TOKEN}){{1,3}})"
+)
+# An initial and a surname ("S. Mwangi", "J.R. Tolkien") is a name wherever it stands.
+_INITIAL_SURNAME_RE = re.compile(r"(?<![A-Za-z.])((?:[A-Z]\.[ ]?){1,2}[A-Z][a-z]{2,}(?:[-'’][A-Z][a-z]+)?)")
 _ROLE_RE = re.compile(
     rf"\b(?i:[Cc]hair|[Cc]oordinator|[Pp]hysicist|[Pp]harmacist|[Dd]ietitian|[Dd]ietician|[Tt]herapist|[Nn]urse|[Ss]ecretary|[Ss]cribe|"
     rf"[Rr]egistrar|SpR|SHO|FY[12]|[Rr]esident|[Ff]ellow|[Ii]ntern|[Cc]haplain|[Ss]ocial\s+worker|[Pp]hysio(?:therapist)?|SLP|"
-    rf"[Rr]adiographer|[Dd]osimetrist|[Cc]aller|[Aa]uthor|[Hh]ygienist|[Dd]entist|[Cc]ounsell?or|[Pp]sychologist|[Nn]avigator|[Kk]ey\s+worker)"
+    rf"[Rr]adiographer|[Dd]osimetrist|[Cc]aller|[Aa]uthor|[Hh]ygienist|[Dd]entist|[Cc]ounsell?or|[Pp]sychologist|[Nn]avigator|[Kk]ey\s+worker|"
+    rf"[Cc]onsultant|[Ss]urgeon|[Oo]ncologist|[Rr]adiologist|[Pp]hysician|[Cc]linician|[Cc]lient|[Oo]utreach\s+nurse|[Mm]idwife|[Hh]ealth\s+visitor)"
     rf"\s*[:\-]?\s+(?:(?:Dr|Mr|Mrs|Ms|Miss|Prof)\.?\s+)?({_NAME})"
 )
 # A capitalised name right before an identifier label: "Jo Bloggs (MRN ...", "Jo Bloggs, DOB ..."
@@ -170,6 +180,7 @@ background reason presenting complaint ent maxfax max fax speech language therap
 general practice surgery center centre institute university college royal national regional district county
 north south east west northern southern eastern western new old upper lower main st saint street road
 md do frcr frcp frcs frcpc frcpath franzcr mrcp mrcs mbbs mbchb phd rn np bds mfds fds mds msc bsc cns rgn slp
+id dob nhs mrn urn chi ssn rt crt imrt ng peg rig fees npc opc scc bot tps tors ed ae fna pet ptv ctv rtc pod sob
 records bookings office services admissions reception pharmacy outpatients inpatients emergency ed icu theatres
 restorative dentistry maxillofacial plastic ent otolaryngology audiology imaging nuclear medicine
 """.split())
@@ -205,6 +216,18 @@ def name_gazetteer() -> tuple[frozenset, frozenset]:
             if isinstance(values, (tuple, list, set, frozenset, type({}.keys()))):
                 target.update(v for v in values if isinstance(v, str) and v.isascii() and len(v) > 1)
     return frozenset(first), frozenset(last)
+
+
+@functools.lru_cache(maxsize=1)
+def common_words() -> frozenset:
+    """Ordinary lower-case words (the embedded MiniLM's whole-word vocabulary), to tell "Will" from "Gwendolyn"."""
+    try:
+        from medvlm.text.encoders import embedded_minilm_path
+
+        vocab = (embedded_minilm_path() / "vocab.txt").read_text(encoding="utf-8").split()
+    except Exception:  # without the vocabulary every gazetteer first name counts as ambiguous
+        return frozenset(w.lower() for pair in name_gazetteer() for w in pair)
+    return frozenset(w for w in vocab if w.isalpha() and w.islower())
 
 
 def _is_name_like(token: str) -> bool:
@@ -307,7 +330,7 @@ class Deidentifier:
     def _names(self, text: str) -> list[Span]:
         found: list[Span] = []
         for regex, source in ((_TITLE_RE, "title"), (_FIELD_RE, "field"), (_INLINE_FIELD_RE, "inline-field"),
-                              (_CAPS_COMMA_RE, "caps-comma"), (_CAPS_LABEL_RE, "caps-label"), (_ROLE_RE, "role"),
+                              (_CAPS_COMMA_RE, "caps-comma"), (_CAPS_LABEL_RE, "caps-label"), (_ROLE_RE, "role"), (_BARE_LABEL_RE, "bare-label"), (_INITIAL_SURNAME_RE, "initial-surname"),
                               (_NAME_BEFORE_ID_RE, "before-id"), (_CREDENTIAL_RE, "credential"), (_RELATIVE_RE, "relative"),
                               (_SALUTATION_RE, "salutation")):
             for m in regex.finditer(text):
@@ -336,6 +359,7 @@ class Deidentifier:
     @staticmethod
     def _gazetteer_names(text: str) -> Iterable[Span]:
         first, last = name_gazetteer()
+        common = common_words()
         tokens = list(re.finditer(r"\b[A-Z][a-z]+(?:[-'’][A-Z]?[a-z]+)*\b|\b[A-Z]{2,}\b", text))
         for a, b in zip(tokens, tokens[1:]):
             between = text[a.end():b.start()]
@@ -347,6 +371,9 @@ class Deidentifier:
             wa_t, wb_t = wa.capitalize() if wa.isupper() else wa, wb.capitalize() if wb.isupper() else wb
             if (wa_t in first and (wb_t in last or wb_t in first)) or (wa_t in last and wb_t in first and "," in between):
                 yield Span(a.start(), b.end(), "NAME", "gazetteer")
+            elif wa_t in first and wa.lower() not in common and not wb.isupper():
+                # a first name that is not also an ordinary word, followed by a capitalised word
+                yield Span(a.start(), b.end(), "NAME", "gazetteer-first")
 
     @staticmethod
     def _propagate(text: str, names: list[Span]) -> Iterable[Span]:
@@ -360,7 +387,9 @@ class Deidentifier:
         for span in names:
             words = [w for w in re.findall(r"[A-Za-z][A-Za-z'’-]*", text[span.start:span.end]) if w.lower() not in _STOPWORDS]
             if len(words) >= 2:
-                initials.add("".join(w[0].upper() for w in words[:3]))
+                initial = "".join(w[0].upper() for w in words[:3])
+                if initial.lower() not in _STOPWORDS:  # "MD" is a credential, not Mei Dubois
+                    initials.add(initial)
         for initial in initials:
             for m in re.finditer(rf"(?<![\w.]){initial}(?![\w.])", text):
                 yield Span(m.start(), m.end(), "NAME", "initials")
