@@ -1,0 +1,154 @@
+"""MedCLIP-style contrastive CT-report model: a 3D CT tower, a report text tower, one shared space.
+
+open_clip provides the losses (``ClipLoss``, ``SigLipLoss``). Its model classes (``CLIP``,
+``CustomTextCLIP``) are not used: their vision towers are 2D (timm/ViT) and cannot take a CT volume,
+so the towers are a MONAI 3D ResNet and a transformers text encoder, each with a linear projection and a
+shared learnable temperature, as in CLIP. MedCLIP's semantic-matching loss (soft targets from report
+label similarity) is written here because no library provides it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from monai.networks.nets import ResNet
+from torch import nn
+
+
+@dataclass
+class ContrastiveOutput(BaseOutput):
+    image_embeds: torch.Tensor | None
+    text_embeds: torch.Tensor | None
+    logit_scale: torch.Tensor
+    logit_bias: torch.Tensor | None = None
+
+
+class MedCLIPModel(ModelMixin, ConfigMixin):
+    """CT tower + text tower projected to ``embed_dim`` with L2-normalised outputs.
+
+    Args:
+        text_config: a transformers config as a dict (``model_type`` included), e.g. MiniLM's; build
+            with :meth:`from_text_encoder` to start from pretrained text weights.
+        image_block_inplanes / image_layers: MONAI ``ResNet`` widths and blocks per stage (3D, basic blocks).
+        text_pooling: ``"mean"`` (encoders) or ``"cls"``.
+        frozen_text_layers: the lowest N transformer layers (and embeddings) are frozen.
+    """
+
+    @register_to_config
+    def __init__(self, text_config: dict | None = None, embed_dim: int = 128,
+                 image_block_inplanes: Sequence[int] = (16, 32, 64, 128), image_layers: Sequence[int] = (1, 1, 1, 1),
+                 image_in_channels: int = 1, text_pooling: str = "mean", frozen_text_layers: int = 0,
+                 init_logit_scale: float = math.log(1 / 0.07), init_logit_bias: float | None = None):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        if text_config is None:
+            raise ValueError("text_config is required (use MedCLIPModel.from_text_encoder('minilm'))")
+        config = dict(text_config)
+        model_type = config.pop("model_type")
+        self.text_model = AutoModel.from_config(AutoConfig.for_model(model_type, **config))
+        hidden = int(self.text_model.config.hidden_size)
+        self.image_model = ResNet(block="basic", layers=list(image_layers), block_inplanes=list(image_block_inplanes),
+                                  spatial_dims=3, n_input_channels=image_in_channels, feed_forward=False,
+                                  conv1_t_size=3, conv1_t_stride=1)
+        self.image_projection = nn.Linear(int(image_block_inplanes[-1]), embed_dim, bias=False)
+        self.text_projection = nn.Linear(hidden, embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
+        self.freeze_text_layers(frozen_text_layers)
+
+    @classmethod
+    def from_text_encoder(cls, name_or_path: str = "minilm", **kwargs) -> "MedCLIPModel":
+        """Build the model with its text tower initialised from a local/embedded pretrained encoder."""
+        from medvlm.text.encoders import TextEncoder
+
+        encoder = TextEncoder.from_pretrained(name_or_path)
+        text_config = encoder.model.config.to_dict()
+        keep = {k: v for k, v in text_config.items() if not k.startswith("_") and k not in ("architectures", "transformers_version", "dtype", "torch_dtype")}
+        model = cls(text_config=keep, **kwargs)
+        missing, unexpected = model.text_model.load_state_dict(encoder.model.state_dict(), strict=False)
+        if unexpected or [m for m in missing if "position_ids" not in m]:
+            raise RuntimeError(f"text weights do not fit: missing {missing}, unexpected {unexpected}")
+        return model
+
+    def freeze_text_layers(self, count: int) -> None:
+        """Freeze the embeddings and the lowest ``count`` transformer layers (0: all trainable)."""
+        if count <= 0:
+            return
+        embeddings = getattr(self.text_model, "embeddings", None)
+        if embeddings is not None:
+            embeddings.requires_grad_(False)
+        layers = getattr(getattr(self.text_model, "encoder", None), "layer", None)
+        if layers is None:
+            raise ValueError("frozen_text_layers needs an encoder with .encoder.layer (BERT family)")
+        for layer in list(layers)[:count]:
+            layer.requires_grad_(False)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """CT volumes (B, 1, X, Y, Z) in the preprocessed intensity range -> embeddings (B, embed_dim)."""
+        features = self.image_model(images)
+        embeds = self.image_projection(features)
+        return F.normalize(embeds, dim=-1) if normalize else embeds
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        hidden = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.config.text_pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = attention_mask.to(hidden.dtype)[..., None]
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        embeds = self.text_projection(pooled)
+        return F.normalize(embeds, dim=-1) if normalize else embeds
+
+    def forward(self, images: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, return_dict: bool = True):
+        image_embeds = self.encode_image(images) if images is not None else None
+        text_embeds = self.encode_text(input_ids, attention_mask) if input_ids is not None else None
+        scale = self.logit_scale.exp().clamp(max=100.0)
+        out = ContrastiveOutput(image_embeds, text_embeds, scale, self.logit_bias)
+        return out if return_dict else out.to_tuple()
+
+
+def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE (open_clip ``ClipLoss``, single process; DDP gathers happen in the trainer)."""
+    from open_clip import ClipLoss
+
+    return ClipLoss()(image_embeds, text_embeds, logit_scale)
+
+
+def siglip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor) -> torch.Tensor:
+    """Sigmoid pairwise loss (open_clip ``SigLipLoss``)."""
+    from open_clip.loss import SigLipLoss
+
+    return SigLipLoss()(image_embeds, text_embeds, logit_scale, logit_bias)
+
+
+def semantic_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Soft targets from report label vectors: row-normalised, non-negative cosine similarity.
+
+    Each sample always matches itself (so an all-unknown label vector falls back to the CLIP target).
+    MedCLIP takes a softmax of label dot products; row normalisation is used here so that one-hot
+    identity labels give exactly the CLIP (identity) targets.
+    """
+    normed = F.normalize(labels.float(), dim=-1)
+    similarity = (normed @ normed.T).clamp_min(0.0)
+    similarity.fill_diagonal_(1.0)
+    return similarity / similarity.sum(dim=1, keepdim=True)
+
+
+def semantic_matching_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
+                           labels: torch.Tensor) -> torch.Tensor:
+    """MedCLIP's decoupled semantic-matching loss: cross-entropy against soft targets, both directions,
+    so that two patients with the same findings are not pushed apart as negatives."""
+    logits = logit_scale * image_embeds @ text_embeds.T
+    targets = semantic_targets(labels).to(logits.dtype)
+    loss_image = -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
+    loss_text = -(targets.T * F.log_softmax(logits.T, dim=1)).sum(1).mean()
+    return (loss_image + loss_text) / 2

@@ -1,0 +1,92 @@
+"""Report-conditioned 3D diffusion UNet: MONAI's ``DiffusionModelUNet`` as a diffusers model.
+
+Cross-attention on the report's token states at the configured levels. ``forward`` returns the noise
+(or v) prediction and, on request, the decoder's intermediate maps: the *fused latent* that the
+segmentation decoder reads. MONAI's forward is re-stepped here (same modules, same order) because it
+returns only the final output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
+from torch import nn
+
+
+@dataclass
+class UNet3DOutput(BaseOutput):
+    """``sample``: the prediction; ``features``: up-block outputs, coarsest first (last = fused latent)."""
+
+    sample: torch.Tensor
+    features: tuple[torch.Tensor, ...] = ()
+
+
+class ReportConditionedUNet3D(ModelMixin, ConfigMixin):
+    """3D conditional UNet over VAE latents; ``encoder_hidden_states`` are report token states (B, L, d).
+
+    ``null_context(batch)`` gives the learned "no report" context used for classifier-free guidance and
+    for contouring without a report.
+    """
+
+    @register_to_config
+    def __init__(self, in_channels: int = 4, out_channels: int = 4, channels: Sequence[int] = (32, 64, 64),
+                 attention_levels: Sequence[bool] = (False, True, True), num_res_blocks: int | Sequence[int] = 1,
+                 num_head_channels: int | Sequence[int] = 16, cross_attention_dim: int = 384, norm_num_groups: int = 16,
+                 transformer_num_layers: int = 1, null_tokens: int = 1):
+        super().__init__()
+        self.network = DiffusionModelUNet(
+            spatial_dims=3, in_channels=in_channels, out_channels=out_channels, channels=tuple(channels),
+            attention_levels=tuple(attention_levels), num_res_blocks=num_res_blocks, num_head_channels=num_head_channels,
+            with_conditioning=True, cross_attention_dim=cross_attention_dim, norm_num_groups=norm_num_groups,
+            transformer_num_layers=transformer_num_layers,
+        )
+        self.null_text_embedding = nn.Parameter(torch.zeros(1, null_tokens, cross_attention_dim))
+        nn.init.normal_(self.null_text_embedding, std=0.02)
+
+    @property
+    def feature_channels(self) -> int:
+        """Channels of the fused latent (the last up-block's output)."""
+        return int(self.config.channels[0])
+
+    def null_context(self, batch_size: int) -> torch.Tensor:
+        return self.null_text_embedding.expand(batch_size, -1, -1)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, encoder_hidden_states: torch.Tensor | None = None,
+                return_features: bool = False, return_dict: bool = True):
+        """Predict noise (or v) for ``sample`` (B, C, x, y, z) at ``timestep``; ``None`` text = null report."""
+        net = self.network
+        batch = sample.shape[0]
+        if encoder_hidden_states is None:
+            encoder_hidden_states = self.null_context(batch)
+        if encoder_hidden_states.shape[-1] != self.config.cross_attention_dim:
+            raise ValueError(f"encoder_hidden_states last dim {encoder_hidden_states.shape[-1]} != "
+                             f"cross_attention_dim {self.config.cross_attention_dim}")
+        timesteps = torch.as_tensor(timestep, device=sample.device)
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(batch)
+        context = encoder_hidden_states.to(sample.dtype)
+
+        emb = net.time_embed(get_timestep_embedding(timesteps, net.block_out_channels[0]).to(sample.dtype))
+        h = net.conv_in(sample)
+        residuals: list[torch.Tensor] = [h]
+        for block in net.down_blocks:
+            h, res = block(hidden_states=h, temb=emb, context=context)
+            residuals.extend(res)
+        h = net.middle_block(hidden_states=h, temb=emb, context=context)
+        features = []
+        for block in net.up_blocks:
+            count = len(block.resnets)
+            skip, residuals = residuals[-count:], residuals[:-count]
+            h = block(hidden_states=h, res_hidden_states_list=skip, temb=emb, context=context)
+            features.append(h)
+        out = net.out(h)
+        feats = tuple(features) if return_features else ()
+        if not return_dict:
+            return (out, feats)
+        return UNet3DOutput(sample=out, features=feats)
