@@ -150,6 +150,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     raise MedVLMError(f"unknown evaluation task {args.task!r}")
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from medvlm.config import load_config
+    from medvlm.models.factory import count_parameters_on_meta
+
+    config = load_config(_config_path(args.config))
+    counts = count_parameters_on_meta(config)
+    print(f"parameters of configuration {config.name!r} (instantiated on the meta device):")
+    for name, count in counts.items():
+        print(f"  {name:<18} {count / 1e6:9.2f} M")
+    print(f"  {'total':<18} {sum(counts.values()) / 1e6:9.2f} M")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medvlm", description="Report-conditioned CT generation and contouring for "
                                      "head-and-neck radiotherapy (research software, not for clinical use).")
@@ -194,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("task", choices=("deid", "extraction", "phantom-speed"))
     evaluate.add_argument("rest", nargs=argparse.REMAINDER, help="options of the task (see --help of each)")
     evaluate.set_defaults(func=cmd_eval)
+
+    models = commands.add_parser("models", help="parameter counts of a configuration's networks")
+    models.add_argument("--config", default="demo", help="config preset name or YAML path")
+    models.set_defaults(func=cmd_models)
 
     demo = commands.add_parser("demo", help="the main job: dataset, (later) training, evaluation and examples")
     demo.add_argument("--config", default="demo", help="config preset name or YAML path (default demo)")

@@ -50,11 +50,80 @@ class DataConfig:
 
 
 @dataclass
+class TextConfig:
+    """Report text: the encoder (``minilm`` or a local folder) and the token budget."""
+
+    encoder: str = "minilm"
+    max_length: int = 128
+
+
+@dataclass
+class ContrastiveModelConfig:
+    embed_dim: int = 128
+    image_block_inplanes: tuple[int, ...] = (16, 32, 64, 128)
+    image_layers: tuple[int, ...] = (1, 1, 1, 1)
+    text_pooling: str = "mean"
+    frozen_text_layers: int = 4
+    loss: str = "semantic"  # "semantic" (MedCLIP + CLIP), "clip" or "siglip"
+
+
+@dataclass
+class VAEModelConfig:
+    latent_channels: int = 4
+    channels: tuple[int, ...] = (16, 32, 32)  # compression 2 ** (len - 1): 4 here
+    num_res_blocks: int = 1
+    norm_num_groups: int = 8
+    with_nonlocal_attn: bool = False
+
+
+@dataclass
+class UNetModelConfig:
+    channels: tuple[int, ...] = (32, 64, 64)
+    attention_levels: tuple[bool, ...] = (False, True, True)
+    num_res_blocks: int = 1
+    num_head_channels: int = 16
+    norm_num_groups: int = 16
+    transformer_num_layers: int = 1
+
+
+@dataclass
+class SegmentationModelConfig:
+    decoder_channels: tuple[int, ...] = (16, 32, 64)  # finest first, one per VAE scale
+    num_heads: int = 4
+    norm_num_groups: int = 8
+
+
+@dataclass
+class ReportGeneratorModelConfig:
+    pretrained_path: str = ""  # a local paligemma2-* folder; empty: the tiny model trained from scratch
+    image_size: int = 64
+    patch_size: int = 16
+    vision_hidden_size: int = 64
+    vision_layers: int = 2
+    text_hidden_size: int = 64
+    text_layers: int = 2
+    num_heads: int = 2
+    tokenizer_vocab_size: int = 512
+    max_new_tokens: int = 160
+
+
+@dataclass
+class ModelsConfig:
+    contrastive: ContrastiveModelConfig = field(default_factory=ContrastiveModelConfig)
+    vae: VAEModelConfig = field(default_factory=VAEModelConfig)
+    unet: UNetModelConfig = field(default_factory=UNetModelConfig)
+    segmentation: SegmentationModelConfig = field(default_factory=SegmentationModelConfig)
+    report_generator: ReportGeneratorModelConfig = field(default_factory=ReportGeneratorModelConfig)
+
+
+@dataclass
 class MedVLMConfig:
-    """Root of a configuration file. Later sections (models, training) are added by their issues."""
+    """Root of a configuration file. The training section is added by the training issue."""
 
     name: str = "demo"
     data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
 
 
 def _type_name(tp: Any) -> str:

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
+from medvlm.models.base import AlignedModelMixin
 from diffusers.utils import BaseOutput
 from monai.networks.nets import ResNet
 from torch import nn
@@ -29,7 +29,7 @@ class ContrastiveOutput(BaseOutput):
     logit_bias: torch.Tensor | None = None
 
 
-class MedCLIPModel(ModelMixin, ConfigMixin):
+class MedCLIPModel(AlignedModelMixin, ConfigMixin):
     """CT tower + text tower projected to ``embed_dim`` with L2-normalised outputs.
 
     Args:
@@ -53,6 +53,8 @@ class MedCLIPModel(ModelMixin, ConfigMixin):
         config = dict(text_config)
         model_type = config.pop("model_type")
         self.text_model = AutoModel.from_config(AutoConfig.for_model(model_type, **config))
+        if getattr(self.text_model, "pooler", None) is not None:
+            self.text_model.pooler = None  # unused (we pool ourselves); unused weights would stall DDP
         hidden = int(self.text_model.config.hidden_size)
         self.image_model = ResNet(block="basic", layers=list(image_layers), block_inplanes=list(image_block_inplanes),
                                   spatial_dims=3, n_input_channels=image_in_channels, feed_forward=False,
@@ -72,7 +74,8 @@ class MedCLIPModel(ModelMixin, ConfigMixin):
         text_config = encoder.model.config.to_dict()
         keep = {k: v for k, v in text_config.items() if not k.startswith("_") and k not in ("architectures", "transformers_version", "dtype", "torch_dtype")}
         model = cls(text_config=keep, **kwargs)
-        missing, unexpected = model.text_model.load_state_dict(encoder.model.state_dict(), strict=False)
+        weights = {k: v for k, v in encoder.model.state_dict().items() if not k.startswith("pooler.")}
+        missing, unexpected = model.text_model.load_state_dict(weights, strict=False)
         if unexpected or [m for m in missing if "position_ids" not in m]:
             raise RuntimeError(f"text weights do not fit: missing {missing}, unexpected {unexpected}")
         return model

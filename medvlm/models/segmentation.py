@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
+from medvlm.models.base import AlignedModelMixin
 from monai.networks.blocks import UnetOutBlock, UnetResBlock, UpSample
 from torch import nn
 
@@ -29,7 +29,8 @@ class TextCrossAttention(nn.Module):
         super().__init__()
         self.norm = nn.GroupNorm(norm_groups, channels)
         self.attention = nn.MultiheadAttention(channels, num_heads, kdim=context_dim, vdim=context_dim, batch_first=True)
-        self.gate = nn.Parameter(torch.zeros(1))  # starts as identity; learns how much the report steers
+        # small, not zero: the block starts close to identity, yet every weight receives gradient from step one
+        self.gate = nn.Parameter(torch.full((1,), 0.1))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
         b, c = x.shape[:2]
@@ -40,7 +41,7 @@ class TextCrossAttention(nn.Module):
         return x + torch.tanh(self.gate) * attended.transpose(1, 2).reshape(b, c, *spatial)
 
 
-class FusedSegmentationDecoder(ModelMixin, ConfigMixin):
+class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
     """Decoder from (fused latent, VAE skips, report tokens) to per-structure logits.
 
     Args:

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
+from medvlm.models.base import AlignedModelMixin
 from diffusers.utils import BaseOutput
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
@@ -27,7 +27,7 @@ class UNet3DOutput(BaseOutput):
     features: tuple[torch.Tensor, ...] = ()
 
 
-class ReportConditionedUNet3D(ModelMixin, ConfigMixin):
+class ReportConditionedUNet3D(AlignedModelMixin, ConfigMixin):
     """3D conditional UNet over VAE latents; ``encoder_hidden_states`` are report token states (B, L, d).
 
     ``null_context(batch)`` gives the learned "no report" context used for classifier-free guidance and

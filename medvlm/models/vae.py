@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from diffusers.models.modeling_utils import ModelMixin
+from medvlm.models.base import AlignedModelMixin
 from diffusers.utils import BaseOutput
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import AutoencoderKL as MonaiAutoencoderKL
@@ -31,7 +31,7 @@ class CTDecoderOutput(BaseOutput):
     sample: torch.Tensor
 
 
-class CTAutoencoderKL(ModelMixin, ConfigMixin):
+class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
     """3D VAE with compression ``2 ** (len(channels) - 1)`` per axis (4 or 8 in the presets).
 
     Args mirror MONAI's ``AutoencoderKL``; ``scaling_factor`` rescales latents to unit variance for the

@@ -1,0 +1,108 @@
+"""Build every network of medvlm from configuration (``configs/*.yaml``), and count its parameters."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import torch
+
+from medvlm.config import MedVLMConfig, ModelsConfig, TextConfig
+from medvlm.data.structures import STRUCTURE_NAMES
+from medvlm.models.contrastive import MedCLIPModel
+from medvlm.models.report_generator import SPECIAL_TOKENS, TinyPaliGemmaSpec, build_tiny_paligemma
+from medvlm.models.segmentation import FusedSegmentationDecoder
+from medvlm.models.unet import ReportConditionedUNet3D
+from medvlm.models.vae import CTAutoencoderKL
+
+
+def text_encoder_config(text: TextConfig) -> dict:
+    """The text encoder's transformers config (read from its folder; no weights loaded)."""
+    from medvlm.text.encoders import _resolve
+
+    return json.loads((_resolve(text.encoder) / "config.json").read_text())
+
+
+def build_vae(models: ModelsConfig) -> CTAutoencoderKL:
+    v = models.vae
+    return CTAutoencoderKL(latent_channels=v.latent_channels, channels=v.channels, num_res_blocks=v.num_res_blocks,
+                           norm_num_groups=v.norm_num_groups, with_nonlocal_attn=v.with_nonlocal_attn)
+
+
+def build_unet(models: ModelsConfig, context_dim: int) -> ReportConditionedUNet3D:
+    u = models.unet
+    return ReportConditionedUNet3D(in_channels=models.vae.latent_channels, out_channels=models.vae.latent_channels,
+                                   channels=u.channels, attention_levels=u.attention_levels, num_res_blocks=u.num_res_blocks,
+                                   num_head_channels=u.num_head_channels, cross_attention_dim=context_dim,
+                                   norm_num_groups=u.norm_num_groups, transformer_num_layers=u.transformer_num_layers)
+
+
+def build_segmentation(models: ModelsConfig, context_dim: int) -> FusedSegmentationDecoder:
+    s = models.segmentation
+    if len(s.decoder_channels) != len(models.vae.channels):
+        raise ValueError(f"models.segmentation.decoder_channels needs one entry per VAE scale "
+                         f"({len(models.vae.channels)}), got {list(s.decoder_channels)}")
+    return FusedSegmentationDecoder(num_classes=len(STRUCTURE_NAMES), fused_channels=models.unet.channels[0],
+                                    skip_channels=models.vae.channels, decoder_channels=s.decoder_channels,
+                                    context_dim=context_dim, num_heads=s.num_heads, norm_num_groups=s.norm_num_groups)
+
+
+def build_contrastive(models: ModelsConfig, text: TextConfig, *, pretrained_text: bool = True) -> MedCLIPModel:
+    c = models.contrastive
+    kwargs = dict(embed_dim=c.embed_dim, image_block_inplanes=c.image_block_inplanes, image_layers=c.image_layers,
+                  text_pooling=c.text_pooling, frozen_text_layers=c.frozen_text_layers,
+                  init_logit_bias=-10.0 if c.loss == "siglip" else None)
+    if pretrained_text:
+        return MedCLIPModel.from_text_encoder(text.encoder, **kwargs)
+    config = {k: v for k, v in text_encoder_config(text).items() if not k.startswith("_") and k not in ("architectures", "transformers_version", "dtype", "torch_dtype")}
+    return MedCLIPModel(text_config=config, **kwargs)
+
+
+class _VocabularyStub:
+    """Stands in for a tokenizer when only the model's shape matters (parameter counts)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.pad_token_id, self.eos_token_id, self.bos_token_id = 0, 1, 2
+
+    def __len__(self) -> int:
+        return self.size
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return SPECIAL_TOKENS.index(token)
+
+
+def report_generator_spec(models: ModelsConfig) -> TinyPaliGemmaSpec:
+    r = models.report_generator
+    return TinyPaliGemmaSpec(image_size=r.image_size, patch_size=r.patch_size, vision_hidden_size=r.vision_hidden_size,
+                             vision_layers=r.vision_layers, text_hidden_size=r.text_hidden_size, text_layers=r.text_layers,
+                             num_heads=r.num_heads)
+
+
+def build_all(config: MedVLMConfig, *, pretrained_text: bool = True, tokenizer=None) -> dict[str, torch.nn.Module]:
+    """Every network of a configuration: contrastive, vae, unet, segmentation, report_generator."""
+    context_dim = int(text_encoder_config(config.text)["hidden_size"])
+    models = config.models
+    components: dict[str, torch.nn.Module] = {
+        "contrastive": build_contrastive(models, config.text, pretrained_text=pretrained_text),
+        "vae": build_vae(models),
+        "unet": build_unet(models, context_dim),
+        "segmentation": build_segmentation(models, context_dim),
+    }
+    vocabulary = tokenizer or _VocabularyStub(models.report_generator.tokenizer_vocab_size)
+    components["report_generator"], _ = build_tiny_paligemma(vocabulary, report_generator_spec(models), with_processor=False)
+    return components
+
+
+def parameter_counts(components: dict[str, torch.nn.Module]) -> dict[str, int]:
+    return {name: sum(p.numel() for p in module.parameters()) for name, module in components.items()}
+
+
+def count_parameters_on_meta(config: MedVLMConfig) -> dict[str, int]:
+    """Instantiate every network on the meta device (no memory) and count parameters."""
+    with torch.device("meta"):
+        components = build_all(config, pretrained_text=False)
+    return parameter_counts(components)
+
+
+def describe(config: MedVLMConfig) -> dict:
+    return {"name": config.name, "models": asdict(config.models), "text": asdict(config.text)}

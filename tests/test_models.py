@@ -1,0 +1,251 @@
+"""Networks: shapes, gradients, bit-exact save/load, conditioning by the report, losses, configurations."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medvlm.config import load_config
+from medvlm.models import CTAutoencoderKL, FusedSegmentationDecoder, MedCLIPModel, ReportConditionedUNet3D
+from medvlm.models.contrastive import clip_loss, semantic_matching_loss, semantic_targets, siglip_loss
+from medvlm.models.factory import build_all, count_parameters_on_meta
+from medvlm.models.zero_shot import ZeroShotClassifier
+from medvlm.text.encoders import TextEncoder
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = load_config(CONFIGS / "tiny.yaml")
+    torch.manual_seed(0)
+    return config, build_all(config)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return TextEncoder.from_pretrained("minilm").tokenizer
+
+
+def _context(batch=2, length=7, dim=384, seed=0):
+    return torch.randn(batch, length, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def test_vae_shapes_features_and_compression(tiny):
+    _, nets = tiny
+    vae = nets["vae"]
+    x = torch.randn(2, 1, 32, 32, 32)
+    encoded = vae.encode(x, return_features=True)
+    assert vae.compression == 4
+    assert encoded.latent_dist.mean.shape == (2, 4, 8, 8, 8) and encoded.latent_dist.mean.dtype == torch.float32
+    assert [tuple(f.shape[1:]) for f in encoded.features] == [(8, 32, 32, 32), (16, 16, 16, 16), (16, 8, 8, 8)]
+    assert vae.decode(encoded.latent_dist.mode()).sample.shape == x.shape
+
+
+def test_vae_tiles_cover_large_volumes_and_check_tile_sizes(tiny):
+    vae = tiny[1]["vae"]
+    with torch.no_grad():
+        z = vae.tiled_encode_mean(torch.randn(1, 1, 32, 48, 40), tile_size=(32, 32, 32))
+        assert z.shape == (1, 4, 8, 12, 10)
+        assert vae.tiled_decode(z, tile_size=(8, 8, 8)).shape == (1, 1, 32, 48, 40)
+    with pytest.raises(ValueError, match="multiple of the compression"):
+        vae.tiled_encode_mean(torch.randn(1, 1, 32, 32, 32), tile_size=(30, 32, 32))
+
+
+def test_unet_prediction_and_fused_features(tiny):
+    unet = tiny[1]["unet"]
+    out = unet(torch.randn(2, 4, 8, 8, 8), torch.tensor([1, 900]), _context(), return_features=True)
+    assert out.sample.shape == (2, 4, 8, 8, 8)
+    assert out.features[-1].shape == (2, unet.feature_channels, 8, 8, 8)
+
+
+def test_segmentation_logits_at_full_resolution(tiny):
+    _, nets = tiny
+    x = torch.randn(1, 1, 32, 32, 32)
+    encoded = nets["vae"].encode(x, return_features=True)
+    fused = nets["unet"](encoded.latent_dist.mode(), 0, _context(1), return_features=True).features[-1]
+    logits = nets["segmentation"](fused, encoded.features, _context(1))
+    assert logits.shape == (1, 9, 32, 32, 32)
+
+
+def _assert_all_trainable_have_gradients(module: torch.nn.Module, name: str):
+    missing = [n for n, p in module.named_parameters() if p.requires_grad and (p.grad is None or not torch.any(p.grad != 0))]
+    assert missing == [], f"{name}: no gradient for {missing[:5]}"
+
+
+def test_gradients_reach_every_trainable_parameter(tiny, tokenizer):
+    _, nets = tiny
+    vae, unet, seg, clip = nets["vae"], nets["unet"], nets["segmentation"], nets["contrastive"]
+    for m in (vae, unet, seg, clip):
+        m.zero_grad(set_to_none=True)
+    x = torch.randn(2, 1, 32, 32, 32)
+    encoded = vae.encode(x, return_features=True)
+    posterior = encoded.latent_dist
+    recon = vae.decode(posterior.sample(generator=torch.Generator().manual_seed(0))).sample
+    ((recon - x).abs().mean() + 1e-3 * posterior.kl().mean()).backward()
+    _assert_all_trainable_have_gradients(vae, "vae")
+
+    latents = posterior.mode().detach()
+
+    def unet_loss():
+        out = unet(latents, torch.tensor([3, 500]), _context(), return_features=True)
+        null = unet(latents, torch.tensor([3, 500]), None)  # the learned null report takes part too
+        return (out.sample - 1).pow(2).mean() + (null.sample - 1).pow(2).mean()
+
+    # diffusion UNets zero-initialise their output and residual-branch convolutions and attention
+    # projections, so gradient reaches the deepest weights only after a few optimiser steps
+    optimizer = torch.optim.Adam(unet.parameters(), lr=1e-2)
+    for _ in range(4):
+        optimizer.zero_grad(set_to_none=True)
+        unet_loss().backward()
+        optimizer.step()
+    unet.zero_grad(set_to_none=True)
+    unet_loss().backward()
+    _assert_all_trainable_have_gradients(unet, "unet")
+
+    features = [f.detach() for f in vae.encode(x, return_features=True).features]
+    fused = unet(latents, 0, _context(), return_features=True).features[-1].detach()
+    (seg(fused, features, _context()).sigmoid().mean() + seg(fused, features, null_report=True).sigmoid().mean()).backward()
+    _assert_all_trainable_have_gradients(seg, "segmentation")
+
+    batch = tokenizer(["left tonsil", "right larynx", "midline nasopharynx"], padding=True, return_tensors="pt")
+    result = clip(torch.randn(3, 1, 32, 32, 32), batch["input_ids"], batch["attention_mask"])
+    clip_loss(result.image_embeds, result.text_embeds, result.logit_scale).backward()
+    _assert_all_trainable_have_gradients(clip, "contrastive")
+    assert not clip.text_model.embeddings.word_embeddings.weight.requires_grad  # frozen by configuration
+
+
+@pytest.mark.parametrize("name", ["vae", "unet", "segmentation", "contrastive"])
+def test_save_and_load_round_trip_is_bit_exact(tiny, tmp_path, name):
+    module = tiny[1][name].eval()
+    module.save_pretrained(tmp_path / name)
+    files = {p.name for p in (tmp_path / name).iterdir()}
+    assert "diffusion_pytorch_model.safetensors" in files and not any(f.endswith(".bin") for f in files)
+    loaded = type(module).from_pretrained(tmp_path / name).eval()
+    for (k1, v1), (k2, v2) in zip(module.state_dict().items(), loaded.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2), k1
+    with torch.no_grad():
+        if name == "vae":
+            x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
+            assert torch.equal(module(x).sample, loaded(x).sample)
+        elif name == "unet":
+            z = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(1))
+            assert torch.equal(module(z, 10, _context(1)).sample, loaded(z, 10, _context(1)).sample)
+
+
+def test_report_conditions_the_unet_and_the_segmentation_decoder(tiny):
+    _, nets = tiny
+    unet, seg, vae = nets["unet"].eval(), nets["segmentation"].eval(), nets["vae"].eval()
+    z = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a = unet(z, 100, _context(1, seed=1)).sample
+        b = unet(z, 100, _context(1, seed=2)).sample
+        n = unet(z, 100, None).sample
+        assert (a - b).abs().max() > 1e-4 and (a - n).abs().max() > 1e-4
+        encoded = vae.encode(torch.randn(1, 1, 32, 32, 32), return_features=True)
+        fused = unet(encoded.latent_dist.mode(), 0, _context(1), return_features=True).features[-1]
+        s1 = seg(fused, encoded.features, _context(1, seed=1))
+        s2 = seg(fused, encoded.features, _context(1, seed=2))
+        s0 = seg(fused, encoded.features, null_report=True)
+        assert (s1 - s2).abs().max() > 1e-4 and (s1 - s0).abs().max() > 1e-4
+        mask = torch.ones(1, 7, dtype=torch.long)
+        mask[0, 4:] = 0  # padded report tokens are ignored
+        padded = _context(1, seed=1)
+        changed = padded.clone()
+        changed[0, 4:] = 100.0
+        assert torch.allclose(seg(fused, encoded.features, padded, mask), seg(fused, encoded.features, changed, mask), atol=1e-5)
+
+
+def test_semantic_matching_equals_clip_for_identity_labels_and_is_lower_when_labels_are_shared():
+    g = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(4, 16, generator=g), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(4, 16, generator=g), dim=-1)
+    scale = torch.tensor(10.0)
+    assert torch.allclose(semantic_matching_loss(images, texts, scale, torch.eye(4)), clip_loss(images, texts, scale), atol=1e-6)
+    # samples 0 and 1 share their findings and image 0 resembles report 1: CLIP punishes that, MedCLIP not
+    texts_shared = texts.clone()
+    texts_shared[1] = images[0]
+    labels = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    assert semantic_matching_loss(images, texts_shared, scale, labels) < clip_loss(images, texts_shared, scale)
+    targets = semantic_targets(labels)
+    assert torch.allclose(targets.sum(1), torch.ones(4)) and targets[0, 1] == 0.5
+
+
+def test_siglip_loss_runs():
+    g = torch.Generator().manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    assert torch.isfinite(siglip_loss(a, a, torch.tensor(10.0), torch.tensor(-10.0)))
+
+
+def test_zero_shot_probabilities_for_reports_and_images(tiny, tokenizer):
+    clip = tiny[1]["contrastive"].eval()
+    classifier = ZeroShotClassifier(clip, tokenizer)
+    names, probs = classifier.classify_reports(["Right tonsil SCC, cT2 N1.", "Left larynx, cT1 N0."], ["left", "right"], "laterality")
+    assert names == ["left", "right"] and probs.shape == (2, 2)
+    assert torch.allclose(probs.sum(1), torch.ones(2))
+    names, probs = classifier.classify_images(torch.randn(2, 1, 32, 32, 32), {"bulky": ["a bulky tumour"], "none": ["no tumour"]})
+    assert names == ["bulky", "none"] and probs.shape == (2, 2)
+    with pytest.raises(ValueError, match="at least two classes"):
+        classifier.classify_reports(["x"], ["only"])
+
+
+def test_gpu_preset_instantiates_on_the_meta_device():
+    counts = count_parameters_on_meta(load_config(CONFIGS / "hnc_gpu.yaml"))
+    print("hnc_gpu parameters:", {k: f"{v / 1e6:.1f}M" for k, v in counts.items()}, f"total {sum(counts.values()) / 1e6:.1f}M")
+    demo = count_parameters_on_meta(load_config(CONFIGS / "demo.yaml"))
+    assert counts["unet"] > 50 * demo["unet"] and counts["vae"] > 50 * demo["vae"]
+
+
+def test_tiny_paligemma_trains_generates_saves_and_reloads_offline(tmp_path):
+    from medvlm.data.phantom import HNCPhantom, PhantomConfig
+    from medvlm.models.report_generator import (
+        TinyPaliGemmaSpec,
+        build_tiny_paligemma,
+        drafting_batch,
+        load_report_generator,
+        render_ct,
+        train_report_tokenizer,
+    )
+
+    phantom = HNCPhantom(PhantomConfig(shape=(32, 32, 32), spacing_mm=(6.0, 6.0, 6.0)), seed=0)
+    reports = [phantom.record_and_report(i)[1].text for i in range(6)]
+    tokenizer = train_report_tokenizer(reports, vocab_size=300)
+    model, processor = build_tiny_paligemma(tokenizer, TinyPaliGemmaSpec(image_size=32, patch_size=16, vision_hidden_size=32,
+                                                                      vision_layers=1, text_hidden_size=32, text_layers=1))
+    image = render_ct(phantom.case(0).image_hu, image_size=32)
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+    batch = drafting_batch(processor, [image, image], ["left tonsil cT2", "right larynx cT1"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    prompt = drafting_batch(processor, [image])
+    generated = model.generate(**prompt, max_new_tokens=6, do_sample=False)
+    model.save_pretrained(tmp_path / "rg")
+    processor.save_pretrained(tmp_path / "rg")
+    code = (f"from medvlm.models.report_generator import load_report_generator, drafting_batch; import numpy as np, torch;"
+            f"m, p = load_report_generator({str(tmp_path / 'rg')!r}); img = np.load({str(tmp_path / 'img.npy')!r});"
+            f"print(m.generate(**drafting_batch(p, [img]), max_new_tokens=6, do_sample=False)[0].tolist())")
+    np.save(tmp_path / "img.npy", image)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == str(generated[0].tolist())
+    with pytest.raises(Exception, match="local folders"):
+        load_report_generator(tmp_path / "missing")
+
+
+def test_models_load_by_module_path_in_a_fresh_interpreter(tiny, tmp_path):
+    tiny[1]["segmentation"].save_pretrained(tmp_path / "seg")
+    code = (f"import importlib, json; cfg = json.load(open({str(tmp_path / 'seg' / 'config.json')!r}));"
+            f"cls = getattr(importlib.import_module('medvlm.models'), cfg['_class_name']);"
+            f"print(type(cls.from_pretrained({str(tmp_path / 'seg')!r})).__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "FusedSegmentationDecoder"
