@@ -203,7 +203,6 @@ def test_gpu_preset_instantiates_on_the_meta_device():
 def test_tiny_paligemma_trains_generates_saves_and_reloads_offline(tmp_path):
     from medvlm.data.phantom import HNCPhantom, PhantomConfig
     from medvlm.models.report_generator import (
-        TinyPaliGemmaSpec,
         build_tiny_paligemma,
         drafting_batch,
         load_report_generator,
@@ -214,7 +213,9 @@ def test_tiny_paligemma_trains_generates_saves_and_reloads_offline(tmp_path):
     phantom = HNCPhantom(PhantomConfig(shape=(32, 32, 32), spacing_mm=(6.0, 6.0, 6.0)), seed=0)
     reports = [phantom.record_and_report(i)[1].text for i in range(6)]
     tokenizer = train_report_tokenizer(reports, vocab_size=300)
-    model, processor = build_tiny_paligemma(tokenizer, TinyPaliGemmaSpec(image_size=32, patch_size=16, vision_hidden_size=32,
+    from medvlm.config import ReportGeneratorModelConfig
+
+    model, processor = build_tiny_paligemma(tokenizer, ReportGeneratorModelConfig(image_size=32, patch_size=16, vision_hidden_size=32,
                                                                       vision_layers=1, text_hidden_size=32, text_layers=1))
     image = render_ct(phantom.case(0).image_hu, image_size=32)
     assert image.shape == (32, 32, 3) and image.dtype == np.uint8

@@ -9,7 +9,7 @@ import torch
 from medvlm.config import MedVLMConfig, ModelsConfig, TextConfig
 from medvlm.data.structures import STRUCTURE_NAMES
 from medvlm.models.contrastive import MedCLIPModel
-from medvlm.models.report_generator import SPECIAL_TOKENS, TinyPaliGemmaSpec, build_tiny_paligemma
+from medvlm.models.report_generator import SPECIAL_TOKENS, build_tiny_paligemma
 from medvlm.models.segmentation import FusedSegmentationDecoder
 from medvlm.models.unet import ReportConditionedUNet3D
 from medvlm.models.vae import CTAutoencoderKL
@@ -71,13 +71,6 @@ class _VocabularyStub:
         return SPECIAL_TOKENS.index(token)
 
 
-def report_generator_spec(models: ModelsConfig) -> TinyPaliGemmaSpec:
-    r = models.report_generator
-    return TinyPaliGemmaSpec(image_size=r.image_size, patch_size=r.patch_size, vision_hidden_size=r.vision_hidden_size,
-                             vision_layers=r.vision_layers, text_hidden_size=r.text_hidden_size, text_layers=r.text_layers,
-                             num_heads=r.num_heads)
-
-
 def build_all(config: MedVLMConfig, *, pretrained_text: bool = True, tokenizer=None) -> dict[str, torch.nn.Module]:
     """Every network of a configuration: contrastive, vae, unet, segmentation, report_generator."""
     context_dim = int(text_encoder_config(config.text)["hidden_size"])
@@ -89,7 +82,7 @@ def build_all(config: MedVLMConfig, *, pretrained_text: bool = True, tokenizer=N
         "segmentation": build_segmentation(models, context_dim),
     }
     vocabulary = tokenizer or _VocabularyStub(models.report_generator.tokenizer_vocab_size)
-    components["report_generator"], _ = build_tiny_paligemma(vocabulary, report_generator_spec(models), with_processor=False)
+    components["report_generator"], _ = build_tiny_paligemma(vocabulary, models.report_generator, with_processor=False)
     return components
 
 

@@ -8,31 +8,17 @@ soft-tissue-window montage of axial slices).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
+from medvlm.config import ReportGeneratorModelConfig
 from medvlm.errors import InputError
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<image>")
 PROMPT = "<image>draft ct neck report"
-
-
-@dataclass
-class TinyPaliGemmaSpec:
-    """Sizes of the from-scratch model (the real PaliGemma2 uses 224-896 px and 2B+ parameters)."""
-
-    image_size: int = 64
-    patch_size: int = 16
-    vision_hidden_size: int = 64
-    vision_layers: int = 2
-    text_hidden_size: int = 64
-    text_layers: int = 2
-    num_heads: int = 2
-    max_positions: int = 512
 
 
 def train_report_tokenizer(texts: Iterable[str], vocab_size: int = 512):
@@ -61,12 +47,13 @@ def build_processor(tokenizer, image_size: int, patch_size: int):
     return PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def build_tiny_paligemma(tokenizer, spec: TinyPaliGemmaSpec | None = None, seed: int = 0, *, with_processor: bool = True):
+def build_tiny_paligemma(tokenizer, spec: ReportGeneratorModelConfig | None = None, seed: int = 0, *,
+                         with_processor: bool = True):
     """A randomly initialised PaliGemma2-architecture model sized for CPU training, and its processor
     (``None`` with ``with_processor=False``)."""
     from transformers import Gemma2Config, PaliGemmaConfig, PaliGemmaForConditionalGeneration, SiglipVisionConfig
 
-    spec = spec or TinyPaliGemmaSpec()
+    spec = spec or ReportGeneratorModelConfig()
     vision = SiglipVisionConfig(hidden_size=spec.vision_hidden_size, intermediate_size=2 * spec.vision_hidden_size,
                                 num_hidden_layers=spec.vision_layers, num_attention_heads=spec.num_heads,
                                 image_size=spec.image_size, patch_size=spec.patch_size, num_channels=3)
@@ -74,7 +61,7 @@ def build_tiny_paligemma(tokenizer, spec: TinyPaliGemmaSpec | None = None, seed:
     text = Gemma2Config(vocab_size=len(tokenizer), hidden_size=spec.text_hidden_size,
                         intermediate_size=2 * spec.text_hidden_size, num_hidden_layers=spec.text_layers,
                         num_attention_heads=spec.num_heads, num_key_value_heads=1, head_dim=head_dim,
-                        max_position_embeddings=spec.max_positions, pad_token_id=tokenizer.pad_token_id,
+                        max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     config = PaliGemmaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
                              image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
