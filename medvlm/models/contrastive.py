@@ -15,6 +15,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 - diffusers finds the base class in this module when loading
+
 from medvlm.models.base import AlignedModelMixin
 from diffusers.utils import BaseOutput
 from monai.networks.nets import ResNet

@@ -11,6 +11,8 @@ from typing import Sequence
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 - diffusers finds the base class in this module when loading
+
 from medvlm.models.base import AlignedModelMixin
 from monai.networks.blocks import UnetOutBlock, UnetResBlock, UpSample
 from torch import nn

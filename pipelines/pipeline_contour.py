@@ -1,0 +1,236 @@
+"""ContourPipeline: CT (+ report) -> tumour, elective nodal target and organ-at-risk masks in the CT's grid."""
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from diffusers.utils import BaseOutput
+from monai.inferers import sliding_window_inference
+
+from medvlm.config import PreprocessConfig
+from medvlm.data.inputs import PreparedCT, as_list, prepare_ct
+from medvlm.data.structures import STRUCTURE_NAMES
+from medvlm.errors import InputError
+from medvlm.models import CTAutoencoderKL, FusedSegmentationDecoder, ReportConditionedUNet3D
+from pipelines.base import MedVLMPipeline
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ContourPipelineOutput(BaseOutput):
+    """Per input CT: masks by structure (bool arrays in the input grid), probabilities (optional),
+    the affine, the de-identified report used, where it came from and warnings."""
+
+    masks: list[dict[str, np.ndarray]]
+    structure_names: tuple[str, ...]
+    affines: list[np.ndarray]
+    reports: list[str | None]
+    report_sources: list[str]  # "given", "drafted" or "none"
+    warnings: list[list[str]] = field(default_factory=list)
+    probabilities: list[np.ndarray] | None = None
+
+    def save(self, directory: str | Path, format: str = "nifti") -> list[Path]:
+        """Write NIfTI masks (one file per structure), the report used and warnings; one folder per case
+        when there are several. Files are written atomically."""
+        from medvlm.data.io import atomic_write_text, save_nifti
+
+        if format != "nifti":
+            raise ValueError(f"format must be 'nifti' (RTSTRUCT and SEG arrive with DICOM support), got {format!r}")
+        directory = Path(directory)
+        written = []
+        for i, masks in enumerate(self.masks):
+            folder = directory if len(self.masks) == 1 else directory / f"case_{i:03d}"
+            for name, mask in masks.items():
+                written.append(save_nifti(folder / f"{name}.nii.gz", mask.astype(np.uint8), self.affines[i], dtype=np.uint8,
+                                          description=f"medvlm {name}"))
+            if self.reports[i] is not None:
+                atomic_write_text(folder / "report_used.txt", f"[{self.report_sources[i]}]\n{self.reports[i]}\n")
+            if self.warnings and self.warnings[i]:
+                atomic_write_text(folder / "warnings.txt", "\n".join(self.warnings[i]) + "\n")
+        return written
+
+
+class ContourPipeline(MedVLMPipeline):
+    r"""Contour a CT with the report-conditioned segmentation head.
+
+    Components:
+        vae ([`CTAutoencoderKL`]): encodes CT patches to latents and multi-scale features.
+        unet ([`ReportConditionedUNet3D`]): fuses latents with the report (cross-attention); its last
+            decoder map is the fused latent.
+        segmentation ([`FusedSegmentationDecoder`]): fused latent + VAE skips + report tokens -> logits.
+        text_encoder ([`~transformers.PreTrainedModel`]) and tokenizer: report token states.
+        scheduler (optional, a diffusers scheduler): only used when ``noise_timestep > 0``.
+        report_generator / report_processor (optional, PaliGemma2): draft a report when none is given.
+
+    Config (saved in ``model_index.json``): ``preprocess`` (the MONAI chain's settings), ``structure_names``,
+    ``thresholds`` (per structure), ``report_format`` (``"structured"``: the parsed report as the standard
+    prompt, as in training; ``"raw"``: the de-identified text) and ``max_report_tokens``.
+    """
+
+    model_cpu_offload_seq = "text_encoder->vae->unet->segmentation"
+    _optional_components = ["scheduler", "report_generator", "report_processor"]
+    _config_names = ("preprocess", "structure_names", "thresholds", "max_report_tokens", "report_format")
+
+    def __init__(self, vae: CTAutoencoderKL, unet: ReportConditionedUNet3D, segmentation: FusedSegmentationDecoder,
+                 text_encoder, tokenizer, scheduler=None, report_generator=None, report_processor=None,
+                 preprocess: dict | None = None, structure_names: Sequence[str] = STRUCTURE_NAMES,
+                 thresholds: Sequence[float] | None = None, max_report_tokens: int = 128,
+                 report_format: str = "structured"):
+        super().__init__()
+        self.register_modules(vae=vae, unet=unet, segmentation=segmentation, text_encoder=text_encoder,
+                              tokenizer=tokenizer, scheduler=scheduler, report_generator=report_generator,
+                              report_processor=report_processor)
+        preprocess = dict(preprocess or {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(PreprocessConfig()).items()})
+        thresholds = list(thresholds) if thresholds is not None else [0.5] * len(structure_names)
+        self.register_to_config(preprocess=preprocess, structure_names=list(structure_names), thresholds=thresholds,
+                                max_report_tokens=max_report_tokens, report_format=report_format)
+
+    @property
+    def preprocess_config(self) -> PreprocessConfig:
+        values = dict(self.config.preprocess)
+        return PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    def check_inputs(self, cts: list, reports: list | None, overlap: float, sw_batch_size: int, noise_timestep: int,
+                     thresholds: Sequence[float] | None) -> None:
+        if not cts:
+            raise ValueError("`ct` is empty: pass a NIfTI path, an array, a MetaTensor or a list of them")
+        if reports is not None and len(reports) != len(cts):
+            raise ValueError(f"`report` has {len(reports)} entries but `ct` has {len(cts)}; pass one report per CT (or None)")
+        if not 0.0 <= overlap < 1.0:
+            raise ValueError(f"`overlap` must be in [0, 1), got {overlap}")
+        if sw_batch_size < 1:
+            raise ValueError(f"`sw_batch_size` must be at least 1, got {sw_batch_size}")
+        if noise_timestep < 0 or (noise_timestep > 0 and self.scheduler is None):
+            raise ValueError(f"`noise_timestep`={noise_timestep} needs a scheduler and must be >= 0")
+        if thresholds is not None and len(thresholds) != len(self.config.structure_names):
+            raise ValueError(f"`thresholds` needs {len(self.config.structure_names)} values, got {len(thresholds)}")
+
+    def _draft_reports(self, prepared: list[PreparedCT]) -> list[str]:
+        from medvlm.models.report_generator import drafting_batch, render_ct
+
+        size = self.report_processor.image_processor.size["height"]
+        images = [render_ct(p.image[0], image_size=size, input_is_hu=False,
+                            value_range=tuple(self.config.preprocess["hu_window"])) for p in prepared]
+        batch = drafting_batch(self.report_processor, images).to(self.report_generator.device)
+        generated = self.report_generator.generate(**batch, max_new_tokens=160, do_sample=False)
+        return self.report_processor.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    @torch.no_grad()
+    def __call__(self, ct: Any, report: str | Sequence[str | None] | None = None, *, spacing_mm: Sequence[float] | None = None,
+                 affine: np.ndarray | None = None, overlap: float = 0.25, sw_batch_size: int = 1,
+                 thresholds: Sequence[float] | None = None, noise_timestep: int = 0,
+                 generator: torch.Generator | None = None, return_probabilities: bool = False,
+                 return_dict: bool = True):
+        """Contour one CT or a list of CTs.
+
+        Args:
+            ct: NIfTI path, numpy array / tensor (x, y, z) with ``spacing_mm`` or ``affine``, MetaTensor, or a list.
+            report: report text per CT (de-identified on the way in); ``None`` drafts one with the report
+                generator when present, otherwise uses the learned null report (with a warning).
+            overlap, sw_batch_size: MONAI sliding-window settings (Gaussian blending).
+            thresholds: probability threshold per structure (default: the pipeline's).
+            noise_timestep: noise the latent to this timestep before fusion (0: clean latent).
+            generator: random source for that noise.
+        """
+        # 1. check inputs
+        cts = as_list(ct)
+        reports = None if report is None else as_list(report)
+        self.check_inputs(cts, reports, overlap, sw_batch_size, noise_timestep, thresholds)
+        thresholds = list(thresholds if thresholds is not None else self.config.thresholds)
+        names = tuple(self.config.structure_names)
+        device = self._execution_device
+
+        # 2. preprocess with the MONAI chain (remembering how to invert it)
+        config = self.preprocess_config
+        prepared = [prepare_ct(c, config, spacing_mm=spacing_mm, affine=affine, what=f"ct[{i}]" if len(cts) > 1 else "ct")
+                    for i, c in enumerate(cts)]
+
+        # 3. reports: given, drafted, or the null report
+        texts: list[str | None] = list(reports) if reports is not None else [None] * len(cts)
+        sources = ["given" if t is not None else "none" for t in texts]
+        warnings: list[list[str]] = [[] for _ in cts]
+        missing = [i for i, t in enumerate(texts) if t is None]
+        if missing and self.report_generator is not None and self.report_processor is not None:
+            drafted = self._draft_reports([prepared[i] for i in missing])
+            for i, text in zip(missing, drafted):
+                if text.strip():
+                    texts[i], sources[i] = text, "drafted"
+                    warnings[i].append("no report given: contoured with a report drafted by the report generator")
+        for i in range(len(cts)):
+            if texts[i] is None:
+                warnings[i].append("no report given and no report generator: contoured with the null report; "
+                                   "the elective neck side cannot be read from the image alone")
+
+        # 4. sliding-window inference per CT
+        all_masks, all_probs, affines, used = [], [], [], []
+        for i, case in enumerate(self.progress_bar(prepared)):
+            if texts[i] is not None:
+                states, mask, clean = self.encode_reports([texts[i]], device, self.config.max_report_tokens,
+                                                          self.config.report_format)
+                used.append(clean[0])
+            else:
+                states, mask = None, None
+                used.append(None)
+            probabilities = self._infer(case.image[None].to(device, dtype=self.vae.dtype), states, mask, config,
+                                        overlap, sw_batch_size, noise_timestep, generator)
+            # 5. back to the input grid, threshold per structure
+            restored = case.to_input_grid(probabilities[0])
+            masks = {name: restored[c] >= thresholds[c] for c, name in enumerate(names)}
+            warnings[i].extend(self._consistency_warnings(masks, case, used[i]))
+            all_masks.append(masks)
+            all_probs.append(restored.astype(np.float32))
+            affines.append(case.input_affine)
+
+        output = ContourPipelineOutput(masks=all_masks, structure_names=names, affines=affines, reports=used,
+                                       report_sources=sources, warnings=warnings,
+                                       probabilities=all_probs if return_probabilities else None)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return output.to_tuple()
+        return output
+
+    def _infer(self, image: torch.Tensor, states, mask, config: PreprocessConfig, overlap: float, sw_batch_size: int,
+               noise_timestep: int, generator) -> torch.Tensor:
+        scaling = float(self.vae.config.scaling_factor)
+
+        def predictor(patch: torch.Tensor) -> torch.Tensor:
+            batch = patch.shape[0]
+            encoded = self.vae.encode(patch, return_features=True)
+            latents = encoded.latent_dist.mode() * scaling
+            if noise_timestep > 0:
+                from diffusers.utils.torch_utils import randn_tensor
+
+                noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+                latents = self.scheduler.add_noise(latents, noise, torch.tensor([noise_timestep], device=latents.device))
+            context = states.expand(batch, -1, -1) if states is not None else None
+            context_mask = mask.expand(batch, -1) if mask is not None else None
+            fused = self.unet(latents, noise_timestep, context, return_features=True).features[-1]
+            logits = self.segmentation(fused, encoded.features, context, context_mask, null_report=context is None)
+            return torch.sigmoid(logits)
+
+        return sliding_window_inference(image, roi_size=tuple(config.roi_size), sw_batch_size=sw_batch_size,
+                                        predictor=predictor, overlap=overlap, mode="gaussian")
+
+    @staticmethod
+    def _consistency_warnings(masks: dict[str, np.ndarray], case: PreparedCT, report: str | None) -> list[str]:
+        """E.g. "GTVp found on the right, report says left": the report and the contours disagree."""
+        if report is None or "GTVp" not in masks or not masks["GTVp"].any():
+            return []
+        from medvlm.text.parse import parse_report
+
+        stated = parse_report(report).laterality
+        if stated not in ("left", "right"):
+            return []
+        affine = case.input_affine
+        centroid = affine[:3, :3] @ np.argwhere(masks["GTVp"]).mean(axis=0) + affine[:3, 3]
+        volume = case.image  # processed grid, RAS: its foreground centre is the patient's midline
+        body = np.argwhere(volume[0].numpy() > -0.5)
+        midline = (volume.affine.numpy()[:3, :3] @ body.mean(axis=0) + volume.affine.numpy()[:3, 3])[0]
+        side = "right" if centroid[0] > midline else "left"  # RAS: +x is the patient's right
+        if side != stated:
+            return [f"GTVp found on the {side}, report says {stated}"]
+        return []
