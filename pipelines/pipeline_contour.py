@@ -77,8 +77,8 @@ class ContourPipeline(MedVLMPipeline):
 
     def __init__(self, vae: CTAutoencoderKL, unet: ReportConditionedUNet3D, segmentation: FusedSegmentationDecoder,
                  text_encoder, tokenizer, scheduler=None, report_generator=None, report_processor=None,
-                 preprocess: dict | None = None, structure_names: Sequence[str] = STRUCTURE_NAMES,
-                 thresholds: Sequence[float] | None = None, max_report_tokens: int = 128,
+                 preprocess: dict | None = None, structure_names: list | tuple = STRUCTURE_NAMES,
+                 thresholds: list | tuple | None = None, max_report_tokens: int = 128,
                  report_format: str = "structured"):
         super().__init__()
         self.register_modules(vae=vae, unet=unet, segmentation=segmentation, text_encoder=text_encoder,
@@ -208,7 +208,8 @@ class ContourPipeline(MedVLMPipeline):
                 latents = self.scheduler.add_noise(latents, noise, torch.tensor([noise_timestep], device=latents.device))
             context = states.expand(batch, -1, -1) if states is not None else None
             context_mask = mask.expand(batch, -1) if mask is not None else None
-            fused = self.unet(latents, noise_timestep, context, return_features=True).features[-1]
+            fused = self.unet(latents, noise_timestep, context, return_features=True,
+                              encoder_attention_mask=context_mask).features[-1]
             logits = self.segmentation(fused, encoded.features, context, context_mask, null_report=context is None)
             return torch.sigmoid(logits)
 

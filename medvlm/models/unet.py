@@ -60,8 +60,13 @@ class ReportConditionedUNet3D(AlignedModelMixin, ConfigMixin):
         return self.null_text_embedding.expand(batch_size, -1, -1)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, encoder_hidden_states: torch.Tensor | None = None,
-                return_features: bool = False, return_dict: bool = True):
-        """Predict noise (or v) for ``sample`` (B, C, x, y, z) at ``timestep``; ``None`` text = null report."""
+                return_features: bool = False, return_dict: bool = True,
+                encoder_attention_mask: torch.Tensor | None = None):
+        """Predict noise (or v) for ``sample`` (B, C, x, y, z) at ``timestep``; ``None`` text = null report.
+
+        ``encoder_attention_mask`` (B, L) zeroes padded report tokens: MONAI's cross-attention takes no
+        padding mask, so padding must not carry content.
+        """
         net = self.network
         batch = sample.shape[0]
         if encoder_hidden_states is None:
@@ -73,6 +78,8 @@ class ReportConditionedUNet3D(AlignedModelMixin, ConfigMixin):
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(batch)
         context = encoder_hidden_states.to(sample.dtype)
+        if encoder_attention_mask is not None:
+            context = context * encoder_attention_mask[..., None].to(context.dtype)
 
         emb = net.time_embed(get_timestep_embedding(timesteps, net.block_out_channels[0]).to(sample.dtype))
         h = net.conv_in(sample)

@@ -1,0 +1,69 @@
+"""ReportGenerationPipeline: CT -> draft report with PaliGemma2 (greedy or sampled)."""
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.utils import BaseOutput
+
+from medvlm.config import PreprocessConfig
+from medvlm.data.inputs import as_list, prepare_ct
+from medvlm.models.report_generator import drafting_batch, render_ct
+from pipelines.base import MedVLMPipeline
+
+
+@dataclass
+class ReportGenerationOutput(BaseOutput):
+    """Drafted reports (one per CT). Drafts are machine-generated and must be reviewed."""
+
+    reports: list[str]
+
+
+class ReportGenerationPipeline(MedVLMPipeline):
+    r"""Draft a report from CT with PaliGemma2.
+
+    Components: report_generator ([`~transformers.PaliGemmaForConditionalGeneration`]) and report_processor
+    ([`~transformers.PaliGemmaProcessor`]). Config: ``preprocess`` (CT chain), ``max_new_tokens``.
+    The CT is rendered as a soft-tissue montage of axial slices (:func:`medvlm.models.report_generator.render_ct`).
+    """
+
+    model_cpu_offload_seq = "report_generator"
+    _config_names = ("preprocess", "max_new_tokens")
+
+    def __init__(self, report_generator, report_processor, preprocess: dict | None = None, max_new_tokens: int = 160):
+        super().__init__()
+        self.register_modules(report_generator=report_generator, report_processor=report_processor)
+        preprocess = dict(preprocess or {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(PreprocessConfig()).items()})
+        self.register_to_config(preprocess=preprocess, max_new_tokens=max_new_tokens)
+
+    def check_inputs(self, max_new_tokens: int, temperature: float, do_sample: bool) -> None:
+        if max_new_tokens < 1:
+            raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}")
+        if do_sample and temperature <= 0:
+            raise ValueError(f"`temperature` must be > 0 when sampling, got {temperature}")
+
+    @torch.no_grad()
+    def __call__(self, ct: Any, *, spacing_mm=None, affine=None, max_new_tokens: int | None = None, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int = 50, generator: torch.Generator | None = None, return_dict: bool = True):
+        """Draft one report per CT. With ``do_sample``, ``generator`` makes the draw reproducible."""
+        max_new_tokens = max_new_tokens or self.config.max_new_tokens
+        self.check_inputs(max_new_tokens, temperature, do_sample)
+        config = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.config.preprocess.items()})
+        size = self.report_processor.image_processor.size["height"]
+        images = []
+        for i, item in enumerate(self.progress_bar(as_list(ct))):
+            image = prepare_ct(item, config, spacing_mm=spacing_mm, affine=affine, what=f"ct[{i}]").image[0]
+            images.append(render_ct(image, image_size=size, input_is_hu=False, value_range=config.hu_window))
+        batch = drafting_batch(self.report_processor, images).to(self._execution_device)
+        options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample)
+        if do_sample:
+            options.update(temperature=temperature, top_k=top_k)
+        # transformers' generate draws from the global RNG: seed a forked copy from `generator` instead
+        seed = int(generator.initial_seed()) if generator is not None else None
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            generated = self.report_generator.generate(**batch, **options)
+        texts = self.report_processor.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        self.maybe_free_model_hooks()
+        output = ReportGenerationOutput([t.strip() for t in texts])
+        return output if return_dict else output.to_tuple()

@@ -1,0 +1,216 @@
+"""ReportToCTPipeline: report text -> synthetic CT (HU) with paired contours, by report-conditioned latent diffusion."""
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from diffusers.schedulers import DDPMScheduler
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from medvlm.config import PreprocessConfig
+from medvlm.data.structures import STRUCTURE_NAMES
+from medvlm.models import CTAutoencoderKL, FusedSegmentationDecoder, ReportConditionedUNet3D
+from pipelines.base import MedVLMPipeline
+
+OUTPUT_TYPES = ("np", "pt", "nifti", "latent")
+
+
+@dataclass
+class ReportToCTPipelineOutput(BaseOutput):
+    """``ct``: (N, X, Y, Z) in HU (np/pt) or a list of ``nibabel`` images; ``masks``: (N, C, X, Y, Z) bool
+    (np/pt) when requested; ``affine`` of every volume; the (de-identified) prompts used."""
+
+    ct: Any
+    masks: Any
+    affine: np.ndarray
+    structure_names: tuple[str, ...]
+    prompts: list[str]
+
+
+class ReportToCTPipeline(MedVLMPipeline):
+    r"""Synthesise CT volumes from report text (data augmentation), with contours from the shared decoder.
+
+    Components:
+        vae ([`CTAutoencoderKL`]), unet ([`ReportConditionedUNet3D`]), segmentation ([`FusedSegmentationDecoder`]),
+        text_encoder + tokenizer (report token states), scheduler (any diffusers scheduler: DDPM, DDIM,
+        DPMSolverMultistep..., swappable with ``Scheduler.from_config(pipe.scheduler.config)``).
+
+    Config: ``preprocess`` (spacing, HU window and ROI of the training data), ``structure_names``,
+    ``thresholds``, ``report_format``, ``max_report_tokens``, ``vae_tile_size`` (latent voxels per decode tile).
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae->segmentation"
+    _optional_components = ["segmentation"]
+    _config_names = ("preprocess", "structure_names", "thresholds", "max_report_tokens", "report_format", "vae_tile_size")
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(self, vae: CTAutoencoderKL, unet: ReportConditionedUNet3D, text_encoder, tokenizer,
+                 scheduler: DDPMScheduler, segmentation: FusedSegmentationDecoder | None = None,
+                 preprocess: dict | None = None, structure_names: list | tuple = STRUCTURE_NAMES,
+                 thresholds: list | tuple | None = None, max_report_tokens: int = 128, report_format: str = "structured",
+                 vae_tile_size: list | tuple | None = None):
+        super().__init__()
+        self.register_modules(vae=vae, unet=unet, segmentation=segmentation, text_encoder=text_encoder,
+                              tokenizer=tokenizer, scheduler=scheduler)
+        preprocess = dict(preprocess or {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(PreprocessConfig()).items()})
+        thresholds = list(thresholds) if thresholds is not None else [0.5] * len(structure_names)
+        self.register_to_config(preprocess=preprocess, structure_names=list(structure_names), thresholds=thresholds,
+                                max_report_tokens=max_report_tokens, report_format=report_format,
+                                vae_tile_size=list(vae_tile_size) if vae_tile_size is not None else None)
+
+    @property
+    def preprocess_config(self) -> PreprocessConfig:
+        values = dict(self.config.preprocess)
+        return PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    def check_inputs(self, prompts: list, negative_prompts: list | None, num_inference_steps: int, guidance_scale: float,
+                     output_type: str, volume_shape: Sequence[int], latents: torch.Tensor | None, batch: int,
+                     num_images_per_prompt: int, generator, return_masks: bool) -> None:
+        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+            raise ValueError(f"`prompt` must be non-empty text (or a list of texts), got {prompts!r}")
+        if negative_prompts is not None and len(negative_prompts) != len(prompts):
+            raise ValueError(f"`negative_prompt` has {len(negative_prompts)} entries for {len(prompts)} prompts")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}")
+        if guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be >= 0 (1 = no guidance), got {guidance_scale}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be >= 1, got {num_images_per_prompt}")
+        factor = self.vae.compression
+        if len(volume_shape) != 3 or any(int(s) % factor or int(s) <= 0 for s in volume_shape):
+            raise ValueError(f"`volume_shape` {tuple(volume_shape)} must be three positive multiples of the VAE compression {factor}")
+        if latents is not None and latents.shape[0] != batch:
+            raise ValueError(f"`latents` has batch {latents.shape[0]}, expected {batch} (prompts x num_images_per_prompt)")
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"`generator` is a list of {len(generator)}, expected {batch} (one per volume)")
+        if return_masks and self.segmentation is None:
+            raise ValueError("`return_masks=True` needs the segmentation component")
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+                 num_inference_steps: int = 50, guidance_scale: float = 3.0, generator: torch.Generator | list | None = None,
+                 latents: torch.Tensor | None = None, num_images_per_prompt: int = 1, output_type: str = "np",
+                 return_masks: bool = True, volume_shape: Sequence[int] | None = None,
+                 callback_on_step_end: Callable | None = None, callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+                 return_dict: bool = True):
+        """Generate CT volumes from report text.
+
+        Args:
+            prompt: report text(s); de-identified and normalised like the training reports.
+            negative_prompt: text(s) to steer away from; default the learned null report.
+            num_inference_steps, guidance_scale: sampler steps and classifier-free guidance (1 disables it).
+            generator: a ``torch.Generator`` or one per volume (then a batch equals single calls).
+            latents: initial noise (N, C, x, y, z) instead of drawing it.
+            output_type: ``"np"`` (HU arrays), ``"pt"``, ``"nifti"`` (nibabel images) or ``"latent"``.
+            return_masks: also contour the generated CT with the shared segmentation decoder.
+            volume_shape: voxels (x, y, z) at the preprocessing spacing; default the training ROI.
+            callback_on_step_end: ``f(pipe, step, timestep, {"latents": ...}) -> dict`` after each step.
+        """
+        # 1. check inputs
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = None if negative_prompt is None else ([negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
+        config = self.preprocess_config
+        volume_shape = tuple(int(s) for s in (volume_shape or config.roi_size))
+        batch = len(prompts) * num_images_per_prompt
+        self.check_inputs(prompts, negatives, num_inference_steps, guidance_scale, output_type, volume_shape, latents, batch,
+                          num_images_per_prompt, generator, return_masks)
+        device = self._execution_device
+        do_guidance = guidance_scale != 1.0
+
+        # 2. encode prompts (and the negative / null report)
+        states, mask, used = self.encode_reports(prompts, device, self.config.max_report_tokens, self.config.report_format)
+        states = states.repeat_interleave(num_images_per_prompt, dim=0)
+        mask = mask.repeat_interleave(num_images_per_prompt, dim=0)
+        context = states * mask[..., None].to(states.dtype)  # padded tokens carry nothing
+        if do_guidance:
+            if negatives is not None:
+                neg_states, neg_mask, _ = self.encode_reports(negatives, device, self.config.max_report_tokens, self.config.report_format)
+                uncond = (neg_states * neg_mask[..., None].to(neg_states.dtype)).repeat_interleave(num_images_per_prompt, dim=0)
+            else:
+                uncond = self.unet.null_context(batch).to(device, context.dtype)
+            length = max(context.shape[1], uncond.shape[1])
+            context, uncond = self._pad(context, length), self._pad(uncond, length)
+
+        # 3. prepare latents
+        factor = self.vae.compression
+        shape = (batch, self.unet.config.in_channels, *(s // factor for s in volume_shape))
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        else:
+            latents = latents.to(device=device, dtype=self.unet.dtype)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = latents * self.scheduler.init_noise_sigma
+        extra = {"generator": generator} if "generator" in __import__("inspect").signature(self.scheduler.step).parameters else {}
+
+        # 4. denoising loop
+        timesteps = self.scheduler.timesteps
+        with self.progress_bar(total=len(timesteps)) as progress:
+            for i, t in enumerate(timesteps):
+                model_input = torch.cat([latents, latents]) if do_guidance else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                model_context = torch.cat([uncond, context]) if do_guidance else context
+                prediction = self.unet(model_input, t, model_context).sample
+                if do_guidance:
+                    unconditional, conditional = prediction.chunk(2)
+                    prediction = unconditional + guidance_scale * (conditional - unconditional)
+                latents = self.scheduler.step(prediction, t, latents, **extra).prev_sample
+                if callback_on_step_end is not None:
+                    outputs = callback_on_step_end(self, i, t, {k: locals()[k] for k in callback_on_step_end_tensor_inputs})
+                    latents = (outputs or {}).get("latents", latents)
+                progress.update()
+
+        if output_type == "latent":
+            self.maybe_free_model_hooks()
+            return ReportToCTPipelineOutput(latents, None, self._affine(volume_shape), tuple(self.config.structure_names), used) \
+                if return_dict else (latents, None)
+
+        # 5. decode (in tiles when the latent is larger than the configured tile)
+        z = latents / float(self.vae.config.scaling_factor)
+        tile = self.config.vae_tile_size
+        if tile is not None and any(s > t for s, t in zip(z.shape[2:], tile)):
+            image = self.vae.tiled_decode(z, tile_size=tile)
+        else:
+            image = self.vae.decode(z).sample
+        low, high = config.output_range
+        image = image.clamp(low, high)
+
+        # 6. paired contours from the shared segmentation decoder
+        masks = None
+        if return_masks:
+            encoded = self.vae.encode(image, return_features=True)
+            fused = self.unet(latents, 0, context, return_features=True).features[-1]
+            probabilities = torch.sigmoid(self.segmentation(fused, encoded.features, context))
+            thresholds = torch.tensor(self.config.thresholds, device=device).view(1, -1, 1, 1, 1)
+            masks = probabilities >= thresholds
+
+        # 7. post-process to Hounsfield units
+        hu_low, hu_high = config.hu_window
+        ct = (image[:, 0].float() - low) / (high - low) * (hu_high - hu_low) + hu_low
+        affine = self._affine(volume_shape)
+        if output_type == "np":
+            ct = ct.cpu().numpy()
+            masks = masks.cpu().numpy() if masks is not None else None
+        elif output_type == "nifti":
+            import nibabel as nib
+
+            ct = [nib.Nifti1Image(np.round(v).astype(np.int16), affine) for v in ct.cpu().numpy()]
+            masks = masks.cpu().numpy() if masks is not None else None
+        self.maybe_free_model_hooks()
+        output = ReportToCTPipelineOutput(ct, masks, affine, tuple(self.config.structure_names), used)
+        return output if return_dict else (ct, masks)
+
+    @staticmethod
+    def _pad(states: torch.Tensor, length: int) -> torch.Tensor:
+        if states.shape[1] == length:
+            return states
+        pad = states.new_zeros(states.shape[0], length - states.shape[1], states.shape[2])
+        return torch.cat([states, pad], dim=1)
+
+    def _affine(self, volume_shape: Sequence[int]) -> np.ndarray:
+        spacing = np.asarray(self.preprocess_config.spacing_mm, dtype=np.float64)
+        affine = np.diag([*spacing, 1.0])
+        affine[:3, 3] = -(np.asarray(volume_shape) - 1) / 2.0 * spacing  # centred on the origin, RAS
+        return affine

@@ -1,0 +1,89 @@
+"""ZeroShotClassificationPipeline: reports and/or CT volumes scored against class prompts in the contrastive space."""
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from diffusers.utils import BaseOutput
+
+from medvlm.config import PreprocessConfig
+from medvlm.data.inputs import as_list, prepare_ct
+from medvlm.models import MedCLIPModel, ZeroShotClassifier
+from pipelines.base import MedVLMPipeline
+
+
+@dataclass
+class ZeroShotClassificationOutput(BaseOutput):
+    """Per label set: class names, probabilities (N, C) and the predicted class of each input, for
+    reports and for CT volumes separately (``None`` where that modality was not given)."""
+
+    labels: dict[str, list[str]]
+    report_probabilities: dict[str, np.ndarray] | None
+    ct_probabilities: dict[str, np.ndarray] | None
+
+    def predictions(self, modality: str = "report") -> dict[str, list[str]]:
+        probabilities = self.report_probabilities if modality == "report" else self.ct_probabilities
+        if probabilities is None:
+            raise ValueError(f"no {modality} probabilities in this output")
+        return {name: [self.labels[name][i] for i in p.argmax(1)] for name, p in probabilities.items()}
+
+
+class ZeroShotClassificationPipeline(MedVLMPipeline):
+    r"""Zero-shot classification with the MedCLIP-style encoder.
+
+    Components: contrastive ([`MedCLIPModel`]) and tokenizer. Config: ``preprocess`` for CT inputs,
+    ``max_report_tokens``. Label sets are ``{"laterality": ["left", "right", "midline"]}`` (names, expanded
+    with prompt templates) or ``{"set": {"class": ["prompt", ...]}}`` (explicit prompt ensembles); any text
+    works, including classes never seen in training.
+    """
+
+    model_cpu_offload_seq = "contrastive"
+    _config_names = ("preprocess", "max_report_tokens")
+
+    def __init__(self, contrastive: MedCLIPModel, tokenizer, preprocess: dict | None = None, max_report_tokens: int = 128):
+        super().__init__()
+        self.register_modules(contrastive=contrastive, tokenizer=tokenizer)
+        preprocess = dict(preprocess or {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(PreprocessConfig()).items()})
+        self.register_to_config(preprocess=preprocess, max_report_tokens=max_report_tokens)
+
+    def check_inputs(self, reports, ct, labels) -> None:
+        if reports is None and ct is None:
+            raise ValueError("pass `reports` and/or `ct` to classify")
+        if not isinstance(labels, Mapping) or not labels:
+            raise ValueError(f"`labels` must map label-set names to classes, e.g. {{'laterality': ['left', 'right']}}; got {labels!r}")
+        for name, classes in labels.items():
+            if len(classes) < 2:
+                raise ValueError(f"`labels[{name!r}]` needs at least two classes, got {classes!r}")
+
+    @torch.no_grad()
+    def __call__(self, reports: str | Sequence[str] | None = None, ct: Any = None, *,
+                 labels: Mapping[str, Sequence[str] | Mapping[str, Sequence[str]]], spacing_mm=None, affine=None,
+                 return_dict: bool = True):
+        """Probabilities per label set for ``reports`` (text) and/or ``ct`` (paths, arrays, MetaTensors)."""
+        self.check_inputs(reports, ct, labels)
+        classifier = ZeroShotClassifier(self.contrastive, self.tokenizer, max_length=self.config.max_report_tokens)
+        names = {name: list(classes.keys()) if isinstance(classes, Mapping) else list(classes) for name, classes in labels.items()}
+        report_probs = ct_probs = None
+        if reports is not None:
+            texts = [reports] if isinstance(reports, str) else list(reports)
+            report_probs = {name: classifier.classify_reports(texts, classes, name)[1].float().cpu().numpy()
+                            for name, classes in self.progress_bar(list(labels.items()))}
+        if ct is not None:
+            config = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.config.preprocess.items()})
+            volumes = []
+            for i, item in enumerate(as_list(ct)):
+                image = prepare_ct(item, config, spacing_mm=spacing_mm, affine=affine, what=f"ct[{i}]").image
+                volumes.append(self._fit_roi(image.as_tensor(), config.roi_size))
+            batch = torch.stack(volumes).to(self._execution_device)
+            ct_probs = {name: classifier.classify_images(batch, classes, name)[1].float().cpu().numpy()
+                        for name, classes in labels.items()}
+        self.maybe_free_model_hooks()
+        output = ZeroShotClassificationOutput(names, report_probs, ct_probs)
+        return output if return_dict else output.to_tuple()
+
+    @staticmethod
+    def _fit_roi(image: torch.Tensor, roi: Sequence[int]) -> torch.Tensor:
+        """Centre-crop (the chain already padded) to the ROI the image tower was trained on."""
+        from monai.transforms import CenterSpatialCrop
+
+        return CenterSpatialCrop(tuple(roi))(image)
