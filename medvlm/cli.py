@@ -150,6 +150,81 @@ def cmd_eval(args: argparse.Namespace) -> int:
     raise MedVLMError(f"unknown evaluation task {args.task!r}")
 
 
+def _text_or_file(value: str | None) -> str | None:
+    """A report given inline or as a path to a UTF-8 text file."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.suffix.lower() in (".txt", ".md") or (len(value) < 255 and path.is_file()):
+        if not path.is_file():
+            raise MedVLMError(f"report file not found: {path}")
+        from medvlm.text.deid import check_text
+
+        return check_text(path.read_bytes(), what=str(path))
+    return value
+
+
+def cmd_contour(args: argparse.Namespace) -> int:
+    from pipelines import ContourPipeline
+
+    pipe = ContourPipeline.from_pretrained(args.pipeline)
+    out = pipe(args.ct, report=_text_or_file(args.report), overlap=args.overlap, sw_batch_size=args.sw_batch_size)
+    written = out.save(args.out)
+    print(f"wrote {len(written)} masks to {args.out} (report: {out.report_sources[0]})")
+    for warning in out.warnings[0]:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from medvlm.data.io import save_labels, save_nifti
+    from pipelines import ReportToCTPipeline
+
+    pipe = ReportToCTPipeline.from_pretrained(args.pipeline)
+    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.n)]
+    out = pipe(_text_or_file(args.prompt), num_images_per_prompt=args.n, generator=generators,
+               num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
+    for i in range(args.n):
+        save_nifti(Path(args.out) / f"sample_{i:03d}_ct.nii.gz", out.ct[i], out.affine)
+        if out.masks is not None:
+            save_labels(Path(args.out) / f"sample_{i:03d}_labels.nii.gz", out.masks[i].astype(np.uint8), out.affine,
+                        out.structure_names)
+    print(f"wrote {args.n} synthetic CT volume(s) to {args.out} (seeds {args.seed}..{args.seed + args.n - 1})")
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from pipelines import ZeroShotClassificationPipeline
+
+    labels = {}
+    for entry in args.labels:
+        name, _, classes = entry.partition("=")
+        if not classes:
+            raise MedVLMError(f"--labels expects NAME=class1,class2,...; got {entry!r}")
+        labels[name] = [c.strip() for c in classes.split(",") if c.strip()]
+    pipe = ZeroShotClassificationPipeline.from_pretrained(args.pipeline)
+    reports = [_text_or_file(r) for r in args.report] if args.report else None
+    out = pipe(reports=reports, ct=args.ct or None, labels=labels)
+    for modality, probabilities in (("report", out.report_probabilities), ("ct", out.ct_probabilities)):
+        for name, matrix in (probabilities or {}).items():
+            for row, values in enumerate(matrix):
+                ranked = ", ".join(f"{c}={p:.3f}" for c, p in zip(out.labels[name], values))
+                print(f"{modality}[{row}] {name}: {ranked}")
+    return 0
+
+
+def cmd_draft(args: argparse.Namespace) -> int:
+    from pipelines import ReportGenerationPipeline
+
+    pipe = ReportGenerationPipeline.from_pretrained(args.pipeline)
+    for path, report in zip(args.ct, pipe(list(args.ct)).reports):
+        print(f"--- {path} (machine draft, review before use)\n{report}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from medvlm.config import load_config
     from medvlm.models.factory import count_parameters_on_meta
@@ -207,6 +282,34 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("task", choices=("deid", "extraction", "phantom-speed"))
     evaluate.add_argument("rest", nargs=argparse.REMAINDER, help="options of the task (see --help of each)")
     evaluate.set_defaults(func=cmd_eval)
+
+    contour = commands.add_parser("contour", help="contour a CT with a ContourPipeline folder")
+    contour.add_argument("--pipeline", required=True, help="folder written by training or save_pretrained")
+    contour.add_argument("--ct", required=True, help="CT as NIfTI")
+    contour.add_argument("--report", default=None, help="report text or a .txt file (default: draft or null report)")
+    contour.add_argument("--out", required=True, help="output folder for the masks")
+    contour.add_argument("--overlap", type=float, default=0.25)
+    contour.add_argument("--sw-batch-size", type=int, default=1)
+    contour.set_defaults(func=cmd_contour)
+    generate = commands.add_parser("generate", help="synthesise CT (+ masks) from report text")
+    generate.add_argument("--pipeline", required=True)
+    generate.add_argument("--prompt", required=True, help="report text or a .txt file")
+    generate.add_argument("--n", type=int, default=1, help="volumes to generate")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--steps", type=int, default=50, help="sampling steps")
+    generate.add_argument("--guidance-scale", type=float, default=3.0)
+    generate.add_argument("--out", required=True)
+    generate.set_defaults(func=cmd_generate)
+    classify = commands.add_parser("classify", help="zero-shot classification of reports and/or CT")
+    classify.add_argument("--pipeline", required=True)
+    classify.add_argument("--report", action="append", default=[], help="report text or .txt file (repeatable)")
+    classify.add_argument("--ct", action="append", default=[], help="CT NIfTI path (repeatable)")
+    classify.add_argument("--labels", action="append", required=True, help="NAME=class1,class2,... (repeatable)")
+    classify.set_defaults(func=cmd_classify)
+    draft = commands.add_parser("draft", help="draft a report from CT with PaliGemma2")
+    draft.add_argument("--pipeline", required=True)
+    draft.add_argument("ct", nargs="+", help="CT NIfTI path(s)")
+    draft.set_defaults(func=cmd_draft)
 
     models = commands.add_parser("models", help="parameter counts of a configuration's networks")
     models.add_argument("--config", default="demo", help="config preset name or YAML path")

@@ -45,7 +45,7 @@ class ReportGenerationPipeline(MedVLMPipeline):
     def __call__(self, ct: Any, *, spacing_mm=None, affine=None, max_new_tokens: int | None = None, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 50, generator: torch.Generator | None = None, return_dict: bool = True):
         """Draft one report per CT. With ``do_sample``, ``generator`` makes the draw reproducible."""
-        max_new_tokens = max_new_tokens or self.config.max_new_tokens
+        max_new_tokens = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         self.check_inputs(max_new_tokens, temperature, do_sample)
         config = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.config.preprocess.items()})
         size = self.report_processor.image_processor.size["height"]

@@ -117,6 +117,9 @@ class ReportToCTPipeline(MedVLMPipeline):
         batch = len(prompts) * num_images_per_prompt
         self.check_inputs(prompts, negatives, num_inference_steps, guidance_scale, output_type, volume_shape, latents, batch,
                           num_images_per_prompt, generator, return_masks)
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` {unknown} not in {self._callback_tensor_inputs}")
         device = self._execution_device
         do_guidance = guidance_scale != 1.0
 
@@ -158,7 +161,8 @@ class ReportToCTPipeline(MedVLMPipeline):
                     prediction = unconditional + guidance_scale * (conditional - unconditional)
                 latents = self.scheduler.step(prediction, t, latents, **extra).prev_sample
                 if callback_on_step_end is not None:
-                    outputs = callback_on_step_end(self, i, t, {k: locals()[k] for k in callback_on_step_end_tensor_inputs})
+                    available = {"latents": latents}
+                    outputs = callback_on_step_end(self, i, t, {k: available[k] for k in callback_on_step_end_tensor_inputs})
                     latents = (outputs or {}).get("latents", latents)
                 progress.update()
 

@@ -1,0 +1,68 @@
+"""Assemble the four pipelines from components (trained, or freshly built from a configuration).
+
+Training writes its pipeline folders with this; tests and ``medvlm demo --quick`` use it with untrained
+components. The text encoder is the configured one (MiniLM by default) unless one is given.
+"""
+from typing import Iterable
+
+from diffusers import DDPMScheduler
+
+from medvlm.config import MedVLMConfig, config_to_dict
+from pipelines.pipeline_contour import ContourPipeline
+from pipelines.pipeline_report_generation import ReportGenerationPipeline
+from pipelines.pipeline_report_to_ct import ReportToCTPipeline
+from pipelines.pipeline_zero_shot import ZeroShotClassificationPipeline
+
+
+def preprocess_dict(config: MedVLMConfig) -> dict:
+    return config_to_dict(config.data.preprocess)
+
+
+def build_pipelines(config: MedVLMConfig, *, components: dict | None = None, text_encoder=None, tokenizer=None,
+                    report_texts: Iterable[str] | None = None, scheduler=None) -> dict:
+    """``{"contour", "report_to_ct", "zero_shot", "report_generation"}`` pipelines.
+
+    ``components`` may hold any of ``vae``, ``unet``, ``segmentation``, ``contrastive``,
+    ``report_generator``, ``report_processor``; missing ones are built untrained from ``config``.
+    ``report_texts`` train the report tokenizer when a report generator has to be built.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    from medvlm.models.factory import build_contrastive, build_segmentation, build_unet, build_vae
+    from medvlm.models.report_generator import build_tiny_paligemma, train_report_tokenizer
+    from medvlm.text.encoders import _resolve
+
+    components = dict(components or {})
+    if text_encoder is None or tokenizer is None:
+        path = _resolve(config.text.encoder)
+        text_encoder = text_encoder or AutoModel.from_pretrained(path, local_files_only=True)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, local_files_only=True)
+    context_dim = int(text_encoder.config.hidden_size)
+    vae = components.get("vae") or build_vae(config.models)
+    unet = components.get("unet") or build_unet(config.models, context_dim)
+    segmentation = components.get("segmentation") or build_segmentation(config.models, context_dim)
+    contrastive = components.get("contrastive") or build_contrastive(config.models, config.text)
+    generator, processor = components.get("report_generator"), components.get("report_processor")
+    if generator is None or processor is None:
+        texts = list(report_texts or ["head and neck cancer report"])
+        generator, processor = build_tiny_paligemma(
+            train_report_tokenizer(texts, config.models.report_generator.tokenizer_vocab_size), config.models.report_generator)
+    scheduler = scheduler or DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.0015,
+                                           beta_end=0.0195, clip_sample=False)
+    for module in (vae, unet, segmentation, contrastive, generator, text_encoder):
+        module.eval()  # inference: no dropout, BatchNorm running statistics (from_pretrained does the same)
+    preprocess = preprocess_dict(config)
+    max_tokens = config.text.max_length
+    return {
+        "contour": ContourPipeline(vae=vae, unet=unet, segmentation=segmentation, text_encoder=text_encoder,
+                                   tokenizer=tokenizer, scheduler=scheduler, report_generator=generator,
+                                   report_processor=processor, preprocess=preprocess, max_report_tokens=max_tokens),
+        "report_to_ct": ReportToCTPipeline(vae=vae, unet=unet, segmentation=segmentation, text_encoder=text_encoder,
+                                           tokenizer=tokenizer, scheduler=scheduler, preprocess=preprocess,
+                                           max_report_tokens=max_tokens),
+        "zero_shot": ZeroShotClassificationPipeline(contrastive=contrastive, tokenizer=tokenizer, preprocess=preprocess,
+                                                    max_report_tokens=max_tokens),
+        "report_generation": ReportGenerationPipeline(report_generator=generator, report_processor=processor,
+                                                      preprocess=preprocess,
+                                                      max_new_tokens=config.models.report_generator.max_new_tokens),
+    }

@@ -1,0 +1,275 @@
+"""Diffusers pipelines: outputs in the input's grid, determinism, save/load round trips, bad input, safe loading."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+from medvlm.config import load_config
+from medvlm.data.phantom import HNCPhantom, PhantomConfig
+from medvlm.errors import InputError
+from pipelines import ContourPipeline, ReportGenerationPipeline, ReportToCTPipeline, ZeroShotClassificationPipeline
+from pipelines.assemble import build_pipelines
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    torch.manual_seed(0)
+    return build_pipelines(load_config(CONFIGS / "tiny.yaml"), report_texts=["left tonsil carcinoma bilateral neck"] * 4)
+
+
+@pytest.fixture(scope="module")
+def case():
+    return HNCPhantom(PhantomConfig(shape=(32, 32, 32), spacing_mm=(6.0, 6.0, 6.0)), seed=0).case(1)
+
+
+@pytest.fixture(scope="module")
+def saved(pipes, tmp_path_factory):
+    folders = {}
+    for name, pipe in pipes.items():
+        folders[name] = tmp_path_factory.mktemp(name)
+        pipe.save_pretrained(folders[name])
+    return folders
+
+
+def _non_ras_anisotropic(case):
+    """The case stored LPS-flipped at 6 x 6 x 6 mm, then cut to an anisotropic, non-cubic grid."""
+    image = case.image_hu[::-1, ::-1, 4:28]
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[0, 3], flip[1, 3] = case.image_hu.shape[0] - 1, case.image_hu.shape[1] - 1
+    affine = case.affine @ flip
+    affine[:3, 3] += affine[:3, 2] * 4
+    affine[:3, 2] *= 1.5  # thicker slices: 6 x 6 x 9 mm
+    return np.ascontiguousarray(image), affine
+
+
+# ------------------------------------------------------------------------------------------ contour
+def test_contour_masks_land_in_the_input_grid_of_a_non_ras_anisotropic_ct(pipes, case, tmp_path):
+    image, affine = _non_ras_anisotropic(case)
+    out = pipes["contour"](image, report=case.report.text, affine=affine, return_probabilities=True)
+    assert out.structure_names[0] == "GTVp" and set(out.masks[0]) == set(out.structure_names)
+    assert all(mask.shape == image.shape and mask.dtype == bool for mask in out.masks[0].values())
+    assert np.allclose(out.affines[0], affine)
+    assert out.probabilities[0].shape == (9, *image.shape)
+    assert out.report_sources == ["given"] and "head and neck cancer" in out.reports[0]
+    assert case.identity.last_name not in out.reports[0]
+    written = out.save(tmp_path / "pred")
+    assert len(written) == 9
+    saved = nib.load(str(tmp_path / "pred" / "CTVn.nii.gz"))
+    assert saved.shape == image.shape and np.allclose(saved.affine, affine, atol=1e-5)
+    assert "head and neck cancer" in (tmp_path / "pred" / "report_used.txt").read_text()
+
+
+def test_contour_without_report_drafts_one_or_warns(pipes, case):
+    drafted = pipes["contour"](case.image_hu, affine=case.affine)
+    assert drafted.report_sources == ["drafted"] and "drafted" in drafted.warnings[0][0]
+    bare = ContourPipeline(**{k: v for k, v in pipes["contour"].components.items() if k not in ("report_generator", "report_processor")},
+                           preprocess=pipes["contour"].config.preprocess)
+    out = bare(case.image_hu, affine=case.affine)
+    assert out.report_sources == ["none"] and "null report" in out.warnings[0][0]
+
+
+def test_contour_save_load_round_trip_is_bit_exact(pipes, saved, case):
+    loaded = ContourPipeline.from_pretrained(saved["contour"])
+    a = pipes["contour"](case.image_hu, report=case.report.text, affine=case.affine, return_probabilities=True)
+    b = loaded(case.image_hu, report=case.report.text, affine=case.affine, return_probabilities=True)
+    assert np.array_equal(a.probabilities[0], b.probabilities[0])
+
+
+def test_contour_lists_of_cts_and_return_dict_false(pipes, case):
+    masks, names, *_ = pipes["contour"]([case.image_hu, case.image_hu], report=["left tonsil", "right tonsil"],
+                                        affine=case.affine, return_dict=False)
+    assert len(masks) == 2 and names[0] == "GTVp"
+
+
+@pytest.mark.parametrize("bad,message", [
+    (np.zeros((32, 32)), "3D"),
+    (np.zeros((2, 16, 16, 16)), "3D"),
+    (np.full((16, 16, 16), np.nan), "NaN"),
+    (np.full((16, 16, 16), -1000.0), "all-air"),
+    (np.zeros((16, 16, 1)), "one voxel thick"),
+])
+def test_contour_rejects_bad_volumes(pipes, bad, message):
+    with pytest.raises(InputError, match=message):
+        pipes["contour"](bad, report="left tonsil", spacing_mm=(3, 3, 3))
+
+
+def test_contour_rejects_mismatched_batches_and_bad_settings(pipes, case):
+    with pytest.raises(ValueError, match="`report` has 1 entries but `ct` has 2"):
+        pipes["contour"]([case.image_hu, case.image_hu], report=["x"], affine=case.affine)
+    with pytest.raises(ValueError, match="`overlap`"):
+        pipes["contour"](case.image_hu, report="x", affine=case.affine, overlap=1.5)
+    with pytest.raises(InputError, match="spacing_mm"):
+        pipes["contour"](case.image_hu, report="x")
+    with pytest.raises(InputError, match="not found"):
+        pipes["contour"]("/nonexistent/ct.nii.gz", report="x")
+
+
+# ------------------------------------------------------------------------------------------ loading safety
+def test_loading_refuses_foreign_modules_code_and_damaged_weights(saved, tmp_path):
+    bad = tmp_path / "foreign"
+    shutil.copytree(saved["contour"], bad)
+    index = json.loads((bad / "model_index.json").read_text())
+    index["unet"] = ["os", "system"]
+    (bad / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(InputError, match="names module 'os'"):
+        ContourPipeline.from_pretrained(bad)
+
+    code = tmp_path / "code"
+    shutil.copytree(saved["contour"], code)
+    (code / "unet" / "medvlm.models.unet.py").write_text("raise SystemExit('pwned')")
+    with pytest.raises(InputError, match="Python files"):
+        ContourPipeline.from_pretrained(code)
+
+    missing = tmp_path / "missing"
+    shutil.copytree(saved["contour"], missing)
+    (missing / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(InputError, match="could not load ContourPipeline"):
+        ContourPipeline.from_pretrained(missing)
+
+    corrupted = tmp_path / "corrupted"
+    shutil.copytree(saved["contour"], corrupted)
+    weights = corrupted / "segmentation" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(InputError, match="could not load ContourPipeline"):
+        ContourPipeline.from_pretrained(corrupted)
+
+    with pytest.raises(InputError, match="holds a 'ContourPipeline' pipeline"):
+        ReportToCTPipeline.from_pretrained(saved["contour"])
+    with pytest.raises(InputError, match="local folders only"):
+        ContourPipeline.from_pretrained("someone/hnc-contour")
+
+
+# ------------------------------------------------------------------------------------------ report to CT
+PROMPT = "right oral tongue SCC, cT3 N2 M0, bilateral elective neck"
+
+
+def test_generation_is_deterministic_and_returns_hu_with_masks(pipes):
+    pipe = pipes["report_to_ct"]
+    a = pipe(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    b = pipe(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    c = pipe(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(1))
+    assert a.ct.shape == (1, 32, 32, 32) and a.masks.shape == (1, 9, 32, 32, 32) and a.masks.dtype == bool
+    assert -1000.0 <= a.ct.min() and a.ct.max() <= 1500.0
+    assert np.array_equal(a.ct, b.ct) and not np.array_equal(a.ct, c.ct)
+    assert np.allclose(np.diag(a.affine)[:3], (6.0, 6.0, 6.0))
+
+
+def test_batch_with_one_generator_each_equals_single_calls(pipes):
+    pipe = pipes["report_to_ct"]
+    batch = pipe(["a left tonsil", "a right larynx"], num_inference_steps=3,
+                 generator=[torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
+    single = pipe("a right larynx", num_inference_steps=3, generator=torch.Generator().manual_seed(2))
+    # batched float32 kernels sum in another order: equal to within 0.05 HU of a 2500 HU range
+    assert np.abs(batch.ct[1] - single.ct[0]).max() < 0.05
+
+
+@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, DPMSolverMultistepScheduler])
+def test_schedulers_are_swappable(pipes, scheduler_class):
+    pipe = pipes["report_to_ct"]
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = scheduler_class.from_config(original.config)
+        out = pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), return_masks=False)
+        assert out.ct.shape == (1, 32, 32, 32) and out.masks is None
+    finally:
+        pipe.scheduler = original
+
+
+def test_output_types_callback_latents_and_tuple(pipes):
+    pipe = pipes["report_to_ct"]
+    seen = []
+
+    def callback(p, step, timestep, tensors):
+        seen.append(step)
+        return {"latents": tensors["latents"]}
+
+    out = pipe(PROMPT, num_inference_steps=3, output_type="pt", callback_on_step_end=callback, num_images_per_prompt=2)
+    assert isinstance(out.ct, torch.Tensor) and out.ct.shape[0] == 2 and seen == [0, 1, 2]
+    images = pipe(PROMPT, num_inference_steps=2, output_type="nifti", return_masks=False).ct
+    assert isinstance(images[0], nib.Nifti1Image) and images[0].shape == (32, 32, 32)
+    latents = torch.zeros(1, 4, 8, 8, 8)
+    ct, masks = pipe(PROMPT, num_inference_steps=2, latents=latents, return_dict=False, guidance_scale=1.0)
+    assert ct.shape == (1, 32, 32, 32) and masks is not None
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"num_inference_steps": 0}, "num_inference_steps"),
+    ({"guidance_scale": -1.0}, "guidance_scale"),
+    ({"output_type": "png"}, "output_type"),
+    ({"volume_shape": (30, 32, 32)}, "volume_shape"),
+    ({"negative_prompt": ["a", "b"]}, "negative_prompt"),
+])
+def test_generation_check_inputs_name_the_argument(pipes, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipes["report_to_ct"](PROMPT, **kwargs)
+
+
+def test_generation_round_trip_is_bit_exact(pipes, saved):
+    loaded = ReportToCTPipeline.from_pretrained(saved["report_to_ct"])
+    a = pipes["report_to_ct"](PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(3))
+    b = loaded(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(3))
+    assert np.array_equal(a.ct, b.ct) and np.array_equal(a.masks, b.masks)
+
+
+# ------------------------------------------------------------------------------------------ zero-shot, drafting
+def test_zero_shot_reports_and_ct_with_labels_never_seen(pipes, case, saved):
+    labels = {"laterality": ["left", "right", "midline"], "unseen": {"bulky": ["a bulky necrotic mass"], "tiny": ["a tiny lesion"]}}
+    out = pipes["zero_shot"](reports=[case.report.text, "left tonsil"], ct=[case.image_hu], affine=case.affine, labels=labels)
+    assert out.report_probabilities["laterality"].shape == (2, 3) and out.ct_probabilities["unseen"].shape == (1, 2)
+    assert np.allclose(out.report_probabilities["laterality"].sum(1), 1.0, atol=1e-5)
+    assert set(out.predictions("ct")["unseen"]) <= {"bulky", "tiny"}
+    loaded = ZeroShotClassificationPipeline.from_pretrained(saved["zero_shot"])
+    again = loaded(reports=[case.report.text, "left tonsil"], labels=labels)
+    assert np.array_equal(again.report_probabilities["laterality"], out.report_probabilities["laterality"])
+    with pytest.raises(ValueError, match="at least two classes"):
+        loaded(reports=["x"], labels={"one": ["only"]})
+
+
+def test_report_drafting_greedy_and_seeded_sampling(pipes, case, saved):
+    pipe = pipes["report_generation"]
+    greedy = pipe(case.image_hu, affine=case.affine, max_new_tokens=6)
+    assert len(greedy.reports) == 1 and pipe(case.image_hu, affine=case.affine, max_new_tokens=6).reports == greedy.reports
+    s1 = pipe(case.image_hu, affine=case.affine, max_new_tokens=6, do_sample=True, generator=torch.Generator().manual_seed(5))
+    s2 = pipe(case.image_hu, affine=case.affine, max_new_tokens=6, do_sample=True, generator=torch.Generator().manual_seed(5))
+    assert s1.reports == s2.reports
+    loaded = ReportGenerationPipeline.from_pretrained(saved["report_generation"])
+    assert loaded(case.image_hu, affine=case.affine, max_new_tokens=6).reports == greedy.reports
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        pipe(case.image_hu, affine=case.affine, max_new_tokens=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="model CPU offload needs an accelerator")
+def test_model_cpu_offload(pipes):  # pragma: no cover - runs where a GPU is present
+    pipes["report_to_ct"].enable_model_cpu_offload()
+    assert pipes["report_to_ct"](PROMPT, num_inference_steps=2).ct.shape == (1, 32, 32, 32)
+
+
+def test_cli_contour_generate_classify_draft(saved, case, tmp_path, capsys):
+    from medvlm.cli import main
+    from medvlm.data.io import load_labels, save_nifti
+
+    ct_path = save_nifti(tmp_path / "ct.nii.gz", case.image_hu, case.affine)
+    (tmp_path / "report.txt").write_text(case.report.text)
+    assert main(["contour", "--pipeline", str(saved["contour"]), "--ct", str(ct_path), "--report",
+                 str(tmp_path / "report.txt"), "--out", str(tmp_path / "masks")]) == 0
+    assert (tmp_path / "masks" / "GTVp.nii.gz").is_file()
+    assert main(["generate", "--pipeline", str(saved["report_to_ct"]), "--prompt", "left tonsil cT2 N1", "--n", "2",
+                 "--steps", "2", "--out", str(tmp_path / "gen")]) == 0
+    labels, _, names = load_labels(tmp_path / "gen" / "sample_001_labels.nii.gz")
+    assert names[0] == "GTVp" and labels.shape[0] == 9
+    assert main(["classify", "--pipeline", str(saved["zero_shot"]), "--report", "left tonsil", "--labels",
+                 "laterality=left,right"]) == 0
+    assert "report[0] laterality: left=" in capsys.readouterr().out
+    assert main(["draft", "--pipeline", str(saved["report_generation"]), str(ct_path)]) == 0
+    assert "machine draft" in capsys.readouterr().out
+    assert main(["contour", "--pipeline", str(tmp_path / "nope"), "--ct", str(ct_path), "--out", str(tmp_path / "x")]) == 2
+    assert "pipeline folder not found" in capsys.readouterr().err
