@@ -225,6 +225,12 @@ def cmd_draft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from train.__main__ import main as train_main
+
+    return train_main(args.rest)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from medvlm.config import load_config
     from medvlm.models.factory import count_parameters_on_meta
@@ -311,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     draft.add_argument("ct", nargs="+", help="CT NIfTI path(s)")
     draft.set_defaults(func=cmd_draft)
 
+    train = commands.add_parser("train", help="staged training (same options as python -m train)", add_help=False)
+    train.add_argument("rest", nargs=argparse.REMAINDER)
+    train.set_defaults(func=cmd_train)
+
     models = commands.add_parser("models", help="parameter counts of a configuration's networks")
     models.add_argument("--config", default="demo", help="config preset name or YAML path")
     models.set_defaults(func=cmd_models)
@@ -326,6 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # the training CLI owns all of its options, --help included
+        from train.__main__ import main as train_main
+
+        return train_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")

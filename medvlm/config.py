@@ -117,13 +117,73 @@ class ModelsConfig:
 
 
 @dataclass
+class StageConfig:
+    """Optimisation of one training stage (AdamW, cosine schedule with linear warm-up)."""
+
+    steps: int = 100
+    batch_size: int = 2
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-2
+    warmup_steps: int = 10
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class ContrastiveStageConfig(StageConfig):
+    semantic_weight: float = 1.0  # MedCLIP semantic matching
+    clip_weight: float = 1.0  # plain InfoNCE (open_clip ClipLoss)
+
+
+@dataclass
+class VAEStageConfig(StageConfig):
+    kl_weight: float = 1e-6
+    patch_size: tuple[int, ...] = ()  # random patches (x, y, z) when volumes are large; empty: whole ROI
+
+
+@dataclass
+class DiffusionStageConfig(StageConfig):
+    prediction_type: str = "epsilon"  # or "v_prediction"
+    report_dropout: float = 0.1  # null report for classifier-free guidance
+    num_train_timesteps: int = 1000
+    ema_decay: float = 0.999
+
+
+@dataclass
+class SegmentationStageConfig(StageConfig):
+    lambda_dice: float = 1.0
+    lambda_focal: float = 1.0
+    validate_every: int = 50
+    report_dropout: float = 0.0  # also learn the no-report case
+    finetune_unet: bool = False
+
+
+@dataclass
+class TrainingConfig:
+    """Shared mechanics and one section per stage (``medvlm train <stage>|all``)."""
+
+    seed: int = 0
+    mixed_precision: str = "auto"  # "auto": bf16 on GPU, no on CPU; or "no", "bf16", "fp16"
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    augment: bool = True
+    contrastive: ContrastiveStageConfig = field(default_factory=ContrastiveStageConfig)
+    vae: VAEStageConfig = field(default_factory=VAEStageConfig)
+    diffusion: DiffusionStageConfig = field(default_factory=DiffusionStageConfig)
+    segmentation: SegmentationStageConfig = field(default_factory=SegmentationStageConfig)
+    report_generator: StageConfig = field(default_factory=StageConfig)
+
+
+@dataclass
 class MedVLMConfig:
-    """Root of a configuration file. The training section is added by the training issue."""
+    """Root of a configuration file: data, text, models and training sections."""
 
     name: str = "demo"
     data: DataConfig = field(default_factory=DataConfig)
     text: TextConfig = field(default_factory=TextConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
 
 
 def _type_name(tp: Any) -> str:
@@ -218,6 +278,14 @@ def load_config(path: str | os.PathLike) -> MedVLMConfig:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     return config_from_dict(mapping, source=str(path))
+
+
+def config_hash(config) -> str:
+    """Short stable hash of a configuration (recorded with every training output)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(config_to_dict(config), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def config_to_dict(config) -> dict:

@@ -56,7 +56,9 @@ class MedCLIPModel(AlignedModelMixin, ConfigMixin):
         model_type = config.pop("model_type")
         self.text_model = AutoModel.from_config(AutoConfig.for_model(model_type, **config))
         if getattr(self.text_model, "pooler", None) is not None:
-            self.text_model.pooler = None  # unused (we pool ourselves); unused weights would stall DDP
+            # unused (we pool ourselves): frozen so DDP does not wait for its gradients, kept so the text
+            # tower saves as a complete model for the pipelines
+            self.text_model.pooler.requires_grad_(False)
         hidden = int(self.text_model.config.hidden_size)
         self.image_model = ResNet(block="basic", layers=list(image_layers), block_inplanes=list(image_block_inplanes),
                                   spatial_dims=3, n_input_channels=image_in_channels, feed_forward=False,
@@ -76,8 +78,7 @@ class MedCLIPModel(AlignedModelMixin, ConfigMixin):
         text_config = encoder.model.config.to_dict()
         keep = {k: v for k, v in text_config.items() if not k.startswith("_") and k not in ("architectures", "transformers_version", "dtype", "torch_dtype")}
         model = cls(text_config=keep, **kwargs)
-        weights = {k: v for k, v in encoder.model.state_dict().items() if not k.startswith("pooler.")}
-        missing, unexpected = model.text_model.load_state_dict(weights, strict=False)
+        missing, unexpected = model.text_model.load_state_dict(encoder.model.state_dict(), strict=False)
         if unexpected or [m for m in missing if "position_ids" not in m]:
             raise RuntimeError(f"text weights do not fit: missing {missing}, unexpected {unexpected}")
         return model

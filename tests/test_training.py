@@ -1,0 +1,144 @@
+"""Staged training on accelerate: all stages end to end, exact resume, corrupted checkpoints, 2-process DDP."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medvlm.config import load_config
+from medvlm.errors import MedVLMError
+from train.__main__ import main as train_main
+from train.__main__ import run
+from train.common import TrainingError
+from train.stage_vae import VAETrainer
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from medvlm.config import PhantomDataConfig
+    from medvlm.data.writer import write_phantom_dataset
+
+    out = tmp_path_factory.mktemp("tinydata") / "ds"
+    config = load_config(TINY).data.phantom
+    write_phantom_dataset(out, PhantomDataConfig(**{**config.__dict__, "previews": 0}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    output = tmp_path_factory.mktemp("run") / "tiny"
+    run("all", str(TINY), str(tiny_data), str(output))
+    return output
+
+
+def test_all_stages_write_loadable_pipelines_and_a_summary(trained):
+    summary = json.loads((trained / "training_summary.json").read_text())
+    assert list(summary["stages"]) == ["contrastive", "vae", "diffusion", "segmentation", "report_generator"]
+    for stage in summary["stages"].values():
+        assert stage["steps"] == 6 and stage["seconds"] > 0 and stage["final_losses"]["total"] > 0
+        assert stage["config_hash"] == summary["config_hash"]
+    assert "dice_mean" in summary["stages"]["segmentation"]["validation"]
+    code = ("import sys; from pipelines import ContourPipeline, ReportToCTPipeline, ZeroShotClassificationPipeline, "
+            "ReportGenerationPipeline as R; root = sys.argv[1];"
+            "[c.from_pretrained(f'{root}/{n}') for c, n in ((ContourPipeline, 'contour'), (ReportToCTPipeline, 'report_to_ct'),"
+            "(ZeroShotClassificationPipeline, 'zero_shot'), (R, 'report_generation'))]; print('loaded')")
+    result = subprocess.run([sys.executable, "-c", code, str(trained)], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("loaded")
+    assert list((trained / "segmentation" / "logs").rglob("events.out.tfevents.*"))  # TensorBoard
+
+
+def test_vae_scaling_factor_is_set_from_data(trained):
+    config = json.loads((trained / "vae" / "final" / "vae" / "config.json").read_text())
+    assert config["scaling_factor"] != 1.0 and config["scaling_factor"] > 0
+
+
+def test_second_run_reuses_finished_stages_and_other_runs_are_refused(trained, tiny_data, tmp_path, capsys):
+    before = (trained / "vae" / "final" / "vae" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    assert train_main(["vae", "--config", str(TINY), "--data", str(tiny_data), "--output", str(trained)]) == 0
+    assert "reused" in capsys.readouterr().out
+    assert (trained / "vae" / "final" / "vae" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
+    other = tmp_path / "other.yaml"
+    other.write_text(TINY.read_text().replace("seed: 0\n  mixed_precision", "seed: 1\n  mixed_precision"))
+    assert train_main(["vae", "--config", str(other), "--data", str(tiny_data), "--output", str(trained)]) == 2
+    assert "different run" in capsys.readouterr().err
+
+
+def test_missing_datalist_is_a_clear_error(tmp_path, capsys):
+    assert train_main(["vae", "--config", str(TINY), "--data", str(tmp_path / "empty"), "--output", str(tmp_path / "o")]) == 2
+    assert "datalist" in capsys.readouterr().err
+
+
+def _vae_weights(output: Path) -> dict:
+    return load_file(str(output / "vae" / "final" / "vae" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tiny_data, tmp_path, monkeypatch):
+    config = load_config(TINY)
+    VAETrainer(config, tiny_data, tmp_path / "straight").run()
+
+    original = VAETrainer.make_inputs
+    state = {"raised": False}
+
+    def interrupt_once(self, index):
+        if index == 5 and not state["raised"]:
+            state["raised"] = True
+            raise KeyboardInterrupt
+        return original(self, index)
+
+    monkeypatch.setattr(VAETrainer, "make_inputs", interrupt_once)
+    with pytest.raises(KeyboardInterrupt):
+        VAETrainer(config, tiny_data, tmp_path / "resumed").run()
+    assert (tmp_path / "resumed" / "vae" / "checkpoints" / "step_0000005").is_dir()
+    VAETrainer(config, tiny_data, tmp_path / "resumed", resume=True).run()
+    straight, resumed = _vae_weights(tmp_path / "straight"), _vae_weights(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_corrupted_checkpoint_is_reported_and_the_previous_one_kept(tiny_data, tmp_path):
+    config = load_config(TINY)
+    config.training.vae.steps = 10  # checkpoints at steps 4 and 8
+    VAETrainer(config, tiny_data, tmp_path / "run").run()
+    checkpoints = sorted((tmp_path / "run" / "vae" / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints] == ["step_0000004", "step_0000008"]
+    weights = next(checkpoints[-1].glob("model*.safetensors"))
+    weights.write_bytes(b"not a safetensors file")
+    with pytest.raises(TrainingError, match="step_0000008 is corrupted.*step_0000004, is kept"):
+        VAETrainer(config, tiny_data, tmp_path / "run", resume=True).run()
+    assert checkpoints[0].is_dir()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_splits_the_batch_and_keeps_ranks_identical(tiny_data, tmp_path):
+    launcher = Path(sys.executable).parent / "accelerate"
+    config = tmp_path / "ddp.yaml"
+    config.write_text(TINY.read_text().replace("vae: {steps: 6, batch_size: 2", "vae: {steps: 3, batch_size: 2"))
+    command = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", "29517", str(ROOT / "tests" / "ddp_worker.py"), str(config),
+               str(tiny_data), str(tmp_path / "ddp")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 for r in ranks)
+    assert ranks[0]["sum"] == ranks[1]["sum"] and ranks[0]["weights"] == ranks[1]["weights"]
+    for step in range(3):
+        a, b = ranks[0]["seen"][step], ranks[1]["seen"][step]
+        assert len(a) == len(b) == 1 and a != b  # each rank takes its half of the global batch of 2
+    single = load_config(config)
+    trainer = VAETrainer(single, tiny_data, tmp_path / "single")
+    trainer.run()
+    flat = torch.cat([p.detach().flatten() for p in trainer.unwrap(trainer.vae).parameters()])
+    assert torch.allclose(flat[:2000], torch.tensor(ranks[0]["weights"]), atol=1e-5)

@@ -1,0 +1,159 @@
+"""``python -m train <stage>|all`` (also ``medvlm train`` and ``accelerate launch -m train``).
+
+Stages run in order contrastive -> vae -> diffusion -> segmentation -> report_generator; ``all`` then
+writes ready-to-load pipeline folders (contour, report_to_ct, zero_shot, report_generation) and
+``training_summary.json``. An output folder remembers the run that made it and is never reused for
+another one unless ``--overwrite`` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from medvlm.config import config_hash, load_config
+from medvlm.errors import MedVLMError
+
+STAGES = ("contrastive", "vae", "diffusion", "segmentation", "report_generator")
+PIPELINES = ("contour", "report_to_ct", "zero_shot", "report_generation")
+logger = logging.getLogger("train")
+
+
+def _trainer_class(stage: str):
+    from train.stage_contrastive import ContrastiveTrainer
+    from train.stage_diffusion import DiffusionTrainer
+    from train.stage_report_generator import ReportGeneratorTrainer
+    from train.stage_segmentation import SegmentationTrainer
+    from train.stage_vae import VAETrainer
+
+    return {"contrastive": ContrastiveTrainer, "vae": VAETrainer, "diffusion": DiffusionTrainer,
+            "segmentation": SegmentationTrainer, "report_generator": ReportGeneratorTrainer}[stage]
+
+
+def _check_output(output: Path, identity: dict, *, resume: bool, overwrite: bool) -> None:
+    marker = output / "run.json"
+    if output.exists() and any(output.iterdir()):
+        existing = json.loads(marker.read_text()) if marker.is_file() else None
+        if existing != identity:
+            if not overwrite:
+                what = "a different run" if existing else "files that are not a medvlm training run"
+                raise MedVLMError(f"{output} holds {what}; choose another --output, or pass --overwrite to replace it")
+            if existing is None:
+                raise MedVLMError(f"{output} holds files that are not a medvlm training run; refusing to delete them")
+            shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(identity, indent=1))
+
+
+def write_pipelines(config, output: Path) -> list[Path]:
+    """Assemble the trained components into the four pipeline folders (each written atomically)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from medvlm.models import CTAutoencoderKL, FusedSegmentationDecoder, MedCLIPModel, ReportConditionedUNet3D
+    from pipelines.assemble import build_pipelines
+    from train.common import atomic_directory_swap
+    from train.stage_diffusion import load_upstream, training_scheduler
+
+    from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+
+    unet_path = output / "segmentation" / "final" / "unet"
+    generator = PaliGemmaForConditionalGeneration.from_pretrained(load_upstream(output, "report_generator", "report_generator"),
+                                                                   local_files_only=True)
+    processor = PaliGemmaProcessor.from_pretrained(load_upstream(output, "report_generator", "report_processor"), local_files_only=True)
+    components = {
+        "vae": CTAutoencoderKL.from_pretrained(load_upstream(output, "vae", "vae")),
+        "unet": ReportConditionedUNet3D.from_pretrained(unet_path if unet_path.is_dir() else load_upstream(output, "diffusion", "unet")),
+        "segmentation": FusedSegmentationDecoder.from_pretrained(load_upstream(output, "segmentation", "segmentation")),
+        "contrastive": MedCLIPModel.from_pretrained(load_upstream(output, "contrastive", "contrastive")),
+        "report_generator": generator, "report_processor": processor,
+    }
+    text_encoder = AutoModel.from_pretrained(load_upstream(output, "contrastive", "text_encoder"), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(load_upstream(output, "contrastive", "tokenizer"), local_files_only=True)
+    stage = config.training.diffusion
+    scheduler = training_scheduler(stage.num_train_timesteps, stage.prediction_type)
+    pipes = build_pipelines(config, components=components, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+    written = []
+    for name in PIPELINES:
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=output))
+        pipes[name].save_pretrained(staging)
+        atomic_directory_swap(staging, output / name)
+        written.append(output / name)
+    return written
+
+
+def run(stage: str, config_path: str, data: str, output: str, *, resume: bool = False, overwrite: bool = False,
+        train_fraction: float = 1.0) -> dict:
+    config = load_config(config_path)
+    output_dir = Path(output)
+    identity = {"config_hash": config_hash(config), "config": str(config_path), "data": str(Path(data).resolve()),
+                "train_fraction": train_fraction}
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        _check_output(output_dir, identity, resume=resume, overwrite=overwrite)
+    state.wait_for_everyone()
+    summary_path = output_dir / "training_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"config_hash": identity["config_hash"], "stages": {}}
+    todo = STAGES if stage == "all" else (stage,)
+    for name in todo:
+        final = output_dir / name / "final"
+        if final.is_dir() and name in summary["stages"] and not overwrite:
+            if state.is_main_process:
+                print(f"[{name}] already trained in {final}; reused", flush=True)
+            continue
+        started = time.perf_counter()
+        trainer = _trainer_class(name)(config, data, output_dir, resume=resume, train_fraction=train_fraction)
+        result = trainer.run()
+        if state.is_main_process:
+            record = {**result.__dict__, "wall_seconds": time.perf_counter() - started}
+            summary["stages"][name] = record
+            summary_path.write_text(json.dumps(summary, indent=1))
+            losses = ", ".join(f"{k}={v:.4f}" for k, v in result.final_losses.items())
+            print(f"[{name}] {result.steps} steps in {record['wall_seconds']:.1f} s "
+                  f"({result.samples_per_second:.2f} samples/s); final {losses}", flush=True)
+            for key, value in result.validation.items():
+                print(f"[{name}]   {key} = {value:.3f}", flush=True)
+    if stage == "all" and state.is_main_process:
+        for folder in write_pipelines(config, output_dir):
+            print(f"pipeline written: {folder}", flush=True)
+    state.wait_for_everyone()
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train", description="staged training of medvlm on accelerate")
+    parser.add_argument("stage", choices=(*STAGES, "all"))
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--data", required=True, help="dataset folder with datalist.json")
+    parser.add_argument("--output", required=True, help="run folder")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of each stage")
+    parser.add_argument("--overwrite", action="store_true", help="replace a different run's outputs in --output")
+    parser.add_argument("--train-fraction", type=float, default=1.0, help="seeded fixed subset of the training split")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("accelerate", "transformers", "diffusers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        run(args.stage, args.config, args.data, args.output, resume=args.resume, overwrite=args.overwrite,
+            train_fraction=args.train_fraction)
+    except MedVLMError as exc:
+        print(f"train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("train: interrupted; a checkpoint was written, continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Shared training mechanics, written once: accelerate, AdamW, cosine schedule with warm-up, clipping,
+accumulation, mixed precision, TensorBoard, progress bar, atomic checkpoints (keep the last K), exact
+resume, Ctrl-C checkpoint. A stage subclasses :class:`StageTrainer` and fills in four hooks.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_cosine_schedule_with_warmup
+
+from medvlm.config import MedVLMConfig, StageConfig, config_hash
+from medvlm.errors import MedVLMError
+from train.data import DeterministicBatches, collate
+
+logger = logging.getLogger(__name__)
+CHECKPOINT_PREFIX = "step_"
+COMPLETE_MARKER = "checkpoint.json"
+
+
+class TrainingError(MedVLMError):
+    """A training run that cannot start or continue as asked (the message says what to do)."""
+
+
+@dataclass
+class StageResult:
+    stage: str
+    steps: int
+    seconds: float
+    samples_per_second: float
+    final_losses: dict = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)
+    config_hash: str = ""
+    output: str = ""
+
+
+def make_accelerator(config: MedVLMConfig, output_dir: Path, stage: StageConfig) -> Accelerator:
+    cpu = not torch.cuda.is_available()
+    precision = config.training.mixed_precision
+    if precision == "auto":
+        precision = "no" if cpu else "bf16"
+    return Accelerator(cpu=cpu, mixed_precision=precision, gradient_accumulation_steps=stage.gradient_accumulation_steps,
+                       log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                                                                  logging_dir=str(output_dir / "logs")))
+
+
+def atomic_directory_swap(staging: Path, target: Path) -> None:
+    """Move a finished ``staging`` folder onto ``target`` (the old one is removed only afterwards)."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+    staging.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class StageTrainer:
+    """One training stage. Subclasses set ``name`` and implement the hooks:
+
+    * :meth:`setup` builds models and data and returns the *loss module*: an ``nn.Module`` whose
+      ``forward(**inputs)`` returns ``(loss, logs)`` and which holds the trainable networks (so that
+      accelerate's DDP wrapper sees every forward and synchronises gradients);
+    * :meth:`make_inputs` returns the keyword inputs of micro-batch ``index`` (a function of the index);
+    * :meth:`validate` (optional) returns metrics; :meth:`export` writes the final artefacts.
+    """
+
+    name = "stage"
+
+    def __init__(self, config: MedVLMConfig, data_dir: str | Path, output_dir: str | Path, *, resume: bool = False,
+                 train_fraction: float = 1.0):
+        self.config = config
+        self.data_dir = Path(data_dir)
+        self.output_dir = Path(output_dir)
+        self.stage_dir = self.output_dir / self.name
+        self.resume = resume
+        self.train_fraction = train_fraction
+        self.stage_config: StageConfig = getattr(config.training, self.name)
+        self.accelerator = make_accelerator(config, self.stage_dir, self.stage_config)
+        self.device = self.accelerator.device
+        self.checkpoint_objects: list = []  # extra stateful objects saved with checkpoints (EMA, ...)
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def make_inputs(self, index: int) -> dict:
+        raise NotImplementedError
+
+    def validate(self, step: int) -> dict:
+        return {}
+
+    def export(self, folder: Path) -> None:
+        raise NotImplementedError
+
+    def after_optimizer_step(self, step: int) -> None:
+        """E.g. EMA updates."""
+
+    # ------------------------------------------------------------------ helpers
+    def batches(self, num_cases: int) -> DeterministicBatches:
+        return DeterministicBatches(num_cases, self.stage_config.batch_size, self.config.training.seed,
+                                    rank=self.accelerator.process_index, world_size=self.accelerator.num_processes)
+
+    def step_generator(self, step: int) -> torch.Generator:
+        """Randomness of one step (noise, timesteps, report dropout) from (seed, step): the same on every
+        process, so draws are made for the global batch and each process keeps its share (:meth:`share`)."""
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(self.config.training.seed * 1_000_003 + step * 101)
+        return generator
+
+    def share(self, global_tensor: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a tensor drawn for the whole global batch."""
+        per_rank = global_tensor.shape[0] // self.accelerator.num_processes
+        start = self.accelerator.process_index * per_rank
+        return global_tensor[start:start + per_rank]
+
+    def global_rows(self, local_rows: int) -> int:
+        return local_rows * self.accelerator.num_processes
+
+    def checkpoints(self) -> list[Path]:
+        folder = self.stage_dir / "checkpoints"
+        if not folder.is_dir():
+            return []
+        return sorted((p for p in folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX)),
+                      key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+    def _save_checkpoint(self, step: int, losses: dict) -> None:
+        self.accelerator.wait_for_everyone()
+        folder = self.stage_dir / "checkpoints"
+        staging = folder / f".partial-{CHECKPOINT_PREFIX}{step:07d}"
+        if self.accelerator.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(staging))
+        if self.accelerator.is_main_process:
+            (staging / COMPLETE_MARKER).write_text(json.dumps({"step": step, "losses": losses}))
+            atomic_directory_swap(staging, folder / f"{CHECKPOINT_PREFIX}{step:07d}")
+            for old in self.checkpoints()[: -self.config.training.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def _load_latest(self) -> int:
+        candidates = [p for p in self.checkpoints() if (p / COMPLETE_MARKER).is_file()]
+        if not candidates:
+            logger.info("%s: no checkpoint to resume from; starting at step 0", self.name)
+            return 0
+        latest = candidates[-1]
+        try:
+            self.accelerator.load_state(str(latest))
+            step = int(json.loads((latest / COMPLETE_MARKER).read_text())["step"])
+        except Exception as exc:  # any failure to read a checkpoint is reported the same way
+            previous = f"; the previous one, {candidates[-2].name}, is kept: delete {latest.name} to resume from it" \
+                if len(candidates) > 1 else ""
+            raise TrainingError(f"checkpoint {latest} is corrupted ({type(exc).__name__}){previous}") from None
+        logger.info("%s: resumed from %s (step %d)", self.name, latest.name, step)
+        return step
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> StageResult:
+        cfg = self.stage_config
+        set_seed(self.config.training.seed)
+        module = self.setup()
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise TrainingError(f"{self.name}: nothing to train (all parameters frozen)")
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+        module, optimizer = self.accelerator.prepare(module, optimizer)
+        self.trained = module
+        self.accelerator.register_for_checkpointing(scheduler)
+        for obj in self.checkpoint_objects:
+            self.accelerator.register_for_checkpointing(obj)
+        start = self._load_latest() if self.resume else 0
+        if self.accelerator.is_main_process:
+            self.accelerator.init_trackers(self.name, config={"config_hash": config_hash(self.config), "stage": self.name})
+        progress = None
+        if self.accelerator.is_local_main_process:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=cfg.steps, initial=start, desc=f"train {self.name}", unit="step")
+        losses: dict = {}
+        validation: dict = {}
+        begin = time.perf_counter()
+        step = start
+        try:
+            for step in range(start, cfg.steps):
+                module.train()
+                for micro in range(cfg.gradient_accumulation_steps):
+                    with self.accelerator.accumulate(module):
+                        inputs = self.make_inputs(step * cfg.gradient_accumulation_steps + micro)
+                        loss, logs = module(**{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()})
+                        self.accelerator.backward(loss)
+                        if self.accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                            self.accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                self.after_optimizer_step(step)
+                losses = {k: float(v) for k, v in logs.items()}
+                if not all(math.isfinite(v) for v in losses.values()):
+                    raise TrainingError(f"{self.name}: loss is not finite at step {step} ({losses}); lower the learning rate")
+                if (step + 1) % self.config.training.log_every == 0 or step + 1 == cfg.steps:
+                    self.accelerator.log({**{f"loss/{k}": v for k, v in losses.items()}, "lr": scheduler.get_last_lr()[0]}, step=step + 1)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix({k: f"{v:.4f}" for k, v in list(losses.items())[:2]})
+                if (step + 1) % self.config.training.checkpoint_every == 0 and step + 1 < cfg.steps:
+                    self._save_checkpoint(step + 1, losses)
+            step = cfg.steps
+        except KeyboardInterrupt:
+            self._save_checkpoint(step, losses)
+            logger.warning("%s interrupted: checkpoint written at step %d; continue with --resume", self.name, step)
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
+        seconds = time.perf_counter() - begin
+        module.eval()
+        validation = self.validate(cfg.steps)
+        if validation:
+            self.accelerator.log({f"val/{k}": v for k, v in validation.items() if isinstance(v, (int, float))}, step=cfg.steps)
+        self.accelerator.wait_for_everyone()
+        final = self.stage_dir / "final"
+        if self.accelerator.is_main_process:
+            staging = Path(tempfile.mkdtemp(prefix=".final-", dir=self.stage_dir))
+            self.export(staging)
+            atomic_directory_swap(staging, final)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        done = cfg.steps - start
+        samples = done * cfg.batch_size * cfg.gradient_accumulation_steps
+        return StageResult(stage=self.name, steps=cfg.steps, seconds=seconds,
+                           samples_per_second=samples / max(seconds, 1e-9), final_losses=losses, validation=validation,
+                           config_hash=config_hash(self.config), output=str(final))
+
+    def unwrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(module)
+
+
+def result_dict(result: StageResult) -> dict:
+    return asdict(result)

@@ -1,0 +1,130 @@
+"""Training data: preprocessed cases from a datalist, deterministic batches, seeded augmentation.
+
+Batches and augmentations are functions of (seed, step) and (seed, epoch, case) only, so a resumed run
+sees exactly the batches an uninterrupted one would, and two processes split each global batch.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from monai.transforms import Compose, RandAffined, RandGaussianNoised, RandScaleIntensityd, RandSpatialCropd
+
+from medvlm.config import MedVLMConfig
+from medvlm.data.datalist import load_datalist
+from medvlm.data.transforms import preprocessing_transforms
+from medvlm.errors import DatalistError
+from medvlm.text.parse import label_vector, parse_report
+from medvlm.text.prompts import structured_prompt
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Case:
+    image: torch.Tensor  # (1, X, Y, Z) in the preprocessed range
+    label: torch.Tensor | None  # (C, X, Y, Z) float {0, 1}
+    prompt: str  # structured prompt of the de-identified report
+    report: str  # de-identified report
+    labels: np.ndarray  # label vector for semantic matching
+    case_id: str
+
+
+def load_cases(data_dir: str | Path, config: MedVLMConfig, section: str = "training", *,
+               train_fraction: float = 1.0, seed: int = 0) -> list[Case]:
+    """Preprocess every case of a datalist section (reports de-identified on the way in)."""
+    data_dir = Path(data_dir)
+    if not (data_dir / "datalist.json").is_file() and not data_dir.is_file():
+        raise DatalistError(f"{data_dir} has no datalist.json; write one (medvlm data phantom --out {data_dir}) or pass its path")
+    items = load_datalist(data_dir)[section]
+    if not 0.0 < train_fraction <= 1.0:
+        raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
+    if train_fraction < 1.0:
+        keep = max(1, int(round(len(items) * train_fraction)))
+        order = np.random.default_rng([seed, 104729]).permutation(len(items))[:keep]
+        items = [items[i] for i in sorted(order)]
+    chain = preprocessing_transforms(config.data.preprocess, label_keys=("label",))
+    cases = []
+    for item in items:
+        data = chain({k: item[k] for k in ("image", "label") if k in item})
+        report = item.get("report") or ""
+        parsed = parse_report(report) if report.strip() else None
+        prompt = structured_prompt(parsed) if parsed is not None else ""
+        label = data.get("label")
+        cases.append(Case(
+            image=data["image"].as_tensor().float(),
+            label=(label.as_tensor() > 0.5).float() if label is not None else None,
+            prompt=prompt, report=report, labels=label_vector(parsed) if parsed is not None else np.zeros(1, np.float32),
+            case_id=item.get("id", Path(item["image"]).name),
+        ))
+    if not cases:
+        raise DatalistError(f"{data_dir}: section {section!r} has no cases")
+    return cases
+
+
+def augmentation(config: MedVLMConfig, *, with_label: bool, patch_size: Sequence[int] = ()) -> Compose:
+    """MONAI random transforms; no left-right flips (laterality is part of the report)."""
+    keys = ["image", "label"] if with_label else ["image"]
+    transforms = []
+    if patch_size:
+        transforms.append(RandSpatialCropd(keys=keys, roi_size=tuple(patch_size), random_size=False))
+    if config.training.augment:
+        transforms += [
+            RandAffined(keys=keys, prob=0.5, rotate_range=(0.0, 0.0, 0.08), scale_range=(0.05, 0.05, 0.05),
+                        mode=["bilinear", "nearest"][: len(keys)], padding_mode="border"),
+            RandScaleIntensityd(keys="image", factors=0.05, prob=0.3),
+            RandGaussianNoised(keys="image", prob=0.3, std=0.02),
+        ]
+    return Compose(transforms)
+
+
+class DeterministicBatches:
+    """Global batch ``step`` -> case indices: reshuffled each epoch from (seed, epoch); with several
+    processes each takes its contiguous share of the global batch."""
+
+    def __init__(self, num_cases: int, batch_size: int, seed: int, *, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {world_size}")
+        self.num_cases, self.batch_size, self.seed = num_cases, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.batches_per_epoch = max(1, num_cases // batch_size)
+
+    def indices(self, step: int) -> list[int]:
+        epoch, offset = divmod(step, self.batches_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_cases)
+        if self.num_cases < self.batch_size:  # tiny datasets: repeat cases to fill the batch
+            order = np.resize(order, self.batch_size)
+        global_batch = order[offset * self.batch_size:(offset + 1) * self.batch_size]
+        share = self.batch_size // self.world_size
+        return [int(i) for i in global_batch[self.rank * share:(self.rank + 1) * share]]
+
+    def epoch(self, step: int) -> int:
+        return step // self.batches_per_epoch
+
+
+def collate(cases: list[Case], indices: list[int], transform: Compose | None, seed: int, epoch: int) -> dict:
+    """Stack the cases of one batch, augmenting each with a state derived from (seed, epoch, case)."""
+    images, labels = [], []
+    for index in indices:
+        case = cases[index]
+        sample = {"image": case.image}
+        if case.label is not None:
+            sample["label"] = case.label
+        if transform is not None and len(transform.transforms):
+            transform.set_random_state(seed=int(np.random.default_rng([seed, epoch, index]).integers(2**31)))
+            sample = transform(sample)
+        images.append(torch.as_tensor(sample["image"]).float())
+        if "label" in sample:
+            labels.append(torch.as_tensor(sample["label"]).float())
+    return {
+        "image": torch.stack(images),
+        "label": torch.stack(labels) if labels else None,
+        "prompt": [cases[i].prompt for i in indices],
+        "report": [cases[i].report for i in indices],
+        "labels": torch.as_tensor(np.stack([cases[i].labels for i in indices])),
+        "index": indices,
+    }

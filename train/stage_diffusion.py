@@ -1,0 +1,108 @@
+"""Stage 3: the report-conditioned latent diffusion UNet (frozen VAE and text encoder; EMA weights;
+epsilon or v prediction; report dropout for classifier-free guidance)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.training_utils import EMAModel
+from torch import nn
+
+from medvlm.models import CTAutoencoderKL
+from medvlm.models.factory import build_unet
+from train.common import StageTrainer, TrainingError
+from train.data import augmentation, collate, load_cases
+
+
+def training_scheduler(num_train_timesteps: int, prediction_type: str) -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="scaled_linear", beta_start=0.0015,
+                         beta_end=0.0195, clip_sample=False, prediction_type=prediction_type)
+
+
+def load_upstream(output_dir: Path, stage: str, component: str) -> Path:
+    folder = output_dir / stage / "final" / component
+    if not folder.is_dir():
+        raise TrainingError(f"stage needs the {stage!r} stage's {component!r}, not found at {folder}; train {stage} first")
+    return folder
+
+
+def with_null_report(unet, states: torch.Tensor, attention_mask: torch.Tensor, drop: torch.Tensor):
+    """Replace the reports of ``drop``-ped samples by the learned null report, zero-padded to the batch's
+    length: the same context the pipelines build when there is no prompt (classifier-free guidance)."""
+    batch, length, _ = states.shape
+    null = unet.null_context(batch).to(states.dtype)
+    count = min(null.shape[1], length)
+    null_states = torch.zeros_like(states)
+    null_states[:, :count] = null[:, :count]
+    null_mask = torch.zeros_like(attention_mask)
+    null_mask[:, :count] = 1
+    context = torch.where(drop[:, None, None], null_states, states)
+    mask = torch.where(drop[:, None], null_mask, attention_mask)
+    return context, mask
+
+
+class DiffusionLoss(nn.Module):
+    def __init__(self, unet, vae, text_encoder, scheduler: DDPMScheduler):
+        super().__init__()
+        self.unet, self.vae, self.text_encoder, self.scheduler = unet, vae, text_encoder, scheduler
+
+    def forward(self, images, input_ids, attention_mask, noise, timesteps, drop):
+        with torch.no_grad():
+            latents = self.vae.encode(images).latent_dist.mode() * float(self.vae.config.scaling_factor)
+            states = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        context, mask = with_null_report(self.unet, states, attention_mask, drop)
+        prediction = self.unet(noisy, timesteps, context, encoder_attention_mask=mask).sample
+        target = noise if self.scheduler.config.prediction_type == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)
+        loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
+        return loss, {"total": loss.detach()}
+
+
+class DiffusionTrainer(StageTrainer):
+    name = "diffusion"
+
+    def setup(self) -> nn.Module:
+        from transformers import AutoModel, AutoTokenizer
+
+        c = self.stage_config
+        if c.prediction_type not in ("epsilon", "v_prediction"):
+            raise TrainingError(f"training.diffusion.prediction_type must be 'epsilon' or 'v_prediction', got {c.prediction_type!r}")
+        self.cases = load_cases(self.data_dir, self.config, train_fraction=self.train_fraction, seed=self.config.training.seed)
+        self.batcher = self.batches(len(self.cases))
+        self.augment = augmentation(self.config, with_label=False)
+        self.vae = CTAutoencoderKL.from_pretrained(load_upstream(self.output_dir, "vae", "vae")).eval().requires_grad_(False)
+        self.text_encoder = AutoModel.from_pretrained(load_upstream(self.output_dir, "contrastive", "text_encoder"),
+                                                      local_files_only=True).eval().requires_grad_(False)
+        self.tokenizer = AutoTokenizer.from_pretrained(load_upstream(self.output_dir, "contrastive", "tokenizer"), local_files_only=True)
+        self.unet = build_unet(self.config.models, int(self.text_encoder.config.hidden_size))
+        self.scheduler = training_scheduler(c.num_train_timesteps, c.prediction_type)
+        self.ema = EMAModel(self.unet.parameters(), decay=c.ema_decay)
+        self.checkpoint_objects.append(self.ema)
+        self.vae.to(self.device)
+        self.text_encoder.to(self.device)
+        return DiffusionLoss(self.unet, self.vae, self.text_encoder, self.scheduler)
+
+    def make_inputs(self, index: int) -> dict:
+        batch = collate(self.cases, self.batcher.indices(index), self.augment, self.config.training.seed, self.batcher.epoch(index))
+        generator = self.step_generator(index)
+        images = batch["image"]
+        factor = self.vae.compression
+        rows = self.global_rows(images.shape[0])
+        shape = (rows, self.config.models.vae.latent_channels, *(s // factor for s in images.shape[2:]))
+        tokens = self.tokenizer(batch["prompt"], padding=True, truncation=True, max_length=self.config.text.max_length,
+                                return_tensors="pt")
+        return {"images": images, "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
+                "noise": self.share(torch.randn(shape, generator=generator)),
+                "timesteps": self.share(torch.randint(0, self.stage_config.num_train_timesteps, (rows,), generator=generator)),
+                "drop": self.share(torch.rand(rows, generator=generator) < self.stage_config.report_dropout)}
+
+    def after_optimizer_step(self, step: int) -> None:
+        self.ema.to(self.device)
+        self.ema.step(self.unwrap(self.unet).parameters())
+
+    def export(self, folder: Path) -> None:
+        unet = self.unwrap(self.unet)
+        self.ema.copy_to(unet.parameters())  # the EMA weights are the ones that sample well
+        unet.save_pretrained(folder / "unet")
+        self.scheduler.save_pretrained(folder / "scheduler")

@@ -1,0 +1,132 @@
+"""Stage 4: the segmentation decoder on the fused latent (MONAI DiceFocalLoss, multi-label sigmoid),
+validation Dice per structure, best checkpoint kept."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from monai.losses import DiceFocalLoss
+from monai.metrics import DiceMetric
+from torch import nn
+
+from medvlm.data.structures import STRUCTURE_NAMES
+from medvlm.models import CTAutoencoderKL, ReportConditionedUNet3D
+from medvlm.models.factory import build_segmentation
+from train.common import StageTrainer
+from train.data import augmentation, collate, load_cases
+from train.stage_diffusion import load_upstream
+
+
+def fused_logits(vae, unet, segmentation, images, states, attention_mask):
+    """The contouring path of ContourPipeline (clean latent, timestep 0), for one batch of ROIs."""
+    encoded = vae.encode(images, return_features=True)
+    latents = encoded.latent_dist.mode() * float(vae.config.scaling_factor)
+    fused = unet(latents, 0, states, return_features=True, encoder_attention_mask=attention_mask).features[-1]
+    return segmentation(fused, encoded.features, states, attention_mask)
+
+
+class SegmentationLoss(nn.Module):
+    def __init__(self, segmentation, unet, vae, text_encoder, lambda_dice: float, lambda_focal: float, finetune_unet: bool):
+        super().__init__()
+        self.segmentation, self.unet, self.vae, self.text_encoder = segmentation, unet, vae, text_encoder
+        self.finetune_unet = finetune_unet
+        self.loss = DiceFocalLoss(sigmoid=True, lambda_dice=lambda_dice, lambda_focal=lambda_focal)
+
+    def _logits(self, images, states, mask):
+        with torch.set_grad_enabled(self.finetune_unet):
+            encoded = self.vae.encode(images, return_features=True)
+            latents = encoded.latent_dist.mode() * float(self.vae.config.scaling_factor)
+            fused = self.unet(latents, 0, states, return_features=True, encoder_attention_mask=mask).features[-1]
+        features = [f.detach() for f in encoded.features]
+        return self.segmentation(fused, features, states, mask, null_report=states is None)
+
+    def forward(self, images, labels, input_ids, attention_mask, drop):
+        with torch.no_grad():
+            states = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        logits = torch.empty(labels.shape, device=images.device, dtype=images.dtype)
+        keep = ~drop
+        if bool(keep.any()):
+            logits[keep] = self._logits(images[keep], states[keep], attention_mask[keep]).to(logits.dtype)
+        if bool(drop.any()):  # no report: the null report of both networks, as ContourPipeline uses it
+            logits[drop] = self._logits(images[drop], None, None).to(logits.dtype)
+        loss = self.loss(logits, labels)
+        return loss, {"total": loss.detach()}
+
+
+class SegmentationTrainer(StageTrainer):
+    name = "segmentation"
+
+    def setup(self) -> nn.Module:
+        from transformers import AutoModel, AutoTokenizer
+
+        c = self.stage_config
+        self.cases = load_cases(self.data_dir, self.config, train_fraction=self.train_fraction, seed=self.config.training.seed)
+        self.batcher = self.batches(len(self.cases))
+        self.augment = augmentation(self.config, with_label=True)
+        self.vae = CTAutoencoderKL.from_pretrained(load_upstream(self.output_dir, "vae", "vae")).eval().requires_grad_(False)
+        self.unet = ReportConditionedUNet3D.from_pretrained(load_upstream(self.output_dir, "diffusion", "unet")).eval()
+        self.unet.requires_grad_(c.finetune_unet)
+        self.text_encoder = AutoModel.from_pretrained(load_upstream(self.output_dir, "contrastive", "text_encoder"),
+                                                      local_files_only=True).eval().requires_grad_(False)
+        self.tokenizer = AutoTokenizer.from_pretrained(load_upstream(self.output_dir, "contrastive", "tokenizer"), local_files_only=True)
+        self.segmentation = build_segmentation(self.config.models, int(self.text_encoder.config.hidden_size))
+        for module in (self.vae, self.text_encoder):
+            module.to(self.device)
+        if not c.finetune_unet:
+            self.unet.to(self.device)
+        self.best = (-1.0, None)
+        try:
+            self.validation_cases = load_cases(self.data_dir, self.config, "validation")
+        except Exception:  # a datalist without validation split: validate on nothing
+            self.validation_cases = []
+        return SegmentationLoss(self.segmentation, self.unet, self.vae, self.text_encoder, c.lambda_dice, c.lambda_focal,
+                                c.finetune_unet)
+
+    def make_inputs(self, index: int) -> dict:
+        batch = collate(self.cases, self.batcher.indices(index), self.augment, self.config.training.seed, self.batcher.epoch(index))
+        tokens = self.tokenizer(batch["prompt"], padding=True, truncation=True, max_length=self.config.text.max_length,
+                                return_tensors="pt")
+        generator = self.step_generator(index)
+        return {"images": batch["image"], "labels": batch["label"], "input_ids": tokens["input_ids"],
+                "attention_mask": tokens["attention_mask"],
+                "drop": self.share(torch.rand(self.global_rows(len(batch["index"])), generator=generator)
+                                   < self.stage_config.report_dropout)}
+
+    def after_optimizer_step(self, step: int) -> None:
+        every = self.stage_config.validate_every
+        if every > 0 and (step + 1) % every == 0 and step + 1 < self.stage_config.steps:
+            self.validate(step + 1)
+
+    @torch.no_grad()
+    def validate(self, step: int) -> dict:
+        """Validation Dice per structure (MONAI DiceMetric); keeps the best decoder weights."""
+        if not self.validation_cases:
+            return {}
+        segmentation = self.unwrap(self.segmentation)
+        was_training = segmentation.training
+        segmentation.eval()
+        metric = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=False)
+        for case in self.validation_cases:
+            tokens = self.tokenizer([case.prompt], padding=True, truncation=True, max_length=self.config.text.max_length,
+                                    return_tensors="pt").to(self.device)
+            states = self.text_encoder(**tokens).last_hidden_state
+            logits = fused_logits(self.vae, self.unwrap(self.unet), segmentation, case.image[None].to(self.device), states,
+                                  tokens["attention_mask"])
+            metric(y_pred=(torch.sigmoid(logits) > 0.5).float(), y=case.label[None].to(self.device))
+        dice = metric.aggregate().cpu().tolist()
+        segmentation.train(was_training)
+        scores = {f"dice_{name}": float(value) for name, value in zip(STRUCTURE_NAMES, dice)}
+        scores["dice_mean"] = float(sum(dice) / len(dice))
+        if scores["dice_mean"] > self.best[0]:
+            self.best = (scores["dice_mean"], copy.deepcopy(segmentation.state_dict()))
+        self.accelerator.log({f"val/{k}": v for k, v in scores.items()}, step=step)
+        return scores
+
+    def export(self, folder: Path) -> None:
+        segmentation = self.unwrap(self.segmentation)
+        if self.best[1] is not None:
+            segmentation.load_state_dict(self.best[1])  # the best validation checkpoint, not the last
+        segmentation.save_pretrained(folder / "segmentation")
+        if self.stage_config.finetune_unet:
+            self.unwrap(self.unet).save_pretrained(folder / "unet")
