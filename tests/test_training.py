@@ -56,7 +56,13 @@ def test_all_stages_write_loadable_pipelines_and_a_summary(trained):
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("loaded")
-    assert list((trained / "segmentation" / "logs").rglob("events.out.tfevents.*"))  # TensorBoard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((trained / "segmentation" / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert "loss/total" in events.Tags()["scalars"] and "lr" in events.Tags()["scalars"]
+    assert "val/dice_CTVn" in events.Tags()["scalars"]
+    assert {"validation/ct", "validation/CTVn_predicted"} <= set(events.Tags()["images"])
 
 
 def test_vae_scaling_factor_is_set_from_data(trained):

@@ -244,6 +244,20 @@ class StageTrainer:
                            samples_per_second=samples / max(seconds, 1e-9), final_losses=losses, validation=validation,
                            config_hash=config_hash(self.config), output=str(final))
 
+    def log_slices(self, tag: str, volumes: dict[str, torch.Tensor], step: int) -> None:
+        """Write the middle axial slice of each (X, Y, Z) volume (values in [-1, 1] or {0, 1}) to TensorBoard."""
+        if not self.accelerator.is_main_process:
+            return
+        try:
+            writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+        except Exception:  # no TensorBoard tracker (e.g. logging disabled): nothing to write
+            return
+        for name, volume in volumes.items():
+            volume = volume.detach().float().cpu()
+            axial = volume[..., volume.shape[-1] // 2].T.flip(0)  # anterior up
+            shown = ((axial + 1) / 2 if float(axial.min()) < 0 else axial).clamp(0, 1)
+            writer.add_image(f"{tag}/{name}", shown[None], global_step=step)
+
     def unwrap(self, module: torch.nn.Module) -> torch.nn.Module:
         return self.accelerator.unwrap_model(module)
 

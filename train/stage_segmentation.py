@@ -107,13 +107,18 @@ class SegmentationTrainer(StageTrainer):
         was_training = segmentation.training
         segmentation.eval()
         metric = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=False)
-        for case in self.validation_cases:
+        for number, case in enumerate(self.validation_cases):
             tokens = self.tokenizer([case.prompt], padding=True, truncation=True, max_length=self.config.text.max_length,
                                     return_tensors="pt").to(self.device)
             states = self.text_encoder(**tokens).last_hidden_state
             logits = fused_logits(self.vae, self.unwrap(self.unet), segmentation, case.image[None].to(self.device), states,
                                   tokens["attention_mask"])
-            metric(y_pred=(torch.sigmoid(logits) > 0.5).float(), y=case.label[None].to(self.device))
+            prediction = (torch.sigmoid(logits) > 0.5).float()
+            metric(y_pred=prediction, y=case.label[None].to(self.device))
+            if number == 0:
+                ctvn = STRUCTURE_NAMES.index("CTVn")
+                self.log_slices("validation", {"ct": case.image[0], "CTVn_truth": case.label[ctvn],
+                                               "CTVn_predicted": prediction[0, ctvn]}, step)
         dice = metric.aggregate().cpu().tolist()
         segmentation.train(was_training)
         scores = {f"dice_{name}": float(value) for name, value in zip(STRUCTURE_NAMES, dice)}

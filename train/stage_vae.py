@@ -62,5 +62,7 @@ class VAETrainer(StageTrainer):
     @torch.no_grad()
     def validate(self, step: int) -> dict:
         vae = self.unwrap(self.vae).eval()
-        errors = [float((vae(c.image[None].to(self.device)).sample.cpu() - c.image[None]).abs().mean()) for c in self.cases[:8]]
+        reconstructions = [vae(c.image[None].to(self.device)).sample.cpu() for c in self.cases[:8]]
+        errors = [float((r - c.image[None]).abs().mean()) for r, c in zip(reconstructions, self.cases)]
+        self.log_slices("reconstruction", {"input": self.cases[0].image[0], "output": reconstructions[0][0, 0]}, step)
         return {"l1_training_cases": sum(errors) / len(errors)}
