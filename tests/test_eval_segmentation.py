@@ -1,0 +1,95 @@
+"""Segmentation metrics agree with an independent implementation on anisotropic masks, empties included."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from eval.segmentation import case_scores, counterfactual_prompt, predicted_sides, seed_table, structure_scores, summary_table
+
+SPACING = (0.8, 1.1, 3.0)
+
+
+def _ball(shape, centre, radii_mm):
+    grid = np.indices(shape).astype(float)
+    return sum(((g - c) * s / r) ** 2 for g, c, s, r in zip(grid, centre, SPACING, radii_mm)) <= 1.0
+
+
+def _reference(pred, truth, spacing):
+    """Scipy-only Dice, IoU, HD95 and average symmetric surface distance."""
+    dice = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
+    iou = (pred & truth).sum() / (pred | truth).sum()
+    edges = lambda m: m & ~ndimage.binary_erosion(m)  # noqa: E731
+    ep, et = edges(pred), edges(truth)
+    to_truth = ndimage.distance_transform_edt(~et, sampling=spacing)[ep]
+    to_pred = ndimage.distance_transform_edt(~ep, sampling=spacing)[et]
+    hd95 = max(np.percentile(to_truth, 95), np.percentile(to_pred, 95))
+    asd = (to_truth.sum() + to_pred.sum()) / (len(to_truth) + len(to_pred))
+    return dice, iou, hd95, asd
+
+
+def test_metrics_match_an_independent_implementation_with_anisotropic_spacing():
+    shape = (48, 40, 16)
+    truth = _ball(shape, (24, 20, 8), (12, 14, 18))
+    pred = _ball(shape, (26, 19, 8), (11, 15, 15))
+    scores = structure_scores(pred, truth, SPACING)
+    dice, iou, hd95, asd = _reference(pred, truth, SPACING)
+    assert scores["dice"] == pytest.approx(dice, abs=1e-6)
+    assert scores["iou"] == pytest.approx(iou, abs=1e-6)
+    assert scores["hd95_mm"] == pytest.approx(hd95, rel=1e-4)
+    assert scores["asd_mm"] == pytest.approx(asd, rel=1e-4)
+    assert 0.0 < scores["surface_dice_2mm"] < 1.0
+
+
+def test_spacing_changes_distances_but_not_overlap():
+    shape = (40, 40, 12)
+    truth = _ball(shape, (20, 20, 6), (10, 10, 12))
+    pred = _ball(shape, (23, 20, 6), (10, 10, 12))
+    a = structure_scores(pred, truth, SPACING)
+    b = structure_scores(pred, truth, (2 * SPACING[0], SPACING[1], SPACING[2]))
+    assert a["dice"] == b["dice"] and b["hd95_mm"] > a["hd95_mm"]
+
+
+def test_empty_mask_conventions_are_never_optimistic():
+    empty, full = np.zeros((8, 8, 8), bool), np.zeros((8, 8, 8), bool)
+    full[2:5, 2:5, 2:5] = True
+    both = structure_scores(empty, empty, SPACING)
+    assert both == {"dice": 1.0, "iou": 1.0, "hd95_mm": 0.0, "asd_mm": 0.0, "surface_dice_2mm": 1.0}
+    for pred, truth in ((empty, full), (full, empty)):
+        one = structure_scores(pred, truth, SPACING)
+        assert one["dice"] == 0.0 and one["surface_dice_2mm"] == 0.0
+        assert math.isnan(one["hd95_mm"]) and math.isnan(one["asd_mm"])  # undefined, not 0 mm
+
+
+def test_tables_in_the_seed_layout_report_undefined_distances():
+    shape = (16, 16, 8)
+    truth = np.stack([_ball(shape, (8, 8, 4), (5, 5, 9)), np.zeros(shape, bool)])
+    rows = []
+    for i, shift in enumerate((0, 1, 2)):
+        pred = np.stack([np.roll(truth[0], shift, axis=0), np.ones(shape, bool) if i == 2 else np.zeros(shape, bool)])
+        rows += case_scores(f"c{i}", pred, truth, SPACING, ["GTVp", "GTVn"])
+    table = seed_table(rows, "GTVp")
+    assert table.splitlines()[2] == "| no | ID | Dice | IoU | HD |"
+    assert "| Avr |" in table and "| Std |" in table and "| 1 | c0 | 1.000 | 1.000 | 0.00 |" in table
+    gtvn = seed_table(rows, "GTVn")
+    assert "undefined" in gtvn and "1 undefined" in gtvn
+    assert "| GTVn |" in summary_table(rows, ["GTVp", "GTVn"], "t") and "1/3" in summary_table(rows, ["GTVp", "GTVn"], "t")
+
+
+def test_counterfactual_prompt_and_side_detection():
+    from medvlm.data.phantom import HNCPhantom
+
+    phantom = HNCPhantom(seed=0)
+    record = next(r for r in (phantom.record_and_report(i)[0] for i in range(50))
+                  if r.laterality == "left" and r.elective_neck == "ipsilateral")
+    prompt, expected = counterfactual_prompt(record)
+    assert "primary: right" in prompt and "elective neck: bilateral" in prompt and expected == "both"
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    affine[0, 3] = -30.0
+    mask = np.zeros((20, 10, 10), bool)
+    mask[15:19] = True  # x = 15..18 voxels -> +15..+24 mm: the patient's right
+    assert predicted_sides(mask, affine, midline_x_mm=0.0, min_ml=1.0) == "right"
+    mask[1:4] = True
+    assert predicted_sides(mask, affine, midline_x_mm=0.0, min_ml=1.0) == "both"
