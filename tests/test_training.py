@@ -148,3 +148,17 @@ def test_two_process_ddp_splits_the_batch_and_keeps_ranks_identical(tiny_data, t
     trainer.run()
     flat = torch.cat([p.detach().flatten() for p in trainer.unwrap(trainer.vae).parameters()])
     assert torch.allclose(flat[:2000], torch.tensor(ranks[0]["weights"]), atol=1e-5)
+
+
+def test_segmentation_with_cached_frozen_features_trains_and_validates(trained, tiny_data, tmp_path):
+    from train.stage_segmentation import SegmentationTrainer
+
+    for stage in ("contrastive", "vae", "diffusion"):
+        shutil.copytree(trained / stage / "final", tmp_path / stage / "final")
+    config = load_config(TINY)
+    config.training.segmentation.cache_features = True
+    config.training.segmentation.steps = 4
+    result = SegmentationTrainer(config, tiny_data, tmp_path).run()
+    assert result.steps == 4 and result.final_losses["total"] > 0
+    assert 0.0 <= result.validation["dice_mean"] <= 1.0
+    assert (tmp_path / "segmentation" / "final" / "segmentation" / "diffusion_pytorch_model.safetensors").is_file()

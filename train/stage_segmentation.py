@@ -54,6 +54,27 @@ class SegmentationLoss(nn.Module):
         return loss, {"total": loss.detach()}
 
 
+class CachedSegmentationLoss(nn.Module):
+    """The decoder's loss on precomputed frozen features (see ``cache_features``)."""
+
+    def __init__(self, segmentation, lambda_dice: float, lambda_focal: float):
+        super().__init__()
+        self.segmentation = segmentation
+        self.loss = DiceFocalLoss(sigmoid=True, lambda_dice=lambda_dice, lambda_focal=lambda_focal)
+
+    def forward(self, features, fused, fused_null, states, attention_mask, labels, drop):
+        device = fused.device
+        features = [f.to(device) for f in features]
+        logits = torch.empty(labels.shape, device=device, dtype=fused.dtype)
+        keep = ~drop
+        if bool(keep.any()):
+            logits[keep] = self.segmentation(fused[keep], [f[keep] for f in features], states[keep], attention_mask[keep])
+        if bool(drop.any()):
+            logits[drop] = self.segmentation(fused_null[drop], [f[drop] for f in features], None, None, null_report=True)
+        loss = self.loss(logits, labels)
+        return loss, {"total": loss.detach()}
+
+
 class SegmentationTrainer(StageTrainer):
     name = "segmentation"
 
@@ -80,10 +101,44 @@ class SegmentationTrainer(StageTrainer):
             self.validation_cases = load_cases(self.data_dir, self.config, "validation")
         except Exception:  # a datalist without validation split: validate on nothing
             self.validation_cases = []
+        self.cache = None
+        if c.cache_features and not c.finetune_unet:
+            self.cache = self._precompute()
+            return CachedSegmentationLoss(self.segmentation, c.lambda_dice, c.lambda_focal)
         return SegmentationLoss(self.segmentation, self.unet, self.vae, self.text_encoder, c.lambda_dice, c.lambda_focal,
                                 c.finetune_unet)
 
+    @torch.no_grad()
+    def _precompute(self) -> list[dict]:
+        """Frozen features of every training case, with its report and with the null report."""
+        from tqdm.auto import tqdm
+
+        cache = []
+        # one padding length for all cases (the longest prompt), so cached token states stack into batches
+        everything = self.tokenizer([c.prompt for c in self.cases], padding=True, truncation=True,
+                                    max_length=self.config.text.max_length, return_tensors="pt")
+        for number, case in enumerate(tqdm(self.cases, desc="segmentation: caching frozen features",
+                                           disable=not self.accelerator.is_local_main_process)):
+            tokens = {k: v[number:number + 1].to(self.device) for k, v in everything.items()}
+            states = self.text_encoder(**tokens).last_hidden_state
+            encoded = self.vae.encode(case.image[None].to(self.device), return_features=True)
+            latents = encoded.latent_dist.mode() * float(self.vae.config.scaling_factor)
+            fused = self.unet(latents, 0, states, return_features=True, encoder_attention_mask=tokens["attention_mask"]).features[-1]
+            fused_null = self.unet(latents, 0, None, return_features=True).features[-1]
+            cache.append({"features": [f[0].cpu() for f in encoded.features], "fused": fused[0].cpu(),
+                          "fused_null": fused_null[0].cpu(), "states": states[0].cpu(), "mask": tokens["attention_mask"][0].cpu()})
+        return cache
+
     def make_inputs(self, index: int) -> dict:
+        if self.cache is not None:
+            indices = self.batcher.indices(index)
+            entries = [self.cache[i] for i in indices]
+            generator = self.step_generator(index)
+            drop = self.share(torch.rand(self.global_rows(len(indices)), generator=generator) < self.stage_config.report_dropout)
+            return {"features": [torch.stack([e["features"][k] for e in entries]) for k in range(len(entries[0]["features"]))],
+                    "fused": torch.stack([e["fused"] for e in entries]), "fused_null": torch.stack([e["fused_null"] for e in entries]),
+                    "states": torch.stack([e["states"] for e in entries]), "attention_mask": torch.stack([e["mask"] for e in entries]),
+                    "labels": torch.stack([self.cases[i].label for i in indices]), "drop": drop}
         batch = collate(self.cases, self.batcher.indices(index), self.augment, self.config.training.seed, self.batcher.epoch(index))
         tokens = self.tokenizer(batch["prompt"], padding=True, truncation=True, max_length=self.config.text.max_length,
                                 return_tensors="pt")
