@@ -43,6 +43,16 @@ class PreprocessConfig:
     foreground_margin_mm: float = 9.0
 
 
+def preprocess_to_dict(config: PreprocessConfig | None = None) -> dict:
+    """JSON-ready form of the preprocessing settings (as pipelines store them in ``model_index.json``)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(config or PreprocessConfig()).items()}
+
+
+def preprocess_from_dict(values: dict) -> PreprocessConfig:
+    """Inverse of :func:`preprocess_to_dict`, checked like a config file section."""
+    return config_from_dict(dict(values), source="pipeline preprocess settings", cls=PreprocessConfig)
+
+
 @dataclass
 class DataConfig:
     phantom: PhantomDataConfig = field(default_factory=PhantomDataConfig)

@@ -10,10 +10,9 @@ import torch
 from diffusers.utils import BaseOutput
 from monai.inferers import sliding_window_inference
 
-from medvlm.config import PreprocessConfig
+from medvlm.config import PreprocessConfig, preprocess_from_dict, preprocess_to_dict
 from medvlm.data.inputs import PreparedCT, as_list, prepare_ct
 from medvlm.data.structures import STRUCTURE_NAMES
-from medvlm.errors import InputError
 from medvlm.models import CTAutoencoderKL, FusedSegmentationDecoder, ReportConditionedUNet3D
 from pipelines.base import MedVLMPipeline
 
@@ -84,15 +83,14 @@ class ContourPipeline(MedVLMPipeline):
         self.register_modules(vae=vae, unet=unet, segmentation=segmentation, text_encoder=text_encoder,
                               tokenizer=tokenizer, scheduler=scheduler, report_generator=report_generator,
                               report_processor=report_processor)
-        preprocess = dict(preprocess or {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(PreprocessConfig()).items()})
+        preprocess = dict(preprocess or preprocess_to_dict())
         thresholds = list(thresholds) if thresholds is not None else [0.5] * len(structure_names)
         self.register_to_config(preprocess=preprocess, structure_names=list(structure_names), thresholds=thresholds,
                                 max_report_tokens=max_report_tokens, report_format=report_format)
 
     @property
     def preprocess_config(self) -> PreprocessConfig:
-        values = dict(self.config.preprocess)
-        return PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        return preprocess_from_dict(self.config.preprocess)
 
     def check_inputs(self, cts: list, reports: list | None, overlap: float, sw_batch_size: int, noise_timestep: int,
                      thresholds: Sequence[float] | None) -> None:

@@ -5,7 +5,7 @@ from typing import Any
 import torch
 from diffusers.utils import BaseOutput
 
-from medvlm.config import PreprocessConfig
+from medvlm.config import preprocess_from_dict, preprocess_to_dict
 from medvlm.data.inputs import as_list, prepare_ct
 from medvlm.models.report_generator import drafting_batch, render_ct
 from pipelines.base import MedVLMPipeline
@@ -32,7 +32,7 @@ class ReportGenerationPipeline(MedVLMPipeline):
     def __init__(self, report_generator, report_processor, preprocess: dict | None = None, max_new_tokens: int = 160):
         super().__init__()
         self.register_modules(report_generator=report_generator, report_processor=report_processor)
-        preprocess = dict(preprocess or {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(PreprocessConfig()).items()})
+        preprocess = dict(preprocess or preprocess_to_dict())
         self.register_to_config(preprocess=preprocess, max_new_tokens=max_new_tokens)
 
     def check_inputs(self, max_new_tokens: int, temperature: float, do_sample: bool) -> None:
@@ -47,7 +47,7 @@ class ReportGenerationPipeline(MedVLMPipeline):
         """Draft one report per CT. With ``do_sample``, ``generator`` makes the draw reproducible."""
         max_new_tokens = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         self.check_inputs(max_new_tokens, temperature, do_sample)
-        config = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.config.preprocess.items()})
+        config = preprocess_from_dict(self.config.preprocess)
         size = self.report_processor.image_processor.size["height"]
         images = []
         for i, item in enumerate(self.progress_bar(as_list(ct))):

@@ -8,7 +8,7 @@ from diffusers.schedulers import DDPMScheduler
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from medvlm.config import PreprocessConfig
+from medvlm.config import PreprocessConfig, preprocess_from_dict, preprocess_to_dict
 from medvlm.data.structures import STRUCTURE_NAMES
 from medvlm.models import CTAutoencoderKL, FusedSegmentationDecoder, ReportConditionedUNet3D
 from pipelines.base import MedVLMPipeline
@@ -53,7 +53,7 @@ class ReportToCTPipeline(MedVLMPipeline):
         super().__init__()
         self.register_modules(vae=vae, unet=unet, segmentation=segmentation, text_encoder=text_encoder,
                               tokenizer=tokenizer, scheduler=scheduler)
-        preprocess = dict(preprocess or {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(PreprocessConfig()).items()})
+        preprocess = dict(preprocess or preprocess_to_dict())
         thresholds = list(thresholds) if thresholds is not None else [0.5] * len(structure_names)
         self.register_to_config(preprocess=preprocess, structure_names=list(structure_names), thresholds=thresholds,
                                 max_report_tokens=max_report_tokens, report_format=report_format,
@@ -61,8 +61,7 @@ class ReportToCTPipeline(MedVLMPipeline):
 
     @property
     def preprocess_config(self) -> PreprocessConfig:
-        values = dict(self.config.preprocess)
-        return PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        return preprocess_from_dict(self.config.preprocess)
 
     def check_inputs(self, prompts: list, negative_prompts: list | None, num_inference_steps: int, guidance_scale: float,
                      output_type: str, volume_shape: Sequence[int], latents: torch.Tensor | None, batch: int,

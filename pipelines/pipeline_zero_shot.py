@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from diffusers.utils import BaseOutput
 
-from medvlm.config import PreprocessConfig
+from medvlm.config import preprocess_from_dict, preprocess_to_dict
 from medvlm.data.inputs import as_list, prepare_ct
 from medvlm.models import MedCLIPModel, ZeroShotClassifier
 from pipelines.base import MedVLMPipeline
@@ -43,7 +43,7 @@ class ZeroShotClassificationPipeline(MedVLMPipeline):
     def __init__(self, contrastive: MedCLIPModel, tokenizer, preprocess: dict | None = None, max_report_tokens: int = 128):
         super().__init__()
         self.register_modules(contrastive=contrastive, tokenizer=tokenizer)
-        preprocess = dict(preprocess or {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(PreprocessConfig()).items()})
+        preprocess = dict(preprocess or preprocess_to_dict())
         self.register_to_config(preprocess=preprocess, max_report_tokens=max_report_tokens)
 
     def check_inputs(self, reports, ct, labels) -> None:
@@ -69,7 +69,7 @@ class ZeroShotClassificationPipeline(MedVLMPipeline):
             report_probs = {name: classifier.classify_reports(texts, classes, name)[1].float().cpu().numpy()
                             for name, classes in self.progress_bar(list(labels.items()))}
         if ct is not None:
-            config = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.config.preprocess.items()})
+            config = preprocess_from_dict(self.config.preprocess)
             volumes = []
             for i, item in enumerate(as_list(ct)):
                 image = prepare_ct(item, config, spacing_mm=spacing_mm, affine=affine, what=f"ct[{i}]").image

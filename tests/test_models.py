@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from medvlm.config import load_config
-from medvlm.models import CTAutoencoderKL, FusedSegmentationDecoder, MedCLIPModel, ReportConditionedUNet3D
 from medvlm.models.contrastive import clip_loss, semantic_matching_loss, semantic_targets, siglip_loss
 from medvlm.models.factory import build_all, count_parameters_on_meta
 from medvlm.models.zero_shot import ZeroShotClassifier

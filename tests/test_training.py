@@ -13,7 +13,6 @@ import torch
 from safetensors.torch import load_file
 
 from medvlm.config import load_config
-from medvlm.errors import MedVLMError
 from train.__main__ import main as train_main
 from train.__main__ import run
 from train.common import TrainingError

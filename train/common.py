@@ -21,7 +21,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 
 from medvlm.config import MedVLMConfig, StageConfig, config_hash
 from medvlm.errors import MedVLMError
-from train.data import DeterministicBatches, collate
+from train.data import DeterministicBatches
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "step_"

@@ -57,8 +57,8 @@ _MONTHS = (r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?
            r"Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)")
 _ORD = r"(?:st|nd|rd|th)?"
 _DATE_PATTERNS = [
-    rf"\b\d{{1,2}}[/.-]\d{{1,2}}[/.-](?:\d{{4}}|\d{{2}})\b",
-    rf"\b\d{{4}}[/.-]\d{{1,2}}[/.-]\d{{1,2}}\b",
+    r"\b\d{1,2}[/.-]\d{1,2}[/.-](?:\d{4}|\d{2})\b",
+    r"\b\d{4}[/.-]\d{1,2}[/.-]\d{1,2}\b",
     rf"\b\d{{1,2}}{_ORD}[ -](?:of\s+)?{_MONTHS}\.?,?[ -]\d{{2,4}}\b",
     rf"\b{_MONTHS}\.?\s+\d{{1,2}}{_ORD},?\s+\d{{4}}\b",
     rf"\b\d{{1,2}}{_ORD}\s+(?:of\s+)?{_MONTHS}\b",
