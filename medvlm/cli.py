@@ -73,25 +73,41 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job. At this stage: the phantom dataset with previews (later issues add training and more)."""
+    """The main job: phantom dataset -> staged training -> pipeline folders (evaluation joins later)."""
     import dataclasses
+    import json
+    import time
 
     from medvlm.config import load_config
     from medvlm.data.writer import write_phantom_dataset
 
-    config = load_config(_config_path("tiny" if args.quick else args.config))
+    config_path = _config_path("tiny" if args.quick else args.config)
+    config = load_config(config_path)
     phantom_config = config.data.phantom
-    data_dir = Path(args.data or (Path(args.output) / "data"))
+    output = Path(args.output)
+    data_dir = Path(args.data or (output / "data"))
     if args.quick:
         phantom_config = dataclasses.replace(phantom_config, previews=min(phantom_config.previews, 2))
-    print(f"[1/1] phantom dataset -> {data_dir} ({phantom_config.n_cases} cases, config {config.name})")
+    started = time.perf_counter()
+    print(f"[1/2] phantom dataset -> {data_dir} ({phantom_config.n_cases} cases, config {config.name})", flush=True)
     stats = write_phantom_dataset(data_dir, phantom_config, overwrite=args.overwrite,
                                   progress=_progress_bar(phantom_config.n_cases, "phantom"))
+    print(f"[2/2] training all stages -> {output / 'run'}", flush=True)
+    from train.__main__ import run as train_run
+
+    summary = train_run("all", str(config_path), str(data_dir), str(output / "run"), overwrite=args.overwrite)
     rate = "reused" if stats.reused else f"{stats.cases_per_second_generate:.1f} cases/s generation"
     print("\nsummary")
-    print(f"  dataset   {data_dir}  ({phantom_config.n_cases} cases; {rate})")
-    print(f"  previews  {data_dir / 'previews'}")
-    print(f"  datalist  {data_dir / 'datalist.json'}")
+    print(f"  dataset    {data_dir}  ({phantom_config.n_cases} cases; {rate}; previews in {data_dir / 'previews'})")
+    for name, stage in summary["stages"].items():
+        losses = ", ".join(f"{k}={v:.3f}" for k, v in stage["final_losses"].items())
+        print(f"  {name:<17} {stage['steps']:>4} steps {stage['wall_seconds']:7.1f} s   {losses}")
+    validation = summary["stages"].get("segmentation", {}).get("validation", {})
+    if validation:
+        print("  validation Dice: " + ", ".join(f"{k[5:]}={v:.2f}" for k, v in validation.items() if k.startswith("dice_")))
+    print(f"  pipelines  {output / 'run'}/{{contour,report_to_ct,zero_shot,report_generation}}")
+    print(f"  total      {time.perf_counter() - started:.0f} s")
+    (output / "demo_summary.json").write_text(json.dumps({"data": str(data_dir), "summary": summary}, indent=1))
     return 0
 
 
@@ -329,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--config", default="demo", help="config preset name or YAML path")
     models.set_defaults(func=cmd_models)
 
-    demo = commands.add_parser("demo", help="the main job: dataset, (later) training, evaluation and examples")
+    demo = commands.add_parser("demo", help="the main job: phantom dataset, training of all stages, pipeline folders (evaluation joins later)")
     demo.add_argument("--config", default="demo", help="config preset name or YAML path (default demo)")
     demo.add_argument("--quick", action="store_true", help="tiny configuration, seconds to minutes, no quality claims")
     demo.add_argument("--output", default="outputs/demo", help="output folder (default outputs/demo)")

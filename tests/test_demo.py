@@ -1,0 +1,19 @@
+"""`medvlm demo --quick`: dataset, all training stages and loadable pipelines in one command."""
+from __future__ import annotations
+
+import json
+
+from medvlm.cli import main
+
+
+def test_quick_demo_runs_end_to_end_and_reuses_on_a_second_run(tmp_path, capsys):
+    out = tmp_path / "quick"
+    assert main(["demo", "--quick", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "summary" in printed and "validation Dice" in printed
+    for name in ("contour", "report_to_ct", "zero_shot", "report_generation"):
+        assert (out / "run" / name / "model_index.json").is_file()
+    summary = json.loads((out / "demo_summary.json").read_text())["summary"]
+    assert list(summary["stages"]) == ["contrastive", "vae", "diffusion", "segmentation", "report_generator"]
+    assert main(["demo", "--quick", "--output", str(out)]) == 0
+    assert "reused" in capsys.readouterr().out
