@@ -7,15 +7,11 @@ from typing import Iterable
 
 from diffusers import DDPMScheduler
 
-from medvlm.config import MedVLMConfig, config_to_dict
+from medvlm.config import MedVLMConfig, preprocess_to_dict
 from pipelines.pipeline_contour import ContourPipeline
 from pipelines.pipeline_report_generation import ReportGenerationPipeline
 from pipelines.pipeline_report_to_ct import ReportToCTPipeline
 from pipelines.pipeline_zero_shot import ZeroShotClassificationPipeline
-
-
-def preprocess_dict(config: MedVLMConfig) -> dict:
-    return config_to_dict(config.data.preprocess)
 
 
 def build_pipelines(config: MedVLMConfig, *, components: dict | None = None, text_encoder=None, tokenizer=None,
@@ -30,11 +26,11 @@ def build_pipelines(config: MedVLMConfig, *, components: dict | None = None, tex
 
     from medvlm.models.factory import build_contrastive, build_segmentation, build_unet, build_vae
     from medvlm.models.report_generator import build_tiny_paligemma, train_report_tokenizer
-    from medvlm.text.encoders import _resolve
+    from medvlm.text.encoders import resolve_text_encoder_path
 
     components = dict(components or {})
     if text_encoder is None or tokenizer is None:
-        path = _resolve(config.text.encoder)
+        path = resolve_text_encoder_path(config.text.encoder)
         text_encoder = text_encoder or AutoModel.from_pretrained(path, local_files_only=True)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, local_files_only=True)
     context_dim = int(text_encoder.config.hidden_size)
@@ -51,7 +47,7 @@ def build_pipelines(config: MedVLMConfig, *, components: dict | None = None, tex
                                            beta_end=0.0195, clip_sample=False)
     for module in (vae, unet, segmentation, contrastive, generator, text_encoder):
         module.eval()  # inference: no dropout, BatchNorm running statistics (from_pretrained does the same)
-    preprocess = preprocess_dict(config)
+    preprocess = preprocess_to_dict(config.data.preprocess)
     max_tokens = config.text.max_length
     return {
         "contour": ContourPipeline(vae=vae, unet=unet, segmentation=segmentation, text_encoder=text_encoder,

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -261,6 +261,3 @@ class StageTrainer:
     def unwrap(self, module: torch.nn.Module) -> torch.nn.Module:
         return self.accelerator.unwrap_model(module)
 
-
-def result_dict(result: StageResult) -> dict:
-    return asdict(result)

@@ -33,12 +33,12 @@ class ContrastiveTrainer(StageTrainer):
     def setup(self) -> nn.Module:
         from transformers import AutoTokenizer
 
-        from medvlm.text.encoders import _resolve
+        from medvlm.text.encoders import resolve_text_encoder_path
 
         self.cases = load_cases(self.data_dir, self.config, train_fraction=self.train_fraction, seed=self.config.training.seed)
         self.batcher = self.batches(len(self.cases))
         self.augment = augmentation(self.config, with_label=False)
-        self.tokenizer = AutoTokenizer.from_pretrained(_resolve(self.config.text.encoder), local_files_only=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_text_encoder_path(self.config.text.encoder), local_files_only=True)
         self.model = build_contrastive(self.config.models, self.config.text)
         c = self.stage_config
         return ContrastiveLoss(self.model, c.semantic_weight, c.clip_weight)

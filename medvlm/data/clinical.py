@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -324,7 +324,3 @@ def read_records_csv(path: str | os.PathLike) -> list[ClinicalRecord]:
         raise DatalistError(f"{path}: duplicate values in column 'Number'")
     return records
 
-
-def record_field_names() -> list[str]:
-    """Attribute names of :class:`ClinicalRecord`, in column order."""
-    return [f.name for f in fields(ClinicalRecord)]

@@ -31,6 +31,12 @@ class ContrastiveOutput(BaseOutput):
     logit_bias: torch.Tensor | None = None
 
 
+def buildable_text_config(config: dict) -> dict:
+    """A transformers config dict without the bookkeeping keys that ``AutoConfig.for_model`` rejects."""
+    skip = ("architectures", "transformers_version", "dtype", "torch_dtype")
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in skip}
+
+
 class MedCLIPModel(AlignedModelMixin, ConfigMixin):
     """CT tower + text tower projected to ``embed_dim`` with L2-normalised outputs.
 
@@ -76,8 +82,7 @@ class MedCLIPModel(AlignedModelMixin, ConfigMixin):
 
         encoder = TextEncoder.from_pretrained(name_or_path)
         text_config = encoder.model.config.to_dict()
-        keep = {k: v for k, v in text_config.items() if not k.startswith("_") and k not in ("architectures", "transformers_version", "dtype", "torch_dtype")}
-        model = cls(text_config=keep, **kwargs)
+        model = cls(text_config=buildable_text_config(text_config), **kwargs)
         missing, unexpected = model.text_model.load_state_dict(encoder.model.state_dict(), strict=False)
         if unexpected or [m for m in missing if "position_ids" not in m]:
             raise RuntimeError(f"text weights do not fit: missing {missing}, unexpected {unexpected}")

