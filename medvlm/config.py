@@ -101,6 +101,10 @@ class SegmentationModelConfig:
     decoder_channels: tuple[int, ...] = (16, 32, 64)  # finest first, one per VAE scale
     num_heads: int = 4
     norm_num_groups: int = 8
+    # report cross-attention per scale, finest first; empty: every scale. Attention at full resolution
+    # costs most (one query per voxel) and can be switched off on small machines.
+    cross_attention_levels: tuple[bool, ...] = ()
+    image_skip: bool = False  # also give the decoder the CT itself at full resolution
 
 
 @dataclass
@@ -169,6 +173,9 @@ class SegmentationStageConfig(StageConfig):
     # Precompute the frozen VAE/UNet/text features once per case (no augmentation then): each step only
     # runs the decoder, several times faster on CPU. Ignored when finetune_unet is true.
     cache_features: bool = False
+    # Train on random sub-volumes (x, y, z) of the ROI, aligned to the latent grid; empty: the whole ROI.
+    # The decoder is convolutional plus attention to report tokens, so it runs on any size at inference.
+    patch_size: tuple[int, ...] = ()
 
 
 @dataclass

@@ -31,21 +31,40 @@ class ContourPipelineOutput(BaseOutput):
     report_sources: list[str]  # "given", "drafted" or "none"
     warnings: list[list[str]] = field(default_factory=list)
     probabilities: list[np.ndarray] | None = None
+    dicom_series: list | None = None  # the DicomSeries of each input that came from DICOM, else None
 
     def save(self, directory: str | Path, format: str = "nifti") -> list[Path]:
-        """Write NIfTI masks (one file per structure), the report used and warnings; one folder per case
-        when there are several. Files are written atomically."""
+        """Write the masks, the report used and warnings; one folder per case when there are several.
+
+        ``format``: ``"nifti"`` (one file per structure), ``"rtstruct"`` (one RT Structure Set) or ``"seg"``
+        (one binary DICOM-SEG); the DICOM formats reference the input series, so they need a DICOM input.
+        Every file is written atomically.
+        """
         from medvlm.data.io import atomic_write_text, save_nifti
 
-        if format != "nifti":
-            raise ValueError(f"format must be 'nifti' (RTSTRUCT and SEG arrive with DICOM support), got {format!r}")
+        formats = ("nifti", "rtstruct", "seg")
+        if format not in formats:
+            raise ValueError(f"format must be one of {formats}, got {format!r}")
+        series = self.dicom_series or [None] * len(self.masks)
+        if format != "nifti" and any(s is None for s in series):
+            raise ValueError(f"format {format!r} writes contours that reference the input DICOM series; the input was "
+                             "not a DICOM folder (use format='nifti')")
         directory = Path(directory)
         written = []
         for i, masks in enumerate(self.masks):
             folder = directory if len(self.masks) == 1 else directory / f"case_{i:03d}"
-            for name, mask in masks.items():
-                written.append(save_nifti(folder / f"{name}.nii.gz", mask.astype(np.uint8), self.affines[i], dtype=np.uint8,
-                                          description=f"medvlm {name}"))
+            if format == "rtstruct":
+                from medvlm.data.dicom import write_rtstruct
+
+                written.append(write_rtstruct(masks, series[i], folder / "RTSTRUCT_medvlm.dcm"))
+            elif format == "seg":
+                from medvlm.data.dicom import write_seg
+
+                written.append(write_seg(masks, series[i], folder / "SEG_medvlm.dcm"))
+            else:
+                for name, mask in masks.items():
+                    written.append(save_nifti(folder / f"{name}.nii.gz", mask.astype(np.uint8), self.affines[i],
+                                              dtype=np.uint8, description=f"medvlm {name}"))
             if self.reports[i] is not None:
                 atomic_write_text(folder / "report_used.txt", f"[{self.report_sources[i]}]\n{self.reports[i]}\n")
             if self.warnings and self.warnings[i]:
@@ -126,7 +145,8 @@ class ContourPipeline(MedVLMPipeline):
         """Contour one CT or a list of CTs.
 
         Args:
-            ct: NIfTI path, numpy array / tensor (x, y, z) with ``spacing_mm`` or ``affine``, MetaTensor, or a list.
+            ct: NIfTI path, DICOM series folder (or `medvlm.data.dicom.DicomSeries`), numpy array / tensor (x, y, z)
+                with ``spacing_mm`` or ``affine``, MetaTensor, or a list of these.
             report: report text per CT (de-identified on the way in); ``None`` drafts one with the report
                 generator when present, otherwise uses the learned null report (with a warning).
             overlap, sw_batch_size: MONAI sliding-window settings (Gaussian blending).
@@ -185,7 +205,8 @@ class ContourPipeline(MedVLMPipeline):
 
         output = ContourPipelineOutput(masks=all_masks, structure_names=names, affines=affines, reports=used,
                                        report_sources=sources, warnings=warnings,
-                                       probabilities=all_probs if return_probabilities else None)
+                                       probabilities=all_probs if return_probabilities else None,
+                                       dicom_series=[case.dicom for case in prepared])
         self.maybe_free_model_hooks()
         if not return_dict:
             return output.to_tuple()
@@ -208,7 +229,7 @@ class ContourPipeline(MedVLMPipeline):
             context_mask = mask.expand(batch, -1) if mask is not None else None
             fused = self.unet(latents, noise_timestep, context, return_features=True,
                               encoder_attention_mask=context_mask).features[-1]
-            logits = self.segmentation(fused, encoded.features, context, context_mask, null_report=context is None)
+            logits = self.segmentation(fused, encoded.features, context, context_mask, null_report=context is None, image=patch)
             return torch.sigmoid(logits)
 
         return sliding_window_inference(image, roi_size=tuple(config.roi_size), sw_batch_size=sw_batch_size,

@@ -185,7 +185,7 @@ class ReportToCTPipeline(MedVLMPipeline):
         if return_masks:
             encoded = self.vae.encode(image, return_features=True)
             fused = self.unet(latents, 0, context, return_features=True).features[-1]
-            probabilities = torch.sigmoid(self.segmentation(fused, encoded.features, context))
+            probabilities = torch.sigmoid(self.segmentation(fused, encoded.features, context, image=image))
             thresholds = torch.tensor(self.config.thresholds, device=device).view(1, -1, 1, 1, 1)
             masks = probabilities >= thresholds
 

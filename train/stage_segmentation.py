@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import torch
 from monai.losses import DiceFocalLoss
 from monai.metrics import DiceMetric
 from torch import nn
 
 from medvlm.data.structures import STRUCTURE_NAMES
+from medvlm.errors import ConfigError
 from medvlm.models import CTAutoencoderKL, ReportConditionedUNet3D
 from medvlm.models.factory import build_segmentation
 from train.common import StageTrainer
@@ -23,7 +25,7 @@ def fused_logits(vae, unet, segmentation, images, states, attention_mask):
     encoded = vae.encode(images, return_features=True)
     latents = encoded.latent_dist.mode() * float(vae.config.scaling_factor)
     fused = unet(latents, 0, states, return_features=True, encoder_attention_mask=attention_mask).features[-1]
-    return segmentation(fused, encoded.features, states, attention_mask)
+    return segmentation(fused, encoded.features, states, attention_mask, image=images)
 
 
 class SegmentationLoss(nn.Module):
@@ -31,7 +33,8 @@ class SegmentationLoss(nn.Module):
         super().__init__()
         self.segmentation, self.unet, self.vae, self.text_encoder = segmentation, unet, vae, text_encoder
         self.finetune_unet = finetune_unet
-        self.loss = DiceFocalLoss(sigmoid=True, lambda_dice=lambda_dice, lambda_focal=lambda_focal)
+        # batch=True: Dice per structure over the whole batch, so a patch without the structure does not floor the loss
+        self.loss = DiceFocalLoss(sigmoid=True, batch=True, lambda_dice=lambda_dice, lambda_focal=lambda_focal)
 
     def _logits(self, images, states, mask):
         with torch.set_grad_enabled(self.finetune_unet):
@@ -39,7 +42,7 @@ class SegmentationLoss(nn.Module):
             latents = encoded.latent_dist.mode() * float(self.vae.config.scaling_factor)
             fused = self.unet(latents, 0, states, return_features=True, encoder_attention_mask=mask).features[-1]
         features = [f.detach() for f in encoded.features]
-        return self.segmentation(fused, features, states, mask, null_report=states is None)
+        return self.segmentation(fused, features, states, mask, null_report=states is None, image=images)
 
     def forward(self, images, labels, input_ids, attention_mask, drop):
         with torch.no_grad():
@@ -60,17 +63,20 @@ class CachedSegmentationLoss(nn.Module):
     def __init__(self, segmentation, lambda_dice: float, lambda_focal: float):
         super().__init__()
         self.segmentation = segmentation
-        self.loss = DiceFocalLoss(sigmoid=True, lambda_dice=lambda_dice, lambda_focal=lambda_focal)
+        # batch=True: Dice per structure over the whole batch, so a patch without the structure does not floor the loss
+        self.loss = DiceFocalLoss(sigmoid=True, batch=True, lambda_dice=lambda_dice, lambda_focal=lambda_focal)
 
-    def forward(self, features, fused, fused_null, states, attention_mask, labels, drop):
+    def forward(self, features, fused, fused_null, states, attention_mask, labels, drop, images):
         device = fused.device
         features = [f.to(device) for f in features]
         logits = torch.empty(labels.shape, device=device, dtype=fused.dtype)
         keep = ~drop
         if bool(keep.any()):
-            logits[keep] = self.segmentation(fused[keep], [f[keep] for f in features], states[keep], attention_mask[keep])
+            logits[keep] = self.segmentation(fused[keep], [f[keep] for f in features], states[keep], attention_mask[keep],
+                                             image=images[keep])
         if bool(drop.any()):
-            logits[drop] = self.segmentation(fused_null[drop], [f[drop] for f in features], None, None, null_report=True)
+            logits[drop] = self.segmentation(fused_null[drop], [f[drop] for f in features], None, None, null_report=True,
+                                             image=images[drop])
         loss = self.loss(logits, labels)
         return loss, {"total": loss.detach()}
 
@@ -84,7 +90,8 @@ class SegmentationTrainer(StageTrainer):
         c = self.stage_config
         self.cases = load_cases(self.data_dir, self.config, train_fraction=self.train_fraction, seed=self.config.training.seed)
         self.batcher = self.batches(len(self.cases))
-        self.augment = augmentation(self.config, with_label=True)
+        self.patch = self._checked_patch(tuple(c.patch_size))
+        self.augment = augmentation(self.config, with_label=True, patch_size=self.patch)
         self.vae = CTAutoencoderKL.from_pretrained(load_upstream(self.output_dir, "vae", "vae")).eval().requires_grad_(False)
         self.unet = ReportConditionedUNet3D.from_pretrained(load_upstream(self.output_dir, "diffusion", "unet")).eval()
         self.unet.requires_grad_(c.finetune_unet)
@@ -108,6 +115,35 @@ class SegmentationTrainer(StageTrainer):
         return SegmentationLoss(self.segmentation, self.unet, self.vae, self.text_encoder, c.lambda_dice, c.lambda_focal,
                                 c.finetune_unet)
 
+    def _checked_patch(self, patch: tuple[int, ...]) -> tuple[int, ...]:
+        if not patch:
+            return ()
+        factor = 2 ** (len(self.config.models.vae.channels) - 1)
+        roi = tuple(self.cases[0].image.shape[1:])
+        if len(patch) != 3 or any(p % factor or p <= 0 or p > r for p, r in zip(patch, roi)):
+            raise ConfigError(f"training.segmentation.patch_size {list(patch)} must be 3 sizes, each a multiple of the "
+                              f"VAE downsampling factor {factor} and at most the ROI {list(roi)}")
+        return patch
+
+    def _aligned_crop(self, entry: dict, label: torch.Tensor, generator: torch.Generator) -> tuple[dict, torch.Tensor]:
+        """One random patch cut consistently from every cached scale and the label.
+
+        Written here because MONAI's random crops act on one grid; the cached maps live on several grids
+        (full, 1/2, ..., latent), so the corner is drawn on the latent grid and scaled to each map.
+        """
+        factor = 2 ** (len(self.config.models.vae.channels) - 1)
+        full = label.shape[1:]
+        corner = [int(torch.randint(0, (n - p) // factor + 1, (1,), generator=generator)) * factor
+                  for n, p in zip(full, self.patch)]
+
+        def cut(volume: torch.Tensor) -> torch.Tensor:
+            scale = full[0] // volume.shape[1]
+            return volume[(slice(None), *(slice(c // scale, (c + p) // scale) for c, p in zip(corner, self.patch)))]
+
+        cropped = {"features": [cut(f) for f in entry["features"]], "fused": cut(entry["fused"]), "image": cut(entry["image"]),
+                   "fused_null": cut(entry["fused_null"]), "states": entry["states"], "mask": entry["mask"]}
+        return cropped, cut(label)
+
     @torch.no_grad()
     def _precompute(self) -> list[dict]:
         """Frozen features of every training case, with its report and with the null report."""
@@ -125,20 +161,27 @@ class SegmentationTrainer(StageTrainer):
             latents = encoded.latent_dist.mode() * float(self.vae.config.scaling_factor)
             fused = self.unet(latents, 0, states, return_features=True, encoder_attention_mask=tokens["attention_mask"]).features[-1]
             fused_null = self.unet(latents, 0, None, return_features=True).features[-1]
-            cache.append({"features": [f[0].cpu() for f in encoded.features], "fused": fused[0].cpu(),
+            cache.append({"features": [f[0].cpu() for f in encoded.features], "fused": fused[0].cpu(), "image": case.image,
                           "fused_null": fused_null[0].cpu(), "states": states[0].cpu(), "mask": tokens["attention_mask"][0].cpu()})
         return cache
 
     def make_inputs(self, index: int) -> dict:
         if self.cache is not None:
             indices = self.batcher.indices(index)
-            entries = [self.cache[i] for i in indices]
             generator = self.step_generator(index)
             drop = self.share(torch.rand(self.global_rows(len(indices)), generator=generator) < self.stage_config.report_dropout)
+            labels = [self.cases[i].label for i in indices]
+            entries = [self.cache[i] for i in indices]
+            if self.patch:
+                # one stream per (seed, step, case): the same patches whatever the number of processes
+                pairs = [self._aligned_crop(e, l, torch.Generator().manual_seed(
+                    int(np.random.default_rng([self.config.training.seed, index, i]).integers(2**31))))
+                    for e, l, i in zip(entries, labels, indices)]
+                entries, labels = [p[0] for p in pairs], [p[1] for p in pairs]
             return {"features": [torch.stack([e["features"][k] for e in entries]) for k in range(len(entries[0]["features"]))],
                     "fused": torch.stack([e["fused"] for e in entries]), "fused_null": torch.stack([e["fused_null"] for e in entries]),
                     "states": torch.stack([e["states"] for e in entries]), "attention_mask": torch.stack([e["mask"] for e in entries]),
-                    "labels": torch.stack([self.cases[i].label for i in indices]), "drop": drop}
+                    "labels": torch.stack(labels), "drop": drop, "images": torch.stack([e["image"] for e in entries])}
         batch = collate(self.cases, self.batcher.indices(index), self.augment, self.config.training.seed, self.batcher.epoch(index))
         tokens = self.tokenizer(batch["prompt"], padding=True, truncation=True, max_length=self.config.text.max_length,
                                 return_tensors="pt")

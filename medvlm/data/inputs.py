@@ -30,6 +30,7 @@ class PreparedCT:
     input_shape: tuple[int, int, int]
     input_affine: np.ndarray
     source: str
+    dicom: Any = None  # the DicomSeries when the CT came from a DICOM folder (outputs reference it)
 
     @property
     def image(self) -> MetaTensor:
@@ -56,11 +57,19 @@ def _affine_from(spacing_mm: Sequence[float] | None, affine: np.ndarray | None, 
 
 
 def prepare_ct(ct: Any, config: PreprocessConfig, *, spacing_mm=None, affine=None, what: str = "ct") -> PreparedCT:
-    """Preprocess one CT given as a path, an array (+ spacing or affine) or a MetaTensor."""
-    if isinstance(ct, (str, os.PathLike)):
+    """Preprocess one CT given as a NIfTI path, a DICOM folder or :class:`DicomSeries`, an array (+ spacing
+    or affine) or a MetaTensor."""
+    from medvlm.data.dicom import DicomSeries, read_dicom_series
+
+    dicom = None
+    if isinstance(ct, (str, os.PathLike)) and Path(ct).is_dir():
+        ct = read_dicom_series(ct)
+    if isinstance(ct, DicomSeries):
+        dicom = ct
+        tensor = as_metatensor(validate_volume(ct.volume, name=what), ct.affine, name=what)
+        source = ct.source or "DICOM series"
+    elif isinstance(ct, (str, os.PathLike)):
         path = Path(ct)
-        if path.is_dir():
-            raise InputError(f"{what}: {path} is a folder; DICOM series input is not supported yet, convert to NIfTI")
         volume, file_affine = load_nifti(path, what=f"{what} {path.name}")
         source = str(path)
         tensor = as_metatensor(volume, file_affine, name=what)
@@ -73,7 +82,7 @@ def prepare_ct(ct: Any, config: PreprocessConfig, *, spacing_mm=None, affine=Non
         tensor = as_metatensor(array, _affine_from(spacing_mm, affine, what), name=what)
         source = "array"
     else:
-        raise InputError(f"{what}: expected a NIfTI path, a numpy array, a torch tensor or a MetaTensor, got {type(ct).__name__}")
+        raise InputError(f"{what}: expected a NIfTI path, a DICOM folder, a numpy array, a torch tensor or a MetaTensor, got {type(ct).__name__}")
     volume = tensor[0]
     if not bool((volume > config.foreground_threshold_hu).any()):
         raise InputError(f"{what}: no voxel above {config.foreground_threshold_hu:g} HU (an all-air volume, or not in "
@@ -81,7 +90,7 @@ def prepare_ct(ct: Any, config: PreprocessConfig, *, spacing_mm=None, affine=Non
     chain = preprocessing_transforms(config, label_keys=(), load=False)
     data = chain({"image": tensor})
     return PreparedCT(data=data, transform=chain, input_shape=tuple(int(s) for s in volume.shape),
-                      input_affine=tensor.affine.numpy().astype(np.float64), source=source)
+                      input_affine=tensor.affine.numpy().astype(np.float64), source=source, dicom=dicom)
 
 
 def as_list(value: Any) -> list:

@@ -40,9 +40,14 @@ def build_segmentation(models: ModelsConfig, context_dim: int) -> FusedSegmentat
     if len(s.decoder_channels) != len(models.vae.channels):
         raise ValueError(f"models.segmentation.decoder_channels needs one entry per VAE scale "
                          f"({len(models.vae.channels)}), got {list(s.decoder_channels)}")
+    if s.cross_attention_levels and len(s.cross_attention_levels) != len(s.decoder_channels):
+        raise ValueError(f"models.segmentation.cross_attention_levels needs one entry per decoder scale "
+                         f"({len(s.decoder_channels)}), got {list(s.cross_attention_levels)}")
     return FusedSegmentationDecoder(num_classes=len(STRUCTURE_NAMES), fused_channels=models.unet.channels[0],
                                     skip_channels=models.vae.channels, decoder_channels=s.decoder_channels,
-                                    context_dim=context_dim, num_heads=s.num_heads, norm_num_groups=s.norm_num_groups)
+                                    context_dim=context_dim, num_heads=s.num_heads, norm_num_groups=s.norm_num_groups,
+                                    cross_attention_levels=tuple(s.cross_attention_levels) or None,
+                                    image_channels=1 if s.image_skip else 0)
 
 
 def build_contrastive(models: ModelsConfig, text: TextConfig, *, pretrained_text: bool = True) -> MedCLIPModel:

@@ -51,6 +51,8 @@ class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
         skip_channels: channels of the VAE encoder maps, finest first (the last one is at latent scale).
         decoder_channels: channels of the decoder at each scale, finest first (same length as skips).
         context_dim: report token dimension; ``cross_attention_levels`` switches attention per scale.
+        image_channels: channels of the preprocessed CT joined to the finest skip (0: features only). The
+            CT itself carries exact intensities (bone, air, fat) that a compressing VAE's features blur.
     """
 
     @register_to_config
@@ -58,7 +60,7 @@ class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
                  skip_channels: Sequence[int] = (16, 32, 32), decoder_channels: Sequence[int] = (16, 32, 64),
                  context_dim: int = 384, num_heads: int = 4, norm_num_groups: int = 8,
                  cross_attention_levels: Sequence[bool] | None = None, null_tokens: int = 1,
-                 structure_names: Sequence[str] = STRUCTURE_NAMES):
+                 structure_names: Sequence[str] = STRUCTURE_NAMES, image_channels: int = 0):
         super().__init__()
         if len(skip_channels) != len(decoder_channels):
             raise ValueError(f"skip_channels {tuple(skip_channels)} and decoder_channels {tuple(decoder_channels)} "
@@ -75,7 +77,8 @@ class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
         self.attentions = nn.ModuleList()
         for i in range(len(skip_channels) - 2, -1, -1):  # from coarse to fine
             self.upsamples.append(UpSample(3, decoder_channels[i + 1], decoder_channels[i], scale_factor=2, mode="deconv"))
-            self.up_blocks.append(UnetResBlock(3, decoder_channels[i] + skip_channels[i], decoder_channels[i],
+            extra = image_channels if i == 0 else 0
+            self.up_blocks.append(UnetResBlock(3, decoder_channels[i] + skip_channels[i] + extra, decoder_channels[i],
                                                kernel_size=3, stride=1, norm_name=norm))
             self.attentions.append(TextCrossAttention(decoder_channels[i], context_dim, num_heads, norm_num_groups)
                                    if levels[i] else nn.Identity())
@@ -87,13 +90,19 @@ class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
         return self.null_text_embedding.expand(batch_size, -1, -1)
 
     def forward(self, fused: torch.Tensor, skips: Sequence[torch.Tensor], text_states: torch.Tensor | None = None,
-                text_mask: torch.Tensor | None = None, null_report: bool = False) -> torch.Tensor:
+                text_mask: torch.Tensor | None = None, null_report: bool = False,
+                image: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, num_classes, X, Y, Z) at the resolution of ``skips[0]``.
 
         ``null_report=True`` (or ``text_states=None``) replaces the report with the learned null report.
+        ``image``: the preprocessed CT at ``skips[0]``'s resolution, required when ``image_channels > 0``.
         """
         if len(skips) != len(self.config.skip_channels):
             raise ValueError(f"expected {len(self.config.skip_channels)} skip maps, got {len(skips)}")
+        if self.config.image_channels:
+            if image is None:
+                raise ValueError("this decoder was built with image_channels > 0: pass image= (the preprocessed CT)")
+            skips = [torch.cat([skips[0], image.to(skips[0].dtype)], dim=1), *skips[1:]]
         if null_report or text_states is None:
             text_states, text_mask = self.null_context(fused.shape[0]), None
         text_states = text_states.to(fused.dtype)

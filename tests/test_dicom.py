@@ -1,0 +1,300 @@
+"""Radiotherapy DICOM: CT series geometry, RTSTRUCT and DICOM-SEG in and out, de-identification, bad input.
+
+Synthetic series (from the phantom) always run; tests on real data fetched from the Python package
+registry are marked ``realdata`` and skip with the reason when the data cannot be fetched.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from medvlm.data.dicom import read_dicom_series, read_rtstruct, read_seg, write_dicom_series, write_rtstruct, write_seg
+from medvlm.data.inputs import prepare_ct
+from medvlm.data.io import save_nifti
+from medvlm.data.phantom import HNCPhantom, PhantomConfig
+from medvlm.data.structures import STRUCTURE_NAMES
+from medvlm.errors import InputError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PHI_ID = "MRN-99887766"
+
+
+def dice(a, b):
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    return 2.0 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+
+
+@pytest.fixture(scope="module")
+def phantom_case():
+    # anisotropic grid, 40 x 48 x 24 voxels of 2.5 x 2 x 4 mm
+    return HNCPhantom(PhantomConfig(shape=(24, 48, 40), spacing_mm=(4.0, 2.0, 2.5)), seed=0).case(2)
+
+
+@pytest.fixture(scope="module")
+def series(phantom_case, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dicom") / "ct"
+    return write_dicom_series(phantom_case.image_hu, phantom_case.affine, folder, patient_id=PHI_ID)
+
+
+def test_series_reads_back_the_volume_and_world_geometry(phantom_case, series):
+    assert series.volume.shape == phantom_case.image_hu.shape
+    np.testing.assert_allclose(series.volume, np.round(phantom_case.image_hu), atol=0.5)
+    np.testing.assert_allclose(series.affine, phantom_case.affine, atol=1e-4)
+    assert series.spacing == pytest.approx(tuple(np.linalg.norm(phantom_case.affine[:3, :3], axis=0)))
+    # identifiers stay out of what the reader keeps
+    assert all(str(r.PatientID) != PHI_ID and r.StudyDate == "" for r in series.references)
+
+
+def test_dicom_folder_and_nifti_give_the_same_preprocessed_volume(phantom_case, series, tmp_path):
+    from medvlm.config import load_config
+
+    config = load_config(CONFIGS / "tiny.yaml").data.preprocess
+    path = save_nifti(tmp_path / "ct.nii.gz", np.round(phantom_case.image_hu), phantom_case.affine)
+    from_nifti, from_dicom = prepare_ct(path, config), prepare_ct(series.source, config)
+    np.testing.assert_allclose(from_dicom.image.numpy(), from_nifti.image.numpy(), atol=1e-5)
+    np.testing.assert_allclose(from_dicom.input_affine, from_nifti.input_affine, atol=1e-4)
+    assert from_dicom.dicom is not None and from_nifti.dicom is None
+
+
+def test_slice_order_comes_from_positions_not_file_names(series, tmp_path):
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    files = sorted(Path(series.source).iterdir())
+    for i, path in enumerate(np.random.default_rng(0).permutation(files)):
+        shutil.copy(path, shuffled / f"{i:03d}.dcm")
+    (shuffled / "notes.txt").write_text("not DICOM")
+    again = read_dicom_series(shuffled)
+    np.testing.assert_array_equal(again.volume, series.volume)
+    np.testing.assert_allclose(again.affine, series.affine)
+
+
+def _copy(series, folder: Path, skip=()):
+    folder.mkdir()
+    for i, path in enumerate(sorted(Path(series.source).iterdir())):
+        if i not in skip:
+            shutil.copy(path, folder / path.name)
+    return folder
+
+
+def test_bad_series_get_clear_errors(series, tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        read_dicom_series(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("x")
+    with pytest.raises(InputError, match="no DICOM image series"):
+        read_dicom_series(tmp_path / "empty")
+    with pytest.raises(InputError, match="missing slice"):
+        read_dicom_series(_copy(series, tmp_path / "gap", skip=(7,)))
+    two = _copy(series, tmp_path / "two")
+    write_dicom_series(series.volume[:, :, :4], series.affine, tmp_path / "other")
+    for path in (tmp_path / "other").iterdir():
+        shutil.copy(path, two / f"other_{path.name}")
+    with pytest.raises(InputError, match="2 image series"):
+        read_dicom_series(two)
+    assert read_dicom_series(two, series.series_uid).volume.shape == series.volume.shape
+    duplicate = _copy(series, tmp_path / "duplicate")
+    ds = pydicom.dcmread(sorted(duplicate.iterdir())[3])
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(duplicate / "copy.dcm")
+    with pytest.raises(InputError, match="share the position"):
+        read_dicom_series(duplicate)
+    tilted = _copy(series, tmp_path / "tilt")
+    for k, path in enumerate(sorted(tilted.iterdir())):
+        ds = pydicom.dcmread(path)
+        position = [float(v) for v in ds.ImagePositionPatient]
+        ds.ImagePositionPatient = [position[0], position[1] + 0.5 * k, position[2]]  # origins slide along y
+        ds.save_as(path)
+    with pytest.raises(InputError, match="gantry tilt"):
+        read_dicom_series(tilted)
+
+
+def _masks(phantom_case):
+    labels = phantom_case.labels
+    masks = {name: labels[STRUCTURE_NAMES.index(name)].astype(bool) for name in ("CTVn", "Bone_Mandible", "SpinalCord")}
+    ring = np.zeros(labels.shape[1:], bool)  # a structure with a hole in every slice
+    x, y = np.meshgrid(np.arange(ring.shape[0]), np.arange(ring.shape[1]), indexing="ij")
+    radius = np.hypot(x - 20, y - 24)
+    ring[(radius >= 5) & (radius <= 11), 8:16] = True
+    masks["Ring"] = ring
+    return masks
+
+
+def test_rtstruct_round_trip_with_medvlm_and_rt_utils_readers(phantom_case, series, tmp_path):
+    from rt_utils import RTStructBuilder
+
+    masks = {k: v for k, v in _masks(phantom_case).items() if v.any()}
+    path = write_rtstruct(masks, series, tmp_path / "out" / "rtstruct.dcm")  # 2.5 x 2 mm pixels
+    ours = read_rtstruct(path, series)
+    for name, mask in masks.items():
+        assert dice(ours[name], mask) >= 0.97, name
+    # the independent reader (rt-utils 1.2.7) assumes square pixels and square images: check it on a
+    # 24 x 24 x 40 crop with 2 x 2 x 4 mm voxels
+    crop = (slice(None), slice(12, 36), slice(None))
+    square = write_dicom_series(series.volume[crop], np.diag([-2.0, -2.0, 4.0, 1.0]), tmp_path / "square")
+    cropped = {name: mask[crop] for name, mask in masks.items() if mask[crop].any()}
+    independent = RTStructBuilder.create_from(square.source, str(write_rtstruct(cropped, square, tmp_path / "sq.dcm")))
+    assert len(cropped) >= 3
+    for name, mask in cropped.items():
+        theirs = np.transpose(independent.get_roi_mask_by_name(name), (1, 0, 2))
+        assert dice(theirs, mask) >= 0.97, name
+    assert not ours["Ring"][20, 24, 10]  # the hole stays a hole
+    # world coordinates: centroid of the read-back mask within one voxel of the original
+    for name, mask in masks.items():
+        a = series.affine @ np.r_[np.argwhere(mask).mean(0), 1.0]
+        b = series.affine @ np.r_[np.argwhere(ours[name]).mean(0), 1.0]
+        assert np.all(np.abs(a - b)[:3] <= np.asarray(series.spacing)), name
+    ds = pydicom.dcmread(path)
+    referenced = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    assert referenced.SeriesInstanceUID == series.series_uid
+    assert {r.ROIName for r in ds.StructureSetROISequence} == set(masks)
+    colour = {r.ReferencedROINumber: list(r.ROIDisplayColor) for r in ds.ROIContourSequence}
+    assert [255, 255, 0] in colour.values()  # CTVn's colour
+
+
+def test_seg_round_trip_is_exact(phantom_case, series, tmp_path):
+    masks = {k: v for k, v in _masks(phantom_case).items() if v.any()}
+    path = write_seg(masks, series, tmp_path / "seg.dcm")
+    back = read_seg(path, series)
+    assert set(back) == set(masks)
+    for name, mask in masks.items():
+        np.testing.assert_array_equal(back[name], mask)
+
+
+def test_written_dicom_objects_hold_no_identifier_of_the_input(phantom_case, series, tmp_path):
+    masks = {"CTVn": phantom_case.labels[STRUCTURE_NAMES.index("CTVn")].astype(bool)}
+    for path in (write_rtstruct(masks, series, tmp_path / "rs.dcm"), write_seg(masks, series, tmp_path / "seg.dcm")):
+        raw = path.read_bytes()
+        assert PHI_ID.encode() not in raw, path.name
+        assert pydicom.dcmread(path).PatientIdentityRemoved == "YES"
+
+
+def test_structures_from_another_series_and_contours_off_the_image(phantom_case, series, tmp_path, caplog):
+    masks = {"CTVn": phantom_case.labels[STRUCTURE_NAMES.index("CTVn")].astype(bool)}
+    other = write_dicom_series(series.volume, series.affine, tmp_path / "other")
+    path = write_rtstruct(masks, other, tmp_path / "rs.dcm")
+    with pytest.raises(InputError, match="references series"):
+        read_rtstruct(path, series)
+    with pytest.raises(InputError, match="not the CT series|references series"):
+        read_seg(write_seg(masks, other, tmp_path / "seg.dcm"), series)
+    with pytest.raises(InputError, match="shape"):
+        write_rtstruct({"CTVn": np.ones((2, 2, 2), bool)}, series, tmp_path / "bad.dcm")
+    assert not (tmp_path / "bad.dcm").exists()
+    # a contour moved 1 m away lies outside the grid: warned and skipped
+    ds = pydicom.dcmread(write_rtstruct(masks, series, tmp_path / "far.dcm"))
+    item = ds.ROIContourSequence[0].ContourSequence[0]
+    points = np.asarray(item.ContourData, float).reshape(-1, 3)
+    points[:, 2] += 1000.0
+    item.ContourData = [float(v) for v in points.ravel()]
+    ds.save_as(tmp_path / "far.dcm")
+    with caplog.at_level("WARNING"):
+        read_rtstruct(tmp_path / "far.dcm", series)
+    assert "outside the CT grid" in caplog.text
+
+
+def test_contour_pipeline_takes_a_dicom_folder_and_writes_rtstruct_and_seg(tmp_path):
+    import torch
+
+    from medvlm.config import load_config
+    from pipelines.assemble import build_pipelines
+
+    torch.manual_seed(0)
+    pipe = build_pipelines(load_config(CONFIGS / "tiny.yaml"), report_texts=["left tonsil carcinoma"] * 2)["contour"]
+    pipe.register_to_config(thresholds=[0.0] * len(STRUCTURE_NAMES))  # untrained: make every mask non-empty
+    case = HNCPhantom(PhantomConfig(shape=(32, 32, 32), spacing_mm=(6.0, 6.0, 6.0)), seed=0).case(1)
+    series = write_dicom_series(case.image_hu, case.affine, tmp_path / "ct", patient_id=PHI_ID)
+    out = pipe(str(tmp_path / "ct"), report="Left tonsil carcinoma, T2 N1. Unilateral left neck.")
+    rs = out.save(tmp_path / "rs", format="rtstruct")[0]
+    seg = out.save(tmp_path / "seg", format="seg")[0]
+    back = read_rtstruct(rs, series)
+    assert set(back) == set(STRUCTURE_NAMES)
+    assert dice(back["CTVn"], out.masks[0]["CTVn"]) >= 0.97
+    assert set(read_seg(seg, series)) == set(STRUCTURE_NAMES)
+    with pytest.raises(ValueError, match="not a DICOM folder"):
+        pipe(case.image_hu, spacing_mm=(6.0, 6.0, 6.0), report="left").save(tmp_path / "x", format="rtstruct")
+
+
+# --------------------------------------------------------------------------------------- real data
+
+def _example(name):
+    from medvlm.data.examples import FetchError, fetch_example
+
+    try:
+        return fetch_example(name)
+    except FetchError as exc:
+        pytest.skip(f"example data {name!r} could not be fetched: {exc}")
+
+
+@pytest.mark.realdata
+def test_rider_rtstruct_and_seg_encode_the_same_gtvs():
+    root = _example("rider") / "data"
+    series = read_dicom_series(root)
+    assert series.volume.shape == (512, 512, 236) and series.spacing[2] == pytest.approx(1.25)
+    rtstruct = next(p for p in root.rglob("*.dcm") if pydicom.dcmread(p, stop_before_pixels=True).Modality == "RTSTRUCT")
+    seg = next(p for p in root.rglob("*.dcm") if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SEG")
+    contours, segments = read_rtstruct(rtstruct, series), read_seg(seg, series)
+    assert set(contours) == {"GTVp_test_man", "GTVp_test_auto"}
+    # each RTSTRUCT ROI has one DICOM-SEG segment encoding the same contour (matched by overlap: the
+    # SEG's SegmentDescription names the manual and automatic GTVs the other way round)
+    for name in contours:
+        assert max(dice(contours[name], m) for m in segments.values()) >= 0.95, name
+
+
+@pytest.mark.realdata
+def test_rider_rtstruct_written_by_medvlm_reads_back(tmp_path):
+    root = _example("rider") / "data"
+    series = read_dicom_series(root)
+    rtstruct = next(p for p in root.rglob("*.dcm") if pydicom.dcmread(p, stop_before_pixels=True).Modality == "RTSTRUCT")
+    manual = read_rtstruct(rtstruct, series, names=["GTVp_test_man"])["GTVp_test_man"]
+    path = write_rtstruct({"GTVp": manual}, series, tmp_path / "rs.dcm")
+    assert dice(read_rtstruct(path, series)["GTVp"], manual) >= 0.97
+
+
+@pytest.mark.realdata
+def test_deid_data_identifiers_never_reach_written_objects(tmp_path):
+    source = _example("deid") / "deid_data" / "data" / "humans"
+    with pytest.raises(InputError, match="SamplesPerPixel 3"):  # deid-data's CT is stored as RGB
+        read_dicom_series(source)
+    original = pydicom.dcmread(source / "ctbrain1.dcm")
+    planted = [str(original.get(k)) for k in ("PatientName", "PatientID", "PatientBirthDate", "InstitutionName",
+                                               "ReferringPhysicianName", "AccessionNumber") if str(original.get(k, "")).strip()]
+    assert planted
+    folder = tmp_path / "series"
+    folder.mkdir()
+    orientation = np.asarray(original.ImageOrientationPatient, float)
+    normal = np.cross(orientation[:3], orientation[3:])
+    grey = original.pixel_array.mean(axis=-1).astype(np.int16)
+    for k in range(3):  # three slices with the real file's header (identifiers kept), grey pixels, along its tilted normal
+        ds = pydicom.dcmread(source / "ctbrain1.dcm")
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 1
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+        if "PlanarConfiguration" in ds:
+            del ds.PlanarConfiguration
+        ds.PixelData = grey.tobytes()
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        ds.ImagePositionPatient = [float(v) for v in np.asarray(original.ImagePositionPatient, float) + 5.0 * k * normal]
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(folder / f"{k}.dcm")
+    series = read_dicom_series(folder)
+    mask = np.zeros(series.volume.shape, bool)
+    mask[100:200, 120:220, :] = True
+    for path in (write_rtstruct({"GTVp": mask}, series, tmp_path / "rs.dcm"), write_seg({"GTVp": mask}, series, tmp_path / "seg.dcm")):
+        raw = path.read_bytes()
+        for value in planted:
+            assert value.encode() not in raw, (path.name, value)
+    assert dice(read_rtstruct(tmp_path / "rs.dcm", series)["GTVp"], mask) >= 0.97
+
+
+@pytest.mark.realdata
+def test_pyradiomics_and_pydicom_examples_are_readable():
+    from medvlm.data.examples import pydicom_test_file
+
+    root = _example("pyradiomics") / "data"
+    assert (root / "lung1_image.nrrd").is_file() and (root / "lung1_label.nrrd").is_file()
+    ct = pydicom.dcmread(pydicom_test_file("CT_small.dcm"))
+    assert ct.Modality == "CT" and ct.pixel_array.shape == (128, 128)
+    assert pydicom.dcmread(pydicom_test_file("rtstruct.dcm"), force=True).Modality == "RTSTRUCT"  # stored without file meta
