@@ -156,56 +156,122 @@ def predicted_sides(mask: np.ndarray, affine: np.ndarray, midline_x_mm: float, m
     return "both" if left and right else "right" if right else "left" if left else "none"
 
 
+def _baseline_masks(model, case, thresholds, names) -> dict[str, np.ndarray]:
+    """The image-only baseline on one prepared CT (same preprocessing and sliding window as the pipeline)."""
+    from monai.inferers import sliding_window_inference
+
+    image = case.image[None].float()
+    with torch.no_grad():
+        probabilities = sliding_window_inference(image, roi_size=tuple(image.shape[2:]), sw_batch_size=1,
+                                                 predictor=lambda x: torch.sigmoid(model(x)), overlap=0.25, mode="gaussian")
+    restored = case.to_input_grid(probabilities[0])
+    return {name: restored[c] >= thresholds[c] for c, name in enumerate(names)}
+
+
+def evaluate(pipeline: str | Path, data: str | Path, out: str | Path, *, split: str = "test",
+             modes: Sequence[str] = ("correct",), baseline: str | Path | None = None, progress: bool = False) -> dict:
+    """Score a ContourPipeline on a split with each report mode (``correct``, ``none``, ``counterfactual``)
+    and, when given, the image-only baseline, all in this one invocation; write CSVs and Markdown tables.
+
+    Returns ``{"dice": {variant: {structure: mean}}, "counterfactual_follows": fraction or None, "tables": path}``.
+    """
+    import nibabel as nib
+
+    from medvlm.data.clinical import read_records_csv
+    from medvlm.data.datalist import load_datalist
+    from medvlm.data.inputs import prepare_ct
+    from medvlm.data.io import atomic_write_text, load_labels, spacing_from_affine
+    from medvlm.models.baseline import ImageOnlySegmenter
+    from pipelines import ContourPipeline
+
+    pipe = ContourPipeline.from_pretrained(pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    model = ImageOnlySegmenter.from_pretrained(baseline).eval() if baseline is not None else None
+    datalist = load_datalist(data)
+    records_path = Path(data) / "records.csv"
+    records = {r.number: r for r in read_records_csv(records_path)} if records_path.is_file() else {}
+    names = tuple(pipe.config.structure_names)
+    variants = [f"report: {m}" for m in modes] + (["image-only baseline"] if model is not None else [])
+    rows: dict[str, list] = {v: [] for v in variants}
+    follows: list[bool] = []
+    items = datalist[split]
+    for number, item in enumerate(items):
+        if progress:
+            print(f"  evaluating {split} case {number + 1}/{len(items)}", flush=True)
+        truth, affine, label_names = load_labels(item["label"])
+        case_id = item.get("id", Path(item["image"]).name)
+        spacing = spacing_from_affine(affine)
+        record = item.get("record")
+        record = record if not isinstance(record, int) else records.get(record)
+        for mode in modes:
+            report, expected = item.get("report"), None
+            if mode == "none":
+                report = None
+            elif mode == "counterfactual":
+                if record is None or not hasattr(record, "laterality"):
+                    continue
+                report, expected = counterfactual_prompt(record)
+            result = pipe(item["image"], report=report)
+            prediction = np.stack([result.masks[0][n] for n in label_names])
+            rows[f"report: {mode}"] += case_scores(case_id, prediction, truth, spacing, label_names)
+            if expected is not None:
+                image = np.asarray(nib.load(item["image"]).dataobj)
+                body = np.argwhere(image > -300)
+                midline = float((body @ affine[0, :3] + affine[0, 3]).mean())
+                follows.append(predicted_sides(result.masks[0]["CTVn"], affine, midline) == expected)
+        if model is not None:
+            case = prepare_ct(item["image"], pipe.preprocess_config)
+            masks = _baseline_masks(model, case, list(pipe.config.thresholds), names)
+            prediction = np.stack([masks[n] for n in label_names])
+            rows["image-only baseline"] += case_scores(case_id, prediction, truth, spacing, label_names)
+    out_dir = Path(out)
+    dice = {v: {n: _mean_std([r.dice for r in rows[v] if r.structure == n])[0] for n in names} for v in variants}
+    header = "| structure | " + " | ".join(variants) + " |"
+    lines = [f"### Dice per structure, {split} split ({len(items)} cases), one invocation", "", header,
+             "|---|" + "---|" * len(variants)]
+    for n in names:
+        lines.append(f"| {n} | " + " | ".join(f"{dice[v][n]:.3f}" for v in variants) + " |")
+    from medvlm.data.structures import OAR_NAMES
+
+    lines.append("| **OAR mean** | " + " | ".join(f"{np.mean([dice[v][n] for n in OAR_NAMES]):.3f}" for v in variants) + " |")
+    parts = ["\n".join(lines)]
+    fraction = None
+    if follows:
+        fraction = sum(follows) / len(follows)
+        parts.append(f"CTVn side follows the counterfactual report in {sum(follows)}/{len(follows)} cases ({100 * fraction:.0f} %).")
+    for v in variants:
+        slug = v.replace("report: ", "report_").replace(" ", "_").replace("-", "_")
+        write_csv(rows[v], out_dir / f"per_case_{split}_{slug}.csv")
+        parts.append(summary_table(rows[v], names, f"{v}: every metric"))
+    main_rows = rows[variants[0]]
+    n_total = len({r.case_id for r in main_rows})
+    parts.append(f"### Per-case tables ({variants[0]}), the seed's layout")
+    for n in (2, 5, 10, None):
+        if n is None or n < n_total:
+            parts += [seed_table(main_rows, name, n) for name in names]
+    tables = out_dir / f"segmentation_{split}.md"
+    atomic_write_text(tables, "\n\n".join(parts) + "\n")
+    return {"dice": dice, "counterfactual_follows": fraction, "tables": str(tables), "summary": parts[0],
+            "follows_line": parts[1] if follows else ""}
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="segmentation metrics of a ContourPipeline on a datalist split")
+    parser = argparse.ArgumentParser(description="segmentation metrics of a ContourPipeline on a datalist split, "
+                                     "with report ablations and the image-only baseline in the same run")
     parser.add_argument("--pipeline", required=True, help="ContourPipeline folder")
     parser.add_argument("--data", required=True, help="dataset folder (datalist.json)")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--reports", choices=("correct", "none", "counterfactual"), default="correct")
+    parser.add_argument("--reports", choices=("correct", "none", "counterfactual", "all"), default="all",
+                        help="report mode; all: correct, none and counterfactual")
+    parser.add_argument("--baseline", default=None, help="folder of the image-only baseline (RUN/baseline/final/baseline)")
     parser.add_argument("--out", default="results/segmentation", help="folder for the CSV and Markdown tables")
     args = parser.parse_args(argv)
-    from medvlm.data.clinical import read_records_csv
-    from medvlm.data.datalist import load_datalist
-    from medvlm.data.io import atomic_write_text, load_labels, spacing_from_affine
-    from pipelines import ContourPipeline
-
-    pipe = ContourPipeline.from_pretrained(args.pipeline)
-    datalist = load_datalist(args.data)
-    records = {r.number: r for r in read_records_csv(Path(args.data) / "records.csv")} if (Path(args.data) / "records.csv").is_file() else {}
-    rows, follows = [], []
-    names = tuple(pipe.config.structure_names)
-    for item in datalist[args.split]:
-        truth, affine, label_names = load_labels(item["label"])
-        record = item.get("record")
-        record = record if not isinstance(record, int) else records.get(record)
-        report, expected = item.get("report"), None
-        if args.reports == "none":
-            report = None
-        elif args.reports == "counterfactual" and record is not None and hasattr(record, "laterality"):
-            report, expected = counterfactual_prompt(record)
-        out = pipe(item["image"], report=report)
-        prediction = np.stack([out.masks[0][n] for n in label_names])
-        rows += case_scores(item.get("id", Path(item["image"]).name), prediction, truth, spacing_from_affine(affine), label_names)
-        if expected is not None:
-            image = np.asarray(__import__("nibabel").load(item["image"]).dataobj)
-            body = np.argwhere(image > -300)
-            midline = float((body @ affine[0, :3] + affine[0, 3]).mean())
-            follows.append(predicted_sides(out.masks[0]["CTVn"], affine, midline) == expected)
-    out_dir = Path(args.out)
-    write_csv(rows, out_dir / f"per_case_{args.split}_{args.reports}.csv")
-    parts = [summary_table(rows, names, f"{args.split} split, reports: {args.reports}")]
-    n_total = len({r.case_id for r in rows})
-    for n in (2, 5, 10, None):
-        if n is None or n < n_total:
-            parts += [seed_table(rows, name, n) for name in names]
-    if follows:
-        parts.append(f"CTVn side follows the counterfactual report in {sum(follows)}/{len(follows)} cases "
-                     f"({100 * sum(follows) / len(follows):.0f} %)")
-    text = "\n\n".join(parts) + "\n"
-    atomic_write_text(out_dir / f"tables_{args.split}_{args.reports}.md", text)
-    print(parts[0])
-    if follows:
-        print(parts[-1])
+    modes = ("correct", "none", "counterfactual") if args.reports == "all" else (args.reports,)
+    result = evaluate(args.pipeline, args.data, args.out, split=args.split, modes=modes, baseline=args.baseline)
+    print(result["summary"])
+    if result["follows_line"]:
+        print(result["follows_line"])
+    print(f"tables: {result['tables']}")
     return 0
 
 

@@ -73,7 +73,7 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job: phantom dataset -> staged training -> pipeline folders (evaluation joins later)."""
+    """The main job: phantom dataset -> staged training -> evaluation on the test split -> pipeline examples."""
     import dataclasses
     import json
     import time
@@ -89,13 +89,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.quick:
         phantom_config = dataclasses.replace(phantom_config, previews=min(phantom_config.previews, 2))
     started = time.perf_counter()
-    print(f"[1/2] phantom dataset -> {data_dir} ({phantom_config.n_cases} cases, config {config.name})", flush=True)
+    print(f"[1/3] phantom dataset -> {data_dir} ({phantom_config.n_cases} cases, config {config.name})", flush=True)
     stats = write_phantom_dataset(data_dir, phantom_config, overwrite=args.overwrite,
                                   progress=_progress_bar(phantom_config.n_cases, "phantom"))
-    print(f"[2/2] training all stages -> {output / 'run'}", flush=True)
+    print(f"[2/3] training all stages -> {output / 'run'}", flush=True)
     from train.__main__ import run as train_run
 
     summary = train_run("all", str(config_path), str(data_dir), str(output / "run"), overwrite=args.overwrite)
+    results_dir = output / "results"
+    print(f"[3/3] evaluation on the test split and pipeline examples -> {results_dir}", flush=True)
+    from eval.demo_report import write_results
+
+    headline = write_results(output / "run", data_dir, results_dir, config.name)
     rate = "reused" if stats.reused else f"{stats.cases_per_second_generate:.1f} cases/s generation"
     print("\nsummary")
     print(f"  dataset    {data_dir}  ({phantom_config.n_cases} cases; {rate}; previews in {data_dir / 'previews'})")
@@ -106,6 +111,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if validation:
         print("  validation Dice: " + ", ".join(f"{k[5:]}={v:.2f}" for k, v in validation.items() if k.startswith("dice_")))
     print(f"  pipelines  {output / 'run'}/{{contour,report_to_ct,zero_shot,report_generation}}")
+    print(f"  results    {results_dir / 'README.md'} (tables, plots, examples)")
+    print("  test split, measured vs target:")
+    for row in headline["targets"]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        print(f"    {cells[0]:<44} {cells[1]:>7}  target {cells[2]:<8} {cells[3]}")
     print(f"  total      {time.perf_counter() - started:.0f} s")
     (output / "demo_summary.json").write_text(json.dumps({"data": str(data_dir), "summary": summary}, indent=1))
     return 0
@@ -370,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--config", default="demo", help="config preset name or YAML path")
     models.set_defaults(func=cmd_models)
 
-    demo = commands.add_parser("demo", help="the main job: phantom dataset, training of all stages, pipeline folders (evaluation joins later)")
+    demo = commands.add_parser("demo", help="the main job: phantom dataset, training of all stages, evaluation, pipeline examples")
     demo.add_argument("--config", default="demo", help="config preset name or YAML path (default demo)")
     demo.add_argument("--quick", action="store_true", help="tiny configuration, seconds to minutes, no quality claims")
     demo.add_argument("--output", default="outputs/demo", help="output folder (default outputs/demo)")

@@ -108,6 +108,14 @@ class SegmentationModelConfig:
 
 
 @dataclass
+class BaselineModelConfig:
+    """The image-only MONAI UNet the evaluation compares the report-conditioned decoder with."""
+
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    num_res_units: int = 1
+
+
+@dataclass
 class ReportGeneratorModelConfig:
     pretrained_path: str = ""  # a local paligemma2-* folder; empty: the tiny model trained from scratch
     image_size: int = 64
@@ -128,6 +136,7 @@ class ModelsConfig:
     unet: UNetModelConfig = field(default_factory=UNetModelConfig)
     segmentation: SegmentationModelConfig = field(default_factory=SegmentationModelConfig)
     report_generator: ReportGeneratorModelConfig = field(default_factory=ReportGeneratorModelConfig)
+    baseline: BaselineModelConfig = field(default_factory=BaselineModelConfig)
 
 
 @dataclass

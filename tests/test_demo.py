@@ -14,6 +14,12 @@ def test_quick_demo_runs_end_to_end_and_reuses_on_a_second_run(tmp_path, capsys)
     for name in ("contour", "report_to_ct", "zero_shot", "report_generation"):
         assert (out / "run" / name / "model_index.json").is_file()
     summary = json.loads((out / "demo_summary.json").read_text())["summary"]
-    assert list(summary["stages"]) == ["contrastive", "vae", "diffusion", "segmentation", "report_generator"]
+    assert list(summary["stages"]) == ["contrastive", "vae", "diffusion", "segmentation", "baseline", "report_generator"]
+    results = (out / "results" / "README.md").read_text()
+    for heading in ("Targets", "image-only baseline", "report: counterfactual", "Zero-shot laterality", "Pipeline examples"):
+        assert heading in results
+    for example in ("contour_overlay.png", "generated_left.png", "generated_right.png", "drafted_report.txt"):
+        assert (out / "results" / "examples" / example).stat().st_size > 0
+    assert (out / "results" / "examples" / "contour" / "CTVn.nii.gz").is_file()
     assert main(["demo", "--quick", "--output", str(out)]) == 0
     assert "reused" in capsys.readouterr().out

@@ -42,7 +42,7 @@ def trained(tiny_data, tmp_path_factory):
 
 def test_all_stages_write_loadable_pipelines_and_a_summary(trained):
     summary = json.loads((trained / "training_summary.json").read_text())
-    assert list(summary["stages"]) == ["contrastive", "vae", "diffusion", "segmentation", "report_generator"]
+    assert list(summary["stages"]) == ["contrastive", "vae", "diffusion", "segmentation", "baseline", "report_generator"]
     for stage in summary["stages"].values():
         assert stage["steps"] == 6 and stage["seconds"] > 0 and stage["final_losses"]["total"] > 0
         assert stage["config_hash"] == summary["config_hash"]

@@ -1,6 +1,7 @@
 """``python -m train <stage>|all`` (also ``medvlm train`` and ``accelerate launch -m train``).
 
-Stages run in order contrastive -> vae -> diffusion -> segmentation -> report_generator; ``all`` then
+Stages run in order contrastive -> vae -> diffusion -> segmentation -> baseline (image-only MONAI UNet
+under the segmentation settings, for the evaluation) -> report_generator; ``all`` then
 writes ready-to-load pipeline folders (contour, report_to_ct, zero_shot, report_generation) and
 ``training_summary.json``. An output folder remembers the run that made it and is never reused for
 another one unless ``--overwrite`` is given.
@@ -19,12 +20,13 @@ from pathlib import Path
 from medvlm.config import config_hash, load_config
 from medvlm.errors import MedVLMError
 
-STAGES = ("contrastive", "vae", "diffusion", "segmentation", "report_generator")
+STAGES = ("contrastive", "vae", "diffusion", "segmentation", "baseline", "report_generator")
 PIPELINES = ("contour", "report_to_ct", "zero_shot", "report_generation")
 logger = logging.getLogger("train")
 
 
 def _trainer_class(stage: str):
+    from train.stage_baseline import BaselineTrainer
     from train.stage_contrastive import ContrastiveTrainer
     from train.stage_diffusion import DiffusionTrainer
     from train.stage_report_generator import ReportGeneratorTrainer
@@ -32,7 +34,7 @@ def _trainer_class(stage: str):
     from train.stage_vae import VAETrainer
 
     return {"contrastive": ContrastiveTrainer, "vae": VAETrainer, "diffusion": DiffusionTrainer,
-            "segmentation": SegmentationTrainer, "report_generator": ReportGeneratorTrainer}[stage]
+            "segmentation": SegmentationTrainer, "baseline": BaselineTrainer, "report_generator": ReportGeneratorTrainer}[stage]
 
 
 def _check_output(output: Path, identity: dict, *, resume: bool, overwrite: bool) -> None:

@@ -76,6 +76,7 @@ class StageTrainer:
     """
 
     name = "stage"
+    settings_name: str | None = None  # the training section to read (default: ``name``)
 
     def __init__(self, config: MedVLMConfig, data_dir: str | Path, output_dir: str | Path, *, resume: bool = False,
                  train_fraction: float = 1.0):
@@ -85,7 +86,7 @@ class StageTrainer:
         self.stage_dir = self.output_dir / self.name
         self.resume = resume
         self.train_fraction = train_fraction
-        self.stage_config: StageConfig = getattr(config.training, self.name)
+        self.stage_config: StageConfig = getattr(config.training, self.settings_name or self.name)
         self.accelerator = make_accelerator(config, self.stage_dir, self.stage_config)
         self.device = self.accelerator.device
         self.checkpoint_objects: list = []  # extra stateful objects saved with checkpoints (EMA, ...)

@@ -128,3 +128,20 @@ def collate(cases: list[Case], indices: list[int], transform: Compose | None, se
         "labels": torch.as_tensor(np.stack([cases[i].labels for i in indices])),
         "index": indices,
     }
+
+
+def aligned_corner(shape: Sequence[int], patch: Sequence[int], factor: int, case_seed: Sequence[int]) -> list[int]:
+    """Corner of a random patch on a grid aligned to ``factor`` voxels, drawn from (seed, step, case).
+
+    Written here because MONAI's random crops act on one grid, while the cached decoder inputs live on
+    several (full, 1/2, ..., latent); one corner on the coarsest grid cuts all of them consistently. The
+    image-only baseline draws the same corners, so both see the same patches.
+    """
+    generator = torch.Generator().manual_seed(int(np.random.default_rng(list(case_seed)).integers(2**31)))
+    return [int(torch.randint(0, (n - p) // factor + 1, (1,), generator=generator)) * factor for n, p in zip(shape, patch)]
+
+
+def cut_patch(volume: torch.Tensor, corner: Sequence[int], patch: Sequence[int], full_size: int) -> torch.Tensor:
+    """The patch at ``corner``/``patch`` (full-resolution voxels) of a (C, X, Y, Z) map of any coarser scale."""
+    scale = full_size // volume.shape[1]
+    return volume[(slice(None), *(slice(c // scale, (c + p) // scale) for c, p in zip(corner, patch)))]

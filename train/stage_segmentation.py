@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import numpy as np
 import torch
 from monai.losses import DiceFocalLoss
 from monai.metrics import DiceMetric
@@ -16,7 +15,7 @@ from medvlm.errors import ConfigError
 from medvlm.models import CTAutoencoderKL, ReportConditionedUNet3D
 from medvlm.models.factory import build_segmentation
 from train.common import StageTrainer
-from train.data import augmentation, collate, load_cases
+from train.data import aligned_corner, augmentation, collate, cut_patch, load_cases
 from train.stage_diffusion import load_upstream
 
 
@@ -125,20 +124,13 @@ class SegmentationTrainer(StageTrainer):
                               f"VAE downsampling factor {factor} and at most the ROI {list(roi)}")
         return patch
 
-    def _aligned_crop(self, entry: dict, label: torch.Tensor, generator: torch.Generator) -> tuple[dict, torch.Tensor]:
-        """One random patch cut consistently from every cached scale and the label.
-
-        Written here because MONAI's random crops act on one grid; the cached maps live on several grids
-        (full, 1/2, ..., latent), so the corner is drawn on the latent grid and scaled to each map.
-        """
+    def _aligned_crop(self, entry: dict, label: torch.Tensor, case_seed) -> tuple[dict, torch.Tensor]:
+        """One random patch cut consistently from every cached scale and the label."""
         factor = 2 ** (len(self.config.models.vae.channels) - 1)
-        full = label.shape[1:]
-        corner = [int(torch.randint(0, (n - p) // factor + 1, (1,), generator=generator)) * factor
-                  for n, p in zip(full, self.patch)]
+        corner = aligned_corner(label.shape[1:], self.patch, factor, case_seed)
 
         def cut(volume: torch.Tensor) -> torch.Tensor:
-            scale = full[0] // volume.shape[1]
-            return volume[(slice(None), *(slice(c // scale, (c + p) // scale) for c, p in zip(corner, self.patch)))]
+            return cut_patch(volume, corner, self.patch, label.shape[1])
 
         cropped = {"features": [cut(f) for f in entry["features"]], "fused": cut(entry["fused"]), "image": cut(entry["image"]),
                    "fused_null": cut(entry["fused_null"]), "states": entry["states"], "mask": entry["mask"]}
@@ -174,9 +166,8 @@ class SegmentationTrainer(StageTrainer):
             entries = [self.cache[i] for i in indices]
             if self.patch:
                 # one stream per (seed, step, case): the same patches whatever the number of processes
-                pairs = [self._aligned_crop(e, l, torch.Generator().manual_seed(
-                    int(np.random.default_rng([self.config.training.seed, index, i]).integers(2**31))))
-                    for e, l, i in zip(entries, labels, indices)]
+                pairs = [self._aligned_crop(e, l, (self.config.training.seed, index, i))
+                         for e, l, i in zip(entries, labels, indices)]
                 entries, labels = [p[0] for p in pairs], [p[1] for p in pairs]
             return {"features": [torch.stack([e["features"][k] for e in entries]) for k in range(len(entries[0]["features"]))],
                     "fused": torch.stack([e["fused"] for e in entries]), "fused_null": torch.stack([e["fused_null"] for e in entries]),

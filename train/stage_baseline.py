@@ -1,0 +1,98 @@
+"""The image-only baseline (MONAI UNet, no report), trained under the segmentation stage's settings.
+
+Same training cases, batches, patches (the same corners: ``train.data.aligned_corner``), steps,
+optimiser, schedule and loss as the report-conditioned decoder, so the evaluation can put the two side
+by side. Augmentation: as the segmentation stage (none when it trains on cached features).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from monai.losses import DiceFocalLoss
+from monai.metrics import DiceMetric
+from torch import nn
+
+from medvlm.data.structures import STRUCTURE_NAMES
+from medvlm.models.baseline import ImageOnlySegmenter
+from train.common import StageTrainer
+from train.data import aligned_corner, augmentation, collate, cut_patch, load_cases
+
+
+class BaselineLoss(nn.Module):
+    def __init__(self, model: ImageOnlySegmenter, lambda_dice: float, lambda_focal: float):
+        super().__init__()
+        self.model = model
+        self.loss = DiceFocalLoss(sigmoid=True, batch=True, lambda_dice=lambda_dice, lambda_focal=lambda_focal)
+
+    def forward(self, images, labels):
+        loss = self.loss(self.model(images), labels)
+        return loss, {"total": loss.detach()}
+
+
+class BaselineTrainer(StageTrainer):
+    name = "baseline"
+    settings_name = "segmentation"
+
+    def setup(self) -> nn.Module:
+        c = self.stage_config
+        self.cases = load_cases(self.data_dir, self.config, train_fraction=self.train_fraction, seed=self.config.training.seed)
+        self.batcher = self.batches(len(self.cases))
+        self.patch = tuple(c.patch_size)
+        self.factor = 2 ** (len(self.config.models.vae.channels) - 1)
+        cached = c.cache_features and not c.finetune_unet  # the decoder then trains without augmentation
+        self.augment = None if cached else augmentation(self.config, with_label=True)
+        b = self.config.models.baseline
+        self.model = ImageOnlySegmenter(num_classes=len(STRUCTURE_NAMES), channels=tuple(b.channels),
+                                        num_res_units=b.num_res_units)
+        try:
+            self.validation_cases = load_cases(self.data_dir, self.config, "validation")
+        except Exception:  # a datalist without validation split
+            self.validation_cases = []
+        self.best = (-1.0, None)
+        return BaselineLoss(self.model, c.lambda_dice, c.lambda_focal)
+
+    def make_inputs(self, index: int) -> dict:
+        indices = self.batcher.indices(index)
+        batch = collate(self.cases, indices, self.augment, self.config.training.seed, self.batcher.epoch(index))
+        images, labels = batch["image"], batch["label"]
+        if self.patch:
+            full = labels.shape[2]
+            pairs = []
+            for row, case_index in enumerate(indices):
+                corner = aligned_corner(labels.shape[2:], self.patch, self.factor, (self.config.training.seed, index, case_index))
+                pairs.append((cut_patch(images[row], corner, self.patch, full), cut_patch(labels[row], corner, self.patch, full)))
+            images, labels = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        return {"images": images, "labels": labels}
+
+    def after_optimizer_step(self, step: int) -> None:
+        every = self.stage_config.validate_every
+        if every > 0 and (step + 1) % every == 0 and step + 1 < self.stage_config.steps:
+            self.validate(step + 1)
+
+    @torch.no_grad()
+    def validate(self, step: int) -> dict:
+        if not self.validation_cases:
+            return {}
+        model = self.unwrap(self.model)
+        was_training = model.training
+        model.eval()
+        metric = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=False)
+        for case in self.validation_cases:
+            prediction = (torch.sigmoid(model(case.image[None].to(self.device))) > 0.5).float()
+            metric(y_pred=prediction, y=case.label[None].to(self.device))
+        dice = metric.aggregate().cpu().tolist()
+        model.train(was_training)
+        scores = {f"dice_{name}": float(v) for name, v in zip(STRUCTURE_NAMES, dice)}
+        scores["dice_mean"] = float(sum(dice) / len(dice))
+        if scores["dice_mean"] > self.best[0]:
+            self.best = (scores["dice_mean"], copy.deepcopy(model.state_dict()))
+        self.accelerator.log({f"val/{k}": v for k, v in scores.items()}, step=step)
+        return scores
+
+    def export(self, folder: Path) -> None:
+        model = self.unwrap(self.model)
+        if self.best[1] is not None:
+            model.load_state_dict(self.best[1])
+        model.save_pretrained(folder / "baseline")
