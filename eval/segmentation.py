@@ -194,6 +194,7 @@ def evaluate(pipeline: str | Path, data: str | Path, out: str | Path, *, split: 
     variants = [f"report: {m}" for m in modes] + (["image-only baseline"] if model is not None else [])
     rows: dict[str, list] = {v: [] for v in variants}
     follows: list[bool] = []
+    already: list[bool] = []  # the correct report's prediction already had the counterfactual's sides
     items = datalist[split]
     for number, item in enumerate(items):
         if progress:
@@ -203,6 +204,7 @@ def evaluate(pipeline: str | Path, data: str | Path, out: str | Path, *, split: 
         spacing = spacing_from_affine(affine)
         record = item.get("record")
         record = record if not isinstance(record, int) else records.get(record)
+        sides_correct = None
         for mode in modes:
             report, expected = item.get("report"), None
             if mode == "none":
@@ -214,11 +216,16 @@ def evaluate(pipeline: str | Path, data: str | Path, out: str | Path, *, split: 
             result = pipe(item["image"], report=report)
             prediction = np.stack([result.masks[0][n] for n in label_names])
             rows[f"report: {mode}"] += case_scores(case_id, prediction, truth, spacing, label_names)
+            image = np.asarray(nib.load(item["image"]).dataobj)
+            body = np.argwhere(image > -300)
+            midline = float((body @ affine[0, :3] + affine[0, 3]).mean())
+            sides = predicted_sides(result.masks[0]["CTVn"], affine, midline)
+            if mode == "correct":
+                sides_correct = sides
             if expected is not None:
-                image = np.asarray(nib.load(item["image"]).dataobj)
-                body = np.argwhere(image > -300)
-                midline = float((body @ affine[0, :3] + affine[0, 3]).mean())
-                follows.append(predicted_sides(result.masks[0]["CTVn"], affine, midline) == expected)
+                follows.append(sides == expected)
+                if sides_correct is not None:
+                    already.append(sides_correct == expected)
         if model is not None:
             case = prepare_ct(item["image"], pipe.preprocess_config)
             masks = _baseline_masks(model, case, list(pipe.config.thresholds), names)
@@ -238,7 +245,12 @@ def evaluate(pipeline: str | Path, data: str | Path, out: str | Path, *, split: 
     fraction = None
     if follows:
         fraction = sum(follows) / len(follows)
-        parts.append(f"CTVn side follows the counterfactual report in {sum(follows)}/{len(follows)} cases ({100 * fraction:.0f} %).")
+        line = f"CTVn side follows the counterfactual report in {sum(follows)}/{len(follows)} cases ({100 * fraction:.0f} %)."
+        if already:  # without this reference the fraction can look good for a network that ignores the report
+            line += (f" Reference: with the correct report the predicted side already matched the counterfactual's in "
+                     f"{sum(already)}/{len(already)} cases, so the report changed the side in "
+                     f"{sum(f and not a for f, a in zip(follows, already))} case(s).")
+        parts.append(line)
     for v in variants:
         slug = v.replace("report: ", "report_").replace(" ", "_").replace("-", "_")
         write_csv(rows[v], out_dir / f"per_case_{split}_{slug}.csv")
@@ -251,7 +263,9 @@ def evaluate(pipeline: str | Path, data: str | Path, out: str | Path, *, split: 
             parts += [seed_table(main_rows, name, n) for name in names]
     tables = out_dir / f"segmentation_{split}.md"
     atomic_write_text(tables, "\n\n".join(parts) + "\n")
-    return {"dice": dice, "counterfactual_follows": fraction, "tables": str(tables), "summary": parts[0],
+    return {"dice": dice, "counterfactual_follows": fraction,
+            "counterfactual_already": (sum(already) / len(already)) if already else None,
+            "tables": str(tables), "summary": parts[0],
             "follows_line": parts[1] if follows else ""}
 
 

@@ -214,6 +214,16 @@ def test_contour_pipeline_takes_a_dicom_folder_and_writes_rtstruct_and_seg(tmp_p
     assert set(back) == set(STRUCTURE_NAMES)
     assert dice(back["CTVn"], out.masks[0]["CTVn"]) >= 0.97
     assert set(read_seg(seg, series)) == set(STRUCTURE_NAMES)
+    # DICOM -> NIfTI -> pipeline -> RTSTRUCT: the same masks, and world coordinates survive (centroid within a voxel)
+    nifti = save_nifti(tmp_path / "ct.nii.gz", series.volume, series.affine)
+    from_nifti = pipe(str(nifti), report="Left tonsil carcinoma, T2 N1. Unilateral left neck.", return_probabilities=True)
+    for name in STRUCTURE_NAMES:
+        np.testing.assert_array_equal(from_nifti.masks[0][name], out.masks[0][name])
+    probabilities = from_nifti.probabilities[0][STRUCTURE_NAMES.index("CTVn")]
+    mask = probabilities >= np.quantile(probabilities, 0.8)  # an untrained network: its top fifth as a structure
+    back = read_rtstruct(write_rtstruct({"CTVn": mask}, series, tmp_path / "chain.dcm"), series)["CTVn"]
+    world = [series.affine @ np.r_[np.argwhere(m).mean(0), 1.0] for m in (mask, back)]
+    assert np.all(np.abs(world[0] - world[1])[:3] <= np.asarray(series.spacing))
     with pytest.raises(ValueError, match="not a DICOM folder"):
         pipe(case.image_hu, spacing_mm=(6.0, 6.0, 6.0), report="left").save(tmp_path / "x", format="rtstruct")
 

@@ -67,8 +67,13 @@ def test_segmentation_logits_at_full_resolution(tiny):
     x = torch.randn(1, 1, 32, 32, 32)
     encoded = nets["vae"].encode(x, return_features=True)
     fused = nets["unet"](encoded.latent_dist.mode(), 0, _context(1), return_features=True).features[-1]
-    logits = nets["segmentation"](fused, encoded.features, _context(1))
+    logits = nets["segmentation"](fused, encoded.features, _context(1), image=x)
     assert logits.shape == (1, 9, 32, 32, 32)
+    # the tiny preset gives the decoder the CT itself (image_skip): it is required and it matters
+    with pytest.raises(ValueError, match="pass image="):
+        nets["segmentation"](fused, encoded.features, _context(1))
+    other = nets["segmentation"](fused, encoded.features, _context(1), image=torch.randn_like(x))
+    assert (other - logits).abs().max() > 1e-4
 
 
 def _assert_all_trainable_have_gradients(module: torch.nn.Module, name: str):
@@ -108,7 +113,8 @@ def test_gradients_reach_every_trainable_parameter(tiny, tokenizer):
 
     features = [f.detach() for f in vae.encode(x, return_features=True).features]
     fused = unet(latents, 0, _context(), return_features=True).features[-1].detach()
-    (seg(fused, features, _context()).sigmoid().mean() + seg(fused, features, null_report=True).sigmoid().mean()).backward()
+    (seg(fused, features, _context(), image=x).sigmoid().mean()
+     + seg(fused, features, null_report=True, image=x).sigmoid().mean()).backward()
     _assert_all_trainable_have_gradients(seg, "segmentation")
 
     batch = tokenizer(["left tonsil", "right larynx", "midline nasopharynx"], padding=True, return_tensors="pt")
@@ -145,18 +151,20 @@ def test_report_conditions_the_unet_and_the_segmentation_decoder(tiny):
         b = unet(z, 100, _context(1, seed=2)).sample
         n = unet(z, 100, None).sample
         assert (a - b).abs().max() > 1e-4 and (a - n).abs().max() > 1e-4
-        encoded = vae.encode(torch.randn(1, 1, 32, 32, 32), return_features=True)
+        ct = torch.randn(1, 1, 32, 32, 32)
+        encoded = vae.encode(ct, return_features=True)
         fused = unet(encoded.latent_dist.mode(), 0, _context(1), return_features=True).features[-1]
-        s1 = seg(fused, encoded.features, _context(1, seed=1))
-        s2 = seg(fused, encoded.features, _context(1, seed=2))
-        s0 = seg(fused, encoded.features, null_report=True)
+        s1 = seg(fused, encoded.features, _context(1, seed=1), image=ct)
+        s2 = seg(fused, encoded.features, _context(1, seed=2), image=ct)
+        s0 = seg(fused, encoded.features, null_report=True, image=ct)
         assert (s1 - s2).abs().max() > 1e-4 and (s1 - s0).abs().max() > 1e-4
         mask = torch.ones(1, 7, dtype=torch.long)
         mask[0, 4:] = 0  # padded report tokens are ignored
         padded = _context(1, seed=1)
         changed = padded.clone()
         changed[0, 4:] = 100.0
-        assert torch.allclose(seg(fused, encoded.features, padded, mask), seg(fused, encoded.features, changed, mask), atol=1e-5)
+        assert torch.allclose(seg(fused, encoded.features, padded, mask, image=ct),
+                              seg(fused, encoded.features, changed, mask, image=ct), atol=1e-5)
 
 
 def test_semantic_matching_equals_clip_for_identity_labels_and_is_lower_when_labels_are_shared():

@@ -161,3 +161,17 @@ def test_segmentation_with_cached_frozen_features_trains_and_validates(trained, 
     assert result.steps == 4 and result.final_losses["total"] > 0
     assert 0.0 <= result.validation["dice_mean"] <= 1.0
     assert (tmp_path / "segmentation" / "final" / "segmentation" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_aligned_patches_cut_every_scale_at_the_same_place():
+    from train.data import aligned_corner, cut_patch
+
+    full = torch.arange(64 ** 3, dtype=torch.float32).reshape(1, 64, 64, 64)
+    quarter = torch.nn.functional.avg_pool3d(full[None], 4)[0]  # a map on the latent grid (factor 4)
+    corners = {tuple(aligned_corner((64, 64, 64), (32, 32, 32), 4, (0, step, 3))) for step in range(20)}
+    assert len(corners) > 1 and all(c % 4 == 0 and 0 <= c <= 32 for corner in corners for c in corner)
+    assert aligned_corner((64, 64, 64), (32, 32, 32), 4, (0, 5, 3)) == aligned_corner((64, 64, 64), (32, 32, 32), 4, (0, 5, 3))
+    for corner in corners:
+        patch = cut_patch(full, corner, (32, 32, 32), 64)
+        assert patch.shape == (1, 32, 32, 32)
+        assert torch.allclose(cut_patch(quarter, corner, (32, 32, 32), 64), torch.nn.functional.avg_pool3d(patch[None], 4)[0])

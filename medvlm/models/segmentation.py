@@ -51,8 +51,10 @@ class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
         skip_channels: channels of the VAE encoder maps, finest first (the last one is at latent scale).
         decoder_channels: channels of the decoder at each scale, finest first (same length as skips).
         context_dim: report token dimension; ``cross_attention_levels`` switches attention per scale.
-        image_channels: channels of the preprocessed CT joined to the finest skip (0: features only). The
-            CT itself carries exact intensities (bone, air, fat) that a compressing VAE's features blur.
+        image_channels: channels of the CT given to the decoder (0: frozen features only). When > 0 a small
+            trainable encoder (MONAI ``UnetResBlock`` per scale, stride 2 between scales) turns the CT into
+            maps joined to the VAE skips at every scale: the VAE is frozen and trained for reconstruction,
+            and its features alone leave the decoder too little trainable capacity to find small organs.
     """
 
     @register_to_config
@@ -70,15 +72,23 @@ class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
         levels = tuple(cross_attention_levels) if cross_attention_levels is not None else (True,) * len(skip_channels)
         norm = ("group", {"num_groups": norm_num_groups})
         top = decoder_channels[-1]
-        self.bottom = UnetResBlock(3, fused_channels + skip_channels[-1], top, kernel_size=3, stride=1, norm_name=norm)
+        self.bottom = UnetResBlock(3, fused_channels + skip_channels[-1] + (decoder_channels[-1] if image_channels else 0), top,
+                                   kernel_size=3, stride=1, norm_name=norm)
         self.bottom_attention = TextCrossAttention(top, context_dim, num_heads, norm_num_groups) if levels[-1] else None
+        self.image_encoder = nn.ModuleList()
+        if image_channels:
+            previous = image_channels
+            for i, width in enumerate(decoder_channels):
+                self.image_encoder.append(UnetResBlock(3, previous, width, kernel_size=3, stride=1 if i == 0 else 2,
+                                                       norm_name=norm))
+                previous = width
+        extras = list(decoder_channels) if image_channels else [0] * len(decoder_channels)
         self.upsamples = nn.ModuleList()
         self.up_blocks = nn.ModuleList()
         self.attentions = nn.ModuleList()
         for i in range(len(skip_channels) - 2, -1, -1):  # from coarse to fine
             self.upsamples.append(UpSample(3, decoder_channels[i + 1], decoder_channels[i], scale_factor=2, mode="deconv"))
-            extra = image_channels if i == 0 else 0
-            self.up_blocks.append(UnetResBlock(3, decoder_channels[i] + skip_channels[i] + extra, decoder_channels[i],
+            self.up_blocks.append(UnetResBlock(3, decoder_channels[i] + skip_channels[i] + extras[i], decoder_channels[i],
                                                kernel_size=3, stride=1, norm_name=norm))
             self.attentions.append(TextCrossAttention(decoder_channels[i], context_dim, num_heads, norm_num_groups)
                                    if levels[i] else nn.Identity())
@@ -102,7 +112,14 @@ class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
         if self.config.image_channels:
             if image is None:
                 raise ValueError("this decoder was built with image_channels > 0: pass image= (the preprocessed CT)")
-            skips = [torch.cat([skips[0], image.to(skips[0].dtype)], dim=1), *skips[1:]]
+            h = image.to(skips[0].dtype)
+            joined = []
+            for encoder, skip in zip(self.image_encoder, skips):
+                h = encoder(h)
+                if h.shape[2:] != skip.shape[2:]:  # odd sizes: match the VAE map exactly
+                    h = nn.functional.interpolate(h, size=skip.shape[2:], mode="trilinear", align_corners=False)
+                joined.append(torch.cat([skip, h], dim=1))
+            skips = joined
         if null_report or text_states is None:
             text_states, text_mask = self.null_context(fused.shape[0]), None
         text_states = text_states.to(fused.dtype)
