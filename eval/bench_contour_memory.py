@@ -1,7 +1,8 @@
-"""Benchmark: contouring latency and peak RSS of the demo-sized ContourPipeline, per volume size.
+"""Benchmark: contouring latency and peak RSS per volume size, medvlm's ContourPipeline against the
+image-only baseline (MONAI UNet) with the same preprocessing, ROI and sliding window.
 
-Each size runs in its own process (peak RSS is per process). The network is untrained: memory and
-time do not depend on the weights. Run: ``python -m eval.bench_contour_memory``.
+Each (network, size) runs in its own process (peak RSS is per process). The networks are untrained:
+memory and time do not depend on the weights. Run: ``python -m eval.bench_contour_memory``.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 CASES = {"64x64x64 @ 3 mm": ((64, 64, 64), (3.0, 3.0, 3.0)), "64x352x352 @ 3x1x1 mm": ((352, 352, 64), (1.0, 1.0, 3.0))}
 
 
-def _child(shape, spacing, config_name: str) -> dict:
+def _child(shape, spacing, config_name: str, network: str = "ours") -> dict:
     import resource
     import time
 
@@ -25,34 +26,53 @@ def _child(shape, spacing, config_name: str) -> dict:
     from pipelines.assemble import build_pipelines
 
     config = load_config(f"configs/{config_name}.yaml")
-    pipe = build_pipelines(config, report_texts=["x"] * 3)["contour"]
     case = HNCPhantom(PhantomConfig(shape=shape, spacing_mm=spacing), seed=0).case(0)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    start = time.perf_counter()
-    out = pipe(case.image_hu, report=case.report.text, affine=case.affine, sw_batch_size=1)
+    if network == "ours":
+        pipe = build_pipelines(config, report_texts=["x"] * 3)["contour"]
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        start = time.perf_counter()
+        out = pipe(case.image_hu, report=case.report.text, affine=case.affine, sw_batch_size=1)
+        shape_out = list(out.masks[0]["GTVp"].shape)
+    else:
+        from eval.segmentation import baseline_masks
+        from medvlm.data.inputs import prepare_ct
+        from medvlm.data.structures import STRUCTURE_NAMES
+        from medvlm.models.baseline import ImageOnlySegmenter
+
+        b = config.models.baseline
+        model = ImageOnlySegmenter(channels=tuple(b.channels), num_res_units=b.num_res_units).eval()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        start = time.perf_counter()
+        prepared = prepare_ct(case.image_hu, config.data.preprocess, affine=case.affine)
+        masks = baseline_masks(model, prepared, [0.5] * len(STRUCTURE_NAMES), STRUCTURE_NAMES, config.data.preprocess.roi_size)
+        shape_out = list(masks["GTVp"].shape)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds": seconds, "peak_rss_mib": peak, "rss_before_mib": before,
-            "mask_shape": list(out.masks[0]["GTVp"].shape)}
+    return {"seconds": seconds, "peak_rss_mib": peak, "rss_before_mib": before, "mask_shape": shape_out}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="demo")
-    parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=8, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         shape, spacing = tuple(int(v) for v in args.child[:3]), tuple(float(v) for v in args.child[3:6])
-        print(json.dumps(_child(shape, spacing, args.child[6])))
+        print(json.dumps(_child(shape, spacing, args.child[6], args.child[7])))
         return 0
-    print(f"ContourPipeline ({args.config} networks, untrained), 2 threads, one process per size")
-    print("| volume (D x H x W) | latency | peak RSS | RSS before the call |")
-    print("|---|---|---|---|")
+    print(f"Contouring ({args.config} networks, untrained), 2 threads, one process per network and size")
+    print("| volume (D x H x W) | medvlm latency | medvlm peak RSS | baseline latency | baseline peak RSS | latency ratio |")
+    print("|---|---|---|---|---|---|")
     for label, (shape, spacing) in CASES.items():
-        command = [sys.executable, "-m", "eval.bench_contour_memory", "--child", *map(str, shape), *map(str, spacing), args.config]
-        result = subprocess.run(command, capture_output=True, text=True, check=True)
-        stats = json.loads(result.stdout.strip().splitlines()[-1])
-        print(f"| {label} | {stats['seconds']:.1f} s | {stats['peak_rss_mib']:.0f} MiB | {stats['rss_before_mib']:.0f} MiB |")
+        stats = {}
+        for network in ("ours", "baseline"):
+            command = [sys.executable, "-m", "eval.bench_contour_memory", "--child", *map(str, shape), *map(str, spacing),
+                       args.config, network]
+            result = subprocess.run(command, capture_output=True, text=True, check=True)
+            stats[network] = json.loads(result.stdout.strip().splitlines()[-1])
+        ours, base = stats["ours"], stats["baseline"]
+        print(f"| {label} | {ours['seconds']:.1f} s | {ours['peak_rss_mib']:.0f} MiB | {base['seconds']:.1f} s | "
+              f"{base['peak_rss_mib']:.0f} MiB | {ours['seconds'] / base['seconds']:.1f} x |", flush=True)
     return 0
 
 

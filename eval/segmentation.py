@@ -156,13 +156,13 @@ def predicted_sides(mask: np.ndarray, affine: np.ndarray, midline_x_mm: float, m
     return "both" if left and right else "right" if right else "left" if left else "none"
 
 
-def _baseline_masks(model, case, thresholds, names) -> dict[str, np.ndarray]:
-    """The image-only baseline on one prepared CT (same preprocessing and sliding window as the pipeline)."""
+def baseline_masks(model, case, thresholds, names, roi_size) -> dict[str, np.ndarray]:
+    """The image-only baseline on one prepared CT (same preprocessing, ROI and sliding window as the pipeline)."""
     from monai.inferers import sliding_window_inference
 
     image = case.image[None].float()
     with torch.no_grad():
-        probabilities = sliding_window_inference(image, roi_size=tuple(image.shape[2:]), sw_batch_size=1,
+        probabilities = sliding_window_inference(image, roi_size=tuple(roi_size), sw_batch_size=1,
                                                  predictor=lambda x: torch.sigmoid(model(x)), overlap=0.25, mode="gaussian")
     restored = case.to_input_grid(probabilities[0])
     return {name: restored[c] >= thresholds[c] for c, name in enumerate(names)}
@@ -228,7 +228,7 @@ def evaluate(pipeline: str | Path, data: str | Path, out: str | Path, *, split: 
                     already.append(sides_correct == expected)
         if model is not None:
             case = prepare_ct(item["image"], pipe.preprocess_config)
-            masks = _baseline_masks(model, case, list(pipe.config.thresholds), names)
+            masks = baseline_masks(model, case, list(pipe.config.thresholds), names, pipe.preprocess_config.roi_size)
             prediction = np.stack([masks[n] for n in label_names])
             rows["image-only baseline"] += case_scores(case_id, prediction, truth, spacing, label_names)
     out_dir = Path(out)

@@ -169,6 +169,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from eval import segmentation
 
         return segmentation.main(args.rest)
+    if args.task == "benchmark":
+        from eval import benchmark
+
+        return benchmark.main(args.rest)
     if args.task == "phantom-speed":
         import sys as _sys
 
@@ -336,8 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     deid_dicom.add_argument("--overwrite", action="store_true", help="allow a non-empty output folder")
     deid_dicom.set_defaults(func=cmd_deid_dicom)
 
-    evaluate = commands.add_parser("eval", help="evaluation and benchmarks: segmentation, deid, extraction, phantom-speed")
-    evaluate.add_argument("task", choices=("segmentation", "deid", "extraction", "phantom-speed"))
+    evaluate = commands.add_parser("eval", help="evaluation and benchmarks: segmentation, deid, extraction, benchmark, "
+                                   "phantom-speed")
+    evaluate.add_argument("task", choices=("segmentation", "deid", "extraction", "benchmark", "phantom-speed"))
     evaluate.add_argument("rest", nargs=argparse.REMAINDER, help="options of the task (see --help of each)")
     evaluate.set_defaults(func=cmd_eval)
 

@@ -93,3 +93,18 @@ def test_counterfactual_prompt_and_side_detection():
     assert predicted_sides(mask, affine, midline_x_mm=0.0, min_ml=1.0) == "right"
     mask[1:4] = True
     assert predicted_sides(mask, affine, midline_x_mm=0.0, min_ml=1.0) == "both"
+
+
+def test_benchmark_command_measures_each_schedule(capsys, tmp_path):
+    import json
+
+    from eval import benchmark
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "training_summary.json").write_text(json.dumps({"stages": {"vae": {"steps": 3, "samples_per_second": 1.5, "seconds": 2.0}}}))
+    assert benchmark.main(["--config", "tiny", "--skip-ddpm", "--skip-contour", "--run", str(run)]) == 0
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if line.startswith("| DDIM |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["50", "25", "10"]
+    assert "| DDIM | 50 |" in printed and "1.00 x" in printed and "| vae | 3 | 1.50 |" in printed

@@ -1,0 +1,75 @@
+"""``medvlm eval benchmark``: speed and memory figures, each measured in this one run on this machine.
+
+1. Contouring latency and peak RSS, medvlm vs the image-only baseline, 64^3 and 64 x 352 x 352
+   (``eval.bench_contour_memory``, one process per network and size).
+2. Report-to-CT seconds per volume against the sampling schedule: DDPM with its 1000 training steps vs
+   DDIM with 50 / 25 / 10 steps (diffusers schedulers on the same pipeline; ``--skip-ddpm`` leaves the
+   slow one out). Speed only: the fidelity at each step count needs trained networks and is not here.
+3. Training throughput per stage (samples/s) from a run's ``training_summary.json`` when ``--run`` is given.
+
+Untrained demo-sized networks are used for 1 and 2: time and memory do not depend on the weights.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def generation_seconds(config_name: str, steps: list[tuple[str, int]]) -> list[tuple[str, int, float]]:
+    import torch
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from medvlm.config import load_config
+    from pipelines.assemble import build_pipelines
+
+    torch.set_num_threads(2)
+    pipe = build_pipelines(load_config(f"configs/{config_name}.yaml"), report_texts=["x"] * 3)["report_to_ct"]
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "Left tonsil squamous cell carcinoma, T2 N1 M0. Elective neck: ipsilateral (left)."
+    rows = []
+    for name, n in steps:
+        scheduler_class = DDPMScheduler if name == "DDPM" else DDIMScheduler
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+        start = time.perf_counter()
+        pipe(prompt, num_inference_steps=n, generator=torch.Generator().manual_seed(0), return_masks=False)
+        rows.append((name, n, time.perf_counter() - start))
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="demo", help="preset whose network sizes are measured")
+    parser.add_argument("--run", default=None, help="a training run folder (training_summary.json) for throughput")
+    parser.add_argument("--skip-ddpm", action="store_true", help="leave out DDPM with 1000 steps (minutes on CPU)")
+    parser.add_argument("--skip-contour", action="store_true")
+    args = parser.parse_args(argv)
+    import torch
+
+    print(f"machine: {torch.get_num_threads()} torch threads available, device cpu"
+          + (f", cuda {torch.cuda.get_device_name(0)} (not used)" if torch.cuda.is_available() else ""))
+    if not args.skip_contour:
+        subprocess.run([sys.executable, "-m", "eval.bench_contour_memory", "--config", args.config], check=True)
+    schedule = ([] if args.skip_ddpm else [("DDPM", 1000)]) + [("DDIM", 50), ("DDIM", 25), ("DDIM", 10)]
+    rows = generation_seconds(args.config, schedule)
+    reference = next((s for name, n, s in rows if (name, n) == ("DDIM", 50)), rows[0][2])
+    print(f"\nReport-to-CT ({args.config} networks, untrained), one volume, classifier-free guidance, no masks")
+    print("| scheduler | steps | seconds per volume | relative to DDIM 50 |")
+    print("|---|---|---|---|")
+    for name, n, seconds in rows:
+        print(f"| {name} | {n} | {seconds:.1f} | {seconds / reference:.2f} x |")
+    if args.run:
+        summary = json.loads((Path(args.run) / "training_summary.json").read_text())
+        print(f"\nTraining throughput ({args.run})")
+        print("| stage | steps | samples/s | seconds |")
+        print("|---|---|---|---|")
+        for name, stage in summary["stages"].items():
+            print(f"| {name} | {stage['steps']} | {stage['samples_per_second']:.2f} | {stage['seconds']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
