@@ -19,24 +19,6 @@ from medvlm.data.io import atomic_write_text
 TARGETS = {"OAR mean": 0.85, "GTVp": 0.70, "GTVn": 0.70, "CTVn": 0.85}
 
 
-def zero_shot_laterality(run: Path, data: Path, split: str = "test") -> dict:
-    """Zero-shot laterality accuracy on the split's reports and CTs (left vs right primaries)."""
-    from medvlm.data.datalist import load_datalist
-    from pipelines import ZeroShotClassificationPipeline
-
-    pipe = ZeroShotClassificationPipeline.from_pretrained(run / "zero_shot")
-    items = [i for i in load_datalist(data)[split] if getattr(i.get("record"), "laterality", None) in ("left", "right")]
-    truth = [i["record"].laterality for i in items]
-    labels = {"laterality": ["left", "right"]}
-    out = pipe(reports=[i["report"] for i in items], ct=[i["image"] for i in items], labels=labels)
-    scores = {}
-    for modality, probabilities in (("reports", out.report_probabilities), ("ct", out.ct_probabilities)):
-        predicted = [labels["laterality"][int(np.argmax(row))] for row in probabilities["laterality"]]
-        scores[modality] = float(np.mean([p == t for p, t in zip(predicted, truth)])) if truth else float("nan")
-    scores["n"] = len(items)
-    return scores
-
-
 def pipeline_examples(run: Path, data: Path, out: Path) -> list[str]:
     """One example per pipeline, written under ``out``; returns Markdown lines describing them."""
     from medvlm.data.datalist import load_datalist
@@ -99,7 +81,13 @@ def write_results(run: Path, data: Path, results: Path, config_name: str, progre
     baseline = run / "baseline" / "final" / "baseline"
     segmentation = evaluate(run / "contour", data, results, modes=("correct", "none", "counterfactual"),
                             baseline=baseline if baseline.is_dir() else None, progress=progress)
-    zero_shot = zero_shot_laterality(run, data)
+    from eval import zero_shot_eval
+
+    zero_shot_results = zero_shot_eval.evaluate(run / "zero_shot", data)
+    test_key = ("reports", "test (held-out templates)", "zero-shot")
+    zero_shot = {"reports": zero_shot_results[test_key]["laterality"]["accuracy"],
+                 "ct": zero_shot_results[("ct", "test (held-out templates)", "zero-shot")]["laterality"]["accuracy"],
+                 "n": zero_shot_results[test_key]["laterality"]["n"]}
     examples = pipeline_examples(run, data, results / "examples")
     dice = segmentation["dice"]["report: correct"]
     from medvlm.data.structures import OAR_NAMES
@@ -135,8 +123,10 @@ def write_results(run: Path, data: Path, results: Path, config_name: str, progre
         "## Targets (issue 9) against measured values", "", "| measure | measured | target | |", "|---|---|---|---|", *rows, "",
         segmentation["summary"], "", segmentation["follows_line"], "",
         f"Full tables (every metric, the seed's per-case layout for 2/5/10/all cases): `{Path(segmentation['tables']).name}`.", "",
-        f"## Zero-shot laterality ({zero_shot['n']} test cases with a lateral primary)", "",
-        f"Reports: {zero_shot['reports']:.2f}; CT volumes: {zero_shot['ct']:.2f}.", "",
+        "## Zero-shot classification and linear probe", "",
+        f"Laterality on the {zero_shot['n']} test cases (held-out report templates): reports {zero_shot['reports']:.2f}, "
+        f"CT {zero_shot['ct']:.2f}. Every label set (`medvlm eval zero-shot --pipeline RUN/zero_shot --data DATA`):", "",
+        zero_shot_eval.table(zero_shot_results), "",
         "## Training", "", *stage_lines, "",
         "## Pipeline examples", "", *examples, ""])
     atomic_write_text(results / "README.md", text)

@@ -169,6 +169,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from eval import segmentation
 
         return segmentation.main(args.rest)
+    if args.task == "zero-shot":
+        from eval import zero_shot_eval
+
+        return zero_shot_eval.main(args.rest)
     if args.task == "benchmark":
         from eval import benchmark
 
@@ -342,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="evaluation and benchmarks: segmentation, deid, extraction, benchmark, "
                                    "phantom-speed")
-    evaluate.add_argument("task", choices=("segmentation", "deid", "extraction", "benchmark", "phantom-speed"))
+    evaluate.add_argument("task", choices=("segmentation", "zero-shot", "deid", "extraction", "benchmark", "phantom-speed"))
     evaluate.add_argument("rest", nargs=argparse.REMAINDER, help="options of the task (see --help of each)")
     evaluate.set_defaults(func=cmd_eval)
 

@@ -32,19 +32,21 @@ class ZeroShotClassificationPipeline(MedVLMPipeline):
     r"""Zero-shot classification with the MedCLIP-style encoder.
 
     Components: contrastive ([`MedCLIPModel`]) and tokenizer. Config: ``preprocess`` for CT inputs,
-    ``max_report_tokens``. Label sets are ``{"laterality": ["left", "right", "midline"]}`` (names, expanded
+    ``max_report_tokens``, ``report_format`` (``"structured"``: reports are parsed into the standard
+    prompt the encoder was trained on; ``"raw"``: the de-identified text as written). Label sets are ``{"laterality": ["left", "right", "midline"]}`` (names, expanded
     with prompt templates) or ``{"set": {"class": ["prompt", ...]}}`` (explicit prompt ensembles); any text
     works, including classes never seen in training.
     """
 
     model_cpu_offload_seq = "contrastive"
-    _config_names = ("preprocess", "max_report_tokens")
+    _config_names = ("preprocess", "max_report_tokens", "report_format")
 
-    def __init__(self, contrastive: MedCLIPModel, tokenizer, preprocess: dict | None = None, max_report_tokens: int = 128):
+    def __init__(self, contrastive: MedCLIPModel, tokenizer, preprocess: dict | None = None, max_report_tokens: int = 128,
+                 report_format: str = "structured"):
         super().__init__()
         self.register_modules(contrastive=contrastive, tokenizer=tokenizer)
         preprocess = dict(preprocess or preprocess_to_dict())
-        self.register_to_config(preprocess=preprocess, max_report_tokens=max_report_tokens)
+        self.register_to_config(preprocess=preprocess, max_report_tokens=max_report_tokens, report_format=report_format)
 
     def check_inputs(self, reports, ct, labels) -> None:
         if reports is None and ct is None:
@@ -61,7 +63,8 @@ class ZeroShotClassificationPipeline(MedVLMPipeline):
                  return_dict: bool = True):
         """Probabilities per label set for ``reports`` (text) and/or ``ct`` (paths, arrays, MetaTensors)."""
         self.check_inputs(reports, ct, labels)
-        classifier = ZeroShotClassifier(self.contrastive, self.tokenizer, max_length=self.config.max_report_tokens)
+        classifier = ZeroShotClassifier(self.contrastive, self.tokenizer, max_length=self.config.max_report_tokens,
+                                        report_format=getattr(self.config, "report_format", "structured"))
         names = {name: list(classes.keys()) if isinstance(classes, Mapping) else list(classes) for name, classes in labels.items()}
         report_probs = ct_probs = None
         if reports is not None:

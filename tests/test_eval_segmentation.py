@@ -108,3 +108,20 @@ def test_benchmark_command_measures_each_schedule(capsys, tmp_path):
     rows = [line for line in printed.splitlines() if line.startswith("| DDIM |")]
     assert [row.split("|")[2].strip() for row in rows] == ["50", "25", "10"]
     assert "| DDIM | 50 |" in printed and "1.00 x" in printed and "| vae | 3 | 1.50 |" in printed
+
+
+def test_zero_shot_scores_against_hand_computed_values():
+    import numpy as np
+
+    from eval.zero_shot_eval import scores
+
+    truth = np.array([0, 0, 1, 1, 2, -1])  # -1: no truth for that case, left out
+    probabilities = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.3, 0.6, 0.1], [0.5, 0.2, 0.3],
+                              [0.9, 0.05, 0.05]])
+    result = scores(truth, probabilities)
+    assert result["n"] == 5
+    assert result["accuracy"] == pytest.approx(3 / 5)
+    assert result["balanced_accuracy"] == pytest.approx((1 / 2 + 1 + 0) / 3)
+    # one-vs-rest AUROC per class, then the mean: class 0 {0.8, 0.2} vs {0.1, 0.3, 0.5} -> 4/6;
+    # class 1 {0.8, 0.6} vs {0.1, 0.7, 0.2} -> 5/6; class 2 {0.3} vs {0.1, 0.1, 0.1, 0.1} -> 1
+    assert result["macro_auroc"] == pytest.approx((4 / 6 + 5 / 6 + 1.0) / 3)

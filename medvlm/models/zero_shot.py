@@ -19,11 +19,17 @@ from medvlm.text.prompts import class_prompts
 class ZeroShotClassifier:
     """Wraps a :class:`MedCLIPModel` and its tokenizer."""
 
-    def __init__(self, model: MedCLIPModel, tokenizer, *, max_length: int = 128, deidentify: bool = True):
+    def __init__(self, model: MedCLIPModel, tokenizer, *, max_length: int = 128, deidentify: bool = True,
+                 report_format: str = "structured"):
+        if report_format not in ("structured", "raw"):
+            raise ValueError(f"report_format must be 'structured' or 'raw', got {report_format!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.deidentifier = Deidentifier() if deidentify else None
+        # "structured": reports become the standard prompt the encoder was trained on (as in training and
+        # in ContourPipeline); "raw": the (de-identified) text as written
+        self.report_format = report_format
 
     @property
     def device(self) -> torch.device:
@@ -56,11 +62,20 @@ class ZeroShotClassifier:
     @torch.no_grad()
     def classify_reports(self, reports: Sequence[str], labels, label_set: str | None = None) -> tuple[list[str], torch.Tensor]:
         """Class names and probabilities (N, C) for reports (de-identified first)."""
+        names, class_embeds = self.class_embeddings(labels, label_set)
+        return names, self._probabilities(self.encode_reports(reports), class_embeds)
+
+    @torch.no_grad()
+    def encode_reports(self, reports: Sequence[str]) -> torch.Tensor:
+        """(N, D) normalised embeddings of reports: de-identified, then put in ``report_format``."""
         texts = [check_text(r, what=f"report {i}") for i, r in enumerate(reports)]
         if self.deidentifier is not None:
             texts = [self.deidentifier.deidentify(t).text for t in texts]
-        names, class_embeds = self.class_embeddings(labels, label_set)
-        return names, self._probabilities(self._encode_texts(texts), class_embeds)
+        if self.report_format == "structured":
+            from medvlm.text.prompts import normalise_report
+
+            texts = [normalise_report(t, deidentify=False) for t in texts]
+        return self._encode_texts(texts)
 
     @torch.no_grad()
     def classify_images(self, images: torch.Tensor, labels, label_set: str | None = None) -> tuple[list[str], torch.Tensor]:
