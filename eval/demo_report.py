@@ -88,6 +88,12 @@ def write_results(run: Path, data: Path, results: Path, config_name: str, progre
     zero_shot = {"reports": zero_shot_results[test_key]["laterality"]["accuracy"],
                  "ct": zero_shot_results[("ct", "test (held-out templates)", "zero-shot")]["laterality"]["accuracy"],
                  "n": zero_shot_results[test_key]["laterality"]["n"]}
+    from eval.generation_eval import laterality_fidelity
+
+    fidelity = laterality_fidelity(run, n_per_side=4, steps=25)
+    from eval import drafting_eval
+
+    drafting = drafting_eval.table(drafting_eval.agreement(run / "report_generation", data))
     examples = pipeline_examples(run, data, results / "examples")
     dice = segmentation["dice"]["report: correct"]
     from medvlm.data.structures import OAR_NAMES
@@ -109,6 +115,10 @@ def write_results(run: Path, data: Path, results: Path, config_name: str, progre
     rows.append(f"| zero-shot laterality, test reports | {zero_shot['reports']:.2f} | >= 0.90 | "
                 f"{'met' if zero_shot['reports'] >= 0.9 else 'not met'} |")
     rows.append(f"| zero-shot laterality, test CT | {zero_shot['ct']:.2f} | >= 0.80 | {'met' if zero_shot['ct'] >= 0.8 else 'not met'} |")
+    for judge in ("zero-shot classifier", "segmentation decoder (CTVn side)"):
+        value = fidelity[judge]
+        rows.append(f"| generated CT carries the prompt's laterality, by the {judge} ({fidelity['n']} samples) | "
+                    f"{value:.2f} | >= 0.80 | {'met' if value >= 0.8 else 'not met'} |")
     summary_path = run / "training_summary.json"
     stages = json.loads(summary_path.read_text())["stages"] if summary_path.is_file() else {}
     stage_lines = ["| stage | steps | seconds | samples/s | final loss |", "|---|---|---|---|---|"]
@@ -127,8 +137,9 @@ def write_results(run: Path, data: Path, results: Path, config_name: str, progre
         f"Laterality on the {zero_shot['n']} test cases (held-out report templates): reports {zero_shot['reports']:.2f}, "
         f"CT {zero_shot['ct']:.2f}. Every label set (`medvlm eval zero-shot --pipeline RUN/zero_shot --data DATA`):", "",
         zero_shot_eval.table(zero_shot_results), "",
+        "## Report drafting (test split): fields parsed from the drafts against the records", "", drafting, "",
         "## Training", "", *stage_lines, "",
         "## Pipeline examples", "", *examples, ""])
     atomic_write_text(results / "README.md", text)
-    return {"targets": rows, "zero_shot": zero_shot, "dice": segmentation["dice"],
+    return {"targets": rows, "zero_shot": zero_shot, "dice": segmentation["dice"], "generation": fidelity,
             "counterfactual_follows": segmentation["counterfactual_follows"]}

@@ -169,6 +169,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from eval import segmentation
 
         return segmentation.main(args.rest)
+    if args.task == "drafting":
+        from eval import drafting_eval
+
+        return drafting_eval.main(args.rest)
+    if args.task == "generation":
+        from eval import generation_eval
+
+        return generation_eval.main(args.rest)
     if args.task == "zero-shot":
         from eval import zero_shot_eval
 
@@ -346,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="evaluation and benchmarks: segmentation, deid, extraction, benchmark, "
                                    "phantom-speed")
-    evaluate.add_argument("task", choices=("segmentation", "zero-shot", "deid", "extraction", "benchmark", "phantom-speed"))
+    evaluate.add_argument("task", choices=("segmentation", "zero-shot", "generation", "drafting", "deid", "extraction", "benchmark", "phantom-speed"))
     evaluate.add_argument("rest", nargs=argparse.REMAINDER, help="options of the task (see --help of each)")
     evaluate.set_defaults(func=cmd_eval)
 

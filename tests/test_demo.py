@@ -16,7 +16,8 @@ def test_quick_demo_runs_end_to_end_and_reuses_on_a_second_run(tmp_path, capsys)
     summary = json.loads((out / "demo_summary.json").read_text())["summary"]
     assert list(summary["stages"]) == ["contrastive", "vae", "diffusion", "segmentation", "baseline", "report_generator"]
     results = (out / "results" / "README.md").read_text()
-    for heading in ("Targets", "image-only baseline", "report: counterfactual", "Zero-shot classification", "Pipeline examples"):
+    for heading in ("Targets", "image-only baseline", "report: counterfactual", "Zero-shot classification",
+                    "carries the prompt's laterality", "Report drafting", "Pipeline examples"):
         assert heading in results
     for example in ("contour_overlay.png", "generated_left.png", "generated_right.png", "drafted_report.txt"):
         assert (out / "results" / "examples" / example).stat().st_size > 0
