@@ -71,6 +71,74 @@ def pipeline_examples(run: Path, data: Path, out: Path) -> list[str]:
     return lines
 
 
+def make_plots(run: Path, results: Path, dice: dict[str, dict[str, float]]) -> list[str]:
+    """Loss curves (TensorBoard logs), Dice box plots per structure and ablation bars; Markdown lines."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder = results / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    stages = [p.name for p in sorted(run.iterdir()) if (p / "logs" / p.name).is_dir()]
+    figure, axes = plt.subplots(1, max(len(stages), 1), figsize=(3.2 * max(len(stages), 1), 2.8), squeeze=False)
+    for axis, stage in zip(axes[0], stages):
+        events = EventAccumulator(str(run / stage / "logs" / stage))
+        events.Reload()
+        if "loss/total" in events.Tags()["scalars"]:
+            points = events.Scalars("loss/total")
+            axis.plot([p.step for p in points], [p.value for p in points])
+        axis.set_title(stage, fontsize=9)
+        axis.set_xlabel("step", fontsize=8)
+    axes[0][0].set_ylabel("training loss", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(folder / "loss_curves.png", dpi=90)
+    plt.close(figure)
+
+    variants = list(dice)
+    names = list(next(iter(dice.values())))
+    figure, axis = plt.subplots(figsize=(10, 3.2))
+    width = 0.8 / len(variants)
+    for k, variant in enumerate(variants):
+        axis.bar([i + k * width for i in range(len(names))], [dice[variant][n] for n in names], width, label=variant)
+    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, fontsize=8, rotation=20)
+    axis.set_ylabel("mean Dice (test)")
+    axis.set_ylim(0, 1)
+    axis.legend(fontsize=7, ncol=len(variants))
+    figure.tight_layout()
+    figure.savefig(folder / "ablation_bars.png", dpi=90)
+    plt.close(figure)
+
+    per_variant = {}
+    for variant, slug in (("report: correct", "report_correct"), ("image-only baseline", "image_only_baseline")):
+        path = results / f"per_case_test_{slug}.csv"
+        if path.is_file():
+            with open(path, newline="") as handle:
+                per_variant[variant] = list(csv.DictReader(handle))
+    figure, axis = plt.subplots(figsize=(10, 3.2))
+    for k, (variant, rows) in enumerate(per_variant.items()):
+        values = [[float(r["dice"]) for r in rows if r["structure"] == n] for n in names]
+        positions = [i * (len(per_variant) + 1) + k for i in range(len(names))]
+        parts = axis.boxplot(values, positions=positions, widths=0.8, patch_artist=True)
+        for box in parts["boxes"]:
+            box.set_facecolor(f"C{k}")
+        axis.plot([], [], color=f"C{k}", label=variant, linewidth=6)
+    axis.set_xticks([i * (len(per_variant) + 1) + (len(per_variant) - 1) / 2 for i in range(len(names))], names,
+                    fontsize=8, rotation=20)
+    axis.set_ylabel("Dice per test case")
+    axis.set_ylim(0, 1)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(folder / "dice_boxplots.png", dpi=90)
+    plt.close(figure)
+    return ["![training loss per stage](plots/loss_curves.png)", "",
+            "![mean Dice per structure: report ablations and baseline](plots/ablation_bars.png)", "",
+            "![Dice per test case: with the report vs image-only baseline](plots/dice_boxplots.png)"]
+
+
 def write_results(run: Path, data: Path, results: Path, config_name: str, progress: bool = True) -> dict:
     """Evaluation + examples + ``results/README.md``; returns the headline numbers."""
     import platform
@@ -95,6 +163,7 @@ def write_results(run: Path, data: Path, results: Path, config_name: str, progre
 
     drafting = drafting_eval.table(drafting_eval.agreement(run / "report_generation", data))
     examples = pipeline_examples(run, data, results / "examples")
+    plots = make_plots(run, results, segmentation["dice"])
     dice = segmentation["dice"]["report: correct"]
     from medvlm.data.structures import OAR_NAMES
 
@@ -131,7 +200,7 @@ def write_results(run: Path, data: Path, results: Path, config_name: str, progre
         f"{torch.get_num_threads()} CPU threads; test split of `{data}`; evaluation took "
         f"{time.perf_counter() - started:.0f} s. Research software, not for clinical use.", "",
         "## Targets (issue 9) against measured values", "", "| measure | measured | target | |", "|---|---|---|---|", *rows, "",
-        segmentation["summary"], "", segmentation["follows_line"], "",
+        segmentation["summary"], "", segmentation["follows_line"], "", *plots, "",
         f"Full tables (every metric, the seed's per-case layout for 2/5/10/all cases): `{Path(segmentation['tables']).name}`.", "",
         "## Zero-shot classification and linear probe", "",
         f"Laterality on the {zero_shot['n']} test cases (held-out report templates): reports {zero_shot['reports']:.2f}, "

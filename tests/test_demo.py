@@ -19,6 +19,8 @@ def test_quick_demo_runs_end_to_end_and_reuses_on_a_second_run(tmp_path, capsys)
     for heading in ("Targets", "image-only baseline", "report: counterfactual", "Zero-shot classification",
                     "carries the prompt's laterality", "Report drafting", "Pipeline examples"):
         assert heading in results
+    for plot in ("loss_curves.png", "ablation_bars.png", "dice_boxplots.png"):
+        assert (out / "results" / "plots" / plot).stat().st_size > 0
     for example in ("contour_overlay.png", "generated_left.png", "generated_right.png", "drafted_report.txt"):
         assert (out / "results" / "examples" / example).stat().st_size > 0
     assert (out / "results" / "examples" / "contour" / "CTVn.nii.gz").is_file()
