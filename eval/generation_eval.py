@@ -19,7 +19,7 @@ PROMPTS = {side: (f"{side.capitalize()} tonsil squamous cell carcinoma, cT2 N1 M
 
 def laterality_fidelity(run: str | Path, *, n_per_side: int = 4, steps: int = 25, guidance_scale: float = 3.0,
                         seed: int = 0) -> dict:
-    from eval.segmentation import predicted_sides
+    from eval.segmentation import body_midline_mm, predicted_sides
     from pipelines import ReportToCTPipeline, ZeroShotClassificationPipeline
 
     run = Path(run)
@@ -37,8 +37,7 @@ def laterality_fidelity(run: str | Path, *, n_per_side: int = 4, steps: int = 25
         for row in probabilities["laterality"]:
             judged["zero-shot classifier"].append(["left", "right"][int(np.argmax(row))] == side)
         for i, volume in enumerate(volumes):
-            body = np.argwhere(volume > -300)
-            midline = float((body @ out.affine[0, :3] + out.affine[0, 3]).mean()) if len(body) else float(out.affine[0, 3])
+            midline = body_midline_mm(volume, out.affine)
             ctvn = np.asarray(out.masks[i][names.index("CTVn")]) if out.masks is not None else np.zeros(volume.shape, bool)
             judged["segmentation decoder (CTVn side)"].append(predicted_sides(ctvn, out.affine, midline) == side)
     return {judge: float(np.mean(values)) for judge, values in judged.items()} | {

@@ -144,6 +144,12 @@ def counterfactual_prompt(record) -> tuple[str, str]:
     return structured_prompt(flipped), "both" if len(sides) == 2 else next(iter(sides))
 
 
+def body_midline_mm(volume_hu: np.ndarray, affine: np.ndarray) -> float:
+    """World x (mm) of the body's centre: the mean over voxels above -300 HU (the affine's origin if none)."""
+    body = np.argwhere(np.asarray(volume_hu) > -300)
+    return float((body @ affine[0, :3] + affine[0, 3]).mean()) if len(body) else float(affine[0, 3])
+
+
 def predicted_sides(mask: np.ndarray, affine: np.ndarray, midline_x_mm: float, min_ml: float = 5.0) -> str:
     """"left", "right", "both" or "none": where a (CTVn) mask has at least ``min_ml`` of volume."""
     idx = np.argwhere(mask)
@@ -205,6 +211,7 @@ def evaluate(pipeline: str | Path, data: str | Path, out: str | Path, *, split: 
         record = item.get("record")
         record = record if not isinstance(record, int) else records.get(record)
         sides_correct = None
+        midline = body_midline_mm(np.asarray(nib.load(item["image"]).dataobj), affine)
         for mode in modes:
             report, expected = item.get("report"), None
             if mode == "none":
@@ -216,9 +223,6 @@ def evaluate(pipeline: str | Path, data: str | Path, out: str | Path, *, split: 
             result = pipe(item["image"], report=report)
             prediction = np.stack([result.masks[0][n] for n in label_names])
             rows[f"report: {mode}"] += case_scores(case_id, prediction, truth, spacing, label_names)
-            image = np.asarray(nib.load(item["image"]).dataobj)
-            body = np.argwhere(image > -300)
-            midline = float((body @ affine[0, :3] + affine[0, 3]).mean())
             sides = predicted_sides(result.masks[0]["CTVn"], affine, midline)
             if mode == "correct":
                 sides_correct = sides

@@ -156,44 +156,23 @@ def cmd_deid_dicom(args: argparse.Namespace) -> int:
     return 0
 
 
+# ``medvlm eval TASK ...``: the module of eval/ whose ``main(argv)`` takes the remaining options
+EVAL_TASKS = {"segmentation": "segmentation", "zero-shot": "zero_shot_eval", "generation": "generation_eval",
+              "drafting": "drafting_eval", "deid": "deid_eval", "extraction": "extraction_eval", "benchmark": "benchmark"}
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    if args.task == "deid":
-        from eval import deid_eval
+    import importlib
 
-        return deid_eval.main(args.rest)
-    if args.task == "extraction":
-        from eval import extraction_eval
-
-        return extraction_eval.main(args.rest)
-    if args.task == "segmentation":
-        from eval import segmentation
-
-        return segmentation.main(args.rest)
-    if args.task == "drafting":
-        from eval import drafting_eval
-
-        return drafting_eval.main(args.rest)
-    if args.task == "generation":
-        from eval import generation_eval
-
-        return generation_eval.main(args.rest)
-    if args.task == "zero-shot":
-        from eval import zero_shot_eval
-
-        return zero_shot_eval.main(args.rest)
-    if args.task == "benchmark":
-        from eval import benchmark
-
-        return benchmark.main(args.rest)
-    if args.task == "phantom-speed":
-        import sys as _sys
-
+    if args.task == "phantom-speed":  # bench_phantom reads sys.argv itself
         from eval import bench_phantom
 
-        _sys.argv = ["bench_phantom", *args.rest]
+        sys.argv = ["bench_phantom", *args.rest]
         bench_phantom.main()
         return 0
-    raise MedVLMError(f"unknown evaluation task {args.task!r}")
+    if args.task not in EVAL_TASKS:
+        raise MedVLMError(f"unknown evaluation task {args.task!r}")
+    return importlib.import_module(f"eval.{EVAL_TASKS[args.task]}").main(args.rest)
 
 
 def _text_or_file(value: str | None) -> str | None:
@@ -354,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="evaluation and benchmarks: segmentation, deid, extraction, benchmark, "
                                    "phantom-speed")
-    evaluate.add_argument("task", choices=("segmentation", "zero-shot", "generation", "drafting", "deid", "extraction", "benchmark", "phantom-speed"))
+    evaluate.add_argument("task", choices=(*EVAL_TASKS, "phantom-speed"))
     evaluate.add_argument("rest", nargs=argparse.REMAINDER, help="options of the task (see --help of each)")
     evaluate.set_defaults(func=cmd_eval)
 

@@ -262,3 +262,33 @@ class StageTrainer:
     def unwrap(self, module: torch.nn.Module) -> torch.nn.Module:
         return self.accelerator.unwrap_model(module)
 
+
+
+class BestDiceMixin:
+    """For stages validated by Dice per structure: validation every ``validate_every`` steps, the best
+    weights by mean Dice kept, and those (not the last) exported."""
+
+    best: tuple[float, dict | None] = (-1.0, None)
+
+    def after_optimizer_step(self, step: int) -> None:
+        every = self.stage_config.validate_every
+        if every > 0 and (step + 1) % every == 0 and step + 1 < self.stage_config.steps:
+            self.validate(step + 1)
+
+    def record_dice(self, dice: list[float], module: torch.nn.Module, step: int) -> dict:
+        """Scores per structure and their mean; keeps ``module``'s weights when the mean is the best so far."""
+        import copy
+
+        from medvlm.data.structures import STRUCTURE_NAMES
+
+        scores = {f"dice_{name}": float(value) for name, value in zip(STRUCTURE_NAMES, dice)}
+        scores["dice_mean"] = float(sum(dice) / len(dice))
+        if scores["dice_mean"] > self.best[0]:
+            self.best = (scores["dice_mean"], copy.deepcopy(module.state_dict()))
+        self.accelerator.log({f"val/{k}": v for k, v in scores.items()}, step=step)
+        return scores
+
+    def restore_best(self, module: torch.nn.Module) -> torch.nn.Module:
+        if self.best[1] is not None:
+            module.load_state_dict(self.best[1])  # the best validation checkpoint, not the last
+        return module

@@ -6,7 +6,6 @@ by side. Augmentation: as the segmentation stage (none when it trains on cached 
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 
 from medvlm.data.structures import STRUCTURE_NAMES
 from medvlm.models.baseline import ImageOnlySegmenter
-from train.common import StageTrainer
+from train.common import BestDiceMixin, StageTrainer
 from train.data import aligned_corner, augmentation, collate, cut_patch, load_cases
 
 
@@ -31,7 +30,7 @@ class BaselineLoss(nn.Module):
         return loss, {"total": loss.detach()}
 
 
-class BaselineTrainer(StageTrainer):
+class BaselineTrainer(BestDiceMixin, StageTrainer):
     name = "baseline"
     settings_name = "segmentation"
 
@@ -66,11 +65,6 @@ class BaselineTrainer(StageTrainer):
             images, labels = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
         return {"images": images, "labels": labels}
 
-    def after_optimizer_step(self, step: int) -> None:
-        every = self.stage_config.validate_every
-        if every > 0 and (step + 1) % every == 0 and step + 1 < self.stage_config.steps:
-            self.validate(step + 1)
-
     @torch.no_grad()
     def validate(self, step: int) -> dict:
         if not self.validation_cases:
@@ -84,15 +78,7 @@ class BaselineTrainer(StageTrainer):
             metric(y_pred=prediction, y=case.label[None].to(self.device))
         dice = metric.aggregate().cpu().tolist()
         model.train(was_training)
-        scores = {f"dice_{name}": float(v) for name, v in zip(STRUCTURE_NAMES, dice)}
-        scores["dice_mean"] = float(sum(dice) / len(dice))
-        if scores["dice_mean"] > self.best[0]:
-            self.best = (scores["dice_mean"], copy.deepcopy(model.state_dict()))
-        self.accelerator.log({f"val/{k}": v for k, v in scores.items()}, step=step)
-        return scores
+        return self.record_dice(dice, model, step)
 
     def export(self, folder: Path) -> None:
-        model = self.unwrap(self.model)
-        if self.best[1] is not None:
-            model.load_state_dict(self.best[1])
-        model.save_pretrained(folder / "baseline")
+        self.restore_best(self.unwrap(self.model)).save_pretrained(folder / "baseline")

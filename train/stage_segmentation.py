@@ -2,7 +2,6 @@
 validation Dice per structure, best checkpoint kept."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ from medvlm.data.structures import STRUCTURE_NAMES
 from medvlm.errors import ConfigError
 from medvlm.models import CTAutoencoderKL, ReportConditionedUNet3D
 from medvlm.models.factory import build_segmentation
-from train.common import StageTrainer
+from train.common import BestDiceMixin, StageTrainer
 from train.data import aligned_corner, augmentation, collate, cut_patch, load_cases
 from train.stage_diffusion import load_upstream
 
@@ -80,7 +79,7 @@ class CachedSegmentationLoss(nn.Module):
         return loss, {"total": loss.detach()}
 
 
-class SegmentationTrainer(StageTrainer):
+class SegmentationTrainer(BestDiceMixin, StageTrainer):
     name = "segmentation"
 
     def setup(self) -> nn.Module:
@@ -182,11 +181,6 @@ class SegmentationTrainer(StageTrainer):
                 "drop": self.share(torch.rand(self.global_rows(len(batch["index"])), generator=generator)
                                    < self.stage_config.report_dropout)}
 
-    def after_optimizer_step(self, step: int) -> None:
-        every = self.stage_config.validate_every
-        if every > 0 and (step + 1) % every == 0 and step + 1 < self.stage_config.steps:
-            self.validate(step + 1)
-
     @torch.no_grad()
     def validate(self, step: int) -> dict:
         """Validation Dice per structure (MONAI DiceMetric); keeps the best decoder weights."""
@@ -210,17 +204,9 @@ class SegmentationTrainer(StageTrainer):
                                                "CTVn_predicted": prediction[0, ctvn]}, step)
         dice = metric.aggregate().cpu().tolist()
         segmentation.train(was_training)
-        scores = {f"dice_{name}": float(value) for name, value in zip(STRUCTURE_NAMES, dice)}
-        scores["dice_mean"] = float(sum(dice) / len(dice))
-        if scores["dice_mean"] > self.best[0]:
-            self.best = (scores["dice_mean"], copy.deepcopy(segmentation.state_dict()))
-        self.accelerator.log({f"val/{k}": v for k, v in scores.items()}, step=step)
-        return scores
+        return self.record_dice(dice, segmentation, step)
 
     def export(self, folder: Path) -> None:
-        segmentation = self.unwrap(self.segmentation)
-        if self.best[1] is not None:
-            segmentation.load_state_dict(self.best[1])  # the best validation checkpoint, not the last
-        segmentation.save_pretrained(folder / "segmentation")
+        self.restore_best(self.unwrap(self.segmentation)).save_pretrained(folder / "segmentation")
         if self.stage_config.finetune_unet:
             self.unwrap(self.unet).save_pretrained(folder / "unet")

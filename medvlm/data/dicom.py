@@ -28,7 +28,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from medvlm.data.io import atomic_path
+from medvlm.data.io import atomic_path, spacing_from_affine
 from medvlm.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class DicomSeries:
 
     @property
     def spacing(self) -> tuple[float, float, float]:
-        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+        return spacing_from_affine(self.affine)
 
     @property
     def affine_lps(self) -> np.ndarray:
