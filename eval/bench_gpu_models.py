@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     roi = tuple(config.data.preprocess.roi_size)
     vae = build_vae(config.models).to(device)
     unet = build_unet(config.models, context_dim).to(device)
-    seg = build_segmentation(config.models, context_dim).to(device)
+    seg = build_segmentation(config.models, context_dim, config.data.preprocess).to(device)
     factor = vae.compression
     latent = tuple(s // factor for s in roi)
     context = torch.randn(1, args.text_tokens, context_dim, device=device)

@@ -36,8 +36,8 @@ def build_pipelines(config: MedVLMConfig, *, components: dict | None = None, tex
     context_dim = int(text_encoder.config.hidden_size)
     vae = components.get("vae") or build_vae(config.models)
     unet = components.get("unet") or build_unet(config.models, context_dim)
-    segmentation = components.get("segmentation") or build_segmentation(config.models, context_dim)
-    contrastive = components.get("contrastive") or build_contrastive(config.models, config.text)
+    segmentation = components.get("segmentation") or build_segmentation(config.models, context_dim, config.data.preprocess)
+    contrastive = components.get("contrastive") or build_contrastive(config.models, config.text, preprocess=config.data.preprocess)
     generator, processor = components.get("report_generator"), components.get("report_processor")
     if generator is None or processor is None:
         texts = list(report_texts or ["head and neck cancer report"])

@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import copy
+
 import pytest
 import torch
 
@@ -69,11 +71,42 @@ def test_segmentation_logits_at_full_resolution(tiny):
     fused = nets["unet"](encoded.latent_dist.mode(), 0, _context(1), return_features=True).features[-1]
     logits = nets["segmentation"](fused, encoded.features, _context(1), image=x)
     assert logits.shape == (1, 9, 32, 32, 32)
-    # the tiny preset gives the decoder the CT itself (image_skip): it is required and it matters
-    with pytest.raises(ValueError, match="pass image="):
+    # the CT is required and it matters
+    with pytest.raises(ValueError, match="needs image="):
         nets["segmentation"](fused, encoded.features, _context(1))
     other = nets["segmentation"](fused, encoded.features, _context(1), image=torch.randn_like(x))
     assert (other - logits).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="divisible by"):
+        nets["segmentation"](fused, encoded.features, _context(1), image=torch.randn(1, 1, 30, 32, 32))
+
+
+def test_report_path_starts_at_zero_then_carries_the_report(tiny):
+    """The report path's head starts near zero (training starts from the image path); once it has
+    weights, a different report changes the logits."""
+    _, nets = tiny
+    seg = copy.deepcopy(nets["segmentation"])
+    x = torch.randn(1, 1, 32, 32, 32)
+    encoded = nets["vae"].encode(x, return_features=True)
+    fused = nets["unet"](encoded.latent_dist.mode(), 0, _context(1), return_features=True).features[-1]
+    a, b = _context(1), torch.randn_like(_context(1))
+    with torch.no_grad():
+        assert (seg(fused, encoded.features, a, image=x) - seg(fused, encoded.features, b, image=x)).abs().max() < 1e-2
+        torch.nn.init.normal_(seg.report_head.conv.conv.weight, std=0.5)
+        assert (seg(fused, encoded.features, a, image=x) - seg(fused, encoded.features, b, image=x)).abs().max() > 1e-4
+
+
+def test_ct_windows_map_hounsfield_units():
+    from medvlm.models.windows import CTWindows
+
+    windows = CTWindows((-1000.0, 1500.0), (-1.0, 1.0), ((40.0, 400.0),))
+    hu = torch.tensor([-1000.0, 40.0, 240.0, 1500.0])
+    x = (hu + 1000.0) / 2500.0 * 2.0 - 1.0
+    out = windows(x.view(1, 1, 4, 1, 1))
+    assert out.shape == (1, 2, 4, 1, 1)
+    assert torch.allclose(out[0, 0].flatten(), x)
+    assert torch.allclose(out[0, 1].flatten(), torch.tensor([-1.0, 0.0, 1.0, 1.0]), atol=1e-5)
+    with pytest.raises(ValueError, match="invalid CT windows"):
+        CTWindows(windows=((40.0, 0.0),))
 
 
 def _assert_all_trainable_have_gradients(module: torch.nn.Module, name: str):
@@ -180,6 +213,38 @@ def test_semantic_matching_equals_clip_for_identity_labels_and_is_lower_when_lab
     assert semantic_matching_loss(images, texts_shared, scale, labels) < clip_loss(images, texts_shared, scale)
     targets = semantic_targets(labels)
     assert torch.allclose(targets.sum(1), torch.ones(4)) and targets[0, 1] == 0.5
+
+
+def test_semantic_matching_with_label_phrases_pulls_matching_phrases_closer():
+    """Text-label pairs: rectangular soft targets; a phrase matching nothing in the batch is left out."""
+    labels = torch.tensor([[1.0, 0, 1.0, 0], [0, 1.0, 0, 1.0]])  # two cases (side, stage)
+    phrase_labels = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 0]])  # left, right, nothing known
+    targets = semantic_targets(labels, phrase_labels)
+    assert targets.shape == (2, 3) and torch.allclose(targets, torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]))
+    g = torch.Generator().manual_seed(0)
+    embeds = torch.nn.functional.normalize(torch.randn(2, 8, generator=g), dim=-1)
+    scale = torch.tensor(10.0)
+    aligned = torch.cat([embeds, torch.nn.functional.normalize(torch.randn(1, 8, generator=g), dim=-1)])
+    swapped = aligned[[1, 0, 2]]
+    good = semantic_matching_loss(embeds, aligned, scale, labels, phrase_labels)
+    bad = semantic_matching_loss(embeds, swapped, scale, labels, phrase_labels)
+    assert torch.isfinite(good) and good < bad
+
+
+def test_label_phrases_state_one_known_field_in_training_words():
+    from medvlm.text.parse import LABEL_NAMES, label_vector, parse_report
+    from medvlm.text.prompts import CLASS_PROMPT_TEMPLATES, LABEL_SET_PHRASES, label_phrases
+
+    labels = label_vector(parse_report("Left tonsil squamous cell carcinoma, cT2 cN1 cM0. Elective neck: ipsilateral."))
+    pairs = label_phrases(labels, np.random.default_rng(0), 40)
+    assert len(pairs) == 40
+    evaluation = {t.format(p) for phrases in LABEL_SET_PHRASES.values() for p in phrases.values() for t in CLASS_PROMPT_TEMPLATES}
+    for text, vector in pairs:
+        assert vector.sum() == 1.0 and labels[vector.argmax()] == 1.0  # one field, one the case has
+        assert LABEL_NAMES[int(vector.argmax())].split("=")[1].lower() in text.lower()
+        assert text not in evaluation  # zero-shot prompts stay unseen
+    assert len({LABEL_NAMES[int(v.argmax())].split("=")[0] for _, v in pairs}) >= 3
+    assert label_phrases(np.zeros_like(labels), np.random.default_rng(0), 3) == []
 
 
 def test_siglip_loss_runs():

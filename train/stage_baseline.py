@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from monai.losses import DiceFocalLoss
 from monai.metrics import DiceMetric
 from torch import nn
 
@@ -17,13 +16,14 @@ from medvlm.data.structures import STRUCTURE_NAMES
 from medvlm.models.baseline import ImageOnlySegmenter
 from train.common import BestDiceMixin, StageTrainer
 from train.data import aligned_corner, augmentation, collate, cut_patch, load_cases
+from train.stage_segmentation import segmentation_loss
 
 
 class BaselineLoss(nn.Module):
-    def __init__(self, model: ImageOnlySegmenter, lambda_dice: float, lambda_focal: float):
+    def __init__(self, model: ImageOnlySegmenter, loss: nn.Module):
         super().__init__()
         self.model = model
-        self.loss = DiceFocalLoss(sigmoid=True, batch=True, lambda_dice=lambda_dice, lambda_focal=lambda_focal)
+        self.loss = loss
 
     def forward(self, images, labels):
         loss = self.loss(self.model(images), labels)
@@ -43,14 +43,17 @@ class BaselineTrainer(BestDiceMixin, StageTrainer):
         cached = c.cache_features and not c.finetune_unet  # the decoder then trains without augmentation
         self.augment = None if cached else augmentation(self.config, with_label=True)
         b = self.config.models.baseline
+        p = self.config.data.preprocess
         self.model = ImageOnlySegmenter(num_classes=len(STRUCTURE_NAMES), channels=tuple(b.channels),
-                                        num_res_units=b.num_res_units)
+                                        num_res_units=b.num_res_units,
+                                        ct_windows=tuple(tuple(w) for w in self.config.models.segmentation.ct_windows),
+                                        input_hu_window=tuple(p.hu_window), input_range=tuple(p.output_range))
         try:
             self.validation_cases = load_cases(self.data_dir, self.config, "validation")
         except Exception:  # a datalist without validation split
             self.validation_cases = []
         self.best = (-1.0, None)
-        return BaselineLoss(self.model, c.lambda_dice, c.lambda_focal)
+        return BaselineLoss(self.model, segmentation_loss(c))
 
     def make_inputs(self, index: int) -> dict:
         indices = self.batcher.indices(index)

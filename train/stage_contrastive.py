@@ -3,28 +3,39 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from medvlm.models.contrastive import clip_loss, semantic_matching_loss
 from medvlm.models.factory import build_contrastive
+from medvlm.text.prompts import label_phrases
 from train.common import StageTrainer
 from train.data import augmentation, collate, load_cases
 
 
 class ContrastiveLoss(nn.Module):
-    def __init__(self, model, semantic_weight: float, clip_weight: float):
+    def __init__(self, model, semantic_weight: float, clip_weight: float, phrase_weight: float = 0.0):
         super().__init__()
         self.model, self.semantic_weight, self.clip_weight = model, semantic_weight, clip_weight
+        self.phrase_weight = phrase_weight
 
-    def forward(self, images, input_ids, attention_mask, labels):
+    def forward(self, images, input_ids, attention_mask, labels, phrase_ids=None, phrase_mask=None, phrase_labels=None):
         out = self.model(images, input_ids, attention_mask)
         # Negatives are this process's batch (open_clip's ClipLoss gathers across processes only when
         # built with world_size > 1; kept local so 1 and N processes optimise the same objective per shard).
         semantic = semantic_matching_loss(out.image_embeds, out.text_embeds, out.logit_scale, labels)
         infonce = clip_loss(out.image_embeds, out.text_embeds, out.logit_scale)
         loss = self.semantic_weight * semantic + self.clip_weight * infonce
-        return loss, {"total": loss.detach(), "semantic": semantic.detach(), "clip": infonce.detach()}
+        parts = {"semantic": semantic.detach(), "clip": infonce.detach()}
+        if self.phrase_weight and phrase_ids is not None:
+            # MedCLIP's text-label pairs: each label phrase matches the CTs and the reports carrying its label
+            phrases = self.model.encode_text(phrase_ids, phrase_mask)
+            phrase = (semantic_matching_loss(out.image_embeds, phrases, out.logit_scale, labels, phrase_labels)
+                      + semantic_matching_loss(out.text_embeds, phrases, out.logit_scale, labels, phrase_labels)) / 2
+            loss = loss + self.phrase_weight * phrase
+            parts["phrase"] = phrase.detach()
+        return loss, {"total": loss.detach(), **parts}
 
 
 class ContrastiveTrainer(StageTrainer):
@@ -39,16 +50,28 @@ class ContrastiveTrainer(StageTrainer):
         self.batcher = self.batches(len(self.cases))
         self.augment = augmentation(self.config, with_label=False)
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_text_encoder_path(self.config.text.encoder), local_files_only=True)
-        self.model = build_contrastive(self.config.models, self.config.text)
+        self.model = build_contrastive(self.config.models, self.config.text, preprocess=self.config.data.preprocess)
         c = self.stage_config
-        return ContrastiveLoss(self.model, c.semantic_weight, c.clip_weight)
+        return ContrastiveLoss(self.model, c.semantic_weight, c.clip_weight, c.phrase_weight)
 
     def make_inputs(self, index: int) -> dict:
-        batch = collate(self.cases, self.batcher.indices(index), self.augment, self.config.training.seed, self.batcher.epoch(index))
+        indices = self.batcher.indices(index)
+        batch = collate(self.cases, indices, self.augment, self.config.training.seed, self.batcher.epoch(index))
         tokens = self.tokenizer(batch["prompt"], padding=True, truncation=True, max_length=self.config.text.max_length,
                                 return_tensors="pt")
-        return {"images": batch["image"], "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
-                "labels": batch["labels"]}
+        inputs = {"images": batch["image"], "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
+                  "labels": batch["labels"]}
+        c = self.stage_config
+        if c.phrase_weight and c.phrases_per_case > 0:
+            pairs = []
+            for case_index in indices:  # phrases drawn from (seed, step, case): the same whatever the process count
+                rng = np.random.default_rng([self.config.training.seed, index, case_index, 7])
+                pairs += label_phrases(self.cases[case_index].labels, rng, c.phrases_per_case)
+            if pairs:
+                phrase_tokens = self.tokenizer([p for p, _ in pairs], padding=True, return_tensors="pt")
+                inputs.update(phrase_ids=phrase_tokens["input_ids"], phrase_mask=phrase_tokens["attention_mask"],
+                              phrase_labels=torch.as_tensor(np.stack([v for _, v in pairs])))
+        return inputs
 
     @torch.no_grad()
     def validate(self, step: int) -> dict:

@@ -1,11 +1,11 @@
-"""Stage 4: the segmentation decoder on the fused latent (MONAI DiceFocalLoss, multi-label sigmoid),
+"""Stage 4: the segmentation decoder on the fused latent (MONAI DiceCELoss or DiceFocalLoss, multi-label sigmoid),
 validation Dice per structure, best checkpoint kept."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from monai.losses import DiceFocalLoss
+from monai.losses import DiceCELoss, DiceFocalLoss
 from monai.metrics import DiceMetric
 from torch import nn
 
@@ -18,6 +18,18 @@ from train.data import aligned_corner, augmentation, collate, cut_patch, load_ca
 from train.stage_diffusion import load_upstream
 
 
+def segmentation_loss(settings) -> nn.Module:
+    """The multi-label loss of ``training.segmentation`` (sigmoid per structure; structures overlap).
+
+    batch=True: Dice per structure over the whole batch, so a patch without the structure does not floor the loss.
+    """
+    if settings.loss == "dice_ce":
+        return DiceCELoss(sigmoid=True, batch=True, lambda_dice=settings.lambda_dice, lambda_ce=settings.lambda_ce)
+    if settings.loss == "dice_focal":
+        return DiceFocalLoss(sigmoid=True, batch=True, lambda_dice=settings.lambda_dice, lambda_focal=settings.lambda_focal)
+    raise ConfigError(f"training.segmentation.loss must be 'dice_ce' or 'dice_focal', got {settings.loss!r}")
+
+
 def fused_logits(vae, unet, segmentation, images, states, attention_mask):
     """The contouring path of ContourPipeline (clean latent, timestep 0), for one batch of ROIs."""
     encoded = vae.encode(images, return_features=True)
@@ -27,12 +39,11 @@ def fused_logits(vae, unet, segmentation, images, states, attention_mask):
 
 
 class SegmentationLoss(nn.Module):
-    def __init__(self, segmentation, unet, vae, text_encoder, lambda_dice: float, lambda_focal: float, finetune_unet: bool):
+    def __init__(self, segmentation, unet, vae, text_encoder, loss: nn.Module, finetune_unet: bool):
         super().__init__()
         self.segmentation, self.unet, self.vae, self.text_encoder = segmentation, unet, vae, text_encoder
         self.finetune_unet = finetune_unet
-        # batch=True: Dice per structure over the whole batch, so a patch without the structure does not floor the loss
-        self.loss = DiceFocalLoss(sigmoid=True, batch=True, lambda_dice=lambda_dice, lambda_focal=lambda_focal)
+        self.loss = loss
 
     def _logits(self, images, states, mask):
         with torch.set_grad_enabled(self.finetune_unet):
@@ -58,11 +69,10 @@ class SegmentationLoss(nn.Module):
 class CachedSegmentationLoss(nn.Module):
     """The decoder's loss on precomputed frozen features (see ``cache_features``)."""
 
-    def __init__(self, segmentation, lambda_dice: float, lambda_focal: float):
+    def __init__(self, segmentation, loss: nn.Module):
         super().__init__()
         self.segmentation = segmentation
-        # batch=True: Dice per structure over the whole batch, so a patch without the structure does not floor the loss
-        self.loss = DiceFocalLoss(sigmoid=True, batch=True, lambda_dice=lambda_dice, lambda_focal=lambda_focal)
+        self.loss = loss
 
     def forward(self, features, fused, fused_null, states, attention_mask, labels, drop, images):
         device = fused.device
@@ -96,7 +106,8 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
         self.text_encoder = AutoModel.from_pretrained(load_upstream(self.output_dir, "contrastive", "text_encoder"),
                                                       local_files_only=True).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(load_upstream(self.output_dir, "contrastive", "tokenizer"), local_files_only=True)
-        self.segmentation = build_segmentation(self.config.models, int(self.text_encoder.config.hidden_size))
+        self.segmentation = build_segmentation(self.config.models, int(self.text_encoder.config.hidden_size),
+                                               self.config.data.preprocess)
         for module in (self.vae, self.text_encoder):
             module.to(self.device)
         if not c.finetune_unet:
@@ -109,8 +120,8 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
         self.cache = None
         if c.cache_features and not c.finetune_unet:
             self.cache = self._precompute()
-            return CachedSegmentationLoss(self.segmentation, c.lambda_dice, c.lambda_focal)
-        return SegmentationLoss(self.segmentation, self.unet, self.vae, self.text_encoder, c.lambda_dice, c.lambda_focal,
+            return CachedSegmentationLoss(self.segmentation, segmentation_loss(c))
+        return SegmentationLoss(self.segmentation, self.unet, self.vae, self.text_encoder, segmentation_loss(c),
                                 c.finetune_unet)
 
     def _checked_patch(self, patch: tuple[int, ...]) -> tuple[int, ...]:

@@ -18,6 +18,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 - diffusers finds the base class in this module when loading
 
 from medvlm.models.base import AlignedModelMixin
+from medvlm.models.windows import CTWindows
 from diffusers.utils import BaseOutput
 from monai.networks.nets import ResNet
 from torch import nn
@@ -46,13 +47,19 @@ class MedCLIPModel(AlignedModelMixin, ConfigMixin):
         image_block_inplanes / image_layers: MONAI ``ResNet`` widths and blocks per stage (3D, basic blocks).
         text_pooling: ``"mean"`` (encoders) or ``"cls"``.
         frozen_text_layers: the lowest N transformer layers (and embeddings) are frozen.
+        image_pool: the CT tower first averages ``image_pool``^3 voxel blocks (2: a 64^3 ROI is seen at
+            32^3, eight times less compute; laterality and subsite are coarse findings).
+        ct_windows / input_hu_window / input_range: fixed CT windows as extra input channels
+            (:class:`medvlm.models.segmentation.CTWindows`); empty: the preprocessed CT alone.
     """
 
     @register_to_config
     def __init__(self, text_config: dict | None = None, embed_dim: int = 128,
                  image_block_inplanes: Sequence[int] = (16, 32, 64, 128), image_layers: Sequence[int] = (1, 1, 1, 1),
                  image_in_channels: int = 1, text_pooling: str = "mean", frozen_text_layers: int = 0,
-                 init_logit_scale: float = math.log(1 / 0.07), init_logit_bias: float | None = None):
+                 init_logit_scale: float = math.log(1 / 0.07), init_logit_bias: float | None = None,
+                 image_pool: int = 1, ct_windows: Sequence[Sequence[float]] = (),
+                 input_hu_window: Sequence[float] = (-1000.0, 1500.0), input_range: Sequence[float] = (-1.0, 1.0)):
         super().__init__()
         from transformers import AutoConfig, AutoModel
 
@@ -66,8 +73,12 @@ class MedCLIPModel(AlignedModelMixin, ConfigMixin):
             # tower saves as a complete model for the pipelines
             self.text_model.pooler.requires_grad_(False)
         hidden = int(self.text_model.config.hidden_size)
+        if image_pool < 1:
+            raise ValueError(f"image_pool must be >= 1, got {image_pool}")
+        self.windows = CTWindows(input_hu_window, input_range, ct_windows) if ct_windows else None
+        channels = image_in_channels * (self.windows.out_channels if self.windows is not None else 1)
         self.image_model = ResNet(block="basic", layers=list(image_layers), block_inplanes=list(image_block_inplanes),
-                                  spatial_dims=3, n_input_channels=image_in_channels, feed_forward=False,
+                                  spatial_dims=3, n_input_channels=channels, feed_forward=False,
                                   conv1_t_size=3, conv1_t_stride=1)
         self.image_projection = nn.Linear(int(image_block_inplanes[-1]), embed_dim, bias=False)
         self.text_projection = nn.Linear(hidden, embed_dim, bias=False)
@@ -103,6 +114,10 @@ class MedCLIPModel(AlignedModelMixin, ConfigMixin):
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """CT volumes (B, 1, X, Y, Z) in the preprocessed intensity range -> embeddings (B, embed_dim)."""
+        if self.windows is not None:
+            images = self.windows(images)
+        if self.config.image_pool > 1:
+            images = F.avg_pool3d(images, self.config.image_pool, ceil_mode=True)
         features = self.image_model(images)
         embeds = self.image_projection(features)
         return F.normalize(embeds, dim=-1) if normalize else embeds
@@ -141,25 +156,41 @@ def siglip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_sca
     return SigLipLoss()(image_embeds, text_embeds, logit_scale, logit_bias)
 
 
-def semantic_targets(labels: torch.Tensor) -> torch.Tensor:
-    """Soft targets from report label vectors: row-normalised, non-negative cosine similarity.
+def semantic_targets(labels: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+    """Soft targets from label vectors: non-negative cosine similarity, rows normalised to sum to one.
 
-    Each sample always matches itself (so an all-unknown label vector falls back to the CLIP target).
-    MedCLIP takes a softmax of label dot products; row normalisation is used here so that one-hot
-    identity labels give exactly the CLIP (identity) targets.
+    Square case (``other`` is None, image-report pairs): each sample always matches itself, so an
+    all-unknown label vector falls back to the CLIP target. MedCLIP takes a softmax of label dot products;
+    row normalisation is used here so that one-hot identity labels give exactly the CLIP (identity) targets.
+    Rectangular case (``other`` given, e.g. label phrases): rows without any match are all zero.
     """
     normed = F.normalize(labels.float(), dim=-1)
-    similarity = (normed @ normed.T).clamp_min(0.0)
-    similarity.fill_diagonal_(1.0)
-    return similarity / similarity.sum(dim=1, keepdim=True)
+    similarity = (normed @ F.normalize((labels if other is None else other).float(), dim=-1).T).clamp_min(0.0)
+    if other is None:
+        similarity.fill_diagonal_(1.0)
+    return similarity / similarity.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the rows that have a target (rows of zeros have nothing to match)."""
+    rows = targets.sum(1) > 0
+    if not bool(rows.any()):
+        return logits.sum() * 0.0
+    return -(targets[rows] * F.log_softmax(logits[rows], dim=1)).sum(1).mean()
 
 
 def semantic_matching_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
-                           labels: torch.Tensor) -> torch.Tensor:
+                           labels: torch.Tensor, text_labels: torch.Tensor | None = None) -> torch.Tensor:
     """MedCLIP's decoupled semantic-matching loss: cross-entropy against soft targets, both directions,
-    so that two patients with the same findings are not pushed apart as negatives."""
+    so that two patients with the same findings are not pushed apart as negatives.
+
+    ``text_labels``: label vectors of the texts when they are not the images' own reports (MedCLIP's
+    text-label pairs, e.g. :func:`medvlm.text.prompts.label_phrases`); ``image_embeds`` may then be any
+    embeddings labelled by ``labels`` (CT or report).
+    """
     logits = logit_scale * image_embeds @ text_embeds.T
-    targets = semantic_targets(labels).to(logits.dtype)
-    loss_image = -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
-    loss_text = -(targets.T * F.log_softmax(logits.T, dim=1)).sum(1).mean()
-    return (loss_image + loss_text) / 2
+    targets = semantic_targets(labels, text_labels).to(logits.dtype)
+    if text_labels is None:
+        return (_soft_cross_entropy(logits, targets) + _soft_cross_entropy(logits.T, targets.T)) / 2
+    reverse = semantic_targets(text_labels, labels).to(logits.dtype)
+    return (_soft_cross_entropy(logits, targets) + _soft_cross_entropy(logits.T, reverse)) / 2

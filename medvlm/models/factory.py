@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from medvlm.config import MedVLMConfig, ModelsConfig, TextConfig
+from medvlm.config import MedVLMConfig, ModelsConfig, PreprocessConfig, TextConfig
 from medvlm.data.structures import STRUCTURE_NAMES
 from medvlm.models.contrastive import MedCLIPModel, buildable_text_config
 from medvlm.models.report_generator import SPECIAL_TOKENS, build_tiny_paligemma
@@ -35,26 +35,28 @@ def build_unet(models: ModelsConfig, context_dim: int) -> ReportConditionedUNet3
                                    norm_num_groups=u.norm_num_groups, transformer_num_layers=u.transformer_num_layers)
 
 
-def build_segmentation(models: ModelsConfig, context_dim: int) -> FusedSegmentationDecoder:
+def build_segmentation(models: ModelsConfig, context_dim: int, preprocess: PreprocessConfig | None = None
+                       ) -> FusedSegmentationDecoder:
+    """The decoder of ``models.segmentation``; ``preprocess`` (``data.preprocess``) fixes its CT windows' HU mapping."""
     s = models.segmentation
-    if len(s.decoder_channels) != len(models.vae.channels):
-        raise ValueError(f"models.segmentation.decoder_channels needs one entry per VAE scale "
-                         f"({len(models.vae.channels)}), got {list(s.decoder_channels)}")
-    if s.cross_attention_levels and len(s.cross_attention_levels) != len(s.decoder_channels):
-        raise ValueError(f"models.segmentation.cross_attention_levels needs one entry per decoder scale "
-                         f"({len(s.decoder_channels)}), got {list(s.cross_attention_levels)}")
+    preprocess = preprocess or PreprocessConfig()
     return FusedSegmentationDecoder(num_classes=len(STRUCTURE_NAMES), fused_channels=models.unet.channels[0],
                                     skip_channels=models.vae.channels, decoder_channels=s.decoder_channels,
                                     context_dim=context_dim, num_heads=s.num_heads, norm_num_groups=s.norm_num_groups,
-                                    cross_attention_levels=tuple(s.cross_attention_levels) or None,
-                                    image_channels=1 if s.image_skip else 0)
+                                    num_res_units=s.num_res_units, report_channels=s.report_channels,
+                                    report_layers=s.report_layers, ct_windows=tuple(tuple(w) for w in s.ct_windows),
+                                    input_hu_window=tuple(preprocess.hu_window), input_range=tuple(preprocess.output_range))
 
 
-def build_contrastive(models: ModelsConfig, text: TextConfig, *, pretrained_text: bool = True) -> MedCLIPModel:
+def build_contrastive(models: ModelsConfig, text: TextConfig, *, pretrained_text: bool = True,
+                      preprocess: PreprocessConfig | None = None) -> MedCLIPModel:
     c = models.contrastive
+    preprocess = preprocess or PreprocessConfig()
     kwargs = dict(embed_dim=c.embed_dim, image_block_inplanes=c.image_block_inplanes, image_layers=c.image_layers,
                   text_pooling=c.text_pooling, frozen_text_layers=c.frozen_text_layers,
-                  init_logit_bias=-10.0 if c.loss == "siglip" else None)
+                  init_logit_bias=-10.0 if c.loss == "siglip" else None, image_pool=c.image_pool,
+                  ct_windows=tuple(tuple(w) for w in c.ct_windows), input_hu_window=tuple(preprocess.hu_window),
+                  input_range=tuple(preprocess.output_range))
     if pretrained_text:
         return MedCLIPModel.from_text_encoder(text.encoder, **kwargs)
     return MedCLIPModel(text_config=buildable_text_config(text_encoder_config(text)), **kwargs)
@@ -79,10 +81,10 @@ def build_all(config: MedVLMConfig, *, pretrained_text: bool = True, tokenizer=N
     context_dim = int(text_encoder_config(config.text)["hidden_size"])
     models = config.models
     components: dict[str, torch.nn.Module] = {
-        "contrastive": build_contrastive(models, config.text, pretrained_text=pretrained_text),
+        "contrastive": build_contrastive(models, config.text, pretrained_text=pretrained_text, preprocess=config.data.preprocess),
         "vae": build_vae(models),
         "unet": build_unet(models, context_dim),
-        "segmentation": build_segmentation(models, context_dim),
+        "segmentation": build_segmentation(models, context_dim, config.data.preprocess),
     }
     vocabulary = tokenizer or _VocabularyStub(models.report_generator.tokenizer_vocab_size)
     components["report_generator"], _ = build_tiny_paligemma(vocabulary, models.report_generator, with_processor=False)

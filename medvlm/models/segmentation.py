@@ -1,9 +1,17 @@
 """Segmentation decoder sharing the fused latent (the seed's cross-modal attention fusion).
 
-Input: the diffusion UNet's fused latent features, the VAE encoder's multi-scale maps (skips) and the
-report's token states. At the latent scale and at every finer scale the image features attend to the
-report tokens; MONAI ``UpSample``/``UnetResBlock`` carry the spatial path. Output: one logit channel
-per structure at full resolution (multi-label, sigmoid).
+Two paths, summed as logits (one channel per structure, multi-label, sigmoid):
+
+* the **report path** works at the latent scale: the diffusion UNet's fused latent and the VAE's
+  latent-scale map go through MONAI ``UnetResBlock``s, each followed by cross-attention to the report's
+  token states; its logits are upsampled (trilinear) to the CT grid. It carries what only the report
+  says (the elective neck side and levels) and the fused latent's view of the anatomy.
+* the **image path** is MONAI's ``UNet`` on the CT (plus fixed CT windows), the architecture of the
+  image-only baseline, for voxel-accurate boundaries. The frozen VAE and diffusion UNet are trained for
+  reconstruction and denoising; their features alone gave a decoder that learned the small organs several
+  times slower than a UNet on the CT (demo phantom, eval/README figures).
+
+The report path's output layer starts near zero, so training starts from the image path.
 """
 from __future__ import annotations
 
@@ -12,12 +20,13 @@ from typing import Sequence
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 - diffusers finds the base class in this module when loading
-
-from medvlm.models.base import AlignedModelMixin
-from monai.networks.blocks import UnetOutBlock, UnetResBlock, UpSample
+from monai.networks.blocks import UnetOutBlock, UnetResBlock
+from monai.networks.nets import UNet
 from torch import nn
 
 from medvlm.data.structures import STRUCTURE_NAMES
+from medvlm.models.base import AlignedModelMixin
+from medvlm.models.windows import DEFAULT_CT_WINDOWS, CTWindows
 
 
 class TextCrossAttention(nn.Module):
@@ -44,96 +53,83 @@ class TextCrossAttention(nn.Module):
 
 
 class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
-    """Decoder from (fused latent, VAE skips, report tokens) to per-structure logits.
+    """(fused latent, VAE maps, report tokens, CT) -> per-structure logits at the CT's resolution.
 
     Args:
         fused_channels: channels of the UNet's fused latent.
-        skip_channels: channels of the VAE encoder maps, finest first (the last one is at latent scale).
-        decoder_channels: channels of the decoder at each scale, finest first (same length as skips).
-        context_dim: report token dimension; ``cross_attention_levels`` switches attention per scale.
-        image_channels: channels of the CT given to the decoder (0: frozen features only). When > 0 a small
-            trainable encoder (MONAI ``UnetResBlock`` per scale, stride 2 between scales) turns the CT into
-            maps joined to the VAE skips at every scale: the VAE is frozen and trained for reconstruction,
-            and its features alone leave the decoder too little trainable capacity to find small organs.
+        skip_channels: channels of the VAE encoder maps, finest first; the last (latent-scale) map joins
+            the report path.
+        decoder_channels: MONAI ``UNet`` channels of the image path (stride 2 between them).
+        num_res_units: residual units per ``UNet`` layer.
+        report_channels / report_layers: width and depth (residual block + cross-attention) of the report path.
+        ct_windows / input_hu_window / input_range: fixed CT windows of the image path (:class:`CTWindows`).
     """
 
     @register_to_config
     def __init__(self, num_classes: int = len(STRUCTURE_NAMES), fused_channels: int = 32,
-                 skip_channels: Sequence[int] = (16, 32, 32), decoder_channels: Sequence[int] = (16, 32, 64),
-                 context_dim: int = 384, num_heads: int = 4, norm_num_groups: int = 8,
-                 cross_attention_levels: Sequence[bool] | None = None, null_tokens: int = 1,
-                 structure_names: Sequence[str] = STRUCTURE_NAMES, image_channels: int = 0):
+                 skip_channels: Sequence[int] = (16, 32, 32), decoder_channels: Sequence[int] = (16, 32, 64, 128),
+                 context_dim: int = 384, num_heads: int = 4, norm_num_groups: int = 8, num_res_units: int = 1,
+                 report_channels: int = 64, report_layers: int = 2, null_tokens: int = 1,
+                 structure_names: Sequence[str] = STRUCTURE_NAMES,
+                 ct_windows: Sequence[Sequence[float]] = DEFAULT_CT_WINDOWS,
+                 input_hu_window: Sequence[float] = (-1000.0, 1500.0), input_range: Sequence[float] = (-1.0, 1.0)):
         super().__init__()
-        if len(skip_channels) != len(decoder_channels):
-            raise ValueError(f"skip_channels {tuple(skip_channels)} and decoder_channels {tuple(decoder_channels)} "
-                             "must have one entry per scale")
         if len(structure_names) != num_classes:
             raise ValueError(f"{num_classes} classes but {len(structure_names)} structure names")
-        levels = tuple(cross_attention_levels) if cross_attention_levels is not None else (True,) * len(skip_channels)
+        if len(decoder_channels) < 2:
+            raise ValueError(f"decoder_channels {tuple(decoder_channels)} needs at least two UNet levels")
+        if report_layers < 1:
+            raise ValueError(f"report_layers must be >= 1, got {report_layers}")
         norm = ("group", {"num_groups": norm_num_groups})
-        top = decoder_channels[-1]
-        self.bottom = UnetResBlock(3, fused_channels + skip_channels[-1] + (decoder_channels[-1] if image_channels else 0), top,
-                                   kernel_size=3, stride=1, norm_name=norm)
-        self.bottom_attention = TextCrossAttention(top, context_dim, num_heads, norm_num_groups) if levels[-1] else None
-        self.image_encoder = nn.ModuleList()
-        if image_channels:
-            previous = image_channels
-            for i, width in enumerate(decoder_channels):
-                self.image_encoder.append(UnetResBlock(3, previous, width, kernel_size=3, stride=1 if i == 0 else 2,
-                                                       norm_name=norm))
-                previous = width
-        extras = list(decoder_channels) if image_channels else [0] * len(decoder_channels)
-        self.upsamples = nn.ModuleList()
-        self.up_blocks = nn.ModuleList()
-        self.attentions = nn.ModuleList()
-        for i in range(len(skip_channels) - 2, -1, -1):  # from coarse to fine
-            self.upsamples.append(UpSample(3, decoder_channels[i + 1], decoder_channels[i], scale_factor=2, mode="deconv"))
-            self.up_blocks.append(UnetResBlock(3, decoder_channels[i] + skip_channels[i] + extras[i], decoder_channels[i],
-                                               kernel_size=3, stride=1, norm_name=norm))
-            self.attentions.append(TextCrossAttention(decoder_channels[i], context_dim, num_heads, norm_num_groups)
-                                   if levels[i] else nn.Identity())
-        self.head = UnetOutBlock(3, decoder_channels[0], num_classes)
+        self.windows = CTWindows(input_hu_window, input_range, ct_windows)
+        self.image_path = UNet(spatial_dims=3, in_channels=self.windows.out_channels, out_channels=num_classes,
+                               channels=tuple(decoder_channels), strides=(2,) * (len(decoder_channels) - 1),
+                               num_res_units=num_res_units)
+        self.report_blocks = nn.ModuleList([
+            UnetResBlock(3, (fused_channels + skip_channels[-1]) if i == 0 else report_channels, report_channels,
+                         kernel_size=3, stride=1, norm_name=norm) for i in range(report_layers)])
+        self.report_attention = nn.ModuleList([TextCrossAttention(report_channels, context_dim, num_heads, norm_num_groups)
+                                               for _ in range(report_layers)])
+        self.report_head = UnetOutBlock(3, report_channels, num_classes)
+        # near zero, not zero: training starts from the image path, yet the report path gets gradient from step one
+        nn.init.normal_(self.report_head.conv.conv.weight, std=1e-3)
+        nn.init.zeros_(self.report_head.conv.conv.bias)
         self.null_text_embedding = nn.Parameter(torch.zeros(1, null_tokens, context_dim))
         nn.init.normal_(self.null_text_embedding, std=0.02)
 
     def null_context(self, batch_size: int) -> torch.Tensor:
         return self.null_text_embedding.expand(batch_size, -1, -1)
 
+    def report_logits(self, fused: torch.Tensor, latent_map: torch.Tensor, text_states: torch.Tensor,
+                      text_mask: torch.Tensor | None) -> torch.Tensor:
+        """The report path's logits at the latent scale."""
+        if fused.shape[2:] != latent_map.shape[2:]:
+            fused = nn.functional.interpolate(fused, size=latent_map.shape[2:], mode="trilinear", align_corners=False)
+        h = torch.cat([fused, latent_map], dim=1)
+        for block, attention in zip(self.report_blocks, self.report_attention):
+            h = attention(block(h), text_states, text_mask)
+        return self.report_head(h)
+
     def forward(self, fused: torch.Tensor, skips: Sequence[torch.Tensor], text_states: torch.Tensor | None = None,
                 text_mask: torch.Tensor | None = None, null_report: bool = False,
                 image: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, num_classes, X, Y, Z) at the resolution of ``skips[0]``.
+        """Logits (B, num_classes, X, Y, Z) at the CT's resolution.
 
         ``null_report=True`` (or ``text_states=None``) replaces the report with the learned null report.
-        ``image``: the preprocessed CT at ``skips[0]``'s resolution, required when ``image_channels > 0``.
+        ``image``: the preprocessed CT (B, 1, X, Y, Z) the features were computed from. Its sizes must suit
+        the image path's ``UNet`` (divisible by ``2 ** (len(decoder_channels) - 1)``), as the pipelines' ROIs are.
         """
         if len(skips) != len(self.config.skip_channels):
             raise ValueError(f"expected {len(self.config.skip_channels)} skip maps, got {len(skips)}")
-        if self.config.image_channels:
-            if image is None:
-                raise ValueError("this decoder was built with image_channels > 0: pass image= (the preprocessed CT)")
-            h = image.to(skips[0].dtype)
-            joined = []
-            for encoder, skip in zip(self.image_encoder, skips):
-                h = encoder(h)
-                if h.shape[2:] != skip.shape[2:]:  # odd sizes: match the VAE map exactly
-                    h = nn.functional.interpolate(h, size=skip.shape[2:], mode="trilinear", align_corners=False)
-                joined.append(torch.cat([skip, h], dim=1))
-            skips = joined
+        if image is None:
+            raise ValueError("the decoder needs image= (the preprocessed CT the features were computed from)")
+        factor = 2 ** (len(self.config.decoder_channels) - 1)
+        if any(size % factor for size in image.shape[2:]):
+            raise ValueError(f"image size {tuple(image.shape[2:])} must be divisible by {factor} (the image path's UNet)")
         if null_report or text_states is None:
             text_states, text_mask = self.null_context(fused.shape[0]), None
         text_states = text_states.to(fused.dtype)
-        bottom_skip = skips[-1]
-        if fused.shape[2:] != bottom_skip.shape[2:]:
-            fused = nn.functional.interpolate(fused, size=bottom_skip.shape[2:], mode="trilinear", align_corners=False)
-        h = self.bottom(torch.cat([fused, bottom_skip], dim=1))
-        if self.bottom_attention is not None:
-            h = self.bottom_attention(h, text_states, text_mask)
-        for upsample, block, attention, skip in zip(self.upsamples, self.up_blocks, self.attentions, reversed(skips[:-1])):
-            h = upsample(h)
-            if h.shape[2:] != skip.shape[2:]:  # odd sizes: match the skip exactly
-                h = nn.functional.interpolate(h, size=skip.shape[2:], mode="trilinear", align_corners=False)
-            h = block(torch.cat([h, skip], dim=1))
-            if isinstance(attention, TextCrossAttention):
-                h = attention(h, text_states, text_mask)
-        return self.head(h)
+        image_logits = self.image_path(self.windows(image.to(fused.dtype)))
+        coarse = self.report_logits(fused, skips[-1], text_states, text_mask)
+        return image_logits + nn.functional.interpolate(coarse, size=image_logits.shape[2:], mode="trilinear",
+                                                        align_corners=False)

@@ -2,7 +2,7 @@
 
 Format (fields in this order, ``unknown`` where not stated)::
 
-    head and neck cancer. primary: <side> <subsite>. histology: <pathology>, hpv <status>.
+    head and neck cancer. primary: <left|right|midline> <subsite>. histology: <pathology>, hpv <status>.
     stage: c<T> c<N> c<M>, ajcc8 <group>. treatment: <aim> radiotherapy, <chemotherapy>.
     elective neck: <ipsilateral|bilateral> levels <first>-<last>.
 
@@ -34,7 +34,7 @@ def structured_prompt(source: ClinicalRecord | ParsedReport | Mapping) -> str:
     """The standard prompt string of a record, parsed report or CSV-style row (lower case, no identifiers)."""
     parsed = source if isinstance(source, ParsedReport) else parsed_from_record(source)
     value = lambda x: x if x else UNKNOWN  # noqa: E731
-    side = parsed.laterality if parsed.laterality in ("left", "right") else ""
+    side = parsed.laterality if parsed.laterality in ("left", "right", "midline") else ""
     primary = f"{side} {parsed.subsite}".strip() if parsed.subsite else UNKNOWN
     elective = f"{parsed.elective_neck}{_levels(parsed)}" if parsed.elective_neck else UNKNOWN
     aim = f"{parsed.rt_aim} radiotherapy" if parsed.rt_aim else f"{UNKNOWN} radiotherapy"
@@ -74,3 +74,45 @@ def class_prompts(label_set: str | None, labels: list[str] | Mapping[str, list[s
         return {name: list(prompts) if not isinstance(prompts, str) else [prompts] for name, prompts in labels.items()}
     phrases = LABEL_SET_PHRASES.get(label_set or "", {})
     return {name: [t.format(phrases.get(name, name)) for t in CLASS_PROMPT_TEMPLATES] for name in labels}
+
+
+# Short label phrases for MedCLIP's text-label pairs in contrastive training (a phrase matches every CT
+# and report carrying its label). Worded apart from the evaluation's class prompts above
+# (LABEL_SET_PHRASES x CLASS_PROMPT_TEMPLATES), so zero-shot results use prompts never trained on.
+TRAINING_LABEL_PHRASES: dict[str, tuple[str, ...]] = {
+    "laterality": ("{} primary", "primary on the {} side", "{} sided cancer", "tumour of the {}"),
+    "subsite": ("{} primary", "carcinoma of the {}", "{} cancer", "tumour arising in the {}"),
+    "ict": ("{} tumour", "primary category {}", "{} disease at the primary"),
+    "icn": ("{} neck", "neck category {}", "{} nodal disease"),
+    "elective_neck": ("{} elective neck", "{} neck treatment", "elective nodes treated {}"),
+}
+
+
+def label_phrases(labels: "np.ndarray", rng: "np.random.Generator", count: int = 1) -> list[tuple[str, "np.ndarray"]]:
+    """``count`` random (phrase, label vector) pairs for one case's label vector (:func:`label_vector`).
+
+    Each phrase states one known field of the case (laterality, subsite, T, N or elective neck) and its
+    label vector holds that field alone, so semantic matching treats it as partial agreement.
+    """
+    import numpy as np
+
+    from medvlm.text.parse import LABEL_SPACE
+
+    offsets, start = {}, 0
+    for field_name, values in LABEL_SPACE.items():
+        offsets[field_name] = (start, values)
+        start += len(values)
+    known = []
+    for field_name in TRAINING_LABEL_PHRASES:
+        begin, values = offsets[field_name]
+        hits = np.flatnonzero(labels[begin:begin + len(values)] > 0)
+        if hits.size:
+            known.append((field_name, begin + int(hits[0]), values[int(hits[0])]))
+    pairs = []
+    for _ in range(count if known else 0):
+        field_name, index, value = known[int(rng.integers(len(known)))]
+        templates = TRAINING_LABEL_PHRASES[field_name]
+        vector = np.zeros_like(labels, dtype=np.float32)
+        vector[index] = 1.0
+        pairs.append((templates[int(rng.integers(len(templates)))].format(value), vector))
+    return pairs

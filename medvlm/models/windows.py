@@ -1,0 +1,38 @@
+"""Fixed CT display windows as network input channels (shared by the CT towers of medvlm)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+DEFAULT_CT_WINDOWS = ((40.0, 400.0), (400.0, 1800.0))  # (level, width) in HU: soft tissue, bone
+
+
+class CTWindows(nn.Module):
+    """The preprocessed CT plus fixed display windows (level, width in HU) as extra input channels.
+
+    Preprocessing maps ``hu_window`` linearly to ``output_range`` for every model; a soft-tissue window
+    restores the 20-40 HU contrasts (glands, tumour) that a -1000..1500 HU window compresses to about
+    1 % of the range. Written here (not a MONAI ``ScaleIntensityRange`` transform) because the channels are
+    part of the network: every pipeline keeps the one shared preprocessing.
+    """
+
+    def __init__(self, hu_window: Sequence[float] = (-1000.0, 1500.0), output_range: Sequence[float] = (-1.0, 1.0),
+                 windows: Sequence[Sequence[float]] = DEFAULT_CT_WINDOWS):
+        super().__init__()
+        self.hu_window = tuple(float(v) for v in hu_window)
+        self.output_range = tuple(float(v) for v in output_range)
+        self.windows = tuple((float(level), float(width)) for level, width in windows)
+        if self.output_range[1] == self.output_range[0] or any(width <= 0 for _, width in self.windows):
+            raise ValueError(f"invalid CT windows {self.windows} or output range {self.output_range}")
+
+    @property
+    def out_channels(self) -> int:
+        return 1 + len(self.windows)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        (lo, hi), (a, b) = self.hu_window, self.output_range
+        hu = lo + (image - a) * (hi - lo) / (b - a)
+        channels = [image] + [((hu - level) / (width / 2)).clamp(-1.0, 1.0) for level, width in self.windows]
+        return torch.cat(channels, dim=1)
