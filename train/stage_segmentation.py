@@ -2,6 +2,7 @@
 validation Dice per structure, best checkpoint kept."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -127,11 +128,13 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
     def _checked_patch(self, patch: tuple[int, ...]) -> tuple[int, ...]:
         if not patch:
             return ()
-        factor = 2 ** (len(self.config.models.vae.channels) - 1)
+        # the VAE's downsampling and the decoder's image-path UNet both need whole multiples
+        factor = math.lcm(2 ** (len(self.config.models.vae.channels) - 1),
+                          2 ** (len(self.config.models.segmentation.decoder_channels) - 1))
         roi = tuple(self.cases[0].image.shape[1:])
         if len(patch) != 3 or any(p % factor or p <= 0 or p > r for p, r in zip(patch, roi)):
-            raise ConfigError(f"training.segmentation.patch_size {list(patch)} must be 3 sizes, each a multiple of the "
-                              f"VAE downsampling factor {factor} and at most the ROI {list(roi)}")
+            raise ConfigError(f"training.segmentation.patch_size {list(patch)} must be 3 sizes, each a multiple of "
+                              f"{factor} (VAE and decoder downsampling) and at most the ROI {list(roi)}")
         return patch
 
     def _aligned_crop(self, entry: dict, label: torch.Tensor, case_seed) -> tuple[dict, torch.Tensor]:
