@@ -2,8 +2,8 @@
 
 Two paths, summed as logits (one channel per structure, multi-label, sigmoid):
 
-* the **report path** works at the latent scale: the diffusion UNet's fused latent and the VAE's
-  latent-scale map go through MONAI ``UnetResBlock``s, each followed by cross-attention to the report's
+* the **report path** works at the latent scale: the diffusion UNet's fused latent, the VAE's
+  latent-scale map and voxel coordinates go through MONAI ``UnetResBlock``s, each followed by cross-attention to the report's
   token states; its logits are upsampled (trilinear) to the CT grid. It carries what only the report
   says (the elective neck side and levels) and the fused latent's view of the anatomy.
 * the **image path** is MONAI's ``UNet`` on the CT (plus fixed CT windows), the architecture of the
@@ -52,6 +52,19 @@ class TextCrossAttention(nn.Module):
         return x + torch.tanh(self.gate) * attended.transpose(1, 2).reshape(b, c, *spatial)
 
 
+def _coordinates(reference: torch.Tensor) -> torch.Tensor:
+    """Voxel coordinates in [-1, 1] along x, y, z as three channels (CoordConv).
+
+    The report says *left*, *right*, *ipsilateral* or *bilateral*; convolutions are translation
+    equivariant and the neck is nearly symmetric, so without its position (RAS grid, ROI around the body)
+    the report path could not tell the patient's left half from the right. Written here: MONAI has no
+    coordinate-channel block.
+    """
+    axes = [torch.linspace(-1.0, 1.0, n, device=reference.device, dtype=reference.dtype) for n in reference.shape[2:]]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    return grid.expand(reference.shape[0], -1, -1, -1, -1)
+
+
 class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
     """(fused latent, VAE maps, report tokens, CT) -> per-structure logits at the CT's resolution.
 
@@ -86,7 +99,7 @@ class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
                                channels=tuple(decoder_channels), strides=(2,) * (len(decoder_channels) - 1),
                                num_res_units=num_res_units)
         self.report_blocks = nn.ModuleList([
-            UnetResBlock(3, (fused_channels + skip_channels[-1]) if i == 0 else report_channels, report_channels,
+            UnetResBlock(3, (fused_channels + skip_channels[-1] + 3) if i == 0 else report_channels, report_channels,
                          kernel_size=3, stride=1, norm_name=norm) for i in range(report_layers)])
         self.report_attention = nn.ModuleList([TextCrossAttention(report_channels, context_dim, num_heads, norm_num_groups)
                                                for _ in range(report_layers)])
@@ -105,7 +118,7 @@ class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
         """The report path's logits at the latent scale."""
         if fused.shape[2:] != latent_map.shape[2:]:
             fused = nn.functional.interpolate(fused, size=latent_map.shape[2:], mode="trilinear", align_corners=False)
-        h = torch.cat([fused, latent_map], dim=1)
+        h = torch.cat([fused, latent_map, _coordinates(latent_map)], dim=1)
         for block, attention in zip(self.report_blocks, self.report_attention):
             h = attention(block(h), text_states, text_mask)
         return self.report_head(h)
