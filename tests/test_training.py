@@ -175,3 +175,16 @@ def test_aligned_patches_cut_every_scale_at_the_same_place():
         patch = cut_patch(full, corner, (32, 32, 32), 64)
         assert patch.shape == (1, 32, 32, 32)
         assert torch.allclose(cut_patch(quarter, corner, (32, 32, 32), 64), torch.nn.functional.avg_pool3d(patch[None], 4)[0])
+
+
+def test_segmentation_loss_is_chosen_by_name_and_a_wrong_name_is_a_config_error():
+    from monai.losses import DiceCELoss, DiceFocalLoss
+
+    from medvlm.config import SegmentationStageConfig
+    from medvlm.errors import ConfigError
+    from train.stage_segmentation import segmentation_loss
+
+    assert isinstance(segmentation_loss(SegmentationStageConfig()), DiceCELoss)
+    assert isinstance(segmentation_loss(SegmentationStageConfig(loss="dice_focal")), DiceFocalLoss)
+    with pytest.raises(ConfigError, match="dice_ce"):
+        segmentation_loss(SegmentationStageConfig(loss="focal"))
