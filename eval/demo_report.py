@@ -162,6 +162,12 @@ def write_results(run: Path, data: Path, results: Path, config_name: str, progre
     from eval import drafting_eval
 
     drafting = drafting_eval.table(drafting_eval.agreement(run / "report_generation", data))
+    from eval import deid_eval
+
+    # the rule set every pipeline applies on the way in, scored per identifier type (text only, seconds)
+    deid_tables = [deid_eval.evaluate_phantom(100).table("Phantom reports (200, train + held-out template families)"), "",
+                   deid_eval.evaluate_notes().table(f"Hand-written notes ({len(list(deid_eval.NOTES_DIR.glob('*.txt')))} "
+                                                    "files, layouts unlike the phantom's)")]
     examples = pipeline_examples(run, data, results / "examples")
     plots = make_plots(run, results, segmentation["dice"])
     dice = segmentation["dice"]["report: correct"]
@@ -207,6 +213,9 @@ def write_results(run: Path, data: Path, results: Path, config_name: str, progre
         f"CT {zero_shot['ct']:.2f}. Every label set (`medvlm eval zero-shot --pipeline RUN/zero_shot --data DATA`):", "",
         zero_shot_eval.table(zero_shot_results), "",
         "## Report drafting (test split): fields parsed from the drafts against the records", "", drafting, "",
+        "## De-identification: identifiers removed, per type (`medvlm eval deid`)", "",
+        "Recall (removed): the identifier overlaps a detected span of any type; (typed): of its own type.", "",
+        *deid_tables, "",
         "## Training", "", *stage_lines, "",
         "## Pipeline examples", "", *examples, ""])
     atomic_write_text(results / "README.md", text)
