@@ -214,7 +214,9 @@ def write_results(run: Path, data: Path, results: Path, config_name: str, progre
         zero_shot_eval.table(zero_shot_results), "",
         "## Report drafting (test split): fields parsed from the drafts against the records", "", drafting, "",
         "## De-identification: identifiers removed, per type (`medvlm eval deid`)", "",
-        "Recall (removed): the identifier overlaps a detected span of any type; (typed): of its own type.", "",
+        "Recall (removed): the identifier overlaps a detected span of any type; (typed): of its own type. The rules "
+        "were written with these notes in view; `medvlm eval deid` also scores two later sets of notes, whose first "
+        "measurement, before any rule saw them, was recall 0.930 and 0.824.", "",
         *deid_tables, "",
         "## Training", "", *stage_lines, "",
         "## Pipeline examples", "", *examples, ""])
