@@ -37,10 +37,9 @@ def _child(shape, spacing, config_name: str, network: str = "ours") -> dict:
         from eval.segmentation import baseline_masks
         from medvlm.data.inputs import prepare_ct
         from medvlm.data.structures import STRUCTURE_NAMES
-        from medvlm.models.baseline import ImageOnlySegmenter
+        from medvlm.models.factory import build_baseline
 
-        b = config.models.baseline
-        model = ImageOnlySegmenter(channels=tuple(b.channels), num_res_units=b.num_res_units).eval()
+        model = build_baseline(config.models, config.data.preprocess).eval()
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         start = time.perf_counter()
         prepared = prepare_ct(case.image_hu, config.data.preprocess, affine=case.affine)

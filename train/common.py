@@ -275,6 +275,27 @@ class BestDiceMixin:
         if every > 0 and (step + 1) % every == 0 and step + 1 < self.stage_config.steps:
             self.validate(step + 1)
 
+    @torch.no_grad()
+    def validation_dice(self, module: torch.nn.Module, logits_of, step: int, on_prediction=None) -> dict:
+        """MONAI ``DiceMetric`` per structure over ``self.validation_cases`` (threshold 0.5 on the sigmoid),
+        with ``module`` in eval mode; ``logits_of(number, case)`` gives one case's logits (1, C, X, Y, Z) and
+        ``on_prediction(number, case, prediction)`` sees each binary prediction. Then :meth:`record_dice`."""
+        from monai.metrics import DiceMetric
+
+        if not self.validation_cases:
+            return {}
+        was_training = module.training
+        module.eval()
+        metric = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=False)
+        for number, case in enumerate(self.validation_cases):
+            prediction = (torch.sigmoid(logits_of(number, case)) > 0.5).float()
+            metric(y_pred=prediction, y=case.label[None].to(self.device))
+            if on_prediction is not None:
+                on_prediction(number, case, prediction)
+        dice = metric.aggregate().cpu().tolist()
+        module.train(was_training)
+        return self.record_dice(dice, module, step)
+
     def record_dice(self, dice: list[float], module: torch.nn.Module, step: int) -> dict:
         """Scores per structure and their mean; keeps ``module``'s weights when the mean is the best so far."""
         import copy

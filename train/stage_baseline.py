@@ -9,18 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from monai.metrics import DiceMetric
 from torch import nn
 
-from medvlm.data.structures import STRUCTURE_NAMES
-from medvlm.models.baseline import ImageOnlySegmenter
+from medvlm.models.factory import build_baseline
 from train.common import BestDiceMixin, StageTrainer
 from train.data import aligned_corner, augmentation, collate, cut_patch, load_cases
 from train.stage_segmentation import segmentation_loss
 
 
 class BaselineLoss(nn.Module):
-    def __init__(self, model: ImageOnlySegmenter, loss: nn.Module):
+    def __init__(self, model: nn.Module, loss: nn.Module):
         super().__init__()
         self.model = model
         self.loss = loss
@@ -42,12 +40,7 @@ class BaselineTrainer(BestDiceMixin, StageTrainer):
         self.factor = 2 ** (len(self.config.models.vae.channels) - 1)
         cached = c.cache_features and not c.finetune_unet  # the decoder then trains without augmentation
         self.augment = None if cached else augmentation(self.config, with_label=True)
-        b = self.config.models.baseline
-        p = self.config.data.preprocess
-        self.model = ImageOnlySegmenter(num_classes=len(STRUCTURE_NAMES), channels=tuple(b.channels),
-                                        num_res_units=b.num_res_units,
-                                        ct_windows=tuple(tuple(w) for w in self.config.models.segmentation.ct_windows),
-                                        input_hu_window=tuple(p.hu_window), input_range=tuple(p.output_range))
+        self.model = build_baseline(self.config.models, self.config.data.preprocess)
         try:
             self.validation_cases = load_cases(self.data_dir, self.config, "validation")
         except Exception:  # a datalist without validation split
@@ -68,20 +61,9 @@ class BaselineTrainer(BestDiceMixin, StageTrainer):
             images, labels = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
         return {"images": images, "labels": labels}
 
-    @torch.no_grad()
     def validate(self, step: int) -> dict:
-        if not self.validation_cases:
-            return {}
         model = self.unwrap(self.model)
-        was_training = model.training
-        model.eval()
-        metric = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=False)
-        for case in self.validation_cases:
-            prediction = (torch.sigmoid(model(case.image[None].to(self.device))) > 0.5).float()
-            metric(y_pred=prediction, y=case.label[None].to(self.device))
-        dice = metric.aggregate().cpu().tolist()
-        model.train(was_training)
-        return self.record_dice(dice, model, step)
+        return self.validation_dice(model, lambda number, case: model(case.image[None].to(self.device)), step)
 
     def export(self, folder: Path) -> None:
         self.restore_best(self.unwrap(self.model)).save_pretrained(folder / "baseline")

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 from monai.losses import DiceCELoss, DiceFocalLoss
-from monai.metrics import DiceMetric
 from torch import nn
 
 from medvlm.data.structures import STRUCTURE_NAMES
@@ -195,30 +194,24 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
                 "drop": self.share(torch.rand(self.global_rows(len(batch["index"])), generator=generator)
                                    < self.stage_config.report_dropout)}
 
-    @torch.no_grad()
     def validate(self, step: int) -> dict:
-        """Validation Dice per structure (MONAI DiceMetric); keeps the best decoder weights."""
-        if not self.validation_cases:
-            return {}
+        """Validation Dice per structure; keeps the best decoder weights and logs the first case's CTVn."""
         segmentation = self.unwrap(self.segmentation)
-        was_training = segmentation.training
-        segmentation.eval()
-        metric = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=False)
-        for number, case in enumerate(self.validation_cases):
+
+        def logits_of(number, case):
             tokens = self.tokenizer([case.prompt], padding=True, truncation=True, max_length=self.config.text.max_length,
                                     return_tensors="pt").to(self.device)
             states = self.text_encoder(**tokens).last_hidden_state
-            logits = fused_logits(self.vae, self.unwrap(self.unet), segmentation, case.image[None].to(self.device), states,
-                                  tokens["attention_mask"])
-            prediction = (torch.sigmoid(logits) > 0.5).float()
-            metric(y_pred=prediction, y=case.label[None].to(self.device))
+            return fused_logits(self.vae, self.unwrap(self.unet), segmentation, case.image[None].to(self.device), states,
+                                tokens["attention_mask"])
+
+        def log_first(number, case, prediction):
             if number == 0:
                 ctvn = STRUCTURE_NAMES.index("CTVn")
                 self.log_slices("validation", {"ct": case.image[0], "CTVn_truth": case.label[ctvn],
                                                "CTVn_predicted": prediction[0, ctvn]}, step)
-        dice = metric.aggregate().cpu().tolist()
-        segmentation.train(was_training)
-        return self.record_dice(dice, segmentation, step)
+
+        return self.validation_dice(segmentation, logits_of, step, log_first)
 
     def export(self, folder: Path) -> None:
         self.restore_best(self.unwrap(self.segmentation)).save_pretrained(folder / "segmentation")

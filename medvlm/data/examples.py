@@ -20,7 +20,6 @@ import sys
 import tarfile
 import tempfile
 import urllib.request
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 

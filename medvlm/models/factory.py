@@ -7,6 +7,7 @@ import torch
 
 from medvlm.config import MedVLMConfig, ModelsConfig, PreprocessConfig, TextConfig
 from medvlm.data.structures import STRUCTURE_NAMES
+from medvlm.models.baseline import ImageOnlySegmenter
 from medvlm.models.contrastive import MedCLIPModel, buildable_text_config
 from medvlm.models.report_generator import SPECIAL_TOKENS, build_tiny_paligemma
 from medvlm.models.segmentation import FusedSegmentationDecoder
@@ -35,28 +36,38 @@ def build_unet(models: ModelsConfig, context_dim: int) -> ReportConditionedUNet3
                                    norm_num_groups=u.norm_num_groups, transformer_num_layers=u.transformer_num_layers)
 
 
+def _window_kwargs(windows, preprocess: PreprocessConfig | None) -> dict:
+    """The CT-window arguments of a CT network: its windows and the preprocessing's HU -> range mapping."""
+    preprocess = preprocess or PreprocessConfig()
+    return dict(ct_windows=tuple(tuple(w) for w in windows), input_hu_window=tuple(preprocess.hu_window),
+                input_range=tuple(preprocess.output_range))
+
+
+def build_baseline(models: ModelsConfig, preprocess: PreprocessConfig | None = None) -> ImageOnlySegmenter:
+    """The image-only baseline of ``models.baseline``, seeing the CT through the decoder's windows."""
+    b = models.baseline
+    return ImageOnlySegmenter(num_classes=len(STRUCTURE_NAMES), channels=tuple(b.channels), num_res_units=b.num_res_units,
+                              **_window_kwargs(models.segmentation.ct_windows, preprocess))
+
+
 def build_segmentation(models: ModelsConfig, context_dim: int, preprocess: PreprocessConfig | None = None
                        ) -> FusedSegmentationDecoder:
     """The decoder of ``models.segmentation``; ``preprocess`` (``data.preprocess``) fixes its CT windows' HU mapping."""
     s = models.segmentation
-    preprocess = preprocess or PreprocessConfig()
     return FusedSegmentationDecoder(num_classes=len(STRUCTURE_NAMES), fused_channels=models.unet.channels[0],
                                     skip_channels=models.vae.channels, decoder_channels=s.decoder_channels,
                                     context_dim=context_dim, num_heads=s.num_heads, norm_num_groups=s.norm_num_groups,
                                     num_res_units=s.num_res_units, report_channels=s.report_channels,
-                                    report_layers=s.report_layers, ct_windows=tuple(tuple(w) for w in s.ct_windows),
-                                    input_hu_window=tuple(preprocess.hu_window), input_range=tuple(preprocess.output_range))
+                                    report_layers=s.report_layers, **_window_kwargs(s.ct_windows, preprocess))
 
 
 def build_contrastive(models: ModelsConfig, text: TextConfig, *, pretrained_text: bool = True,
                       preprocess: PreprocessConfig | None = None) -> MedCLIPModel:
     c = models.contrastive
-    preprocess = preprocess or PreprocessConfig()
     kwargs = dict(embed_dim=c.embed_dim, image_block_inplanes=c.image_block_inplanes, image_layers=c.image_layers,
                   text_pooling=c.text_pooling, frozen_text_layers=c.frozen_text_layers,
                   init_logit_bias=-10.0 if c.loss == "siglip" else None, image_pool=c.image_pool,
-                  ct_windows=tuple(tuple(w) for w in c.ct_windows), input_hu_window=tuple(preprocess.hu_window),
-                  input_range=tuple(preprocess.output_range))
+                  **_window_kwargs(c.ct_windows, preprocess))
     if pretrained_text:
         return MedCLIPModel.from_text_encoder(text.encoder, **kwargs)
     return MedCLIPModel(text_config=buildable_text_config(text_encoder_config(text)), **kwargs)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import numpy as np
+
 from medvlm.data.clinical import ClinicalRecord, elective_levels
 from medvlm.text.deid import Deidentifier
 from medvlm.text.parse import ParsedReport, parse_report, parsed_from_record
@@ -88,14 +90,12 @@ TRAINING_LABEL_PHRASES: dict[str, tuple[str, ...]] = {
 }
 
 
-def label_phrases(labels: "np.ndarray", rng: "np.random.Generator", count: int = 1) -> list[tuple[str, "np.ndarray"]]:
+def label_phrases(labels: np.ndarray, rng: np.random.Generator, count: int = 1) -> list[tuple[str, np.ndarray]]:
     """``count`` random (phrase, label vector) pairs for one case's label vector (:func:`label_vector`).
 
     Each phrase states one known field of the case (laterality, subsite, T, N or elective neck) and its
     label vector holds that field alone, so semantic matching treats it as partial agreement.
     """
-    import numpy as np
-
     from medvlm.text.parse import LABEL_SPACE
 
     offsets, start = {}, 0
