@@ -156,9 +156,13 @@ def write_results(run: Path, data: Path, results: Path, config_name: str, progre
     zero_shot = {"reports": zero_shot_results[test_key]["laterality"]["accuracy"],
                  "ct": zero_shot_results[("ct", "test (held-out templates)", "zero-shot")]["laterality"]["accuracy"],
                  "n": zero_shot_results[test_key]["laterality"]["n"]}
-    from eval.generation_eval import laterality_fidelity
+    from eval.generation_eval import laterality_fidelity, realism_and_diversity, realism_table
 
-    fidelity = laterality_fidelity(run, n_per_side=4, steps=25)
+    fidelity = laterality_fidelity(run, n_per_side=4, steps=25, return_samples=True)
+    # realism and diversity of the same samples (no extra generation within the demo's time budget)
+    realism = realism_table(realism_and_diversity(run, data, fidelity.pop("samples"), fidelity.pop("affine"),
+                                                  fidelity.pop("groups")))
+    generation_prompts = fidelity.pop("prompts")
     from eval import drafting_eval
 
     drafting = drafting_eval.table(drafting_eval.agreement(run / "report_generation", data))
@@ -212,6 +216,11 @@ def write_results(run: Path, data: Path, results: Path, config_name: str, progre
         f"Laterality on the {zero_shot['n']} test cases (held-out report templates): reports {zero_shot['reports']:.2f}, "
         f"CT {zero_shot['ct']:.2f}. Every label set (`medvlm eval zero-shot --pipeline RUN/zero_shot --data DATA`):", "",
         zero_shot_eval.table(zero_shot_results), "",
+        "## Report-to-CT: realism and diversity (`medvlm eval generation --run RUN --data DATA`)", "",
+        f"The {fidelity['n']} laterality samples above ({fidelity['scheduler']}, {fidelity['steps']} steps; prompts: "
+        + "; ".join(f"`{p}`" for p in generation_prompts) + "), on the CT tower's preprocessed grid. `medvlm eval "
+        "generation --data` instead generates one CT per held-out test report.", "",
+        realism, "",
         "## Report drafting (test split): fields parsed from the drafts against the records", "", drafting, "",
         "## De-identification: identifiers removed, per type (`medvlm eval deid`)", "",
         "Recall (removed): the identifier overlaps a detected span of any type; (typed): of its own type. The rules "

@@ -1,24 +1,46 @@
-"""Conditioning fidelity of report-to-CT: does a generated CT carry the prompt's laterality?
+"""Report-to-CT: conditioning fidelity, realism and diversity of generated CTs.
 
-``medvlm eval generation --run RUN``: for a left and a right primary (otherwise identical prompts),
-generate N volumes each and judge every one twice: by the zero-shot classifier (CT tower, left vs right)
-and by the segmentation decoder's paired CTVn (which side of the body midline holds it, for an
-ipsilateral elective neck). Reports the fraction of samples whose judged side is the prompt's.
+``medvlm eval generation --run RUN [--data DATA]``
+
+* **Fidelity**: for a left and a right primary (otherwise identical prompts), generate N volumes each and
+  judge every one twice: by the zero-shot classifier (CT tower, left vs right) and by the segmentation
+  decoder's paired CTVn (which side of the body midline holds it, for an ipsilateral elective neck).
+* **Realism** (with ``--data``): one CT per held-out test report against the held-out CTs, on the image
+  tower's preprocessed grid: Frechet distance of contrastive image embeddings (MONAI ``FIDMetric``) next
+  to the same distance between two real sets of the same sizes (validation vs test: the floor that sample
+  size alone gives), and per tissue (HU ranges inside the body) the share of body voxels and the 1-D
+  Wasserstein distance of the HU values.
+* **Diversity** (with ``--data``): mean pairwise MS-SSIM (MONAI ``MultiScaleSSIMMetric``) between samples
+  of one prompt, between samples of different prompts, and between real patients. Near 1 within a prompt
+  would mean the sampler ignores its noise.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+
+# HU ranges of the tissues compared (inside the body, > BODY_HU); air and lung are left out because the
+# ROI's amount of outside air depends on the crop, not on the generator
+BODY_HU = -500.0
+TISSUES = {"fat": (-150.0, -30.0), "soft tissue": (-30.0, 150.0), "bone": (300.0, 1500.0)}
+# three MS-SSIM scales (the first three of MONAI's five default weights): five scales would need volumes
+# larger than 160 voxels per side with the default 11-voxel kernel
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001)
 
 PROMPTS = {side: (f"{side.capitalize()} tonsil squamous cell carcinoma, cT2 N1 M0. "
                   f"Elective neck: ipsilateral ({side}) levels II-IV.") for side in ("left", "right")}
 
 
 def laterality_fidelity(run: str | Path, *, n_per_side: int = 4, steps: int = 25, guidance_scale: float = 3.0,
-                        seed: int = 0) -> dict:
+                        seed: int = 0, return_samples: bool = False) -> dict:
+    """Fractions of samples judged to carry the prompt's side. ``return_samples``: also ``"samples"``
+    (HU volumes), ``"affine"`` and ``"groups"`` (sample indices per prompt), e.g. for
+    :func:`realism_and_diversity`."""
     from eval.segmentation import body_midline_mm, predicted_sides
     from pipelines import ReportToCTPipeline, ZeroShotClassificationPipeline
 
@@ -28,11 +50,14 @@ def laterality_fidelity(run: str | Path, *, n_per_side: int = 4, steps: int = 25
     classifier = ZeroShotClassificationPipeline.from_pretrained(run / "zero_shot")
     names = list(generator_pipe.config.structure_names)
     judged = {"zero-shot classifier": [], "segmentation decoder (CTVn side)": []}
+    samples, groups = [], []
     for number, (side, prompt) in enumerate(PROMPTS.items()):
         generators = [torch.Generator().manual_seed(seed + 1000 * number + i) for i in range(n_per_side)]
         out = generator_pipe(prompt, num_images_per_prompt=n_per_side, generator=generators, num_inference_steps=steps,
                              guidance_scale=guidance_scale, return_masks=True)
         volumes = [np.asarray(out.ct[i]) for i in range(n_per_side)]
+        groups.append(list(range(len(samples), len(samples) + n_per_side)))
+        samples += volumes
         probabilities = classifier(ct=volumes, affine=out.affine, labels={"laterality": ["left", "right"]}).ct_probabilities
         for row in probabilities["laterality"]:
             judged["zero-shot classifier"].append(["left", "right"][int(np.argmax(row))] == side)
@@ -40,8 +65,139 @@ def laterality_fidelity(run: str | Path, *, n_per_side: int = 4, steps: int = 25
             midline = body_midline_mm(volume, out.affine)
             ctvn = np.asarray(out.masks[i][names.index("CTVn")]) if out.masks is not None else np.zeros(volume.shape, bool)
             judged["segmentation decoder (CTVn side)"].append(predicted_sides(ctvn, out.affine, midline) == side)
-    return {judge: float(np.mean(values)) for judge, values in judged.items()} | {
+    result = {judge: float(np.mean(values)) for judge, values in judged.items()} | {
         "n": 2 * n_per_side, "steps": steps, "scheduler": type(generator_pipe.scheduler).__name__}
+    if return_samples:
+        result |= {"samples": samples, "affine": out.affine, "groups": groups, "prompts": list(PROMPTS.values())}
+    return result
+
+
+def tissue_statistics(real_hu: np.ndarray, generated_hu: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per tissue of :data:`TISSUES`: share of body voxels (real, generated) and the 1-D Wasserstein distance
+    (HU) between the two sets' values in that tissue's range (scipy; MONAI has no histogram distance)."""
+    from scipy.stats import wasserstein_distance
+
+    real = np.asarray(real_hu, np.float64).ravel()
+    generated = np.asarray(generated_hu, np.float64).ravel()
+    real, generated = real[real > BODY_HU], generated[generated > BODY_HU]
+    if not len(real) or not len(generated):
+        raise ValueError(f"no voxels above {BODY_HU:g} HU in the {'real' if not len(real) else 'generated'} volumes")
+    out = {}
+    for name, (low, high) in TISSUES.items():
+        a, b = real[(real >= low) & (real < high)], generated[(generated >= low) & (generated < high)]
+        out[name] = {"share_real": len(a) / len(real), "share_generated": len(b) / len(generated),
+                     "wasserstein_hu": float(wasserstein_distance(a, b)) if len(a) and len(b) else float("nan")}
+    return out
+
+
+def mean_pairwise_ms_ssim(volumes: torch.Tensor, data_range: float, pairs: Sequence[tuple[int, int]] | None = None) -> float:
+    """Mean MS-SSIM over ``pairs`` (default all i < j) of volumes (N, 1, X, Y, Z)."""
+    from monai.metrics import MultiScaleSSIMMetric
+
+    if pairs is None:
+        pairs = list(itertools.combinations(range(len(volumes)), 2))
+    if not pairs:
+        raise ValueError("MS-SSIM diversity needs at least two volumes")
+    # MONAI needs each side // 4 (three scales) above kernel_size - 1: the standard 11 voxels where it fits
+    # (64^3 ROIs), the largest odd size that fits below that (7 for 32^3)
+    fits = (min(volumes.shape[2:]) // (len(MS_SSIM_WEIGHTS) - 1) ** 2 - 1) // 2 * 2 + 1
+    if fits < 3:
+        raise ValueError(f"volumes {tuple(volumes.shape[2:])} are too small for {len(MS_SSIM_WEIGHTS)}-scale MS-SSIM")
+    metric = MultiScaleSSIMMetric(spatial_dims=3, data_range=data_range, weights=MS_SSIM_WEIGHTS, kernel_size=min(11, fits))
+    first = torch.stack([volumes[i] for i, _ in pairs]).float()
+    second = torch.stack([volumes[j] for _, j in pairs]).float()
+    return float(metric(first, second).mean())
+
+
+def _frechet(first: np.ndarray, second: np.ndarray) -> float:
+    from monai.metrics import FIDMetric
+
+    return float(FIDMetric()(torch.from_numpy(first).double(), torch.from_numpy(second).double()))
+
+
+def generate_from_test_reports(run: str | Path, data: str | Path, *, n: int = 8, samples_per_prompt: int = 4,
+                                steps: int = 25, guidance_scale: float = 3.0, seed: int = 0) -> dict:
+    """One CT per held-out test report (first ``n``), plus ``samples_per_prompt - 1`` more of the first:
+    ``{"samples", "affine", "groups", "steps", "scheduler"}`` for :func:`realism_and_diversity`."""
+    from medvlm.data.datalist import load_datalist
+    from pipelines import ReportToCTPipeline
+
+    test = load_datalist(data)["test"]
+    if n < 2 or samples_per_prompt < 2 or len(test) < 2:
+        raise ValueError(f"realism needs n >= 2, samples_per_prompt >= 2 and >= 2 test cases (got n={n}, "
+                         f"samples_per_prompt={samples_per_prompt}, {len(test)} test cases)")
+    n = min(n, len(test))
+    pipe = ReportToCTPipeline.from_pretrained(Path(run) / "report_to_ct")
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [item["report"] for item in test[:n]] + [test[0]["report"]] * (samples_per_prompt - 1)
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    out = pipe(prompts, generator=generators, num_inference_steps=steps, guidance_scale=guidance_scale, return_masks=False)
+    groups = [[0, *range(n, len(prompts))], *[[i] for i in range(1, n)]]
+    return {"samples": [np.asarray(v) for v in out.ct], "affine": out.affine, "groups": groups, "steps": steps,
+            "scheduler": type(pipe.scheduler).__name__}
+
+
+@torch.no_grad()
+def realism_and_diversity(run: str | Path, data: str | Path, samples: Sequence[np.ndarray], affine: np.ndarray,
+                          groups: Sequence[Sequence[int]]) -> dict:
+    """Generated CTs (HU, with their affine; ``groups``: indices of samples from one prompt) against the
+    held-out test CTs, all on the image tower's preprocessed grid: Frechet distance of contrastive
+    embeddings with its real-vs-real floor (validation CTs, as many as samples), tissue statistics, MS-SSIM."""
+    from medvlm.config import preprocess_from_dict
+    from medvlm.data.datalist import load_datalist
+    from pipelines import ZeroShotClassificationPipeline
+
+    datalist = load_datalist(data)
+    test, reference = datalist["test"], datalist.get("validation", [])
+    within = [pair for group in groups for pair in itertools.combinations(group, 2)]
+    across = [(i, j) for a, b in itertools.combinations(groups, 2) for i in a for j in b]
+    if len(samples) < 2 or len(test) < 2 or not within or not across:
+        raise ValueError("realism needs >= 2 test CTs and samples from >= 2 prompts, one of them sampled at least twice")
+    embedder = ZeroShotClassificationPipeline.from_pretrained(Path(run) / "zero_shot")
+    config = preprocess_from_dict(embedder.config.preprocess)
+    generated = embedder.prepare_volumes(list(samples), affine=affine)
+    real = embedder.prepare_volumes([item["image"] for item in test])
+    low, high = config.output_range
+
+    def to_hu(volumes: torch.Tensor) -> np.ndarray:
+        return config.hu_window[0] + (volumes.numpy() - low) / (high - low) * (config.hu_window[1] - config.hu_window[0])
+
+    def embed(volumes: torch.Tensor) -> np.ndarray:
+        model = embedder.contrastive.eval()
+        return torch.cat([model.encode_image(volumes[k:k + 8]) for k in range(0, len(volumes), 8)]).float().numpy()
+
+    real_embeds = embed(real)
+    result = {"n_generated": len(samples), "n_real": len(test),
+              "frechet_generated_vs_test": _frechet(embed(generated), real_embeds),
+              "tissues": tissue_statistics(to_hu(real), to_hu(generated))}
+    if len(reference) >= 2:
+        chosen = reference[:len(samples)]
+        result["frechet_validation_vs_test"] = _frechet(embed(embedder.prepare_volumes([i["image"] for i in chosen])), real_embeds)
+        result["n_reference"] = len(chosen)
+    data_range = float(high - low)
+    real_pairs = list(itertools.combinations(range(min(len(real), len(samples))), 2))
+    result["ms_ssim"] = {"generated, same prompt": mean_pairwise_ms_ssim(generated, data_range, within),
+                         "generated, different prompts": mean_pairwise_ms_ssim(generated, data_range, across),
+                         "real, different patients": mean_pairwise_ms_ssim(real, data_range, real_pairs)}
+    return result
+
+
+def realism_table(result: dict) -> str:
+    """Markdown for :func:`realism_and_diversity`."""
+    lines = [f"Frechet distance of contrastive CT embeddings to the {result['n_real']} held-out CTs: generated "
+             f"({result['n_generated']}) **{result['frechet_generated_vs_test']:.3f}**"]
+    if "frechet_validation_vs_test" in result:
+        lines[0] += (f"; real validation CTs ({result['n_reference']}), the floor for this sample size, "
+                     f"**{result['frechet_validation_vs_test']:.3f}**.")
+    lines += ["", "| tissue (HU range, body > -500 HU) | share of body, real | share of body, generated | Wasserstein distance (HU) |",
+              "|---|---|---|---|"]
+    for name, (low, high) in TISSUES.items():
+        row = result["tissues"][name]
+        lines.append(f"| {name} ({low:g}..{high:g}) | {row['share_real']:.3f} | {row['share_generated']:.3f} | "
+                     f"{row['wasserstein_hu']:.1f} |")
+    lines += ["", "| MS-SSIM (mean over pairs; lower = more diverse) | |", "|---|---|"]
+    lines += [f"| {name} | {value:.3f} |" for name, value in result["ms_ssim"].items()]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -50,11 +206,18 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=4, help="volumes per side")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--data", default=None, help="dataset folder (datalist.json): adds realism and diversity on its test split")
+    parser.add_argument("--realism-n", type=int, default=8, help="generated CTs for realism (one per test report)")
     args = parser.parse_args(argv)
     result = laterality_fidelity(args.run, n_per_side=args.n, steps=args.steps, guidance_scale=args.guidance_scale)
     print(f"generated CTs ({result['n']}, {result['scheduler']} {result['steps']} steps) carrying the prompt's laterality:")
     for judge in ("zero-shot classifier", "segmentation decoder (CTVn side)"):
         print(f"  judged by the {judge}: {result[judge]:.2f}")
+    if args.data is not None:
+        made = generate_from_test_reports(args.run, args.data, n=args.realism_n, steps=args.steps,
+                                          guidance_scale=args.guidance_scale)
+        print(f"realism and diversity: one CT per test report ({made['scheduler']}, {made['steps']} steps)")
+        print(realism_table(realism_and_diversity(args.run, args.data, made["samples"], made["affine"], made["groups"])))
     return 0
 
 

@@ -72,9 +72,7 @@ def _probe(train_x: torch.Tensor, train_y: np.ndarray, n_classes: int, steps: in
 @torch.no_grad()
 def evaluate(pipeline: str | Path, data: str | Path) -> dict:
     """``{(modality, split, method): {label set: scores}}`` for reports and CT, validation and test."""
-    from medvlm.config import preprocess_from_dict
     from medvlm.data.datalist import load_datalist
-    from medvlm.data.inputs import prepare_ct
     from medvlm.models.zero_shot import ZeroShotClassifier
     from pipelines import ZeroShotClassificationPipeline
 
@@ -82,7 +80,6 @@ def evaluate(pipeline: str | Path, data: str | Path) -> dict:
     model = pipe.contrastive.eval()
     classifier = ZeroShotClassifier(model, pipe.tokenizer, max_length=pipe.config.max_report_tokens,
                                     report_format=getattr(pipe.config, "report_format", "structured"))
-    config = preprocess_from_dict(pipe.config.preprocess)
     datalist = load_datalist(data)
     splits = {"training": datalist["training"], "validation (seen templates)": datalist.get("validation", []),
               "test (held-out templates)": datalist["test"]}
@@ -90,8 +87,7 @@ def evaluate(pipeline: str | Path, data: str | Path) -> dict:
     for split, items in splits.items():
         texts = [i["report"] for i in items]
         report_embeds = torch.cat([classifier.encode_reports(texts[k:k + 16]) for k in range(0, len(texts), 16)])
-        volumes = torch.stack([pipe._fit_roi(prepare_ct(i["image"], config).image.as_tensor(), config.roi_size) for i in items])
-        ct_embeds = torch.cat([model.encode_image(volumes[k:k + 8]) for k in range(0, len(volumes), 8)])
+        ct_embeds = torch.from_numpy(pipe.embed_ct([i["image"] for i in items]))
         embeddings[split] = {"reports": report_embeds.float(), "ct": ct_embeds.float()}
     results: dict = {}
     for name, (attribute, classes) in LABEL_SETS.items():

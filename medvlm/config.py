@@ -177,6 +177,9 @@ class DiffusionStageConfig(StageConfig):
     report_dropout: float = 0.1  # null report for classifier-free guidance
     num_train_timesteps: int = 1000
     ema_decay: float = 0.999
+    # Encode every training case once (VAE latents, report token states) instead of every step; no
+    # augmentation then. Measured on the demo (2 CPU cores): 0.66 s per step of 4 instead of 1.6 s.
+    cache_latents: bool = False
 
 
 @dataclass

@@ -5,7 +5,6 @@ components. The text encoder is the configured one (MiniLM by default) unless on
 """
 from typing import Iterable
 
-from diffusers import DDPMScheduler
 
 from medvlm.config import MedVLMConfig, preprocess_to_dict
 from pipelines.pipeline_contour import ContourPipeline
@@ -24,7 +23,7 @@ def build_pipelines(config: MedVLMConfig, *, components: dict | None = None, tex
     """
     from transformers import AutoModel, AutoTokenizer
 
-    from medvlm.models.factory import build_contrastive, build_segmentation, build_unet, build_vae
+    from medvlm.models.factory import build_contrastive, build_segmentation, build_unet, build_vae, sampling_scheduler
     from medvlm.models.report_generator import build_tiny_paligemma, train_report_tokenizer
     from medvlm.text.encoders import resolve_text_encoder_path
 
@@ -43,8 +42,9 @@ def build_pipelines(config: MedVLMConfig, *, components: dict | None = None, tex
         texts = list(report_texts or ["head and neck cancer report"])
         generator, processor = build_tiny_paligemma(
             train_report_tokenizer(texts, config.models.report_generator.tokenizer_vocab_size), config.models.report_generator)
-    scheduler = scheduler or DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.0015,
-                                           beta_end=0.0195, clip_sample=False)
+    if scheduler is None:
+        stage = config.training.diffusion
+        scheduler = sampling_scheduler(stage.num_train_timesteps, stage.prediction_type)
     for module in (vae, unet, segmentation, contrastive, generator, text_encoder):
         module.eval()  # inference: no dropout, BatchNorm running statistics (from_pretrained does the same)
     preprocess = preprocess_to_dict(config.data.preprocess)

@@ -4,7 +4,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from diffusers.schedulers import DDPMScheduler
+from diffusers.schedulers import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -33,8 +33,8 @@ class ReportToCTPipeline(MedVLMPipeline):
 
     Components:
         vae ([`CTAutoencoderKL`]), unet ([`ReportConditionedUNet3D`]), segmentation ([`FusedSegmentationDecoder`]),
-        text_encoder + tokenizer (report token states), scheduler (any diffusers scheduler: DDPM, DDIM,
-        DPMSolverMultistep..., swappable with ``Scheduler.from_config(pipe.scheduler.config)``).
+        text_encoder + tokenizer (report token states), scheduler (DDIM as trained; any diffusers scheduler
+        (DDPM, DPMSolverMultistep...) swaps in with ``Scheduler.from_config(pipe.scheduler.config)``).
 
     Config: ``preprocess`` (spacing, HU window and ROI of the training data), ``structure_names``,
     ``thresholds``, ``report_format``, ``max_report_tokens``, ``vae_tile_size`` (latent voxels per decode tile).
@@ -46,7 +46,7 @@ class ReportToCTPipeline(MedVLMPipeline):
     _callback_tensor_inputs = ["latents"]
 
     def __init__(self, vae: CTAutoencoderKL, unet: ReportConditionedUNet3D, text_encoder, tokenizer,
-                 scheduler: DDPMScheduler, segmentation: FusedSegmentationDecoder | None = None,
+                 scheduler: SchedulerMixin, segmentation: FusedSegmentationDecoder | None = None,
                  preprocess: dict | None = None, structure_names: list | tuple = STRUCTURE_NAMES,
                  thresholds: list | tuple | None = None, max_report_tokens: int = 128, report_format: str = "structured",
                  vae_tile_size: list | tuple | None = None):

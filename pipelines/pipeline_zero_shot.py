@@ -72,21 +72,30 @@ class ZeroShotClassificationPipeline(MedVLMPipeline):
             report_probs = {name: classifier.classify_reports(texts, classes, name)[1].float().cpu().numpy()
                             for name, classes in self.progress_bar(list(labels.items()))}
         if ct is not None:
-            config = preprocess_from_dict(self.config.preprocess)
-            volumes = []
-            for i, item in enumerate(as_list(ct)):
-                image = prepare_ct(item, config, spacing_mm=spacing_mm, affine=affine, what=f"ct[{i}]").image
-                volumes.append(self._fit_roi(image.as_tensor(), config.roi_size))
-            batch = torch.stack(volumes).to(self._execution_device)
+            batch = self.prepare_volumes(ct, spacing_mm=spacing_mm, affine=affine).to(self._execution_device)
             ct_probs = {name: classifier.classify_images(batch, classes, name)[1].float().cpu().numpy()
                         for name, classes in labels.items()}
         self.maybe_free_model_hooks()
         output = ZeroShotClassificationOutput(names, report_probs, ct_probs)
         return output if return_dict else output.to_tuple()
 
-    @staticmethod
-    def _fit_roi(image: torch.Tensor, roi: Sequence[int]) -> torch.Tensor:
-        """Centre-crop (the chain already padded) to the ROI the image tower was trained on."""
+    def prepare_volumes(self, ct: Any, *, spacing_mm=None, affine=None) -> torch.Tensor:
+        """CT inputs (paths, HU arrays, MetaTensors) -> the image tower's input batch (N, 1, *roi_size):
+        the pipeline's preprocessing, then a centre crop (the chain already padded) to the trained ROI."""
         from monai.transforms import CenterSpatialCrop
 
-        return CenterSpatialCrop(tuple(roi))(image)
+        config = preprocess_from_dict(self.config.preprocess)
+        crop = CenterSpatialCrop(tuple(config.roi_size))
+        return torch.stack([crop(prepare_ct(item, config, spacing_mm=spacing_mm, affine=affine, what=f"ct[{i}]").image.as_tensor())
+                            for i, item in enumerate(as_list(ct))])
+
+    @torch.no_grad()
+    def embed_ct(self, ct: Any, *, spacing_mm=None, affine=None, batch_size: int = 8) -> np.ndarray:
+        """L2-normalised contrastive image embeddings (N, embed_dim) of CT inputs, e.g. for Frechet distances
+        or a linear probe."""
+        volumes = self.prepare_volumes(ct, spacing_mm=spacing_mm, affine=affine)
+        model = self.contrastive.eval()
+        embeds = [model.encode_image(volumes[k:k + batch_size].to(self._execution_device)).float().cpu()
+                  for k in range(0, len(volumes), batch_size)]
+        self.maybe_free_model_hooks()
+        return torch.cat(embeds).numpy()

@@ -17,7 +17,7 @@ def test_quick_demo_runs_end_to_end_and_reuses_on_a_second_run(tmp_path, capsys)
     assert list(summary["stages"]) == ["contrastive", "vae", "diffusion", "segmentation", "baseline", "report_generator"]
     results = (out / "results" / "README.md").read_text()
     for heading in ("Targets", "image-only baseline", "report: counterfactual", "Zero-shot classification",
-                    "carries the prompt's laterality", "Report drafting", "De-identification", "Pipeline examples"):
+                    "carries the prompt's laterality", "Frechet distance", "MS-SSIM", "Report drafting", "De-identification", "Pipeline examples"):
         assert heading in results
     assert results.count("| **all** |") == 2  # de-identification per type: phantom reports and hand-written notes
     for plot in ("loss_curves.png", "ablation_bars.png", "dice_boxplots.png"):

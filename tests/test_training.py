@@ -188,3 +188,27 @@ def test_segmentation_loss_is_chosen_by_name_and_a_wrong_name_is_a_config_error(
     assert isinstance(segmentation_loss(SegmentationStageConfig(loss="dice_focal")), DiceFocalLoss)
     with pytest.raises(ConfigError, match="dice_ce"):
         segmentation_loss(SegmentationStageConfig(loss="focal"))
+
+
+def test_diffusion_on_cached_latents_matches_encoding_every_step(trained, tiny_data, tmp_path):
+    """Without augmentation, cached latents and token states give the loss that encoding every step gives
+    (same noise, timesteps, report dropout and UNet weights); padding to the longest prompt of all cases
+    instead of the batch's changes nothing."""
+    from train.stage_diffusion import DiffusionTrainer
+
+    for stage in ("contrastive", "vae"):
+        shutil.copytree(trained / stage / "final", tmp_path / stage / "final")
+    losses = {}
+    for cached in (False, True):
+        config = load_config(TINY)
+        config.training.augment = False
+        config.training.diffusion.cache_latents = cached
+        torch.manual_seed(0)  # the same initial UNet
+        trainer = DiffusionTrainer(config, tiny_data, tmp_path)
+        loss_module = trainer.setup().eval()
+        inputs = trainer.make_inputs(3)
+        assert ("latents" in inputs) == cached and ("images" in inputs) != cached
+        with torch.no_grad():
+            losses[cached] = float(loss_module(**inputs)[0])
+    assert losses[True] > 0
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)

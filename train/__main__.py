@@ -59,7 +59,8 @@ def write_pipelines(config, output: Path) -> list[Path]:
     from medvlm.models import CTAutoencoderKL, FusedSegmentationDecoder, MedCLIPModel, ReportConditionedUNet3D
     from pipelines.assemble import build_pipelines
     from train.common import atomic_directory_swap
-    from train.stage_diffusion import load_upstream, training_scheduler
+    from medvlm.models.factory import sampling_scheduler
+    from train.stage_diffusion import load_upstream
 
     from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
@@ -77,7 +78,7 @@ def write_pipelines(config, output: Path) -> list[Path]:
     text_encoder = AutoModel.from_pretrained(load_upstream(output, "contrastive", "text_encoder"), local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(load_upstream(output, "contrastive", "tokenizer"), local_files_only=True)
     stage = config.training.diffusion
-    scheduler = training_scheduler(stage.num_train_timesteps, stage.prediction_type)
+    scheduler = sampling_scheduler(stage.num_train_timesteps, stage.prediction_type)
     pipes = build_pipelines(config, components=components, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
     written = []
     for name in PIPELINES:

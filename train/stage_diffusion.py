@@ -1,5 +1,6 @@
 """Stage 3: the report-conditioned latent diffusion UNet (frozen VAE and text encoder; EMA weights;
-epsilon or v prediction; report dropout for classifier-free guidance)."""
+epsilon or v prediction; report dropout for classifier-free guidance; optionally on latents and report
+token states computed once per case)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,14 +11,9 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 
 from medvlm.models import CTAutoencoderKL
-from medvlm.models.factory import build_unet
+from medvlm.models.factory import build_unet, training_scheduler
 from train.common import StageTrainer, TrainingError
 from train.data import augmentation, collate, load_cases
-
-
-def training_scheduler(num_train_timesteps: int, prediction_type: str) -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="scaled_linear", beta_start=0.0015,
-                         beta_end=0.0195, clip_sample=False, prediction_type=prediction_type)
 
 
 def load_upstream(output_dir: Path, stage: str, component: str) -> Path:
@@ -43,14 +39,19 @@ def with_null_report(unet, states: torch.Tensor, attention_mask: torch.Tensor, d
 
 
 class DiffusionLoss(nn.Module):
+    """Noise-prediction (or v-prediction) MSE. Takes CT ``images`` and report ``input_ids`` (encoded here by
+    the frozen VAE and text encoder) or their precomputed ``latents`` and token ``states``."""
+
     def __init__(self, unet, vae, text_encoder, scheduler: DDPMScheduler):
         super().__init__()
         self.unet, self.vae, self.text_encoder, self.scheduler = unet, vae, text_encoder, scheduler
 
-    def forward(self, images, input_ids, attention_mask, noise, timesteps, drop):
+    def forward(self, attention_mask, noise, timesteps, drop, images=None, input_ids=None, latents=None, states=None):
         with torch.no_grad():
-            latents = self.vae.encode(images).latent_dist.mode() * float(self.vae.config.scaling_factor)
-            states = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            if latents is None:
+                latents = self.vae.encode(images).latent_dist.mode() * float(self.vae.config.scaling_factor)
+            if states is None:
+                states = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         context, mask = with_null_report(self.unet, states, attention_mask, drop)
         prediction = self.unet(noisy, timesteps, context, encoder_attention_mask=mask).sample
@@ -81,21 +82,50 @@ class DiffusionTrainer(StageTrainer):
         self.checkpoint_objects.append(self.ema)
         self.vae.to(self.device)
         self.text_encoder.to(self.device)
+        self.cache = self._precompute() if c.cache_latents else None
         return DiffusionLoss(self.unet, self.vae, self.text_encoder, self.scheduler)
 
-    def make_inputs(self, index: int) -> dict:
-        batch = collate(self.cases, self.batcher.indices(index), self.augment, self.config.training.seed, self.batcher.epoch(index))
+    @torch.no_grad()
+    def _precompute(self) -> dict:
+        """Latents (VAE posterior mode, scaled) and report token states of every training case, once."""
+        from tqdm.auto import tqdm
+
+        # one padding length for all cases (the longest prompt), so cached token states stack into batches
+        tokens = self.tokenizer([c.prompt for c in self.cases], padding=True, truncation=True,
+                                max_length=self.config.text.max_length, return_tensors="pt")
+        latents, states = [], []
+        scale = float(self.vae.config.scaling_factor)
+        for number, case in enumerate(tqdm(self.cases, desc="diffusion: caching latents",
+                                           disable=not self.accelerator.is_local_main_process)):
+            latents.append((self.vae.encode(case.image[None].to(self.device)).latent_dist.mode() * scale)[0].cpu())
+            states.append(self.text_encoder(input_ids=tokens["input_ids"][number:number + 1].to(self.device),
+                                            attention_mask=tokens["attention_mask"][number:number + 1].to(self.device)
+                                            ).last_hidden_state[0].cpu())
+        return {"latents": torch.stack(latents), "states": torch.stack(states), "mask": tokens["attention_mask"]}
+
+    def _noise(self, index: int, latent_shape) -> dict:
+        """Noise, timesteps and report dropout of global step ``index``, the same on every process."""
         generator = self.step_generator(index)
+        rows = self.global_rows(latent_shape[0])
+        c = self.stage_config
+        return {"noise": self.share(torch.randn((rows, *latent_shape[1:]), generator=generator)),
+                "timesteps": self.share(torch.randint(0, c.num_train_timesteps, (rows,), generator=generator)),
+                "drop": self.share(torch.rand(rows, generator=generator) < c.report_dropout)}
+
+    def make_inputs(self, index: int) -> dict:
+        if self.cache is not None:
+            indices = self.batcher.indices(index)
+            latents = self.cache["latents"][indices]
+            return {"latents": latents, "states": self.cache["states"][indices],
+                    "attention_mask": self.cache["mask"][indices], **self._noise(index, latents.shape)}
+        batch = collate(self.cases, self.batcher.indices(index), self.augment, self.config.training.seed, self.batcher.epoch(index))
         images = batch["image"]
         factor = self.vae.compression
-        rows = self.global_rows(images.shape[0])
-        shape = (rows, self.config.models.vae.latent_channels, *(s // factor for s in images.shape[2:]))
+        shape = (images.shape[0], self.config.models.vae.latent_channels, *(s // factor for s in images.shape[2:]))
         tokens = self.tokenizer(batch["prompt"], padding=True, truncation=True, max_length=self.config.text.max_length,
                                 return_tensors="pt")
         return {"images": images, "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
-                "noise": self.share(torch.randn(shape, generator=generator)),
-                "timesteps": self.share(torch.randint(0, self.stage_config.num_train_timesteps, (rows,), generator=generator)),
-                "drop": self.share(torch.rand(rows, generator=generator) < self.stage_config.report_dropout)}
+                **self._noise(index, shape)}
 
     def after_optimizer_step(self, step: int) -> None:
         self.ema.to(self.device)

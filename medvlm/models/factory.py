@@ -36,6 +36,23 @@ def build_unet(models: ModelsConfig, context_dim: int) -> ReportConditionedUNet3
                                    norm_num_groups=u.norm_num_groups, transformer_num_layers=u.transformer_num_layers)
 
 
+def training_scheduler(num_train_timesteps: int = 1000, prediction_type: str = "epsilon"):
+    """The diffusion noise schedule (diffusers ``DDPMScheduler``): scaled-linear betas 0.0015..0.0195 as in
+    MONAI's latent diffusion tutorials, no sample clipping (latents are not bounded)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="scaled_linear", beta_start=0.0015,
+                         beta_end=0.0195, clip_sample=False, prediction_type=prediction_type)
+
+
+def sampling_scheduler(num_train_timesteps: int = 1000, prediction_type: str = "epsilon"):
+    """The scheduler the pipelines ship with: DDIM on the training schedule (deterministic and good in 25-50
+    steps; DDPM needs hundreds). Any diffusers scheduler swaps in with ``Scheduler.from_config``."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(training_scheduler(num_train_timesteps, prediction_type).config)
+
+
 def _window_kwargs(windows, preprocess: PreprocessConfig | None) -> dict:
     """The CT-window arguments of a CT network: its windows and the preprocessing's HU -> range mapping."""
     preprocess = preprocess or PreprocessConfig()
