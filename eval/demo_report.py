@@ -147,7 +147,7 @@ def write_results(run: Path, data: Path, results: Path, config_name: str, progre
 
     started = time.perf_counter()
     baseline = run / "baseline" / "final" / "baseline"
-    segmentation = evaluate(run / "contour", data, results, modes=("correct", "none", "counterfactual"),
+    segmentation = evaluate(run / "contour", data, results, modes=("correct", "none", "drafted", "counterfactual"),
                             baseline=baseline if baseline.is_dir() else None, progress=progress)
     from eval import zero_shot_eval
 

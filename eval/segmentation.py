@@ -162,6 +162,26 @@ def predicted_sides(mask: np.ndarray, affine: np.ndarray, midline_x_mm: float, m
     return "both" if left and right else "right" if right else "left" if left else "none"
 
 
+def contralateral_probability(probability: np.ndarray, ctvn: np.ndarray, affine: np.ndarray, midline_x_mm: float,
+                              side: str) -> float | None:
+    """Mean CTVn probability in the *contralateral neck*: the true CTVn on the tumour's ``side`` mirrored
+    across the body midline. A graded measure of whether the report's elective-neck decision reaches the
+    contours (the predicted side only changes once probabilities cross the threshold). ``None`` when the
+    grid's first axis is not world x (oblique or permuted affines) or there is no ipsilateral CTVn."""
+    a = np.asarray(affine, float)
+    if abs(a[0, 1]) > 1e-6 or abs(a[0, 2]) > 1e-6 or abs(a[1, 0]) > 1e-6 or abs(a[2, 0]) > 1e-6 or a[0, 0] == 0:
+        return None
+    index = np.arange(ctvn.shape[0])
+    world_x = a[0, 0] * index + a[0, 3]
+    ipsilateral = (world_x > midline_x_mm) if side == "right" else (world_x < midline_x_mm)  # RAS: +x is right
+    source = np.asarray(ctvn, bool) & ipsilateral[:, None, None]
+    mirrored = np.rint(2 * (midline_x_mm - a[0, 3]) / a[0, 0] - index).astype(int)  # voxel i -> its mirror across the midline
+    inside = (mirrored >= 0) & (mirrored < ctvn.shape[0])
+    region = np.zeros_like(source)
+    region[mirrored[inside]] |= source[index[inside]]
+    return float(np.asarray(probability)[region].mean()) if region.any() else None
+
+
 def baseline_masks(model, case, thresholds, names, roi_size) -> dict[str, np.ndarray]:
     """The image-only baseline on one prepared CT (same preprocessing, ROI and sliding window as the pipeline)."""
     from monai.inferers import sliding_window_inference
@@ -174,9 +194,10 @@ def baseline_masks(model, case, thresholds, names, roi_size) -> dict[str, np.nda
     return {name: restored[c] >= thresholds[c] for c, name in enumerate(names)}
 
 
-def evaluate(pipeline: str | Path, data: str | Path, out: str | Path, *, split: str = "test",
+def evaluate(pipeline, data: str | Path, out: str | Path, *, split: str = "test",
              modes: Sequence[str] = ("correct",), baseline: str | Path | None = None, progress: bool = False) -> dict:
-    """Score a ContourPipeline on a split with each report mode (``correct``, ``none``, ``counterfactual``)
+    """Score a ContourPipeline (a folder or the pipeline) on a split with each report mode (``correct``; ``none``: the learned null
+    report; ``drafted``: a report drafted from the CT by the pipeline's report generator; ``counterfactual``)
     and, when given, the image-only baseline, all in this one invocation; write CSVs and Markdown tables.
 
     Returns ``{"dice": {variant: {structure: mean}}, "counterfactual_follows": fraction or None, "tables": path}``.
@@ -190,7 +211,7 @@ def evaluate(pipeline: str | Path, data: str | Path, out: str | Path, *, split: 
     from medvlm.models.baseline import ImageOnlySegmenter
     from pipelines import ContourPipeline
 
-    pipe = ContourPipeline.from_pretrained(pipeline)
+    pipe = pipeline if isinstance(pipeline, ContourPipeline) else ContourPipeline.from_pretrained(pipeline)
     pipe.set_progress_bar_config(disable=True)
     model = ImageOnlySegmenter.from_pretrained(baseline).eval() if baseline is not None else None
     datalist = load_datalist(data)
@@ -201,6 +222,7 @@ def evaluate(pipeline: str | Path, data: str | Path, out: str | Path, *, split: 
     rows: dict[str, list] = {v: [] for v in variants}
     follows: list[bool] = []
     already: list[bool] = []  # the correct report's prediction already had the counterfactual's sides
+    contralateral: dict[str, list[tuple[float, float]]] = {"ipsilateral": [], "bilateral": []}  # (correct, counterfactual)
     items = datalist[split]
     for number, item in enumerate(items):
         if progress:
@@ -210,18 +232,30 @@ def evaluate(pipeline: str | Path, data: str | Path, out: str | Path, *, split: 
         spacing = spacing_from_affine(affine)
         record = item.get("record")
         record = record if not isinstance(record, int) else records.get(record)
-        sides_correct = None
+        sides_correct, contra_correct = None, None
         midline = body_midline_mm(np.asarray(nib.load(item["image"]).dataobj), affine)
         for mode in modes:
-            report, expected = item.get("report"), None
+            report, expected, draft = item.get("report"), None, False
             if mode == "none":
                 report = None
+            elif mode == "drafted":
+                report, draft = None, True
             elif mode == "counterfactual":
                 if record is None or not hasattr(record, "laterality"):
                     continue
                 report, expected = counterfactual_prompt(record)
-            result = pipe(item["image"], report=report)
+            result = pipe(item["image"], report=report, draft_missing_reports=draft,
+                          return_probabilities=mode in ("correct", "counterfactual"))
             prediction = np.stack([result.masks[0][n] for n in label_names])
+            lateral = record is not None and getattr(record, "laterality", None) in ("left", "right") and \
+                getattr(record, "elective_neck", None) in contralateral and "CTVn" in label_names
+            if lateral and mode in ("correct", "counterfactual"):
+                value = contralateral_probability(result.probabilities[0][names.index("CTVn")],
+                                                  truth[label_names.index("CTVn")], affine, midline, record.laterality)
+                if mode == "correct":
+                    contra_correct = value
+                elif value is not None and contra_correct is not None:
+                    contralateral[record.elective_neck].append((contra_correct, value))
             rows[f"report: {mode}"] += case_scores(case_id, prediction, truth, spacing, label_names)
             sides = predicted_sides(result.masks[0]["CTVn"], affine, midline)
             if mode == "correct":
@@ -254,6 +288,12 @@ def evaluate(pipeline: str | Path, data: str | Path, out: str | Path, *, split: 
             line += (f" Reference: with the correct report the predicted side already matched the counterfactual's in "
                      f"{sum(already)}/{len(already)} cases, so the report changed the side in "
                      f"{sum(f and not a for f, a in zip(follows, already))} case(s).")
+        graded = [f"{decision}-neck cases ({len(pairs)}): {np.mean([c for c, _ in pairs]):.2f} with the correct report, "
+                  f"{np.mean([f for _, f in pairs]):.2f} with the counterfactual"
+                  for decision, pairs in contralateral.items() if pairs]
+        if graded:  # the counterfactual turns ipsilateral into bilateral and back, so these should move apart
+            line += (" Mean CTVn probability in the contralateral neck (the true ipsilateral CTVn mirrored across the "
+                     "midline), lateralised tumours: " + "; ".join(graded) + ".")
         parts.append(line)
     for v in variants:
         slug = v.replace("report: ", "report_").replace(" ", "_").replace("-", "_")
@@ -269,6 +309,8 @@ def evaluate(pipeline: str | Path, data: str | Path, out: str | Path, *, split: 
     atomic_write_text(tables, "\n\n".join(parts) + "\n")
     return {"dice": dice, "counterfactual_follows": fraction,
             "counterfactual_already": (sum(already) / len(already)) if already else None,
+            "contralateral_probability": {k: [float(np.mean([c for c, _ in v])), float(np.mean([f for _, f in v])), len(v)]
+                                          for k, v in contralateral.items() if v},
             "tables": str(tables), "summary": parts[0],
             "follows_line": parts[1] if follows else ""}
 
@@ -279,12 +321,13 @@ def main(argv=None) -> int:
     parser.add_argument("--pipeline", required=True, help="ContourPipeline folder")
     parser.add_argument("--data", required=True, help="dataset folder (datalist.json)")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--reports", choices=("correct", "none", "counterfactual", "all"), default="all",
-                        help="report mode; all: correct, none and counterfactual")
+    parser.add_argument("--reports", choices=("correct", "none", "drafted", "counterfactual", "all"), default="all",
+                        help="report mode (none: the learned null report; drafted: drafted from the CT); "
+                             "all: correct, none, drafted and counterfactual")
     parser.add_argument("--baseline", default=None, help="folder of the image-only baseline (RUN/baseline/final/baseline)")
     parser.add_argument("--out", default="results/segmentation", help="folder for the CSV and Markdown tables")
     args = parser.parse_args(argv)
-    modes = ("correct", "none", "counterfactual") if args.reports == "all" else (args.reports,)
+    modes = ("correct", "none", "drafted", "counterfactual") if args.reports == "all" else (args.reports,)
     result = evaluate(args.pipeline, args.data, args.out, split=args.split, modes=modes, baseline=args.baseline)
     print(result["summary"])
     if result["follows_line"]:

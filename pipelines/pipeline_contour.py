@@ -141,7 +141,7 @@ class ContourPipeline(MedVLMPipeline):
                  affine: np.ndarray | None = None, overlap: float = 0.25, sw_batch_size: int = 1,
                  thresholds: Sequence[float] | None = None, noise_timestep: int = 0,
                  generator: torch.Generator | None = None, return_probabilities: bool = False,
-                 return_dict: bool = True):
+                 draft_missing_reports: bool = True, return_dict: bool = True):
         """Contour one CT or a list of CTs.
 
         Args:
@@ -153,6 +153,8 @@ class ContourPipeline(MedVLMPipeline):
             thresholds: probability threshold per structure (default: the pipeline's).
             noise_timestep: noise the latent to this timestep before fusion (0: clean latent).
             generator: random source for that noise.
+            draft_missing_reports: for a CT without a report, draft one with the report generator (when the
+                pipeline has one); ``False`` contours it with the learned null report instead.
         """
         # 1. check inputs
         cts = as_list(ct)
@@ -172,7 +174,7 @@ class ContourPipeline(MedVLMPipeline):
         sources = ["given" if t is not None else "none" for t in texts]
         warnings: list[list[str]] = [[] for _ in cts]
         missing = [i for i, t in enumerate(texts) if t is None]
-        if missing and self.report_generator is not None and self.report_processor is not None:
+        if missing and draft_missing_reports and self.report_generator is not None and self.report_processor is not None:
             drafted = self._draft_reports([prepared[i] for i in missing])
             for i, text in zip(missing, drafted):
                 if text.strip():
@@ -180,8 +182,10 @@ class ContourPipeline(MedVLMPipeline):
                     warnings[i].append("no report given: contoured with a report drafted by the report generator")
         for i in range(len(cts)):
             if texts[i] is None:
-                warnings[i].append("no report given and no report generator: contoured with the null report; "
-                                   "the elective neck side cannot be read from the image alone")
+                reason = "no report given and none drafted" if self.report_generator is not None else \
+                    "no report given and no report generator"
+                warnings[i].append(f"{reason}: contoured with the null report; the elective neck side cannot be read "
+                                   "from the image alone")
 
         # 4. sliding-window inference per CT
         all_masks, all_probs, affines, used = [], [], [], []

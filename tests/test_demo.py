@@ -16,7 +16,7 @@ def test_quick_demo_runs_end_to_end_and_reuses_on_a_second_run(tmp_path, capsys)
     summary = json.loads((out / "demo_summary.json").read_text())["summary"]
     assert list(summary["stages"]) == ["contrastive", "vae", "diffusion", "segmentation", "baseline", "report_generator"]
     results = (out / "results" / "README.md").read_text()
-    for heading in ("Targets", "image-only baseline", "report: counterfactual", "Zero-shot classification",
+    for heading in ("Targets", "image-only baseline", "report: counterfactual", "report: drafted", "Zero-shot classification",
                     "carries the prompt's laterality", "Frechet distance", "MS-SSIM", "Report drafting", "De-identification", "Pipeline examples"):
         assert heading in results
     assert results.count("| **all** |") == 2  # de-identification per type: phantom reports and hand-written notes

@@ -125,3 +125,20 @@ def test_zero_shot_scores_against_hand_computed_values():
     # one-vs-rest AUROC per class, then the mean: class 0 {0.8, 0.2} vs {0.1, 0.3, 0.5} -> 4/6;
     # class 1 {0.8, 0.6} vs {0.1, 0.7, 0.2} -> 5/6; class 2 {0.3} vs {0.1, 0.1, 0.1, 0.1} -> 1
     assert result["macro_auroc"] == pytest.approx((4 / 6 + 5 / 6 + 1.0) / 3)
+
+
+def test_contralateral_probability_reads_the_mirror_of_the_ipsilateral_ctvn():
+    from eval.segmentation import contralateral_probability
+
+    affine = np.diag([-2.0, 2.0, 3.0, 1.0])  # x decreases with the index (LAS-like storage)
+    affine[0, 3] = 40.0  # world x runs 40 .. -22 mm over 32 voxels
+    ctvn = np.zeros((32, 8, 8), bool)
+    ctvn[2:6, 2:5, 2:5] = True  # world x 36..30 mm: the patient's right (+x) of a midline at 10 mm
+    probability = np.full(ctvn.shape, 0.1, np.float32)
+    # the mirror of x in 30..36 across 10 mm is -16..-10 mm: indices 25..28
+    probability[25:29, 2:5, 2:5] = 0.8
+    assert contralateral_probability(probability, ctvn, affine, 10.0, "right") == pytest.approx(0.8)
+    assert contralateral_probability(probability, ctvn, affine, 10.0, "left") is None  # no CTVn on the left
+    oblique = affine.copy()
+    oblique[0, 1] = 0.5
+    assert contralateral_probability(probability, ctvn, oblique, 10.0, "right") is None

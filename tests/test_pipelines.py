@@ -73,8 +73,12 @@ def test_contour_without_report_drafts_one_or_warns(pipes, case):
     assert drafted.report_sources == ["drafted"] and "drafted" in drafted.warnings[0][0]
     bare = ContourPipeline(**{k: v for k, v in pipes["contour"].components.items() if k not in ("report_generator", "report_processor")},
                            preprocess=pipes["contour"].config.preprocess)
-    out = bare(case.image_hu, affine=case.affine)
+    out = bare(case.image_hu, affine=case.affine, return_probabilities=True)
     assert out.report_sources == ["none"] and "null report" in out.warnings[0][0]
+    # asked not to draft, the full pipeline contours with the null report: the bare pipeline's result
+    null = pipes["contour"](case.image_hu, affine=case.affine, draft_missing_reports=False, return_probabilities=True)
+    assert null.report_sources == ["none"] and "none drafted" in null.warnings[0][0]
+    assert np.array_equal(null.probabilities[0], out.probabilities[0])
 
 
 def test_contour_save_load_round_trip_is_bit_exact(pipes, saved, case):

@@ -212,3 +212,22 @@ def test_diffusion_on_cached_latents_matches_encoding_every_step(trained, tiny_d
             losses[cached] = float(loss_module(**inputs)[0])
     assert losses[True] > 0
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_data_efficiency_sweep_trains_per_fraction_reuses_finished_ones_and_reports_relative_dice(trained, tiny_data, tmp_path):
+    from eval.data_efficiency import plot, sweep, table
+
+    out = tmp_path / "efficiency"
+    results = sweep(trained, tiny_data, out, config=TINY, fractions=(1.0, 0.5), steps=2)
+    assert sorted(results["fractions"]) == [0.5, 1.0] and results["steps"] == 2
+    assert results["fractions"][0.5]["cases"] < results["fractions"][1.0]["cases"]
+    assert all(v == pytest.approx(1.0) for v in results["relative"][1.0].values() if v == v)  # nan when Dice is 0
+    for fraction in ("0.5", "1"):
+        assert (out / f"fraction_{fraction}" / "vae" / "final").is_symlink()  # frozen stages shared, not copied
+    decoder = out / "fraction_0.5" / "segmentation" / "final" / "segmentation" / "diffusion_pytorch_model.safetensors"
+    written = decoder.stat().st_mtime_ns
+    again = sweep(trained, tiny_data, out, config=TINY, fractions=(0.5, 1.0), steps=2)
+    assert decoder.stat().st_mtime_ns == written and again["fractions"] == results["fractions"]
+    assert "| 50 % |" in table(results) and plot(results, out / "curve.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="fractions"):
+        sweep(trained, tiny_data, out, config=TINY, fractions=(0.0,))

@@ -562,7 +562,7 @@ class HNCPhantom:
         if noise_rng.random() < cfg.dental_streak_probability:
             teeth = canvas.masks["_teeth"]
             if teeth.any():
-                _add_dental_streaks(image, grid, teeth, noise_rng)
+                add_dental_streaks(image, teeth, noise_rng)
                 meta["dental_streaks"] = True
         sigma_noise = noise_rng.uniform(*cfg.noise_sigma_hu)
         image += noise_rng.standard_normal(grid.shape, dtype=np.float32) * np.float32(sigma_noise)
@@ -590,19 +590,21 @@ class HNCPhantom:
         return placed
 
 
-def _add_dental_streaks(image: np.ndarray, grid: _Grid, teeth: np.ndarray, rng: np.random.Generator) -> None:
-    """Metal/dental streaks: alternating bright and dark rays from the teeth in the axial slices they occupy."""
+def add_dental_streaks(image: np.ndarray, teeth: np.ndarray, rng: np.random.Generator, amplitude: float | None = None) -> None:
+    """Metal/dental streaks, in place: alternating bright and dark rays from the teeth in the axial slices
+    they occupy. ``amplitude`` (HU) defaults to a draw from the phantom's 150-400 HU."""
     slices = np.flatnonzero(teeth.any(axis=(0, 1)))
     count = int(rng.integers(6, 14))
-    amplitude = rng.uniform(150.0, 400.0)
+    drawn = rng.uniform(150.0, 400.0)  # drawn either way: the phantom's random stream does not depend on ``amplitude``
+    amplitude = drawn if amplitude is None else float(amplitude)
     phase = rng.uniform(0, 2 * math.pi)
     for k in slices:
         pts = np.argwhere(teeth[:, :, k])
         if len(pts) == 0:
             continue
         ci, cj = pts.mean(axis=0)
-        ii, jj = np.meshgrid(np.arange(grid.shape[0]), np.arange(grid.shape[1]), indexing="ij")
+        ii, jj = np.meshgrid(np.arange(image.shape[0]), np.arange(image.shape[1]), indexing="ij")
         angle = np.arctan2(jj - cj, ii - ci)
         distance = np.hypot(ii - ci, jj - cj) + 1.0
         rays = np.cos(count * angle + phase) ** 15 - np.cos(count * angle + phase + math.pi / 2) ** 15
-        image[:, :, k] += (amplitude * rays * np.exp(-distance / (grid.shape[0] / 4))).astype(np.float32) * (image[:, :, k] > -500)
+        image[:, :, k] += (amplitude * rays * np.exp(-distance / (image.shape[0] / 4))).astype(np.float32) * (image[:, :, k] > -500)
