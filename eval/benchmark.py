@@ -4,7 +4,8 @@
    (``eval.bench_contour_memory``, one process per network and size).
 2. Report-to-CT seconds per volume against the sampling schedule: DDPM with its 1000 training steps vs
    DDIM with 50 / 25 / 10 steps (diffusers schedulers on the same pipeline; ``--skip-ddpm`` leaves the
-   slow one out). Speed only: the fidelity at each step count needs trained networks and is not here.
+   slow one out). With ``--run``, the laterality fidelity of the run's trained pipeline at each of these
+   schedules too (``--fidelity-n`` volumes per side, judged as in ``medvlm eval generation``).
 3. Training throughput per stage (samples/s) from a run's ``training_summary.json`` when ``--run`` is given.
 
 Untrained demo-sized networks are used for 1 and 2: time and memory do not depend on the weights.
@@ -46,6 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("--run", default=None, help="a training run folder (training_summary.json) for throughput")
     parser.add_argument("--skip-ddpm", action="store_true", help="leave out DDPM with 1000 steps (minutes on CPU)")
     parser.add_argument("--skip-contour", action="store_true")
+    parser.add_argument("--fidelity-n", type=int, default=2, help="volumes per side for the fidelity per schedule (with --run)")
     args = parser.parse_args(argv)
     import torch
 
@@ -61,6 +63,17 @@ def main(argv=None) -> int:
     print("|---|---|---|---|")
     for name, n, seconds in rows:
         print(f"| {name} | {n} | {seconds:.1f} | {seconds / reference:.2f} x |")
+    if args.run and not (Path(args.run) / "report_to_ct").is_dir():
+        print(f"\n{args.run} has no report_to_ct pipeline: laterality fidelity per schedule not measured")
+    elif args.run:
+        from eval.generation_eval import laterality_fidelity
+
+        print(f"\nLaterality fidelity of {args.run}/report_to_ct per schedule ({2 * args.fidelity_n} volumes each)")
+        print("| scheduler | steps | zero-shot classifier | segmentation decoder (CTVn side) |")
+        print("|---|---|---|---|")
+        for name, n, _ in rows:
+            result = laterality_fidelity(args.run, n_per_side=args.fidelity_n, steps=n, scheduler=f"{name}Scheduler")
+            print(f"| {name} | {n} | {result['zero-shot classifier']:.2f} | {result['segmentation decoder (CTVn side)']:.2f} |")
     if args.run:
         summary = json.loads((Path(args.run) / "training_summary.json").read_text())
         print(f"\nTraining throughput ({args.run})")

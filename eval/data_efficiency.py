@@ -31,48 +31,74 @@ def _group_means(dice: dict[str, float]) -> dict[str, float]:
             "CTVn": dice["CTVn"]}
 
 
+def check_run(run: Path) -> None:
+    for stage in UPSTREAM:
+        if not (run / stage / "final").is_dir():
+            raise FileNotFoundError(f"{run / stage / 'final'} not found: this sweep needs a trained run (medvlm train all)")
+
+
+def train_decoder(run: Path, data: str | Path, folder: Path, settings, *, train_fraction: float = 1.0,
+                  progress_line: str | None = None) -> Path:
+    """Train the segmentation stage into ``folder`` (the run's frozen stages linked in) unless it finished
+    there already; return the decoder folder."""
+    from train.stage_segmentation import SegmentationTrainer
+
+    decoder_dir = folder / "segmentation" / "final" / "segmentation"
+    if decoder_dir.is_dir():
+        return decoder_dir
+    for stage in UPSTREAM:  # the frozen stages, shared with the run
+        link = folder / stage / "final"
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to((run / stage / "final").resolve(), target_is_directory=True)
+    if progress_line:
+        print(progress_line, flush=True)
+    SegmentationTrainer(settings, data, folder, train_fraction=train_fraction).run()
+    return decoder_dir
+
+
+def score_decoder(base, decoder_dir: Path, data: str | Path, out: Path) -> dict[str, float]:
+    """Test-split Dice per group (correct report) of ``base`` (a ContourPipeline) with this decoder swapped in."""
+    from eval.segmentation import evaluate
+    from medvlm.models import FusedSegmentationDecoder
+    from pipelines import ContourPipeline
+
+    pipe = ContourPipeline(**{**base.components, "segmentation": FusedSegmentationDecoder.from_pretrained(decoder_dir)},
+                           **{k: getattr(base.config, k) for k in ContourPipeline._config_names})
+    return _group_means(evaluate(pipe, data, out, modes=("correct",))["dice"]["report: correct"])
+
+
+def load_settings(config: str | Path, steps: int | None):
+    from medvlm.cli import _config_path
+    from medvlm.config import load_config
+
+    settings = load_config(_config_path(str(config)))
+    if steps is not None:
+        settings.training.segmentation.steps = int(steps)
+    return settings
+
+
 def sweep(run: str | Path, data: str | Path, out: str | Path, *, config: str | Path = "demo",
           fractions: Sequence[float] = FRACTIONS, steps: int | None = None, progress: bool = False) -> dict:
     """``{"fractions": {f: {"cases": n, "dice": {group: mean}}}, "relative": {f: {group: ratio}}}``; the
     decoders and tables go under ``out`` (one folder per fraction; a finished fraction is reused)."""
-    from eval.segmentation import evaluate
-    from medvlm.cli import _config_path
-    from medvlm.config import load_config
-    from medvlm.models import FusedSegmentationDecoder
     from pipelines import ContourPipeline
-    from train.stage_segmentation import SegmentationTrainer
+    from train.data import load_cases
 
     run, out = Path(run), Path(out)
     fractions = sorted({float(f) for f in fractions})
     if not fractions or any(not 0.0 < f <= 1.0 for f in fractions):
         raise ValueError(f"fractions must lie in (0, 1], got {list(fractions)}")
-    for stage in UPSTREAM:
-        if not (run / stage / "final").is_dir():
-            raise FileNotFoundError(f"{run / stage / 'final'} not found: data efficiency needs a trained run (medvlm train all)")
-    settings = load_config(_config_path(str(config)))
-    if steps is not None:
-        settings.training.segmentation.steps = int(steps)
+    check_run(run)
+    settings = load_settings(config, steps)
     base = ContourPipeline.from_pretrained(run / "contour")
     results: dict = {"fractions": {}, "steps": settings.training.segmentation.steps}
     for fraction in fractions:
         folder = out / f"fraction_{fraction:g}"
-        decoder_dir = folder / "segmentation" / "final" / "segmentation"
-        if not decoder_dir.is_dir():
-            for stage in UPSTREAM:  # the frozen stages, shared with the run
-                link = folder / stage / "final"
-                if not link.exists():
-                    link.parent.mkdir(parents=True, exist_ok=True)
-                    link.symlink_to((run / stage / "final").resolve(), target_is_directory=True)
-            if progress:
-                print(f"[data efficiency] training the decoder on {100 * fraction:g} % of the training cases", flush=True)
-            SegmentationTrainer(settings, data, folder, train_fraction=fraction).run()
-        pipe = ContourPipeline(**{**base.components, "segmentation": FusedSegmentationDecoder.from_pretrained(decoder_dir)},
-                               **{k: getattr(base.config, k) for k in ContourPipeline._config_names})
-        scored = evaluate(pipe, data, folder / "evaluation", modes=("correct",))
-        from train.data import load_cases
-
+        decoder_dir = train_decoder(run, data, folder, settings, train_fraction=fraction, progress_line=(
+            f"[data efficiency] training the decoder on {100 * fraction:g} % of the training cases" if progress else None))
         cases = len(load_cases(data, settings, train_fraction=fraction, seed=settings.training.seed))
-        results["fractions"][fraction] = {"cases": cases, "dice": _group_means(scored["dice"]["report: correct"])}
+        results["fractions"][fraction] = {"cases": cases, "dice": score_decoder(base, decoder_dir, data, folder / "evaluation")}
     top = results["fractions"][max(fractions)]["dice"]
     results["relative"] = {f: {g: (v / top[g] if top[g] > 0 else float("nan")) for g, v in r["dice"].items()}
                            for f, r in results["fractions"].items()}

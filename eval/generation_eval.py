@@ -5,6 +5,8 @@
 * **Fidelity**: for a left and a right primary (otherwise identical prompts), generate N volumes each and
   judge every one twice: by the zero-shot classifier (CT tower, left vs right) and by the segmentation
   decoder's paired CTVn (which side of the body midline holds it, for an ipsilateral elective neck).
+  With ``--stages``, T and N stage too: cT1 vs cT4 and cN0 vs cN2 prompts from the same seeds, judged by
+  whether the paired GTVp (GTVn) volume is larger for the higher stage.
 * **Realism** (with ``--data``): one CT per held-out test report against the held-out CTs, on the image
   tower's preprocessed grid: Frechet distance of contrastive image embeddings (MONAI ``FIDMetric``) next
   to the same distance between two real sets of the same sizes (validation vs test: the floor that sample
@@ -37,16 +39,24 @@ PROMPTS = {side: (f"{side.capitalize()} tonsil squamous cell carcinoma, cT2 N1 M
 
 
 def laterality_fidelity(run: str | Path, *, n_per_side: int = 4, steps: int = 25, guidance_scale: float = 3.0,
-                        seed: int = 0, return_samples: bool = False) -> dict:
-    """Fractions of samples judged to carry the prompt's side. ``return_samples``: also ``"samples"``
-    (HU volumes), ``"affine"`` and ``"groups"`` (sample indices per prompt), e.g. for
-    :func:`realism_and_diversity`."""
+                        seed: int = 0, return_samples: bool = False, scheduler: str | None = None) -> dict:
+    """Fractions of samples judged to carry the prompt's side. ``scheduler``: a diffusers scheduler class
+    name (``"DDPMScheduler"``, ``"DPMSolverMultistepScheduler"``...) swapped in with ``from_config``; default
+    the pipeline's own. ``return_samples``: also ``"samples"`` (HU volumes), ``"affine"`` and ``"groups"``
+    (sample indices per prompt), e.g. for :func:`realism_and_diversity`."""
     from eval.segmentation import body_midline_mm, predicted_sides
     from pipelines import ReportToCTPipeline, ZeroShotClassificationPipeline
 
     run = Path(run)
     generator_pipe = ReportToCTPipeline.from_pretrained(run / "report_to_ct")
     generator_pipe.set_progress_bar_config(disable=True)
+    if scheduler is not None:
+        import diffusers
+
+        scheduler_class = getattr(diffusers, scheduler, None)
+        if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, diffusers.SchedulerMixin)):
+            raise ValueError(f"{scheduler!r} is not a diffusers scheduler class")
+        generator_pipe.scheduler = scheduler_class.from_config(generator_pipe.scheduler.config)
     classifier = ZeroShotClassificationPipeline.from_pretrained(run / "zero_shot")
     names = list(generator_pipe.config.structure_names)
     judged = {"zero-shot classifier": [], "segmentation decoder (CTVn side)": []}
@@ -70,6 +80,39 @@ def laterality_fidelity(run: str | Path, *, n_per_side: int = 4, steps: int = 25
     if return_samples:
         result |= {"samples": samples, "affine": out.affine, "groups": groups, "prompts": list(PROMPTS.values())}
     return result
+
+
+# T and N stage contrasts, otherwise identical prompts: the paired contours should grow with the stage
+STAGE_PROMPTS = {
+    "T stage (GTVp volume, cT4 > cT1)": ("GTVp", "Left tonsil squamous cell carcinoma, cT1 N1 M0. Elective neck: ipsilateral (left) levels II-IV.",
+                                         "Left tonsil squamous cell carcinoma, cT4 N1 M0. Elective neck: ipsilateral (left) levels II-IV."),
+    "N stage (GTVn volume, cN2 > cN0)": ("GTVn", "Left tonsil squamous cell carcinoma, cT2 N0 M0. Elective neck: ipsilateral (left) levels II-III.",
+                                         "Left tonsil squamous cell carcinoma, cT2 N2 M0. Elective neck: ipsilateral (left) levels II-IV."),
+}
+
+
+def stage_fidelity(run: str | Path, *, n: int = 4, steps: int = 25, guidance_scale: float = 3.0, seed: int = 0) -> dict:
+    """For each contrast of :data:`STAGE_PROMPTS`: ``n`` samples of the lower and of the higher stage, the
+    same seeds for both, and the fraction of seed pairs whose higher-stage sample has the larger structure
+    (by the paired contours of the segmentation decoder), with the mean volumes in ml."""
+    from pipelines import ReportToCTPipeline
+
+    pipe = ReportToCTPipeline.from_pretrained(Path(run) / "report_to_ct")
+    pipe.set_progress_bar_config(disable=True)
+    if pipe.segmentation is None:
+        raise ValueError("stage fidelity needs the pipeline's segmentation decoder (paired contours)")
+    names = list(pipe.config.structure_names)
+    results = {}
+    for contrast, (structure, low, high) in STAGE_PROMPTS.items():
+        volumes = []
+        for prompt in (low, high):
+            out = pipe(prompt, num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=guidance_scale,
+                       generator=[torch.Generator().manual_seed(seed + i) for i in range(n)])
+            voxel_ml = abs(np.linalg.det(out.affine[:3, :3])) / 1000.0
+            volumes.append(np.array([np.asarray(out.masks[i][names.index(structure)]).sum() * voxel_ml for i in range(n)]))
+        results[contrast] = {"fraction": float(np.mean(volumes[1] > volumes[0])), "low_ml": float(volumes[0].mean()),
+                             "high_ml": float(volumes[1].mean()), "n": n}
+    return results
 
 
 def tissue_statistics(real_hu: np.ndarray, generated_hu: np.ndarray) -> dict[str, dict[str, float]]:
@@ -208,11 +251,16 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--data", default=None, help="dataset folder (datalist.json): adds realism and diversity on its test split")
     parser.add_argument("--realism-n", type=int, default=8, help="generated CTs for realism (one per test report)")
+    parser.add_argument("--stages", action="store_true", help="also T- and N-stage fidelity (GTVp/GTVn volumes, --n pairs)")
     args = parser.parse_args(argv)
     result = laterality_fidelity(args.run, n_per_side=args.n, steps=args.steps, guidance_scale=args.guidance_scale)
     print(f"generated CTs ({result['n']}, {result['scheduler']} {result['steps']} steps) carrying the prompt's laterality:")
     for judge in ("zero-shot classifier", "segmentation decoder (CTVn side)"):
         print(f"  judged by the {judge}: {result[judge]:.2f}")
+    if args.stages:
+        for contrast, row in stage_fidelity(args.run, n=args.n, steps=args.steps, guidance_scale=args.guidance_scale).items():
+            print(f"  {contrast}: {row['fraction']:.2f} of {row['n']} seed pairs "
+                  f"(mean {row['low_ml']:.1f} ml -> {row['high_ml']:.1f} ml)")
     if args.data is not None:
         made = generate_from_test_reports(args.run, args.data, n=args.realism_n, steps=args.steps,
                                           guidance_scale=args.guidance_scale)

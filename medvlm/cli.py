@@ -159,7 +159,8 @@ def cmd_deid_dicom(args: argparse.Namespace) -> int:
 # ``medvlm eval TASK ...``: the module of eval/ whose ``main(argv)`` takes the remaining options
 EVAL_TASKS = {"segmentation": "segmentation", "zero-shot": "zero_shot_eval", "generation": "generation_eval",
               "drafting": "drafting_eval", "deid": "deid_eval", "extraction": "extraction_eval", "benchmark": "benchmark",
-              "robustness": "robustness", "data-efficiency": "data_efficiency"}
+              "robustness": "robustness", "data-efficiency": "data_efficiency",
+              "augmentation": "augmentation_utility", "report": "report"}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

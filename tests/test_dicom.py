@@ -5,7 +5,6 @@ registry are marked ``realdata`` and skip with the reason when the data cannot b
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 

@@ -42,3 +42,4 @@ def test_frechet_distance_is_zero_for_one_set_and_the_squared_mean_shift_for_a_t
     assert _frechet(features, features) == pytest.approx(0.0, abs=1e-6)
     shift = np.array([3.0, 0, 0, 0, 0, 4.0])
     assert _frechet(features + shift, features) == pytest.approx(25.0, rel=1e-6)
+

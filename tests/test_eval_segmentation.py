@@ -108,6 +108,7 @@ def test_benchmark_command_measures_each_schedule(capsys, tmp_path):
     rows = [line for line in printed.splitlines() if line.startswith("| DDIM |")]
     assert [row.split("|")[2].strip() for row in rows] == ["50", "25", "10"]
     assert "| DDIM | 50 |" in printed and "1.00 x" in printed and "| vae | 3 | 1.50 |" in printed
+    assert "no report_to_ct pipeline: laterality fidelity per schedule not measured" in printed
 
 
 def test_zero_shot_scores_against_hand_computed_values():

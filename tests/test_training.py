@@ -231,3 +231,35 @@ def test_data_efficiency_sweep_trains_per_fraction_reuses_finished_ones_and_repo
     assert "| 50 % |" in table(results) and plot(results, out / "curve.png").stat().st_size > 0
     with pytest.raises(ValueError, match="fractions"):
         sweep(trained, tiny_data, out, config=TINY, fractions=(0.0,))
+
+
+def test_augmentation_utility_trains_on_real_and_on_real_plus_synthetic_cases(trained, tiny_data, tmp_path):
+    from eval.augmentation_utility import evaluate, table
+    from medvlm.data.datalist import load_datalist
+    from medvlm.data.io import load_labels
+
+    out = tmp_path / "augmentation"
+    results = evaluate(trained, tiny_data, out, config=TINY, real=2, synthetic=3, steps=2)
+    assert results["real"]["cases"] == 2 and results["real + synthetic"]["cases"] == 5
+    assert all(0.0 <= v <= 1.0 for row in ("real", "real + synthetic") for v in results[row]["dice"].values())
+    augmented = load_datalist(out / "real_plus_synthetic" / "data")
+    assert len(augmented["training"]) == 5 and len(augmented["test"]) == len(load_datalist(tiny_data)["test"])
+    masks, _, names = load_labels(out / "synthetic" / "synthetic_002" / "labels.nii.gz")
+    assert "CTVn" in names and masks.shape[0] == len(names)
+    # the third synthetic case reuses the first real report (prompts cycle over the real set only)
+    assert augmented["training"][4]["report"] == augmented["training"][0]["report"]
+    assert "| difference |" in table(results)
+
+
+def test_generation_fidelity_per_scheduler_and_per_stage_on_a_trained_run(trained):
+    from eval.generation_eval import STAGE_PROMPTS, laterality_fidelity, stage_fidelity
+
+    ddpm = laterality_fidelity(trained, n_per_side=1, steps=3, scheduler="DDPMScheduler")
+    assert ddpm["scheduler"] == "DDPMScheduler" and ddpm["n"] == 2
+    assert laterality_fidelity(trained, n_per_side=1, steps=3)["scheduler"] == "DDIMScheduler"  # what training ships
+    with pytest.raises(ValueError, match="not a diffusers scheduler"):
+        laterality_fidelity(trained, n_per_side=1, steps=3, scheduler="UNet2DModel")  # a model, not a scheduler
+    stages = stage_fidelity(trained, n=2, steps=3)
+    assert set(stages) == set(STAGE_PROMPTS)
+    for row in stages.values():
+        assert row["n"] == 2 and row["fraction"] in (0.0, 0.5, 1.0) and row["low_ml"] >= 0 and row["high_ml"] >= 0
