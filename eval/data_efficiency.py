@@ -18,17 +18,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 
 FRACTIONS = (0.1, 0.25, 0.5, 0.9, 1.0)
 UPSTREAM = ("contrastive", "vae", "diffusion")
-
-
-def _group_means(dice: dict[str, float]) -> dict[str, float]:
-    from medvlm.data.structures import OAR_NAMES
-
-    return {"OAR mean": float(np.mean([dice[n] for n in OAR_NAMES])), "GTVp": dice["GTVp"], "GTVn": dice["GTVn"],
-            "CTVn": dice["CTVn"]}
 
 
 def check_run(run: Path) -> None:
@@ -59,13 +51,13 @@ def train_decoder(run: Path, data: str | Path, folder: Path, settings, *, train_
 
 def score_decoder(base, decoder_dir: Path, data: str | Path, out: Path) -> dict[str, float]:
     """Test-split Dice per group (correct report) of ``base`` (a ContourPipeline) with this decoder swapped in."""
-    from eval.segmentation import evaluate
+    from eval.segmentation import evaluate, group_means
     from medvlm.models import FusedSegmentationDecoder
     from pipelines import ContourPipeline
 
     pipe = ContourPipeline(**{**base.components, "segmentation": FusedSegmentationDecoder.from_pretrained(decoder_dir)},
                            **{k: getattr(base.config, k) for k in ContourPipeline._config_names})
-    return _group_means(evaluate(pipe, data, out, modes=("correct",))["dice"]["report: correct"])
+    return group_means(evaluate(pipe, data, out, modes=("correct",))["dice"]["report: correct"])
 
 
 def load_settings(config: str | Path, steps: int | None):

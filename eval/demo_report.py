@@ -22,8 +22,8 @@ TARGETS = {"OAR mean": 0.85, "GTVp": 0.70, "GTVn": 0.70, "CTVn": 0.85}
 def pipeline_examples(run: Path, data: Path, out: Path) -> list[str]:
     """One example per pipeline, written under ``out``; returns Markdown lines describing them."""
     from medvlm.data.datalist import load_datalist
-    from medvlm.data.io import load_nifti, save_labels, save_nifti
-    from medvlm.data.preview import save_preview
+    from medvlm.data.io import load_labels, load_nifti, save_labels, save_nifti
+    from medvlm.data.preview import focus_point, save_preview
     from pipelines import ContourPipeline, ReportGenerationPipeline, ReportToCTPipeline, ZeroShotClassificationPipeline
 
     lines = []
@@ -35,10 +35,16 @@ def pipeline_examples(run: Path, data: Path, out: Path) -> list[str]:
     image, affine = load_nifti(item["image"])
     names = list(result.structure_names)
     spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
-    save_preview(out / "contour_overlay.png", image, np.stack([result.masks[0][n] for n in names]).astype(np.uint8), names,
-                 spacing, title=f"{item.get('id', 'test case')}: medvlm contours")
-    lines.append(f"* Contour: `{item['image']}` with its report -> `examples/contour/*.nii.gz`, overlay "
-                 "![contours](examples/contour_overlay.png)")
+    predicted = np.stack([result.masks[0][n] for n in names]).astype(np.uint8)
+    truth, _, truth_names = load_labels(item["label"])
+    truth = np.stack([truth[truth_names.index(n)] for n in names]).astype(np.uint8)
+    point = focus_point(truth, names, image.shape)  # the same slices in both pictures
+    case_id = item.get("id", "test case")
+    save_preview(out / "contour_overlay.png", image, predicted, names, spacing, title=f"{case_id}: medvlm contours", point=point)
+    save_preview(out / "contour_truth.png", image, truth, names, spacing, title=f"{case_id}: ground truth", point=point)
+    lines.append(f"* Contour: `{item['image']}` with its report -> `examples/contour/*.nii.gz`; predicted "
+                 "![contours](examples/contour_overlay.png) and the ground truth on the same slices "
+                 "![truth](examples/contour_truth.png)")
 
     generator_pipe = ReportToCTPipeline.from_pretrained(run / "report_to_ct")
     generator_pipe.set_progress_bar_config(disable=True)

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from eval.segmentation import GROUPS
+
 FAMILIES: dict[str, tuple[float, ...]] = {
     "scale": (0.85, 0.92, 1.0, 1.08, 1.15),
     "rotation": (0.0, 10.0, 20.0, 30.0),
@@ -35,7 +37,6 @@ FAMILIES: dict[str, tuple[float, ...]] = {
 IDENTITY = {"scale": 1.0, "rotation": 0.0, "noise": 0.0, "dental streaks": 0.0}
 UNITS = {"scale": "x", "rotation": "deg", "noise": "HU", "dental streaks": "HU"}
 AIR_HU = -1024.0
-GROUPS = ("OAR mean", "GTVp", "GTVn", "CTVn")
 
 
 def perturb(image_hu: np.ndarray, labels: np.ndarray, family: str, level: float, *, seed: int = 0,
@@ -72,7 +73,7 @@ def perturb(image_hu: np.ndarray, labels: np.ndarray, family: str, level: float,
 def _group_dice(prediction: np.ndarray, truth: np.ndarray, names: Sequence[str]) -> dict[str, float]:
     from monai.metrics import DiceMetric
 
-    from medvlm.data.structures import OAR_NAMES
+    from eval.segmentation import group_means
 
     # both empty counts as 1.0, as in eval.segmentation
     dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(
@@ -80,9 +81,7 @@ def _group_dice(prediction: np.ndarray, truth: np.ndarray, names: Sequence[str])
     for c in range(len(names)):
         if not prediction[c].any() and not truth[c].any():
             dice[c] = 1.0
-    per = dict(zip(names, dice.tolist()))
-    return {"OAR mean": float(np.mean([per[n] for n in OAR_NAMES])), "GTVp": per["GTVp"], "GTVn": per["GTVn"],
-            "CTVn": per["CTVn"]}
+    return group_means(dict(zip(names, dice.tolist())))
 
 
 def evaluate(pipeline: str | Path, data: str | Path, *, baseline: str | Path | None = None, cases: int | None = None,

@@ -99,6 +99,17 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
     return float(np.mean(finite)), float(np.std(finite)), len(finite)
 
 
+GROUPS = ("OAR mean", "GTVp", "GTVn", "CTVn")
+
+
+def group_means(dice: dict[str, float]) -> dict[str, float]:
+    """Per-structure Dice -> the groups the sweeps report: organs-at-risk mean, GTVp, GTVn, CTVn."""
+    from medvlm.data.structures import OAR_NAMES
+
+    return {"OAR mean": float(np.mean([dice[n] for n in OAR_NAMES])), "GTVp": float(dice["GTVp"]),
+            "GTVn": float(dice["GTVn"]), "CTVn": float(dice["CTVn"])}
+
+
 def seed_table(rows: Sequence[CaseStructureScore], structure: str, n_cases: int | None = None) -> str:
     """The seed's layout for one structure: ``no, ID, Dice, IoU, HD`` per case, then ``Avr`` and ``Std``."""
     chosen = [r for r in rows if r.structure == structure][: n_cases or None]
@@ -196,8 +207,9 @@ def baseline_masks(model, case, thresholds, names, roi_size) -> dict[str, np.nda
 
 def evaluate(pipeline, data: str | Path, out: str | Path, *, split: str = "test",
              modes: Sequence[str] = ("correct",), baseline: str | Path | None = None, progress: bool = False) -> dict:
-    """Score a ContourPipeline (a folder or the pipeline) on a split with each report mode (``correct``; ``none``: the learned null
-    report; ``drafted``: a report drafted from the CT by the pipeline's report generator; ``counterfactual``)
+    """Score a ContourPipeline (a folder or the pipeline) on a split with each report mode (``correct``;
+    ``none``: the learned null report; ``drafted``: a report drafted from the CT by the pipeline's report
+    generator; ``counterfactual``)
     and, when given, the image-only baseline, all in this one invocation; write CSVs and Markdown tables.
 
     Returns ``{"dice": {variant: {structure: mean}}, "counterfactual_follows": fraction or None, "tables": path}``.

@@ -22,7 +22,7 @@ def test_quick_demo_runs_end_to_end_and_reuses_on_a_second_run(tmp_path, capsys)
     assert results.count("| **all** |") == 2  # de-identification per type: phantom reports and hand-written notes
     for plot in ("loss_curves.png", "ablation_bars.png", "dice_boxplots.png"):
         assert (out / "results" / "plots" / plot).stat().st_size > 0
-    for example in ("contour_overlay.png", "generated_left.png", "generated_right.png", "drafted_report.txt"):
+    for example in ("contour_overlay.png", "contour_truth.png", "generated_left.png", "generated_right.png", "drafted_report.txt"):
         assert (out / "results" / "examples" / example).stat().st_size > 0
     assert (out / "results" / "examples" / "contour" / "CTVn.nii.gz").is_file()
     assert main(["demo", "--quick", "--output", str(out)]) == 0
