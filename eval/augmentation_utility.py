@@ -51,8 +51,9 @@ def synthesise(run: Path, items: list[dict], count: int, out: Path, *, steps: in
 def _write_datalist(folder: Path, training: list[dict], datalist: dict) -> Path:
     from medvlm.data.io import atomic_write_text
 
-    def plain(item: dict) -> dict:  # paths and text only: the records stay with the source dataset
-        return {k: item[k] for k in ("image", "label", "report", "id") if k in item}
+    def plain(item: dict) -> dict:  # absolute paths and text only: the records stay with the source dataset
+        out = {k: item[k] for k in ("report", "id") if k in item}
+        return out | {k: str(Path(item[k]).resolve()) for k in ("image", "label") if k in item}
 
     content = {"training": [plain(i) for i in training], "validation": [plain(i) for i in datalist.get("validation", [])],
                "test": [plain(i) for i in datalist["test"]]}

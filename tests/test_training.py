@@ -233,13 +233,14 @@ def test_data_efficiency_sweep_trains_per_fraction_reuses_finished_ones_and_repo
         sweep(trained, tiny_data, out, config=TINY, fractions=(0.0,))
 
 
-def test_augmentation_utility_trains_on_real_and_on_real_plus_synthetic_cases(trained, tiny_data, tmp_path):
+def test_augmentation_utility_trains_on_real_and_on_real_plus_synthetic_cases(trained, tiny_data, tmp_path, monkeypatch):
     from eval.augmentation_utility import evaluate, table
     from medvlm.data.datalist import load_datalist
     from medvlm.data.io import load_labels
 
     out = tmp_path / "augmentation"
-    results = evaluate(trained, tiny_data, out, config=TINY, real=2, synthetic=3, steps=2)
+    monkeypatch.chdir(tiny_data.parent)  # a relative data folder, as on the command line
+    results = evaluate(trained, Path(tiny_data.name), out, config=TINY, real=2, synthetic=3, steps=2)
     assert results["real"]["cases"] == 2 and results["real + synthetic"]["cases"] == 5
     assert all(0.0 <= v <= 1.0 for row in ("real", "real + synthetic") for v in results[row]["dice"].values())
     augmented = load_datalist(out / "real_plus_synthetic" / "data")
