@@ -145,8 +145,10 @@ def make_plots(run: Path, results: Path, dice: dict[str, dict[str, float]]) -> l
             "![Dice per test case: with the report vs image-only baseline](plots/dice_boxplots.png)"]
 
 
-def write_results(run: Path, data: Path, results: Path, config_name: str, progress: bool = True) -> dict:
-    """Evaluation + examples + ``results/README.md``; returns the headline numbers."""
+def write_results(run: Path, data: Path, results: Path, config_name: str, progress: bool = True,
+                  command: str | None = None) -> dict:
+    """Evaluation + examples + ``results/README.md``; returns the headline numbers. ``command``: what the
+    page says produced it (default: the demo)."""
     import platform
 
     from eval.segmentation import evaluate
@@ -212,7 +214,7 @@ def write_results(run: Path, data: Path, results: Path, config_name: str, progre
                            f"{stage['final_losses'].get('total', float('nan')):.4f} |")
     text = "\n".join([
         "# medvlm demo results", "",
-        f"Produced by `make demo` (`medvlm demo --config {config_name}`) on {platform.machine()} with "
+        f"Produced by {command or f'`make demo` (`medvlm demo --config {config_name}`)'} on {platform.machine()} with "
         f"{torch.get_num_threads()} CPU threads; test split of `{data}`; evaluation took "
         f"{time.perf_counter() - started:.0f} s. Research software, not for clinical use.", "",
         "## Targets (issue 9) against measured values", "", "| measure | measured | target | |", "|---|---|---|---|", *rows, "",

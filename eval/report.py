@@ -45,7 +45,8 @@ def assemble(run: str | Path, data: str | Path, out: str | Path, config_name: st
     from medvlm.data.io import atomic_write_text
 
     out = Path(out)
-    write_results(Path(run), Path(data), out, config_name, progress=progress)
+    write_results(Path(run), Path(data), out, config_name, progress=progress,
+                  command=f"`medvlm eval report --run {run} --data {data} --out {out} --config {config_name}`")
     readme = out / "README.md"
     atomic_write_text(readme, readme.read_text().rstrip("\n") + "\n\n" + sweep_sections(out))
     return readme
