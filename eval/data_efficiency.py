@@ -13,7 +13,6 @@ of the data). Each fraction trains for minutes on a CPU: a demo-size sweep of fi
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,8 +73,9 @@ def sweep(run: str | Path, data: str | Path, out: str | Path, *, config: str | P
           fractions: Sequence[float] = FRACTIONS, steps: int | None = None, progress: bool = False) -> dict:
     """``{"fractions": {f: {"cases": n, "dice": {group: mean}}}, "relative": {f: {group: ratio}}}``; the
     decoders and tables go under ``out`` (one folder per fraction; a finished fraction is reused)."""
+    from medvlm.data.datalist import load_datalist
     from pipelines import ContourPipeline
-    from train.data import load_cases
+    from train.data import fraction_of
 
     run, out = Path(run), Path(out)
     fractions = sorted({float(f) for f in fractions})
@@ -84,12 +84,13 @@ def sweep(run: str | Path, data: str | Path, out: str | Path, *, config: str | P
     check_run(run)
     settings = load_settings(config, steps)
     base = ContourPipeline.from_pretrained(run / "contour")
+    training = load_datalist(data, read_reports=False)["training"]
     results: dict = {"fractions": {}, "steps": settings.training.segmentation.steps}
     for fraction in fractions:
         folder = out / f"fraction_{fraction:g}"
         decoder_dir = train_decoder(run, data, folder, settings, train_fraction=fraction, progress_line=(
             f"[data efficiency] training the decoder on {100 * fraction:g} % of the training cases" if progress else None))
-        cases = len(load_cases(data, settings, train_fraction=fraction, seed=settings.training.seed))
+        cases = len(fraction_of(training, fraction, settings.training.seed))  # what the stage trained on
         results["fractions"][fraction] = {"cases": cases, "dice": score_decoder(base, decoder_dir, data, folder / "evaluation")}
     top = results["fractions"][max(fractions)]["dice"]
     results["relative"] = {f: {g: (v / top[g] if top[g] > 0 else float("nan")) for g, v in r["dice"].items()}
@@ -117,7 +118,7 @@ def plot(results: dict, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from medvlm.data.io import atomic_write_bytes
+    from medvlm.data.preview import save_figure
 
     fractions = sorted(results["fractions"])
     figure, axis = plt.subplots(figsize=(5, 3.5))
@@ -129,11 +130,7 @@ def plot(results: dict, path: str | Path) -> Path:
     axis.set_ylim(0, 1)
     axis.legend(fontsize=7)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90)
-    plt.close(figure)
-    atomic_write_bytes(Path(path), buffer.getvalue())
-    return Path(path)
+    return save_figure(figure, path, dpi=90)
 
 
 def main(argv=None) -> int:

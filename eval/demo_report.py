@@ -87,6 +87,8 @@ def make_plots(run: Path, results: Path, dice: dict[str, dict[str, float]]) -> l
     import matplotlib.pyplot as plt
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from medvlm.data.preview import save_figure
+
     folder = results / "plots"
     folder.mkdir(parents=True, exist_ok=True)
     stages = [p.name for p in sorted(run.iterdir()) if (p / "logs" / p.name).is_dir()]
@@ -101,8 +103,7 @@ def make_plots(run: Path, results: Path, dice: dict[str, dict[str, float]]) -> l
         axis.set_xlabel("step", fontsize=8)
     axes[0][0].set_ylabel("training loss", fontsize=8)
     figure.tight_layout()
-    figure.savefig(folder / "loss_curves.png", dpi=90)
-    plt.close(figure)
+    save_figure(figure, folder / "loss_curves.png", dpi=90)
 
     variants = list(dice)
     names = list(next(iter(dice.values())))
@@ -115,8 +116,7 @@ def make_plots(run: Path, results: Path, dice: dict[str, dict[str, float]]) -> l
     axis.set_ylim(0, 1)
     axis.legend(fontsize=7, ncol=len(variants))
     figure.tight_layout()
-    figure.savefig(folder / "ablation_bars.png", dpi=90)
-    plt.close(figure)
+    save_figure(figure, folder / "ablation_bars.png", dpi=90)
 
     per_variant = {}
     for variant, slug in (("report: correct", "report_correct"), ("image-only baseline", "image_only_baseline")):
@@ -138,8 +138,7 @@ def make_plots(run: Path, results: Path, dice: dict[str, dict[str, float]]) -> l
     axis.set_ylim(0, 1)
     axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(folder / "dice_boxplots.png", dpi=90)
-    plt.close(figure)
+    save_figure(figure, folder / "dice_boxplots.png", dpi=90)
     return ["![training loss per stage](plots/loss_curves.png)", "",
             "![mean Dice per structure: report ablations and baseline](plots/ablation_bars.png)", "",
             "![Dice per test case: with the report vs image-only baseline](plots/dice_boxplots.png)"]

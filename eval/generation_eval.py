@@ -188,6 +188,7 @@ def realism_and_diversity(run: str | Path, data: str | Path, samples: Sequence[n
     embeddings with its real-vs-real floor (validation CTs, as many as samples), tissue statistics, MS-SSIM."""
     from medvlm.config import preprocess_from_dict
     from medvlm.data.datalist import load_datalist
+    from medvlm.data.transforms import to_hu
     from pipelines import ZeroShotClassificationPipeline
 
     datalist = load_datalist(data)
@@ -200,24 +201,16 @@ def realism_and_diversity(run: str | Path, data: str | Path, samples: Sequence[n
     config = preprocess_from_dict(embedder.config.preprocess)
     generated = embedder.prepare_volumes(list(samples), affine=affine)
     real = embedder.prepare_volumes([item["image"] for item in test])
-    low, high = config.output_range
-
-    def to_hu(volumes: torch.Tensor) -> np.ndarray:
-        return config.hu_window[0] + (volumes.numpy() - low) / (high - low) * (config.hu_window[1] - config.hu_window[0])
-
-    def embed(volumes: torch.Tensor) -> np.ndarray:
-        model = embedder.contrastive.eval()
-        return torch.cat([model.encode_image(volumes[k:k + 8]) for k in range(0, len(volumes), 8)]).float().numpy()
-
+    embed = embedder.embed_volumes
     real_embeds = embed(real)
     result = {"n_generated": len(samples), "n_real": len(test),
               "frechet_generated_vs_test": _frechet(embed(generated), real_embeds),
-              "tissues": tissue_statistics(to_hu(real), to_hu(generated))}
+              "tissues": tissue_statistics(to_hu(real.numpy(), config), to_hu(generated.numpy(), config))}
     if len(reference) >= 2:
         chosen = reference[:len(samples)]
-        result["frechet_validation_vs_test"] = _frechet(embed(embedder.prepare_volumes([i["image"] for i in chosen])), real_embeds)
+        result["frechet_validation_vs_test"] = _frechet(embedder.embed_ct([i["image"] for i in chosen]), real_embeds)
         result["n_reference"] = len(chosen)
-    data_range = float(high - low)
+    data_range = float(config.output_range[1] - config.output_range[0])
     real_pairs = list(itertools.combinations(range(min(len(real), len(samples))), 2))
     result["ms_ssim"] = {"generated, same prompt": mean_pairwise_ms_ssim(generated, data_range, within),
                          "generated, different prompts": mean_pairwise_ms_ssim(generated, data_range, across),

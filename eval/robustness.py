@@ -18,7 +18,6 @@ The unperturbed level (scale 1, 0 degrees, 0 HU) is the same contour for every f
 from __future__ import annotations
 
 import argparse
-import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -158,7 +157,7 @@ def plot(result: dict, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from medvlm.data.io import atomic_write_bytes
+    from medvlm.data.preview import save_figure
 
     families = list(result["ours"])
     figure, axes = plt.subplots(1, len(families), figsize=(4 * len(families), 3.2), squeeze=False)
@@ -175,11 +174,7 @@ def plot(result: dict, path: str | Path) -> Path:
     axes[0][0].set_ylabel("Dice")
     axes[0][-1].legend(fontsize=6)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90)
-    plt.close(figure)
-    atomic_write_bytes(Path(path), buffer.getvalue())
-    return Path(path)
+    return save_figure(figure, path, dpi=90)
 
 
 def main(argv=None) -> int:

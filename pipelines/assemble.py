@@ -5,7 +5,6 @@ components. The text encoder is the configured one (MiniLM by default) unless on
 """
 from typing import Iterable
 
-
 from medvlm.config import MedVLMConfig, preprocess_to_dict
 from pipelines.pipeline_contour import ContourPipeline
 from pipelines.pipeline_report_generation import ReportGenerationPipeline

@@ -10,6 +10,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from medvlm.config import PreprocessConfig, preprocess_from_dict, preprocess_to_dict
 from medvlm.data.structures import STRUCTURE_NAMES
+from medvlm.data.transforms import to_hu
 from medvlm.models import CTAutoencoderKL, FusedSegmentationDecoder, ReportConditionedUNet3D
 from pipelines.base import MedVLMPipeline
 
@@ -190,8 +191,7 @@ class ReportToCTPipeline(MedVLMPipeline):
             masks = probabilities >= thresholds
 
         # 7. post-process to Hounsfield units
-        hu_low, hu_high = config.hu_window
-        ct = (image[:, 0].float() - low) / (high - low) * (hu_high - hu_low) + hu_low
+        ct = to_hu(image[:, 0].float(), config)
         affine = self._affine(volume_shape)
         if output_type == "np":
             ct = ct.cpu().numpy()

@@ -89,11 +89,14 @@ class ZeroShotClassificationPipeline(MedVLMPipeline):
         return torch.stack([crop(prepare_ct(item, config, spacing_mm=spacing_mm, affine=affine, what=f"ct[{i}]").image.as_tensor())
                             for i, item in enumerate(as_list(ct))])
 
-    @torch.no_grad()
     def embed_ct(self, ct: Any, *, spacing_mm=None, affine=None, batch_size: int = 8) -> np.ndarray:
         """L2-normalised contrastive image embeddings (N, embed_dim) of CT inputs, e.g. for Frechet distances
         or a linear probe."""
-        volumes = self.prepare_volumes(ct, spacing_mm=spacing_mm, affine=affine)
+        return self.embed_volumes(self.prepare_volumes(ct, spacing_mm=spacing_mm, affine=affine), batch_size=batch_size)
+
+    @torch.no_grad()
+    def embed_volumes(self, volumes: torch.Tensor, *, batch_size: int = 8) -> np.ndarray:
+        """:meth:`embed_ct` of volumes already prepared by :meth:`prepare_volumes`."""
         model = self.contrastive.eval()
         embeds = [model.encode_image(volumes[k:k + batch_size].to(self._execution_device)).float().cpu()
                   for k in range(0, len(volumes), batch_size)]

@@ -34,19 +34,24 @@ class Case:
     case_id: str
 
 
+def fraction_of(items: list, fraction: float, seed: int = 0) -> list:
+    """The fixed, seeded subset of ``items`` that ``train_fraction`` selects (in datalist order)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
+    if fraction == 1.0:
+        return list(items)
+    keep = max(1, int(round(len(items) * fraction)))
+    order = np.random.default_rng([seed, 104729]).permutation(len(items))[:keep]
+    return [items[i] for i in sorted(order)]
+
+
 def load_cases(data_dir: str | Path, config: MedVLMConfig, section: str = "training", *,
                train_fraction: float = 1.0, seed: int = 0) -> list[Case]:
     """Preprocess every case of a datalist section (reports de-identified on the way in)."""
     data_dir = Path(data_dir)
     if not (data_dir / "datalist.json").is_file() and not data_dir.is_file():
         raise DatalistError(f"{data_dir} has no datalist.json; write one (medvlm data phantom --out {data_dir}) or pass its path")
-    items = load_datalist(data_dir)[section]
-    if not 0.0 < train_fraction <= 1.0:
-        raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
-    if train_fraction < 1.0:
-        keep = max(1, int(round(len(items) * train_fraction)))
-        order = np.random.default_rng([seed, 104729]).permutation(len(items))[:keep]
-        items = [items[i] for i in sorted(order)]
+    items = fraction_of(load_datalist(data_dir)[section], train_fraction, seed)
     chain = preprocessing_transforms(config.data.preprocess, label_keys=("label",))
     cases = []
     for item in items:

@@ -43,8 +43,6 @@ def save_preview(path: str | os.PathLike, image_hu: np.ndarray, labels: np.ndarr
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from medvlm.data.io import atomic_path
-
     labels = labels if labels is not None else np.zeros((0,) + image_hu.shape, dtype=np.uint8)
     point = point or focus_point(labels, names, image_hu.shape)
     sx, sy, sz = spacing_mm
@@ -71,7 +69,16 @@ def save_preview(path: str | os.PathLike, image_hu: np.ndarray, labels: np.ndarr
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 9), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    return save_figure(fig, path)
+
+
+def save_figure(figure, path: str | os.PathLike, *, dpi: float | None = None) -> Path:
+    """Write a matplotlib figure as PNG atomically (never a half-written file), close it, return the path."""
+    import matplotlib.pyplot as plt
+
+    from medvlm.data.io import atomic_path
+
     with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+        figure.savefig(tmp, format="png", dpi=dpi)
+    plt.close(figure)
     return Path(path)

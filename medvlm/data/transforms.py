@@ -73,6 +73,13 @@ def preprocessing_transforms(config: PreprocessConfig | None = None, *, image_ke
     return Compose(chain)
 
 
+def to_hu(values, config: PreprocessConfig):
+    """Inverse of the chain's intensity scaling: ``output_range`` back to HU over ``hu_window`` (tensors or
+    arrays; values the chain clipped stay at the window's ends)."""
+    (hu_low, hu_high), (low, high) = config.hu_window, config.output_range
+    return (values - low) / (high - low) * (hu_high - hu_low) + hu_low
+
+
 def as_metatensor(volume: np.ndarray | torch.Tensor, affine: np.ndarray | None = None, *, name: str = "ct") -> MetaTensor:
     """Wrap a 3D volume (x, y, z) and its 4x4 affine as a channel-first MetaTensor for the chain."""
     if isinstance(volume, MetaTensor):
