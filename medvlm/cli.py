@@ -95,7 +95,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"[2/3] training all stages -> {output / 'run'}", flush=True)
     from train.__main__ import run as train_run
 
-    summary = train_run("all", str(config_path), str(data_dir), str(output / "run"), overwrite=args.overwrite)
+    summary = train_run("all", str(config_path), str(data_dir), str(output / "run"), overwrite=args.overwrite,
+                        retrain_changed=args.retrain_changed)
     results_dir = output / "results"
     print(f"[3/3] evaluation on the test split and pipeline examples -> {results_dir}", flush=True)
     from eval.demo_report import write_results
@@ -384,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="outputs/demo", help="output folder (default outputs/demo)")
     demo.add_argument("--data", default=None, help="dataset folder (default OUTPUT/data)")
     demo.add_argument("--overwrite", action="store_true", help="start over instead of reusing what is built")
+    demo.add_argument("--retrain-changed", action="store_true",
+                      help="retrain the stages whose settings in the config changed (the others are reused)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -153,6 +153,9 @@ class StageConfig:
     warmup_steps: int = 10
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
+    # probability of the laterality-aware mirror image of a training case (CT flipped left-right, left and
+    # right swapped in its report and paired structures: train.data.mirror_case); 0: off
+    lateral_mirror: float = 0.0
 
 
 @dataclass

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from medvlm.config import load_config
 from train.__main__ import main as train_main
 from train.__main__ import run
-from train.common import TrainingError
+from train.common import TrainingError, stage_fingerprint
 from train.stage_vae import VAETrainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +46,7 @@ def test_all_stages_write_loadable_pipelines_and_a_summary(trained):
     for stage in summary["stages"].values():
         assert stage["steps"] == 6 and stage["seconds"] > 0 and stage["final_losses"]["total"] > 0
         assert stage["config_hash"] == summary["config_hash"]
+        assert stage["fingerprint"] == stage_fingerprint(load_config(TINY), stage["stage"])
     assert "dice_mean" in summary["stages"]["segmentation"]["validation"]
     code = ("import sys; from pipelines import ContourPipeline, ReportToCTPipeline, ZeroShotClassificationPipeline, "
             "ReportGenerationPipeline as R; root = sys.argv[1];"
@@ -77,7 +78,56 @@ def test_second_run_reuses_finished_stages_and_other_runs_are_refused(trained, t
     other = tmp_path / "other.yaml"
     other.write_text(TINY.read_text().replace("seed: 0\n  mixed_precision", "seed: 1\n  mixed_precision"))
     assert train_main(["vae", "--config", str(other), "--data", str(tiny_data), "--output", str(trained)]) == 2
+    assert "settings changed" in capsys.readouterr().err  # nothing replaced without --retrain-changed
+    assert train_main(["vae", "--config", str(TINY), "--data", str(tmp_path / "other_data"), "--output", str(trained)]) == 2
     assert "different run" in capsys.readouterr().err
+    assert (trained / "vae" / "final" / "vae" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
+
+
+def test_stage_fingerprints_follow_what_each_stage_is_built_on():
+    from train.common import STAGE_INPUTS, stage_fingerprint
+
+    base = load_config(TINY)
+    before = {name: stage_fingerprint(base, name) for name in STAGE_INPUTS}
+
+    def changed_by(edit) -> set[str]:
+        config = load_config(TINY)
+        edit(config)
+        return {name for name in STAGE_INPUTS if stage_fingerprint(config, name) != before[name]}
+
+    assert changed_by(lambda c: setattr(c.training.segmentation, "learning_rate", 0.5)) == {"segmentation", "baseline"}
+    assert changed_by(lambda c: setattr(c.models.vae, "latent_channels", 8)) == {"vae", "diffusion", "segmentation"}
+    assert changed_by(lambda c: setattr(c.training.contrastive, "steps", 7)) == {"contrastive", "diffusion", "segmentation"}
+    assert changed_by(lambda c: setattr(c.training, "checkpoint_every", 3)) == set()  # bookkeeping, not results
+    assert changed_by(lambda c: setattr(c.training, "seed", 5)) == set(STAGE_INPUTS)
+
+
+def test_changed_settings_retrain_only_that_stage_when_asked(tiny_data, tmp_path, capsys):
+    output = tmp_path / "run"
+    weights = output / "vae" / "final" / "vae" / "diffusion_pytorch_model.safetensors"
+    assert train_main(["vae", "--config", str(TINY), "--data", str(tiny_data), "--output", str(output)]) == 0
+    first = weights.read_bytes()
+    changed = tmp_path / "changed.yaml"
+    text = TINY.read_text()
+    start = text.index("  vae: {steps:")
+    changed.write_text(text[:start] + text[start:].replace("learning_rate: 0.001,", "learning_rate: 0.002,", 1))
+    assert changed.read_text() != text
+    capsys.readouterr()
+
+    assert train_main(["vae", "--config", str(changed), "--data", str(tiny_data), "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert "vae: training.vae" in err and "--retrain-changed" in err and weights.read_bytes() == first
+    # a stage built on the changed one is refused until that one is retrained
+    assert train_main(["diffusion", "--config", str(changed), "--data", str(tiny_data), "--output", str(output)]) == 2
+    assert "built on vae" in capsys.readouterr().err
+
+    assert train_main(["vae", "--config", str(changed), "--data", str(tiny_data), "--output", str(output),
+                       "--retrain-changed"]) == 0
+    assert "retraining" in capsys.readouterr().out and weights.read_bytes() != first
+    summary = json.loads((output / "training_summary.json").read_text())
+    assert summary["stages"]["vae"]["fingerprint"] == stage_fingerprint(load_config(changed), "vae")
+    assert train_main(["vae", "--config", str(changed), "--data", str(tiny_data), "--output", str(output)]) == 0
+    assert "reused" in capsys.readouterr().out
 
 
 def test_missing_datalist_is_a_clear_error(tmp_path, capsys):
@@ -264,3 +314,45 @@ def test_generation_fidelity_per_scheduler_and_per_stage_on_a_trained_run(traine
     assert set(stages) == set(STAGE_PROMPTS)
     for row in stages.values():
         assert row["n"] == 2 and row["fraction"] in (0.0, 0.5, 1.0) and row["low_ml"] >= 0 and row["high_ml"] >= 0
+
+
+def test_lateral_mirror_swaps_sides_in_the_ct_the_report_and_the_paired_structures(tiny_data):
+    """The mirrored case is a consistent patient of the other side: tumour, words, labels and parotids move together."""
+    import numpy as np
+
+    from medvlm.data.structures import STRUCTURE_NAMES
+    from medvlm.text.parse import LABEL_NAMES, parse_report
+    from train.data import collate, load_cases, mirror_case
+
+    cases = load_cases(tiny_data, load_config(TINY))
+    gtvp, left, right = STRUCTURE_NAMES.index("GTVp"), STRUCTURE_NAMES.index("Parotid_L"), STRUCTURE_NAMES.index("Parotid_R")
+    lateral = [c for c in cases if parse_report(c.report).laterality in ("left", "right") and c.label[gtvp].sum() > 0]
+    assert lateral, "the tiny dataset should hold a lateralised tumour"
+
+    def tumour_side(case):  # RAS: array index 0 grows towards the patient's right
+        body = (case.image[0] > -0.6).nonzero().float()[:, 0].mean()
+        centroid = case.label[gtvp].nonzero().float()[:, 0].mean()
+        return "right" if centroid > body else "left"
+
+    for case in lateral:
+        side = parse_report(case.report).laterality
+        assert tumour_side(case) == side  # the dataset itself: the report's side is the tumour's side
+        mirror = mirror_case(case)
+        other = "left" if side == "right" else "right"
+        assert parse_report(mirror.report).laterality == other and f"primary: {other} " in mirror.prompt
+        assert tumour_side(mirror) == other
+        assert mirror.labels[LABEL_NAMES.index(f"laterality={other}")] == 1 and mirror.labels[LABEL_NAMES.index(f"laterality={side}")] == 0
+        assert torch.equal(mirror.label[left], case.label[right].flip(0)) and torch.equal(mirror.label[right], case.label[left].flip(0))
+        twice = mirror_case(mirror)  # mirroring is an involution
+        assert torch.equal(twice.image, case.image) and torch.equal(twice.label, case.label)
+        assert twice.prompt == case.prompt and twice.report == case.report and np.array_equal(twice.labels, case.labels)
+
+    # in a batch: off by default, seeded per (seed, epoch, case), and then about half the cases
+    indices = list(range(len(cases)))
+    plain = collate(cases, indices, None, seed=0, epoch=0)
+    assert plain["prompt"] == [c.prompt for c in cases]
+    batches = [collate(cases, indices, None, seed=0, epoch=e, mirror_prob=0.5) for e in range(4)]
+    again = collate(cases, indices, None, seed=0, epoch=0, mirror_prob=0.5)
+    assert torch.equal(again["image"], batches[0]["image"]) and again["prompt"] == batches[0]["prompt"]
+    flipped = [not torch.equal(b["image"][i], plain["image"][i]) for b in batches for i in indices]
+    assert 0.25 < sum(flipped) / len(flipped) < 0.75

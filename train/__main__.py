@@ -3,8 +3,10 @@
 Stages run in order contrastive -> vae -> diffusion -> segmentation -> baseline (image-only MONAI UNet
 under the segmentation settings, for the evaluation) -> report_generator; ``all`` then
 writes ready-to-load pipeline folders (contour, report_to_ct, zero_shot, report_generation) and
-``training_summary.json``. An output folder remembers the run that made it and is never reused for
-another one unless ``--overwrite`` is given.
+``training_summary.json``. An output folder remembers the data it was trained on and is never reused
+for other data unless ``--overwrite`` is given. Each finished stage records a fingerprint of the settings
+it depends on (``train.common.STAGE_INPUTS``); a stage whose settings changed since is retrained only with
+``--retrain-changed`` (with what is built on it), the others are reused.
 """
 from __future__ import annotations
 
@@ -41,7 +43,8 @@ def _check_output(output: Path, identity: dict, *, resume: bool, overwrite: bool
     marker = output / "run.json"
     if output.exists() and any(output.iterdir()):
         existing = json.loads(marker.read_text()) if marker.is_file() else None
-        if existing != identity:
+        same = existing is not None and all(existing.get(k) == v for k, v in identity.items() if k != "config")
+        if not same:
             if not overwrite:
                 what = "a different run" if existing else "files that are not a medvlm training run"
                 raise MedVLMError(f"{output} holds {what}; choose another --output, or pass --overwrite to replace it")
@@ -89,12 +92,57 @@ def write_pipelines(config, output: Path) -> list[Path]:
     return written
 
 
+def _changes(record: dict, config, stage: str) -> list[str]:
+    """What differs between the settings a finished stage was trained with and ``config``'s."""
+    from train.common import STAGE_INPUTS, stage_fingerprint, stage_settings
+
+    before, now = record.get("settings") or {}, stage_settings(config, stage)
+    changed = [key for key in now if before.get(key) != now[key]]
+    return changed or [f"{u} (upstream)" for u in STAGE_INPUTS[stage][1] if stage_fingerprint(config, u) != record.get("upstream", {}).get(u)] \
+        or ["its settings"]
+
+
+def _plan(config, output_dir: Path, summary: dict, todo: tuple[str, ...], *, retrain_changed: bool) -> dict[str, str]:
+    """Stage -> "train", "reuse" or "retrain" (settings changed); refuses a silent replacement."""
+    from train.common import STAGE_INPUTS, stage_fingerprint
+
+    plan, changed = {}, {}
+    for name in todo:
+        record = summary["stages"].get(name)
+        if record is None or not (output_dir / name / "final").is_dir():
+            plan[name] = "train"
+        elif record.get("fingerprint") == stage_fingerprint(config, name):
+            plan[name] = "reuse"
+        else:
+            plan[name] = "retrain"
+            changed[name] = _changes(record, config, name)
+    for name in todo:  # a stage built on one that is (re)trained now is stale too
+        upstream = STAGE_INPUTS[name][1]
+        if plan[name] == "reuse" and any(plan.get(u) == "retrain" for u in upstream):
+            plan[name] = "retrain"
+            changed[name] = [f"{u} (upstream)" for u in upstream if plan.get(u) == "retrain"]
+    if changed and not retrain_changed:
+        lines = "; ".join(f"{name}: {', '.join(what)}" for name, what in changed.items())
+        raise MedVLMError(f"{output_dir}: settings changed since these stages were trained ({lines}); pass --retrain-changed "
+                          "to retrain them (the other stages are reused), --overwrite to start over, or choose another --output")
+    for name in todo:  # a single stage needs its upstream stages trained with the current settings
+        for upstream in STAGE_INPUTS[name][1]:
+            if upstream in todo:
+                continue
+            record = summary["stages"].get(upstream)
+            if record is not None and record.get("fingerprint") != stage_fingerprint(config, upstream):
+                raise MedVLMError(f"{name} is built on {upstream}, whose settings changed since it was trained; "
+                                  f"train {upstream} first (train {upstream} --retrain-changed), or train all")
+    return plan
+
+
 def run(stage: str, config_path: str, data: str, output: str, *, resume: bool = False, overwrite: bool = False,
-        train_fraction: float = 1.0) -> dict:
+        train_fraction: float = 1.0, retrain_changed: bool = False) -> dict:
+    from train.common import STAGE_INPUTS, stage_fingerprint
+
     config = load_config(config_path)
     output_dir = Path(output)
-    identity = {"config_hash": config_hash(config), "config": str(config_path), "data": str(Path(data).resolve()),
-                "train_fraction": train_fraction}
+    identity = {"config": str(config_path), "data": str(Path(data).resolve()), "train_fraction": train_fraction}
     from accelerate import PartialState
 
     state = PartialState()
@@ -102,19 +150,33 @@ def run(stage: str, config_path: str, data: str, output: str, *, resume: bool = 
         _check_output(output_dir, identity, resume=resume, overwrite=overwrite)
     state.wait_for_everyone()
     summary_path = output_dir / "training_summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"config_hash": identity["config_hash"], "stages": {}}
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"stages": {}}
+    summary["config_hash"] = config_hash(config)
     todo = STAGES if stage == "all" else (stage,)
+    if overwrite:  # start over: every stage of this run is trained again
+        plan = {name: "retrain" if (output_dir / name).exists() else "train" for name in todo}
+    else:
+        plan = _plan(config, output_dir, summary, todo, retrain_changed=retrain_changed)
     for name in todo:
         final = output_dir / name / "final"
-        if final.is_dir() and name in summary["stages"] and not overwrite:
+        if plan[name] == "reuse":
             if state.is_main_process:
                 print(f"[{name}] already trained in {final}; reused", flush=True)
             continue
+        if plan[name] == "retrain":
+            if state.is_main_process:
+                if not overwrite:
+                    print(f"[{name}] settings changed since it was trained; retraining", flush=True)
+                shutil.rmtree(output_dir / name)  # its checkpoints belong to the old settings
+                summary["stages"].pop(name, None)
+                summary_path.write_text(json.dumps(summary, indent=1))
+            state.wait_for_everyone()
         started = time.perf_counter()
         trainer = _trainer_class(name)(config, data, output_dir, resume=resume, train_fraction=train_fraction)
         result = trainer.run()
         if state.is_main_process:
-            record = {**result.__dict__, "wall_seconds": time.perf_counter() - started}
+            record = {**result.__dict__, "wall_seconds": time.perf_counter() - started,
+                      "upstream": {u: stage_fingerprint(config, u) for u in STAGE_INPUTS[name][1]}}
             summary["stages"][name] = record
             summary_path.write_text(json.dumps(summary, indent=1))
             losses = ", ".join(f"{k}={v:.4f}" for k, v in result.final_losses.items())
@@ -137,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="run folder")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of each stage")
     parser.add_argument("--overwrite", action="store_true", help="replace a different run's outputs in --output")
+    parser.add_argument("--retrain-changed", action="store_true",
+                        help="retrain the stages whose settings changed since they were trained (and those built on them)")
     parser.add_argument("--train-fraction", type=float, default=1.0, help="seeded fixed subset of the training split")
     return parser
 
@@ -148,7 +212,7 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         run(args.stage, args.config, args.data, args.output, resume=args.resume, overwrite=args.overwrite,
-            train_fraction=args.train_fraction)
+            train_fraction=args.train_fraction, retrain_changed=args.retrain_changed)
     except MedVLMError as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
-from medvlm.config import MedVLMConfig, StageConfig, config_hash
+from medvlm.config import MedVLMConfig, StageConfig, config_hash, config_to_dict
 from medvlm.errors import MedVLMError
 from train.data import DeterministicBatches
 
@@ -32,6 +32,45 @@ class TrainingError(MedVLMError):
     """A training run that cannot start or continue as asked (the message says what to do)."""
 
 
+# What each stage's result depends on: its config sections and the stages it loads. A stage is reused
+# while its fingerprint (these sections + its upstream stages' fingerprints) is unchanged, so editing the
+# segmentation settings retrains segmentation alone, and editing the VAE retrains everything built on it.
+# Sections that do not change a result (checkpoint_every, log_every, data.phantom: the data folder is the
+# run's identity) are left out.
+STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "contrastive": (("text", "models.contrastive", "training.contrastive"), ()),
+    "vae": (("models.vae", "training.vae"), ()),
+    "diffusion": (("text", "models.unet", "training.diffusion"), ("contrastive", "vae")),
+    "segmentation": (("text", "models.segmentation", "training.segmentation"), ("contrastive", "vae", "diffusion")),
+    "baseline": (("models.baseline", "training.segmentation"), ()),
+    "report_generator": (("text", "models.report_generator", "training.report_generator"), ()),
+}
+_SHARED_INPUTS = ("data.preprocess", "training.seed", "training.mixed_precision", "training.augment")
+
+
+def stage_settings(config: MedVLMConfig, stage: str) -> dict:
+    """The configuration values ``stage``'s result depends on (section path -> plain value)."""
+    plain = config_to_dict(config)
+
+    def lookup(path: str):
+        value = plain
+        for key in path.split("."):
+            value = value[key]
+        return value
+
+    sections, _ = STAGE_INPUTS[stage]
+    return {path: lookup(path) for path in (*_SHARED_INPUTS, *sections)}
+
+
+def stage_fingerprint(config: MedVLMConfig, stage: str) -> str:
+    """Short hash of :func:`stage_settings` and of the upstream stages' fingerprints."""
+    import hashlib
+
+    _, upstream = STAGE_INPUTS[stage]
+    payload = {"settings": stage_settings(config, stage), "upstream": {u: stage_fingerprint(config, u) for u in upstream}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
 @dataclass
 class StageResult:
     stage: str
@@ -42,6 +81,8 @@ class StageResult:
     validation: dict = field(default_factory=dict)
     config_hash: str = ""
     output: str = ""
+    fingerprint: str = ""
+    settings: dict = field(default_factory=dict)
 
 
 def make_accelerator(config: MedVLMConfig, output_dir: Path, stage: StageConfig) -> Accelerator:
@@ -90,6 +131,7 @@ class StageTrainer:
         self.accelerator = make_accelerator(config, self.stage_dir, self.stage_config)
         self.device = self.accelerator.device
         self.checkpoint_objects: list = []  # extra stateful objects saved with checkpoints (EMA, ...)
+        self.fingerprint = stage_fingerprint(config, self.name) if self.name in STAGE_INPUTS else ""
 
     # ------------------------------------------------------------------ hooks
     def setup(self) -> torch.nn.Module:
@@ -145,7 +187,7 @@ class StageTrainer:
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(staging))
         if self.accelerator.is_main_process:
-            (staging / COMPLETE_MARKER).write_text(json.dumps({"step": step, "losses": losses}))
+            (staging / COMPLETE_MARKER).write_text(json.dumps({"step": step, "losses": losses, "fingerprint": self.fingerprint}))
             atomic_directory_swap(staging, folder / f"{CHECKPOINT_PREFIX}{step:07d}")
             for old in self.checkpoints()[: -self.config.training.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -158,8 +200,14 @@ class StageTrainer:
             return 0
         latest = candidates[-1]
         try:
+            marker = json.loads((latest / COMPLETE_MARKER).read_text())
+            if marker.get("fingerprint", "") != self.fingerprint:
+                raise TrainingError(f"checkpoint {latest} was written with other {self.name} settings; pass "
+                                    "--retrain-changed to start this stage over with the current ones")
             self.accelerator.load_state(str(latest))
-            step = int(json.loads((latest / COMPLETE_MARKER).read_text())["step"])
+            step = int(marker["step"])
+        except TrainingError:
+            raise
         except Exception as exc:  # any failure to read a checkpoint is reported the same way
             previous = f"; the previous one, {candidates[-2].name}, is kept: delete {latest.name} to resume from it" \
                 if len(candidates) > 1 else ""
@@ -243,7 +291,8 @@ class StageTrainer:
         samples = done * cfg.batch_size * cfg.gradient_accumulation_steps
         return StageResult(stage=self.name, steps=cfg.steps, seconds=seconds,
                            samples_per_second=samples / max(seconds, 1e-9), final_losses=losses, validation=validation,
-                           config_hash=config_hash(self.config), output=str(final))
+                           config_hash=config_hash(self.config), output=str(final), fingerprint=self.fingerprint,
+                           settings=stage_settings(self.config, self.name) if self.fingerprint else {})
 
     def log_slices(self, tag: str, volumes: dict[str, torch.Tensor], step: int) -> None:
         """Write the middle axial slice of each (X, Y, Z) volume (values in [-1, 1] or {0, 1}) to TensorBoard."""

@@ -6,7 +6,8 @@ sees exactly the batches an uninterrupted one would, and two processes split eac
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -17,8 +18,9 @@ from monai.transforms import Compose, RandAffined, RandGaussianNoised, RandScale
 from medvlm.config import MedVLMConfig
 from medvlm.data.datalist import load_datalist
 from medvlm.data.transforms import preprocessing_transforms
+from medvlm.data.structures import STRUCTURE_NAMES
 from medvlm.errors import DatalistError
-from medvlm.text.parse import label_vector, parse_report
+from medvlm.text.parse import LABEL_SPACE, label_vector, parse_report
 from medvlm.text.prompts import structured_prompt
 
 logger = logging.getLogger(__name__)
@@ -111,11 +113,71 @@ class DeterministicBatches:
         return step // self.batches_per_epoch
 
 
-def collate(cases: list[Case], indices: list[int], transform: Compose | None, seed: int, epoch: int) -> dict:
-    """Stack the cases of one batch, augmenting each with a state derived from (seed, epoch, case)."""
+_SIDE_WORD = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def _swap_sides(text: str) -> str:
+    """'left' <-> 'right' (whole words, case kept); 'ipsilateral'/'bilateral' are relative and stay."""
+    def swap(match: re.Match) -> str:
+        word = match.group(0)
+        other = "right" if word.lower() == "left" else "left"
+        return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
+    return _SIDE_WORD.sub(swap, text)
+
+
+def _mirrored_label_index() -> list[int]:
+    """Label-vector positions after mirroring: the laterality group's left and right entries trade places."""
+    order, offset = [], 0
+    for field_name, values in LABEL_SPACE.items():
+        for value in values:
+            if field_name == "laterality" and value in ("left", "right"):
+                value = "right" if value == "left" else "left"
+            order.append(offset + values.index(value))
+        offset += len(values)
+    return order
+
+
+def _mirrored_channels(names: Sequence[str] = STRUCTURE_NAMES) -> list[int]:
+    """Structure channel order after mirroring: every ``*_L`` trades places with its ``*_R``."""
+    def partner(name: str) -> str:
+        return name[:-2] + {"_L": "_R", "_R": "_L"}[name[-2:]] if name[-2:] in ("_L", "_R") else name
+    return [list(names).index(partner(n)) if partner(n) in names else i for i, n in enumerate(names)]
+
+
+def mirror_case(case: Case) -> Case:
+    """The patient's mirror image: CT flipped left-right (RAS axis 0), left/right swapped in the prompt,
+    report, label vector and paired structures (Parotid_L <-> Parotid_R).
+
+    A laterality-aware augmentation: a plain left-right flip would teach that the report's side does not
+    matter; this one doubles the examples of each side and keeps every pair consistent. Written here
+    because MONAI's ``Flipd`` flips arrays but knows nothing of text or paired structure names.
+    """
+    label = None
+    if case.label is not None:
+        label = case.label.flip(1)
+        if label.shape[0] == len(STRUCTURE_NAMES):
+            label = label[_mirrored_channels()]
+    labels = case.labels[_mirrored_label_index()] if case.labels.shape[0] == len(_mirrored_label_index()) else case.labels
+    return replace(case, image=case.image.flip(1), label=label, prompt=_swap_sides(case.prompt),
+                   report=_swap_sides(case.report), labels=labels)
+
+
+def mirrored(case: Case, mirror_prob: float, seed: int, epoch: int, index: int) -> Case:
+    """``case`` or its mirror image, drawn from (seed, epoch, case) like every other augmentation."""
+    if mirror_prob > 0 and np.random.default_rng([seed, epoch, index, 17]).random() < mirror_prob:
+        return mirror_case(case)
+    return case
+
+
+def collate(cases: list[Case], indices: list[int], transform: Compose | None, seed: int, epoch: int,
+            mirror_prob: float = 0.0) -> dict:
+    """Stack the cases of one batch, augmenting each with a state derived from (seed, epoch, case).
+
+    ``mirror_prob``: probability of the laterality-aware mirror image (:func:`mirror_case`).
+    """
     images, labels = [], []
-    for index in indices:
-        case = cases[index]
+    chosen = [mirrored(cases[i], mirror_prob, seed, epoch, i) for i in indices]
+    for index, case in zip(indices, chosen):
         sample = {"image": case.image}
         if case.label is not None:
             sample["label"] = case.label
@@ -128,9 +190,9 @@ def collate(cases: list[Case], indices: list[int], transform: Compose | None, se
     return {
         "image": torch.stack(images),
         "label": torch.stack(labels) if labels else None,
-        "prompt": [cases[i].prompt for i in indices],
-        "report": [cases[i].report for i in indices],
-        "labels": torch.as_tensor(np.stack([cases[i].labels for i in indices])),
+        "prompt": [case.prompt for case in chosen],
+        "report": [case.report for case in chosen],
+        "labels": torch.as_tensor(np.stack([case.labels for case in chosen])),
         "index": indices,
     }
 

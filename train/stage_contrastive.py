@@ -56,7 +56,8 @@ class ContrastiveTrainer(StageTrainer):
 
     def make_inputs(self, index: int) -> dict:
         indices = self.batcher.indices(index)
-        batch = collate(self.cases, indices, self.augment, self.config.training.seed, self.batcher.epoch(index))
+        batch = collate(self.cases, indices, self.augment, self.config.training.seed, self.batcher.epoch(index),
+                        mirror_prob=self.stage_config.lateral_mirror)
         tokens = self.tokenizer(batch["prompt"], padding=True, truncation=True, max_length=self.config.text.max_length,
                                 return_tensors="pt")
         inputs = {"images": batch["image"], "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
@@ -64,9 +65,9 @@ class ContrastiveTrainer(StageTrainer):
         c = self.stage_config
         if c.phrase_weight and c.phrases_per_case > 0:
             pairs = []
-            for case_index in indices:  # phrases drawn from (seed, step, case): the same whatever the process count
+            for case_index, labels in zip(indices, batch["labels"].numpy()):  # drawn from (seed, step, case): the same whatever the process count
                 rng = np.random.default_rng([self.config.training.seed, index, case_index, 7])
-                pairs += label_phrases(self.cases[case_index].labels, rng, c.phrases_per_case)
+                pairs += label_phrases(labels, rng, c.phrases_per_case)
             if pairs:
                 phrase_tokens = self.tokenizer([p for p, _ in pairs], padding=True, return_tensors="pt")
                 inputs.update(phrase_ids=phrase_tokens["input_ids"], phrase_mask=phrase_tokens["attention_mask"],
