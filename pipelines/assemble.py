@@ -51,7 +51,8 @@ def build_pipelines(config: MedVLMConfig, *, components: dict | None = None, tex
     return {
         "contour": ContourPipeline(vae=vae, unet=unet, segmentation=segmentation, text_encoder=text_encoder,
                                    tokenizer=tokenizer, scheduler=scheduler, report_generator=generator,
-                                   report_processor=processor, preprocess=preprocess, max_report_tokens=max_tokens),
+                                   report_processor=processor, preprocess=preprocess, max_report_tokens=max_tokens,
+                                   max_new_tokens=config.models.report_generator.max_new_tokens),
         "report_to_ct": ReportToCTPipeline(vae=vae, unet=unet, segmentation=segmentation, text_encoder=text_encoder,
                                            tokenizer=tokenizer, scheduler=scheduler, preprocess=preprocess,
                                            max_report_tokens=max_tokens),

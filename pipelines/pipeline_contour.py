@@ -86,18 +86,19 @@ class ContourPipeline(MedVLMPipeline):
 
     Config (saved in ``model_index.json``): ``preprocess`` (the MONAI chain's settings), ``structure_names``,
     ``thresholds`` (per structure), ``report_format`` (``"structured"``: the parsed report as the standard
-    prompt, as in training; ``"raw"``: the de-identified text) and ``max_report_tokens``.
+    prompt, as in training; ``"raw"``: the de-identified text), ``max_report_tokens`` and ``max_new_tokens``
+    (length limit of a drafted report).
     """
 
     model_cpu_offload_seq = "text_encoder->vae->unet->segmentation"
     _optional_components = ["scheduler", "report_generator", "report_processor"]
-    _config_names = ("preprocess", "structure_names", "thresholds", "max_report_tokens", "report_format")
+    _config_names = ("preprocess", "structure_names", "thresholds", "max_report_tokens", "report_format", "max_new_tokens")
 
     def __init__(self, vae: CTAutoencoderKL, unet: ReportConditionedUNet3D, segmentation: FusedSegmentationDecoder,
                  text_encoder, tokenizer, scheduler=None, report_generator=None, report_processor=None,
                  preprocess: dict | None = None, structure_names: list | tuple = STRUCTURE_NAMES,
                  thresholds: list | tuple | None = None, max_report_tokens: int = 128,
-                 report_format: str = "structured"):
+                 report_format: str = "structured", max_new_tokens: int = 160):
         super().__init__()
         self.register_modules(vae=vae, unet=unet, segmentation=segmentation, text_encoder=text_encoder,
                               tokenizer=tokenizer, scheduler=scheduler, report_generator=report_generator,
@@ -105,7 +106,8 @@ class ContourPipeline(MedVLMPipeline):
         preprocess = dict(preprocess or preprocess_to_dict())
         thresholds = list(thresholds) if thresholds is not None else [0.5] * len(structure_names)
         self.register_to_config(preprocess=preprocess, structure_names=list(structure_names), thresholds=thresholds,
-                                max_report_tokens=max_report_tokens, report_format=report_format)
+                                max_report_tokens=max_report_tokens, report_format=report_format,
+                                max_new_tokens=max_new_tokens)
 
     @property
     def preprocess_config(self) -> PreprocessConfig:
@@ -133,7 +135,7 @@ class ContourPipeline(MedVLMPipeline):
         images = [render_ct(p.image[0], image_size=size, input_is_hu=False,
                             value_range=tuple(self.config.preprocess["hu_window"])) for p in prepared]
         batch = drafting_batch(self.report_processor, images).to(self.report_generator.device)
-        generated = self.report_generator.generate(**batch, max_new_tokens=160, do_sample=False)
+        generated = self.report_generator.generate(**batch, max_new_tokens=self.config.max_new_tokens, do_sample=False)
         return self.report_processor.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
     @torch.no_grad()

@@ -81,6 +81,21 @@ def test_contour_without_report_drafts_one_or_warns(pipes, case):
     assert np.array_equal(null.probabilities[0], out.probabilities[0])
 
 
+def test_contour_drafts_within_the_configured_length(pipes, case, saved, monkeypatch):
+    loaded = ContourPipeline.from_pretrained(saved["contour"])
+    assert loaded.config.max_new_tokens == pipes["report_generation"].config.max_new_tokens  # from the training config
+    loaded.register_to_config(max_new_tokens=3)
+    original, asked = loaded.report_generator.generate, []
+
+    def generate(*args, **kwargs):
+        asked.append(kwargs["max_new_tokens"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.report_generator, "generate", generate)
+    out = loaded(case.image_hu, affine=case.affine)
+    assert asked == [3] and out.report_sources in (["drafted"], ["none"])
+
+
 def test_contour_save_load_round_trip_is_bit_exact(pipes, saved, case):
     loaded = ContourPipeline.from_pretrained(saved["contour"])
     a = pipes["contour"](case.image_hu, report=case.report.text, affine=case.affine, return_probabilities=True)
