@@ -356,3 +356,20 @@ def test_lateral_mirror_swaps_sides_in_the_ct_the_report_and_the_paired_structur
     assert torch.equal(again["image"], batches[0]["image"]) and again["prompt"] == batches[0]["prompt"]
     flipped = [not torch.equal(b["image"][i], plain["image"][i]) for b in batches for i in indices]
     assert 0.25 < sum(flipped) / len(flipped) < 0.75
+
+
+def test_lateral_mirror_is_checked_where_it_cannot_act(tiny_data, tmp_path):
+    """A mirror probability outside [0, 1], or on a stage that trains on cached or fixed inputs, is an error
+    naming the setting, never silently ignored."""
+    from medvlm.errors import ConfigError
+    from train.stage_report_generator import ReportGeneratorTrainer
+
+    config = load_config(TINY)
+    config.training.vae.lateral_mirror = 1.5
+    with pytest.raises(ConfigError, match=r"training\.vae\.lateral_mirror must be a probability"):
+        VAETrainer(config, tiny_data, tmp_path / "a").setup()
+    config.training.vae.lateral_mirror = 0.5
+    VAETrainer(config, tiny_data, tmp_path / "b").setup()  # supported: the VAE trains on augmented cases
+    config.training.report_generator.lateral_mirror = 0.5
+    with pytest.raises(ConfigError, match=r"training\.report_generator\.lateral_mirror = 0\.5 has no effect here"):
+        ReportGeneratorTrainer(config, tiny_data, tmp_path / "c").setup()

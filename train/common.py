@@ -20,7 +20,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
 from medvlm.config import MedVLMConfig, StageConfig, config_hash, config_to_dict
-from medvlm.errors import MedVLMError
+from medvlm.errors import ConfigError, MedVLMError
 from train.data import DeterministicBatches
 
 logger = logging.getLogger(__name__)
@@ -150,6 +150,17 @@ class StageTrainer:
         """E.g. EMA updates."""
 
     # ------------------------------------------------------------------ helpers
+    def mirror_prob(self, unsupported: str | None = None) -> float:
+        """``lateral_mirror`` of this stage, checked; ``unsupported`` says why this stage cannot mirror
+        (e.g. it trains on cached features), so a setting that would do nothing is an error, not ignored."""
+        section = f"training.{self.settings_name or self.name}.lateral_mirror"
+        value = float(self.stage_config.lateral_mirror)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{section} must be a probability in [0, 1], got {value}")
+        if value and unsupported:
+            raise ConfigError(f"{section} = {value} has no effect here: {unsupported}; set it to 0")
+        return value
+
     def batches(self, num_cases: int) -> DeterministicBatches:
         return DeterministicBatches(num_cases, self.stage_config.batch_size, self.config.training.seed,
                                     rank=self.accelerator.process_index, world_size=self.accelerator.num_processes)

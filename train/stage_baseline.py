@@ -40,6 +40,7 @@ class BaselineTrainer(BestDiceMixin, StageTrainer):
         self.factor = 2 ** (len(self.config.models.vae.channels) - 1)
         cached = c.cache_features and not c.finetune_unet  # the decoder then trains without augmentation
         self.augment = None if cached else augmentation(self.config, with_label=True)
+        self.mirror = self.mirror_prob("the segmentation stage it mirrors trains on cached features" if cached else None)
         self.model = build_baseline(self.config.models, self.config.data.preprocess)
         try:
             self.validation_cases = load_cases(self.data_dir, self.config, "validation")
@@ -50,7 +51,8 @@ class BaselineTrainer(BestDiceMixin, StageTrainer):
 
     def make_inputs(self, index: int) -> dict:
         indices = self.batcher.indices(index)
-        batch = collate(self.cases, indices, self.augment, self.config.training.seed, self.batcher.epoch(index))
+        batch = collate(self.cases, indices, self.augment, self.config.training.seed, self.batcher.epoch(index),
+                        mirror_prob=self.mirror)
         images, labels = batch["image"], batch["label"]
         if self.patch:
             full = labels.shape[2]

@@ -49,6 +49,7 @@ class ContrastiveTrainer(StageTrainer):
         self.cases = load_cases(self.data_dir, self.config, train_fraction=self.train_fraction, seed=self.config.training.seed)
         self.batcher = self.batches(len(self.cases))
         self.augment = augmentation(self.config, with_label=False)
+        self.mirror = self.mirror_prob()
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_text_encoder_path(self.config.text.encoder), local_files_only=True)
         self.model = build_contrastive(self.config.models, self.config.text, preprocess=self.config.data.preprocess)
         c = self.stage_config
@@ -57,7 +58,7 @@ class ContrastiveTrainer(StageTrainer):
     def make_inputs(self, index: int) -> dict:
         indices = self.batcher.indices(index)
         batch = collate(self.cases, indices, self.augment, self.config.training.seed, self.batcher.epoch(index),
-                        mirror_prob=self.stage_config.lateral_mirror)
+                        mirror_prob=self.mirror)
         tokens = self.tokenizer(batch["prompt"], padding=True, truncation=True, max_length=self.config.text.max_length,
                                 return_tensors="pt")
         inputs = {"images": batch["image"], "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],

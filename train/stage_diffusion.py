@@ -82,6 +82,7 @@ class DiffusionTrainer(StageTrainer):
         self.checkpoint_objects.append(self.ema)
         self.vae.to(self.device)
         self.text_encoder.to(self.device)
+        self.mirror = self.mirror_prob("cache_latents encodes every case once, unaugmented" if c.cache_latents else None)
         self.cache = self._precompute() if c.cache_latents else None
         return DiffusionLoss(self.unet, self.vae, self.text_encoder, self.scheduler)
 
@@ -118,7 +119,8 @@ class DiffusionTrainer(StageTrainer):
             latents = self.cache["latents"][indices]
             return {"latents": latents, "states": self.cache["states"][indices],
                     "attention_mask": self.cache["mask"][indices], **self._noise(index, latents.shape)}
-        batch = collate(self.cases, self.batcher.indices(index), self.augment, self.config.training.seed, self.batcher.epoch(index))
+        batch = collate(self.cases, self.batcher.indices(index), self.augment, self.config.training.seed, self.batcher.epoch(index),
+                        mirror_prob=self.mirror)
         images = batch["image"]
         factor = self.vae.compression
         shape = (images.shape[0], self.config.models.vae.latent_channels, *(s // factor for s in images.shape[2:]))

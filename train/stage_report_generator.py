@@ -30,6 +30,7 @@ class ReportGeneratorTrainer(StageTrainer):
 
     def setup(self) -> nn.Module:
         rg = self.config.models.report_generator
+        self.mirror_prob("the report generator trains on fixed CT renderings")
         self.cases = load_cases(self.data_dir, self.config, train_fraction=self.train_fraction, seed=self.config.training.seed)
         self.batcher = self.batches(len(self.cases))
         if rg.pretrained_path:

@@ -100,6 +100,8 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
         self.batcher = self.batches(len(self.cases))
         self.patch = self._checked_patch(tuple(c.patch_size))
         self.augment = augmentation(self.config, with_label=True, patch_size=self.patch)
+        self.mirror = self.mirror_prob("cache_features computes the frozen features once per case, unaugmented"
+                                       if c.cache_features and not c.finetune_unet else None)
         self.vae = CTAutoencoderKL.from_pretrained(load_upstream(self.output_dir, "vae", "vae")).eval().requires_grad_(False)
         self.unet = ReportConditionedUNet3D.from_pretrained(load_upstream(self.output_dir, "diffusion", "unet")).eval()
         self.unet.requires_grad_(c.finetune_unet)
@@ -185,7 +187,8 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
                     "fused": torch.stack([e["fused"] for e in entries]), "fused_null": torch.stack([e["fused_null"] for e in entries]),
                     "states": torch.stack([e["states"] for e in entries]), "attention_mask": torch.stack([e["mask"] for e in entries]),
                     "labels": torch.stack(labels), "drop": drop, "images": torch.stack([e["image"] for e in entries])}
-        batch = collate(self.cases, self.batcher.indices(index), self.augment, self.config.training.seed, self.batcher.epoch(index))
+        batch = collate(self.cases, self.batcher.indices(index), self.augment, self.config.training.seed, self.batcher.epoch(index),
+                        mirror_prob=self.mirror)
         tokens = self.tokenizer(batch["prompt"], padding=True, truncation=True, max_length=self.config.text.max_length,
                                 return_tensors="pt")
         generator = self.step_generator(index)

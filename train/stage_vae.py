@@ -39,11 +39,13 @@ class VAETrainer(StageTrainer):
         self.batcher = self.batches(len(self.cases))
         self.patch = tuple(self.stage_config.patch_size)
         self.augment = augmentation(self.config, with_label=False, patch_size=self.patch)
+        self.mirror = self.mirror_prob()
         self.vae = build_vae(self.config.models)
         return VAELoss(self.vae, self.stage_config.kl_weight)
 
     def make_inputs(self, index: int) -> dict:
-        batch = collate(self.cases, self.batcher.indices(index), self.augment, self.config.training.seed, self.batcher.epoch(index))
+        batch = collate(self.cases, self.batcher.indices(index), self.augment, self.config.training.seed, self.batcher.epoch(index),
+                        mirror_prob=self.mirror)
         images = batch["image"]
         factor = 2 ** (len(self.config.models.vae.channels) - 1)
         latent_shape = (self.global_rows(images.shape[0]), self.config.models.vae.latent_channels,
