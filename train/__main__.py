@@ -98,8 +98,9 @@ def _changes(record: dict, config, stage: str) -> list[str]:
 
     before, now = record.get("settings") or {}, stage_settings(config, stage)
     changed = [key for key in now if before.get(key) != now[key]]
-    return changed or [f"{u} (upstream)" for u in STAGE_INPUTS[stage][1] if stage_fingerprint(config, u) != record.get("upstream", {}).get(u)] \
-        or ["its settings"]
+    recorded_upstream = record.get("upstream", {})
+    changed += [f"{u} (upstream)" for u in STAGE_INPUTS[stage][1] if stage_fingerprint(config, u) != recorded_upstream.get(u)]
+    return changed or ["its settings"]
 
 
 def _plan(config, output_dir: Path, summary: dict, todo: tuple[str, ...], *, retrain_changed: bool) -> dict[str, str]:

@@ -157,7 +157,8 @@ def mirror_case(case: Case) -> Case:
         label = case.label.flip(1)
         if label.shape[0] == len(STRUCTURE_NAMES):
             label = label[_mirrored_channels()]
-    labels = case.labels[_mirrored_label_index()] if case.labels.shape[0] == len(_mirrored_label_index()) else case.labels
+    order = _mirrored_label_index()
+    labels = case.labels[order] if case.labels.shape[0] == len(order) else case.labels  # no label vector: kept
     return replace(case, image=case.image.flip(1), label=label, prompt=_swap_sides(case.prompt),
                    report=_swap_sides(case.report), labels=labels)
 
