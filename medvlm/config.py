@@ -77,6 +77,7 @@ class ContrastiveModelConfig:
     loss: str = "semantic"  # "semantic" (MedCLIP + CLIP), "clip" or "siglip"
     image_pool: int = 1  # the CT tower sees the ROI averaged over image_pool^3 voxel blocks
     ct_windows: tuple[tuple[float, float], ...] = ()  # fixed CT windows (level, width HU) as extra channels
+    image_coordinates: bool = False  # voxel coordinates as three more CT channels (laterality survives pooling)
 
 
 @dataclass
@@ -108,6 +109,9 @@ class SegmentationModelConfig:
     report_layers: int = 2
     # fixed CT windows (level, width in HU) given to the image path as extra input channels
     ct_windows: tuple[tuple[float, float], ...] = ((40.0, 400.0), (400.0, 1800.0))
+    # per-structure presence from the report (cN0: no GTVn; post-operative: no GTVp), multiplied into the
+    # voxel probabilities (medvlm.models.segmentation)
+    presence_head: bool = True
 
 
 @dataclass
@@ -203,6 +207,8 @@ class SegmentationStageConfig(StageConfig):
     # Train on random sub-volumes (x, y, z) of the ROI, aligned to the latent grid; empty: the whole ROI.
     # The decoder is convolutional plus attention to report tokens, so it runs on any size at inference.
     patch_size: tuple[int, ...] = ()
+    # weight of the presence head's loss (BCE against whether each structure occurs in the case); models.segmentation.presence_head
+    presence_weight: float = 1.0
 
 
 @dataclass

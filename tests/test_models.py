@@ -95,6 +95,48 @@ def test_report_path_starts_at_zero_then_carries_the_report(tiny):
         assert (seg(fused, encoded.features, a, image=x) - seg(fused, encoded.features, b, image=x)).abs().max() > 1e-4
 
 
+def test_presence_head_multiplies_probabilities_and_learns_what_the_report_rules_out(tiny):
+    """P(voxel) = P(present | report) * P(voxel | present): the untrained head (0.98) changes little, a report
+    that rules a structure out empties it whatever the image shows, the null report rules nothing out, and
+    the head learns from token states which structures a report excludes."""
+    from medvlm.models.segmentation import joint_logits
+
+    a, b = torch.randn(50), torch.randn(50)
+    assert torch.allclose(torch.sigmoid(joint_logits(a, b)), torch.sigmoid(a) * torch.sigmoid(b), atol=1e-6)
+    assert torch.isfinite(joint_logits(torch.tensor([80.0, -80.0]), torch.tensor([-80.0, 80.0]))).all()
+
+    _, nets = tiny
+    seg = copy.deepcopy(nets["segmentation"]).eval()
+    assert seg.config.presence_head
+    x = torch.randn(1, 1, 32, 32, 32)
+    encoded = nets["vae"].encode(x, return_features=True)
+    fused = nets["unet"](encoded.latent_dist.mode(), 0, _context(1), return_features=True).features[-1]
+    with torch.no_grad():
+        logits, presence = seg(fused, encoded.features, _context(1), image=x, return_presence=True)
+        assert presence.shape == (1, 9) and torch.allclose(torch.sigmoid(presence), torch.full((1, 9), 0.982), atol=1e-3)
+        null_logits, null_presence = seg(fused, encoded.features, null_report=True, image=x, return_presence=True)
+        assert null_presence is None
+        seg.presence[-1].bias[1] = -30.0  # the report says: no GTVn
+        ruled_out = torch.sigmoid(seg(fused, encoded.features, _context(1), image=x))
+        assert ruled_out[0, 1].max() < 1e-10 and torch.allclose(ruled_out[0, 0], torch.sigmoid(logits[0, 0]), atol=1e-6)
+        assert torch.equal(seg(fused, encoded.features, null_report=True, image=x), null_logits)
+
+    head = copy.deepcopy(nets["segmentation"])
+    optimizer = torch.optim.Adam(head.presence.parameters(), lr=1e-2)
+    states = torch.stack([_context(1, seed=1)[0], _context(1, seed=2)[0]])
+    present = torch.ones(2, 9)
+    present[0, 1] = 0.0  # report 1: cN0 (no GTVn); report 2: nodes
+    for _ in range(60):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head.presence_logits(states, None), present)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    learned = torch.sigmoid(head.presence_logits(states, None))
+    assert learned[0, 1] < 0.2 and learned[1, 1] > 0.8 and (learned[:, [0, 2]] > 0.8).all()
+    with pytest.raises(ValueError, match="no presence head"):
+        type(seg)(presence_head=False).presence_logits(states, None)
+
+
 def test_ct_windows_map_hounsfield_units():
     from medvlm.models.windows import CTWindows
 

@@ -207,8 +207,12 @@ def test_segmentation_with_cached_frozen_features_trains_and_validates(trained, 
     config = load_config(TINY)
     config.training.segmentation.cache_features = True
     config.training.segmentation.steps = 4
+    config.training.segmentation.report_dropout = 0.0  # every row has its report: the presence loss takes part
     result = SegmentationTrainer(config, tiny_data, tmp_path).run()
     assert result.steps == 4 and result.final_losses["total"] > 0
+    # the presence head is trained next to the voxel loss (tiny config: presence_head on, weight 1)
+    losses = result.final_losses
+    assert losses["presence"] > 0 and losses["total"] == pytest.approx(losses["voxel"] + losses["presence"], rel=1e-4)
     assert 0.0 <= result.validation["dice_mean"] <= 1.0
     assert (tmp_path / "segmentation" / "final" / "segmentation" / "diffusion_pytorch_model.safetensors").is_file()
 
@@ -373,3 +377,22 @@ def test_lateral_mirror_is_checked_where_it_cannot_act(tiny_data, tmp_path):
     config.training.report_generator.lateral_mirror = 0.5
     with pytest.raises(ConfigError, match=r"training\.report_generator\.lateral_mirror = 0\.5 has no effect here"):
         ReportGeneratorTrainer(config, tiny_data, tmp_path / "c").setup()
+
+
+def test_presence_targets_are_the_whole_case_before_cropping(tiny_data):
+    """The presence head learns what the report says of the case: a crop that misses the tumour must not
+    teach that the report rules the tumour out."""
+    from monai.transforms import Compose, SpatialCropd
+
+    from medvlm.data.structures import STRUCTURE_NAMES
+    from train.data import collate, load_cases, structure_presence
+
+    cases = load_cases(tiny_data, load_config(TINY))
+    gtvp = STRUCTURE_NAMES.index("GTVp")
+    number = next(i for i, c in enumerate(cases) if c.label[gtvp].sum() > 0)
+    crop = Compose([SpatialCropd(keys=["image", "label"], roi_start=[0, 0, 0], roi_end=[1, 1, 1])])
+    batch = collate(cases, [number], crop, seed=0, epoch=0)  # a one-voxel crop in the corner: no tumour in it
+    assert batch["label"].shape[2:] == (1, 1, 1) and batch["label"][0, gtvp].sum() == 0
+    assert batch["present"][0, gtvp] == 1.0
+    assert torch.equal(batch["present"][0], structure_presence(cases[number].label))
+    assert structure_presence(torch.zeros(3, 2, 2, 2)).tolist() == [0.0, 0.0, 0.0]

@@ -175,6 +175,7 @@ def collate(cases: list[Case], indices: list[int], transform: Compose | None, se
     """Stack the cases of one batch, augmenting each with a state derived from (seed, epoch, case).
 
     ``mirror_prob``: probability of the laterality-aware mirror image (:func:`mirror_case`).
+    ``present`` (with labels): whether each structure occurs in the whole case, before any cropping.
     """
     images, labels = [], []
     chosen = [mirrored(cases[i], mirror_prob, seed, epoch, i) for i in indices]
@@ -194,8 +195,14 @@ def collate(cases: list[Case], indices: list[int], transform: Compose | None, se
         "prompt": [case.prompt for case in chosen],
         "report": [case.report for case in chosen],
         "labels": torch.as_tensor(np.stack([case.labels for case in chosen])),
+        "present": torch.stack([structure_presence(case.label) for case in chosen]) if labels else None,
         "index": indices,
     }
+
+
+def structure_presence(label: torch.Tensor) -> torch.Tensor:
+    """(C, X, Y, Z) masks -> (C,) 1.0 where the structure has any voxel: the presence head's target."""
+    return (label.flatten(1) > 0).any(1).float()
 
 
 def aligned_corner(shape: Sequence[int], patch: Sequence[int], factor: int, case_seed: Sequence[int]) -> list[int]:

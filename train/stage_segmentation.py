@@ -14,7 +14,7 @@ from medvlm.errors import ConfigError
 from medvlm.models import CTAutoencoderKL, ReportConditionedUNet3D
 from medvlm.models.factory import build_segmentation
 from train.common import BestDiceMixin, StageTrainer
-from train.data import aligned_corner, augmentation, collate, cut_patch, load_cases
+from train.data import aligned_corner, augmentation, collate, cut_patch, load_cases, structure_presence
 from train.stage_diffusion import load_upstream
 
 
@@ -38,12 +38,32 @@ def fused_logits(vae, unet, segmentation, images, states, attention_mask):
     return segmentation(fused, encoded.features, states, attention_mask, image=images)
 
 
+def presence_loss(presence: torch.Tensor | None, present: torch.Tensor) -> torch.Tensor | None:
+    """BCE of the decoder's presence logits against whether each structure occurs in the case."""
+    if presence is None:
+        return None
+    return nn.functional.binary_cross_entropy_with_logits(presence.float(), present.to(presence.device).float())
+
+
+def _total(voxel_loss: torch.Tensor, presence: torch.Tensor | None, weight: float, has_head: bool
+           ) -> tuple[torch.Tensor, dict]:
+    """Voxel loss plus the weighted presence loss; the same log keys every step (presence 0 when every
+    row of the batch had its report dropped)."""
+    if not has_head or not weight:
+        return voxel_loss, {"total": voxel_loss.detach()}
+    presence = presence if presence is not None else voxel_loss.new_zeros(())
+    total = voxel_loss + weight * presence
+    return total, {"total": total.detach(), "voxel": voxel_loss.detach(), "presence": presence.detach()}
+
+
 class SegmentationLoss(nn.Module):
-    def __init__(self, segmentation, unet, vae, text_encoder, loss: nn.Module, finetune_unet: bool):
+    def __init__(self, segmentation, unet, vae, text_encoder, loss: nn.Module, finetune_unet: bool,
+                 presence_weight: float = 0.0):
         super().__init__()
         self.segmentation, self.unet, self.vae, self.text_encoder = segmentation, unet, vae, text_encoder
         self.finetune_unet = finetune_unet
         self.loss = loss
+        self.presence_weight = presence_weight
 
     def _logits(self, images, states, mask):
         with torch.set_grad_enabled(self.finetune_unet):
@@ -51,42 +71,48 @@ class SegmentationLoss(nn.Module):
             latents = encoded.latent_dist.mode() * float(self.vae.config.scaling_factor)
             fused = self.unet(latents, 0, states, return_features=True, encoder_attention_mask=mask).features[-1]
         features = [f.detach() for f in encoded.features]
-        return self.segmentation(fused, features, states, mask, null_report=states is None, image=images)
+        return self.segmentation(fused, features, states, mask, null_report=states is None, image=images,
+                                 return_presence=True)
 
-    def forward(self, images, labels, input_ids, attention_mask, drop):
+    def forward(self, images, labels, input_ids, attention_mask, drop, present):
         with torch.no_grad():
             states = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         logits = torch.empty(labels.shape, device=images.device, dtype=images.dtype)
         keep = ~drop
+        presence = None
         if bool(keep.any()):
-            logits[keep] = self._logits(images[keep], states[keep], attention_mask[keep]).to(logits.dtype)
+            kept, presence_logits = self._logits(images[keep], states[keep], attention_mask[keep])
+            logits[keep] = kept.to(logits.dtype)
+            presence = presence_loss(presence_logits, present[keep])
         if bool(drop.any()):  # no report: the null report of both networks, as ContourPipeline uses it
-            logits[drop] = self._logits(images[drop], None, None).to(logits.dtype)
-        loss = self.loss(logits, labels)
-        return loss, {"total": loss.detach()}
+            logits[drop] = self._logits(images[drop], None, None)[0].to(logits.dtype)
+        return _total(self.loss(logits, labels), presence, self.presence_weight, self.segmentation.presence is not None)
 
 
 class CachedSegmentationLoss(nn.Module):
     """The decoder's loss on precomputed frozen features (see ``cache_features``)."""
 
-    def __init__(self, segmentation, loss: nn.Module):
+    def __init__(self, segmentation, loss: nn.Module, presence_weight: float = 0.0):
         super().__init__()
         self.segmentation = segmentation
         self.loss = loss
+        self.presence_weight = presence_weight
 
-    def forward(self, features, fused, fused_null, states, attention_mask, labels, drop, images):
+    def forward(self, features, fused, fused_null, states, attention_mask, labels, drop, images, present):
         device = fused.device
         features = [f.to(device) for f in features]
         logits = torch.empty(labels.shape, device=device, dtype=fused.dtype)
         keep = ~drop
+        presence = None
         if bool(keep.any()):
-            logits[keep] = self.segmentation(fused[keep], [f[keep] for f in features], states[keep], attention_mask[keep],
-                                             image=images[keep])
+            kept, presence_logits = self.segmentation(fused[keep], [f[keep] for f in features], states[keep],
+                                                      attention_mask[keep], image=images[keep], return_presence=True)
+            logits[keep] = kept
+            presence = presence_loss(presence_logits, present[keep])
         if bool(drop.any()):
             logits[drop] = self.segmentation(fused_null[drop], [f[drop] for f in features], None, None, null_report=True,
                                              image=images[drop])
-        loss = self.loss(logits, labels)
-        return loss, {"total": loss.detach()}
+        return _total(self.loss(logits, labels), presence, self.presence_weight, self.segmentation.presence is not None)
 
 
 class SegmentationTrainer(BestDiceMixin, StageTrainer):
@@ -122,9 +148,9 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
         self.cache = None
         if c.cache_features and not c.finetune_unet:
             self.cache = self._precompute()
-            return CachedSegmentationLoss(self.segmentation, segmentation_loss(c))
+            return CachedSegmentationLoss(self.segmentation, segmentation_loss(c), c.presence_weight)
         return SegmentationLoss(self.segmentation, self.unet, self.vae, self.text_encoder, segmentation_loss(c),
-                                c.finetune_unet)
+                                c.finetune_unet, c.presence_weight)
 
     def _checked_patch(self, patch: tuple[int, ...]) -> tuple[int, ...]:
         if not patch:
@@ -177,6 +203,7 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
             generator = self.step_generator(index)
             drop = self.share(torch.rand(self.global_rows(len(indices)), generator=generator) < self.stage_config.report_dropout)
             labels = [self.cases[i].label for i in indices]
+            present = torch.stack([structure_presence(label) for label in labels])  # the whole case, before any crop
             entries = [self.cache[i] for i in indices]
             if self.patch:
                 # one stream per (seed, step, case): the same patches whatever the number of processes
@@ -186,14 +213,15 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
             return {"features": [torch.stack([e["features"][k] for e in entries]) for k in range(len(entries[0]["features"]))],
                     "fused": torch.stack([e["fused"] for e in entries]), "fused_null": torch.stack([e["fused_null"] for e in entries]),
                     "states": torch.stack([e["states"] for e in entries]), "attention_mask": torch.stack([e["mask"] for e in entries]),
-                    "labels": torch.stack(labels), "drop": drop, "images": torch.stack([e["image"] for e in entries])}
+                    "labels": torch.stack(labels), "drop": drop, "images": torch.stack([e["image"] for e in entries]),
+                    "present": present}
         batch = collate(self.cases, self.batcher.indices(index), self.augment, self.config.training.seed, self.batcher.epoch(index),
                         mirror_prob=self.mirror)
         tokens = self.tokenizer(batch["prompt"], padding=True, truncation=True, max_length=self.config.text.max_length,
                                 return_tensors="pt")
         generator = self.step_generator(index)
         return {"images": batch["image"], "labels": batch["label"], "input_ids": tokens["input_ids"],
-                "attention_mask": tokens["attention_mask"],
+                "attention_mask": tokens["attention_mask"], "present": batch["present"],
                 "drop": self.share(torch.rand(self.global_rows(len(batch["index"])), generator=generator)
                                    < self.stage_config.report_dropout)}
 

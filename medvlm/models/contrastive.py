@@ -18,7 +18,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 - diffusers finds the base class in this module when loading
 
 from medvlm.models.base import AlignedModelMixin
-from medvlm.models.windows import CTWindows
+from medvlm.models.windows import CTWindows, coordinate_channels
 from diffusers.utils import BaseOutput
 from monai.networks.nets import ResNet
 from torch import nn
@@ -50,7 +50,10 @@ class MedCLIPModel(AlignedModelMixin, ConfigMixin):
         image_pool: the CT tower first averages ``image_pool``^3 voxel blocks (2: a 64^3 ROI is seen at
             32^3, eight times less compute; laterality and subsite are coarse findings).
         ct_windows / input_hu_window / input_range: fixed CT windows as extra input channels
-            (:class:`medvlm.models.segmentation.CTWindows`); empty: the preprocessed CT alone.
+            (:class:`medvlm.models.windows.CTWindows`); empty: the preprocessed CT alone.
+        image_coordinates: append the voxel coordinates as three input channels
+            (:func:`~medvlm.models.windows.coordinate_channels`), so that the globally pooled CT embedding can
+            say on which side a finding lies; without them laterality is learned only from padding effects.
     """
 
     @register_to_config
@@ -59,7 +62,8 @@ class MedCLIPModel(AlignedModelMixin, ConfigMixin):
                  image_in_channels: int = 1, text_pooling: str = "mean", frozen_text_layers: int = 0,
                  init_logit_scale: float = math.log(1 / 0.07), init_logit_bias: float | None = None,
                  image_pool: int = 1, ct_windows: Sequence[Sequence[float]] = (),
-                 input_hu_window: Sequence[float] = (-1000.0, 1500.0), input_range: Sequence[float] = (-1.0, 1.0)):
+                 input_hu_window: Sequence[float] = (-1000.0, 1500.0), input_range: Sequence[float] = (-1.0, 1.0),
+                 image_coordinates: bool = False):
         super().__init__()
         from transformers import AutoConfig, AutoModel
 
@@ -77,6 +81,7 @@ class MedCLIPModel(AlignedModelMixin, ConfigMixin):
             raise ValueError(f"image_pool must be >= 1, got {image_pool}")
         self.windows = CTWindows(input_hu_window, input_range, ct_windows) if ct_windows else None
         channels = image_in_channels * (self.windows.out_channels if self.windows is not None else 1)
+        channels += 3 if image_coordinates else 0
         self.image_model = ResNet(block="basic", layers=list(image_layers), block_inplanes=list(image_block_inplanes),
                                   spatial_dims=3, n_input_channels=channels, feed_forward=False,
                                   conv1_t_size=3, conv1_t_stride=1)
@@ -118,6 +123,8 @@ class MedCLIPModel(AlignedModelMixin, ConfigMixin):
             images = self.windows(images)
         if self.config.image_pool > 1:
             images = F.avg_pool3d(images, self.config.image_pool, ceil_mode=True)
+        if self.config.image_coordinates:
+            images = torch.cat([images, coordinate_channels(images)], dim=1)
         features = self.image_model(images)
         embeds = self.image_projection(features)
         return F.normalize(embeds, dim=-1) if normalize else embeds

@@ -75,7 +75,8 @@ def build_segmentation(models: ModelsConfig, context_dim: int, preprocess: Prepr
                                     skip_channels=models.vae.channels, decoder_channels=s.decoder_channels,
                                     context_dim=context_dim, num_heads=s.num_heads, norm_num_groups=s.norm_num_groups,
                                     num_res_units=s.num_res_units, report_channels=s.report_channels,
-                                    report_layers=s.report_layers, **_window_kwargs(s.ct_windows, preprocess))
+                                    report_layers=s.report_layers, presence_head=s.presence_head,
+                                    **_window_kwargs(s.ct_windows, preprocess))
 
 
 def build_contrastive(models: ModelsConfig, text: TextConfig, *, pretrained_text: bool = True,
@@ -84,6 +85,7 @@ def build_contrastive(models: ModelsConfig, text: TextConfig, *, pretrained_text
     kwargs = dict(embed_dim=c.embed_dim, image_block_inplanes=c.image_block_inplanes, image_layers=c.image_layers,
                   text_pooling=c.text_pooling, frozen_text_layers=c.frozen_text_layers,
                   init_logit_bias=-10.0 if c.loss == "siglip" else None, image_pool=c.image_pool,
+                  image_coordinates=c.image_coordinates,
                   **_window_kwargs(c.ct_windows, preprocess))
     if pretrained_text:
         return MedCLIPModel.from_text_encoder(text.encoder, **kwargs)

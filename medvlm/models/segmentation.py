@@ -12,6 +12,13 @@ Two paths, summed as logits (one channel per structure, multi-label, sigmoid):
   times slower than a UNet on the CT (demo phantom, eval/README figures).
 
 The report path's output layer starts near zero, so training starts from the image path.
+
+With ``presence_head``, the report also says *whether* each structure exists: a cN0 neck has no nodal
+GTV, a post-operative (adjuvant) case no primary GTV. A small head on the pooled report tokens gives a
+per-structure presence logit, and the decoder's probability becomes
+``P(voxel) = P(structure present | report) * P(voxel | present, image, report)``; without a report
+nothing is ruled out. A voxel-wise network alone learns emptiness poorly: a whole case without the
+structure is a few hundred false-positive voxels among 262,144 in its loss.
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ from torch import nn
 
 from medvlm.data.structures import STRUCTURE_NAMES
 from medvlm.models.base import AlignedModelMixin
-from medvlm.models.windows import DEFAULT_CT_WINDOWS, CTWindows
+from medvlm.models.windows import DEFAULT_CT_WINDOWS, CTWindows, coordinate_channels
 
 
 class TextCrossAttention(nn.Module):
@@ -52,17 +59,9 @@ class TextCrossAttention(nn.Module):
         return x + torch.tanh(self.gate) * attended.transpose(1, 2).reshape(b, c, *spatial)
 
 
-def _coordinates(reference: torch.Tensor) -> torch.Tensor:
-    """Voxel coordinates in [-1, 1] along x, y, z as three channels (CoordConv).
-
-    The report says *left*, *right*, *ipsilateral* or *bilateral*; convolutions are translation
-    equivariant and the neck is nearly symmetric, so without its position (RAS grid, ROI around the body)
-    the report path could not tell the patient's left half from the right. Written here: MONAI has no
-    coordinate-channel block.
-    """
-    axes = [torch.linspace(-1.0, 1.0, n, device=reference.device, dtype=reference.dtype) for n in reference.shape[2:]]
-    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
-    return grid.expand(reference.shape[0], -1, -1, -1, -1)
+def joint_logits(voxel_logits: torch.Tensor, presence_logits: torch.Tensor) -> torch.Tensor:
+    """``logit(sigmoid(a) * sigmoid(b))`` computed stably: ``a + b - log(1 + e^a + e^b)``."""
+    return voxel_logits + presence_logits - torch.logaddexp(nn.functional.softplus(voxel_logits), presence_logits)
 
 
 class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
@@ -76,6 +75,8 @@ class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
         num_res_units: residual units per ``UNet`` layer.
         report_channels / report_layers: width and depth (residual block + cross-attention) of the report path.
         ct_windows / input_hu_window / input_range: fixed CT windows of the image path (:class:`CTWindows`).
+        presence_head: per-structure presence from the report (see the module docstring); it starts at
+            "present" (probability about 0.98), so an untrained head changes nothing.
     """
 
     @register_to_config
@@ -85,7 +86,8 @@ class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
                  report_channels: int = 64, report_layers: int = 2, null_tokens: int = 1,
                  structure_names: Sequence[str] = STRUCTURE_NAMES,
                  ct_windows: Sequence[Sequence[float]] = DEFAULT_CT_WINDOWS,
-                 input_hu_window: Sequence[float] = (-1000.0, 1500.0), input_range: Sequence[float] = (-1.0, 1.0)):
+                 input_hu_window: Sequence[float] = (-1000.0, 1500.0), input_range: Sequence[float] = (-1.0, 1.0),
+                 presence_head: bool = False):
         super().__init__()
         if len(structure_names) != num_classes:
             raise ValueError(f"{num_classes} classes but {len(structure_names)} structure names")
@@ -109,6 +111,24 @@ class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
         nn.init.zeros_(self.report_head.conv.conv.bias)
         self.null_text_embedding = nn.Parameter(torch.zeros(1, null_tokens, context_dim))
         nn.init.normal_(self.null_text_embedding, std=0.02)
+        self.presence = None
+        if presence_head:
+            self.presence = nn.Sequential(nn.LayerNorm(context_dim), nn.Linear(context_dim, report_channels), nn.SiLU(),
+                                          nn.Linear(report_channels, num_classes))
+            # near zero, not zero (every weight gets gradient from step one); sigmoid(4) = 0.98: start from "present"
+            nn.init.normal_(self.presence[-1].weight, std=1e-3)
+            nn.init.constant_(self.presence[-1].bias, 4.0)
+
+    def presence_logits(self, text_states: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
+        """Per-structure presence logits (B, num_classes) from the report's token states (masked mean)."""
+        if self.presence is None:
+            raise ValueError("this decoder has no presence head (presence_head=False)")
+        if text_mask is None:
+            pooled = text_states.mean(1)
+        else:
+            weights = text_mask.to(text_states.dtype)[..., None]
+            pooled = (text_states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return self.presence(pooled)
 
     def null_context(self, batch_size: int) -> torch.Tensor:
         return self.null_text_embedding.expand(batch_size, -1, -1)
@@ -118,17 +138,20 @@ class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
         """The report path's logits at the latent scale."""
         if fused.shape[2:] != latent_map.shape[2:]:
             fused = nn.functional.interpolate(fused, size=latent_map.shape[2:], mode="trilinear", align_corners=False)
-        h = torch.cat([fused, latent_map, _coordinates(latent_map)], dim=1)
+        h = torch.cat([fused, latent_map, coordinate_channels(latent_map)], dim=1)
         for block, attention in zip(self.report_blocks, self.report_attention):
             h = attention(block(h), text_states, text_mask)
         return self.report_head(h)
 
     def forward(self, fused: torch.Tensor, skips: Sequence[torch.Tensor], text_states: torch.Tensor | None = None,
                 text_mask: torch.Tensor | None = None, null_report: bool = False,
-                image: torch.Tensor | None = None) -> torch.Tensor:
+                image: torch.Tensor | None = None, return_presence: bool = False):
         """Logits (B, num_classes, X, Y, Z) at the CT's resolution.
 
         ``null_report=True`` (or ``text_states=None``) replaces the report with the learned null report.
+        With a presence head and a report, the logits are those of ``P(present) * P(voxel | present)``;
+        ``return_presence=True`` returns ``(logits, presence_logits)``, the latter ``None`` without a report
+        or head (training supervises it with whether each structure occurs in the case).
         ``image``: the preprocessed CT (B, 1, X, Y, Z) the features were computed from. Its sizes must suit
         the image path's ``UNet`` (divisible by ``2 ** (len(decoder_channels) - 1)``), as the pipelines' ROIs are.
         """
@@ -139,10 +162,16 @@ class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
         factor = 2 ** (len(self.config.decoder_channels) - 1)
         if any(size % factor for size in image.shape[2:]):
             raise ValueError(f"image size {tuple(image.shape[2:])} must be divisible by {factor} (the image path's UNet)")
-        if null_report or text_states is None:
+        no_report = null_report or text_states is None
+        if no_report:
             text_states, text_mask = self.null_context(fused.shape[0]), None
         text_states = text_states.to(fused.dtype)
         image_logits = self.image_path(self.windows(image.to(fused.dtype)))
         coarse = self.report_logits(fused, skips[-1], text_states, text_mask)
-        return image_logits + nn.functional.interpolate(coarse, size=image_logits.shape[2:], mode="trilinear",
-                                                        align_corners=False)
+        logits = image_logits + nn.functional.interpolate(coarse, size=image_logits.shape[2:], mode="trilinear",
+                                                          align_corners=False)
+        presence = None
+        if self.presence is not None and not no_report:
+            presence = self.presence_logits(text_states, text_mask)
+            logits = joint_logits(logits, presence[(...,) + (None,) * (logits.ndim - 2)])
+        return (logits, presence) if return_presence else logits

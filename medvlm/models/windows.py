@@ -36,3 +36,16 @@ class CTWindows(nn.Module):
         hu = lo + (image - a) * (hi - lo) / (b - a)
         channels = [image] + [((hu - level) / (width / 2)).clamp(-1.0, 1.0) for level, width in self.windows]
         return torch.cat(channels, dim=1)
+
+
+def coordinate_channels(reference: torch.Tensor) -> torch.Tensor:
+    """Voxel coordinates in [-1, 1] along x, y, z as three channels shaped like ``reference`` (CoordConv).
+
+    Reports say *left*, *right*, *ipsilateral* or *bilateral*; convolutions are translation equivariant,
+    global pooling discards position and the neck is nearly symmetric, so without its position (RAS grid,
+    ROI around the body) a CT network could not tell the patient's left half from the right. Written
+    here: MONAI has no coordinate-channel block.
+    """
+    axes = [torch.linspace(-1.0, 1.0, n, device=reference.device, dtype=reference.dtype) for n in reference.shape[2:]]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    return grid.expand(reference.shape[0], -1, -1, -1, -1)
