@@ -19,6 +19,7 @@ from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 - diffusers
 
 from medvlm.models.base import AlignedModelMixin
 from medvlm.models.windows import CTWindows, coordinate_channels
+from medvlm.text.encoders import masked_mean
 from diffusers.utils import BaseOutput
 from monai.networks.nets import ResNet
 from torch import nn
@@ -134,8 +135,7 @@ class MedCLIPModel(AlignedModelMixin, ConfigMixin):
         if self.config.text_pooling == "cls":
             pooled = hidden[:, 0]
         else:
-            mask = attention_mask.to(hidden.dtype)[..., None]
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+            pooled = masked_mean(hidden, attention_mask)
         embeds = self.text_projection(pooled)
         return F.normalize(embeds, dim=-1) if normalize else embeds
 

@@ -34,6 +34,7 @@ from torch import nn
 from medvlm.data.structures import STRUCTURE_NAMES
 from medvlm.models.base import AlignedModelMixin
 from medvlm.models.windows import DEFAULT_CT_WINDOWS, CTWindows, coordinate_channels
+from medvlm.text.encoders import masked_mean
 
 
 class TextCrossAttention(nn.Module):
@@ -76,7 +77,7 @@ class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
         report_channels / report_layers: width and depth (residual block + cross-attention) of the report path.
         ct_windows / input_hu_window / input_range: fixed CT windows of the image path (:class:`CTWindows`).
         presence_head: per-structure presence from the report (see the module docstring); it starts at
-            "present" (probability about 0.98), so an untrained head changes nothing.
+            "present" (probability about 0.98), so an untrained head changes little.
     """
 
     @register_to_config
@@ -123,12 +124,7 @@ class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
         """Per-structure presence logits (B, num_classes) from the report's token states (masked mean)."""
         if self.presence is None:
             raise ValueError("this decoder has no presence head (presence_head=False)")
-        if text_mask is None:
-            pooled = text_states.mean(1)
-        else:
-            weights = text_mask.to(text_states.dtype)[..., None]
-            pooled = (text_states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-        return self.presence(pooled)
+        return self.presence(masked_mean(text_states, text_mask))
 
     def null_context(self, batch_size: int) -> torch.Tensor:
         return self.null_text_embedding.expand(batch_size, -1, -1)

@@ -26,6 +26,14 @@ logger = logging.getLogger(__name__)
 POOLING = ("mean", "cls", "last_token", "eos")
 
 
+
+def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of token states (B, L, d) over the tokens the mask keeps (all of them when it is None)."""
+    if attention_mask is None:
+        return hidden.mean(1)
+    mask = attention_mask.to(hidden.dtype)[..., None]
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
 @dataclass
 class TextEncoderOutput:
     """``token_states`` (B, L, d), ``attention_mask`` (B, L) and ``pooled`` (B, d)."""
@@ -129,9 +137,8 @@ class TextEncoder(nn.Module):
 
     def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextEncoderOutput:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.to(hidden.dtype)
         if self.pooling == "mean":
-            pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
+            pooled = masked_mean(hidden, attention_mask)
         elif self.pooling == "cls":
             pooled = hidden[:, 0]
         else:
