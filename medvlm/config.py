@@ -112,6 +112,23 @@ class SegmentationModelConfig:
     # per-structure presence from the report (cN0: no GTVn; post-operative: no GTVp), multiplied into the
     # voxel probabilities (medvlm.models.segmentation)
     presence_head: bool = True
+    # the presence head also reads the report's parsed fields (side, N stage, elective neck, ...), not only
+    # its pooled token states
+    report_fields: bool = True
+    # structures whose presence is judged per side of the patient's midline (an ipsilateral elective neck
+    # rules out the contralateral CTVn); the band of side_margin_mm around the midline keeps the overall presence
+    side_structures: tuple[str, ...] = ("CTVn",)
+    side_margin_mm: float = 6.0
+
+    def __post_init__(self):
+        from medvlm.data.structures import STRUCTURE_NAMES
+
+        unknown = [name for name in self.side_structures if name not in STRUCTURE_NAMES]
+        if unknown:
+            raise ConfigError(f"models.segmentation.side_structures: unknown structure(s) {unknown}; "
+                              f"known: {list(STRUCTURE_NAMES)}")
+        if self.side_margin_mm < 0:
+            raise ConfigError(f"models.segmentation.side_margin_mm must be >= 0, got {self.side_margin_mm}")
 
 
 @dataclass
@@ -209,6 +226,9 @@ class SegmentationStageConfig(StageConfig):
     patch_size: tuple[int, ...] = ()
     # weight of the presence head's loss (BCE against whether each structure occurs in the case); models.segmentation.presence_head
     presence_weight: float = 1.0
+    # reports per step for the presence loss, drawn from the whole training set (the head reads only the
+    # report; the voxel batch alone gave it too few examples)
+    presence_batch_size: int = 16
 
 
 @dataclass

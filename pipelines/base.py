@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
@@ -74,6 +75,21 @@ class MedVLMPipeline(DiffusionPipeline):
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise InputError(f"could not load {cls.__name__} from {folder}: {message}. A weight file may be missing "
                              "or corrupted; re-export the pipeline with save_pretrained") from None
+
+    def report_fields(self, texts: Sequence[str], device: torch.device) -> torch.Tensor | None:
+        """Parsed fields (:func:`medvlm.text.parse.label_vector`) of de-identified report texts, for a
+        segmentation decoder whose presence head reads them; ``None`` when it reads none."""
+        segmentation = getattr(self, "segmentation", None)
+        size = int(getattr(getattr(segmentation, "config", None), "report_fields", 0) or 0)
+        if not size:
+            return None
+        from medvlm.text.parse import label_vector, parse_report
+
+        vectors = np.stack([label_vector(parse_report(text)) for text in texts])
+        if vectors.shape[1] != size:
+            raise InputError(f"the segmentation decoder reads {size} report fields, this medvlm parses {vectors.shape[1]}; "
+                             "use the medvlm version that trained it")
+        return torch.as_tensor(vectors, device=device, dtype=torch.float32)
 
     def encode_reports(self, reports: Sequence[str], device: torch.device, max_length: int = 128,
                        report_format: str = "structured") -> tuple[torch.Tensor, torch.Tensor, list[str]]:

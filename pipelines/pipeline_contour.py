@@ -192,15 +192,17 @@ class ContourPipeline(MedVLMPipeline):
         # 4. sliding-window inference per CT
         all_masks, all_probs, affines, used = [], [], [], []
         for i, case in enumerate(self.progress_bar(prepared)):
+            fields = None
             if texts[i] is not None:
                 states, mask, clean = self.encode_reports([texts[i]], device, self.config.max_report_tokens,
                                                           self.config.report_format)
+                fields = self.report_fields(clean, device)
                 used.append(clean[0])
             else:
                 states, mask = None, None
                 used.append(None)
             probabilities = self._infer(case.image[None].to(device, dtype=self.vae.dtype), states, mask, config,
-                                        overlap, sw_batch_size, noise_timestep, generator)
+                                        overlap, sw_batch_size, noise_timestep, generator, fields)
             # 5. back to the input grid, threshold per structure
             restored = case.to_input_grid(probabilities[0])
             masks = {name: restored[c] >= thresholds[c] for c, name in enumerate(names)}
@@ -219,10 +221,18 @@ class ContourPipeline(MedVLMPipeline):
         return output
 
     def _infer(self, image: torch.Tensor, states, mask, config: PreprocessConfig, overlap: float, sw_batch_size: int,
-               noise_timestep: int, generator) -> torch.Tensor:
+               noise_timestep: int, generator, fields: torch.Tensor | None = None) -> torch.Tensor:
         scaling = float(self.vae.config.scaling_factor)
+        # per-side presence needs each window's distance from the midline of the whole volume: it travels
+        # through the sliding window as a second channel (a window alone would find its own centroid)
+        sided = states is not None and getattr(self.segmentation, "has_sides", False)
+        if sided:
+            from medvlm.models.windows import midline_distance
 
-        def predictor(patch: torch.Tensor) -> torch.Tensor:
+            image = torch.cat([image, midline_distance(image, config.hu_window, config.output_range)], dim=1)
+
+        def predictor(window: torch.Tensor) -> torch.Tensor:
+            patch, side_map = (window[:, :1], window[:, 1:]) if sided else (window, None)
             batch = patch.shape[0]
             encoded = self.vae.encode(patch, return_features=True)
             latents = encoded.latent_dist.mode() * scaling
@@ -235,7 +245,9 @@ class ContourPipeline(MedVLMPipeline):
             context_mask = mask.expand(batch, -1) if mask is not None else None
             fused = self.unet(latents, noise_timestep, context, return_features=True,
                               encoder_attention_mask=context_mask).features[-1]
-            logits = self.segmentation(fused, encoded.features, context, context_mask, null_report=context is None, image=patch)
+            logits = self.segmentation(fused, encoded.features, context, context_mask, null_report=context is None, image=patch,
+                                       report_fields=fields.expand(batch, -1) if fields is not None else None,
+                                       side_map=side_map)
             return torch.sigmoid(logits)
 
         return sliding_window_inference(image, roi_size=tuple(config.roi_size), sw_batch_size=sw_batch_size,

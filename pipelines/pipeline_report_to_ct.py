@@ -186,7 +186,10 @@ class ReportToCTPipeline(MedVLMPipeline):
         if return_masks:
             encoded = self.vae.encode(image, return_features=True)
             fused = self.unet(latents, 0, context, return_features=True).features[-1]
-            probabilities = torch.sigmoid(self.segmentation(fused, encoded.features, context, image=image))
+            fields = self.report_fields(used, device)
+            fields = fields.repeat_interleave(num_images_per_prompt, dim=0) if fields is not None else None
+            probabilities = torch.sigmoid(self.segmentation(fused, encoded.features, context, image=image,
+                                                            report_fields=fields))
             thresholds = torch.tensor(self.config.thresholds, device=device).view(1, -1, 1, 1, 1)
             masks = probabilities >= thresholds
 

@@ -113,10 +113,11 @@ def test_presence_head_multiplies_probabilities_and_learns_what_the_report_rules
     fused = nets["unet"](encoded.latent_dist.mode(), 0, _context(1), return_features=True).features[-1]
     with torch.no_grad():
         logits, presence = seg(fused, encoded.features, _context(1), image=x, return_presence=True)
-        assert presence.shape == (1, 9) and torch.allclose(torch.sigmoid(presence), torch.full((1, 9), 0.982), atol=1e-3)
+        # per structure (anywhere, left, right): the tiny preset judges CTVn per side
+        assert presence.shape == (1, 9, 3) and torch.allclose(torch.sigmoid(presence), torch.full((1, 9, 3), 0.982), atol=1e-3)
         null_logits, null_presence = seg(fused, encoded.features, null_report=True, image=x, return_presence=True)
         assert null_presence is None
-        seg.presence[-1].bias[1] = -30.0  # the report says: no GTVn
+        seg.presence[-1].bias[1 * 3] = -30.0  # the report says: no GTVn
         ruled_out = torch.sigmoid(seg(fused, encoded.features, _context(1), image=x))
         assert ruled_out[0, 1].max() < 1e-10 and torch.allclose(ruled_out[0, 0], torch.sigmoid(logits[0, 0]), atol=1e-6)
         assert torch.equal(seg(fused, encoded.features, null_report=True, image=x), null_logits)
@@ -124,7 +125,7 @@ def test_presence_head_multiplies_probabilities_and_learns_what_the_report_rules
     head = copy.deepcopy(nets["segmentation"])
     optimizer = torch.optim.Adam(head.presence.parameters(), lr=1e-2)
     states = torch.stack([_context(1, seed=1)[0], _context(1, seed=2)[0]])
-    present = torch.ones(2, 9)
+    present = torch.ones(2, 9, 3)
     present[0, 1] = 0.0  # report 1: cN0 (no GTVn); report 2: nodes
     for _ in range(60):
         loss = torch.nn.functional.binary_cross_entropy_with_logits(head.presence_logits(states, None), present)
@@ -132,9 +133,71 @@ def test_presence_head_multiplies_probabilities_and_learns_what_the_report_rules
         loss.backward()
         optimizer.step()
     learned = torch.sigmoid(head.presence_logits(states, None))
-    assert learned[0, 1] < 0.2 and learned[1, 1] > 0.8 and (learned[:, [0, 2]] > 0.8).all()
+    assert (learned[0, 1] < 0.2).all() and (learned[1, 1] > 0.8).all() and (learned[:, [0, 2]] > 0.8).all()
     with pytest.raises(ValueError, match="no presence head"):
         type(seg)(presence_head=False).presence_logits(states, None)
+
+
+def test_side_presence_rules_out_the_contralateral_neck_from_the_parsed_report(tiny):
+    """An ipsilateral elective neck: CTVn probabilities vanish beyond the midline band on the other side,
+    stay untouched on the named side; the midline is the body's centroid, not the volume's centre; the
+    parsed report fields reach the head; per-side targets come from the masks."""
+    from medvlm.models.segmentation import side_presence_logits
+    from medvlm.models.windows import midline_distance
+    from medvlm.text.parse import LABEL_NAMES, label_vector, parse_report
+    from train.data import structure_presence
+
+    # the blend, against its definition; finite when saturated
+    presence, distance = torch.randn(2, 1, 3), torch.linspace(-6, 6, 13).view(1, 1, -1, 1, 1).expand(2, 1, 13, 1, 1)
+    weights = torch.stack([(-distance - 2) / 0.5, torch.zeros_like(distance), (distance - 2) / 0.5]).softmax(0)
+    expected = sum(weights[j] * torch.sigmoid(presence[..., [1, 0, 2][j]])[..., None, None, None] for j in range(3))
+    assert torch.allclose(torch.sigmoid(side_presence_logits(presence, distance, 2.0)), expected, atol=1e-6)
+    assert torch.isfinite(side_presence_logits(torch.tensor([[[80.0, -80.0, 80.0]]]), distance[:1], 2.0)).all()
+
+    # a body 16 voxels wide whose centre lies at x = 11.5 of a 32-voxel volume (air around it)
+    x = torch.full((1, 1, 32, 32, 32), -1.0)
+    x[:, :, 4:20] = 0.0
+    distance = midline_distance(x)
+    assert distance[0, 0, 11, 0, 0] == -0.5 and distance[0, 0, 12, 0, 0] == 0.5 and distance.shape == x.shape
+
+    _, nets = tiny
+    seg = copy.deepcopy(nets["segmentation"]).eval()
+    assert seg.config.side_structures == ("CTVn",) and seg.config.report_fields == len(LABEL_NAMES)
+    encoded = nets["vae"].encode(x, return_features=True)
+    fused = nets["unet"](encoded.latent_dist.mode(), 0, _context(1), return_features=True).features[-1]
+    ctvn = 2
+    with torch.no_grad():
+        seg.presence[-1].bias[ctvn * 3:ctvn * 3 + 3] = 30.0  # present everywhere: the voxel probabilities alone
+        free = torch.sigmoid(seg(fused, encoded.features, _context(1), image=x))[0, ctvn]
+        seg.presence[-1].bias[ctvn * 3 + 2] = -30.0  # the report: left-sided elective neck only
+        gated = torch.sigmoid(seg(fused, encoded.features, _context(1), image=x))[0, ctvn]
+    margin = seg.config.side_margin
+    right, left = distance[0, 0] > margin + 6, distance[0, 0] < -margin - 6  # beyond the band and its soft edge
+    assert right.any() and left.any()
+    assert gated[right].max() < 1e-4 and torch.allclose(gated[left], free[left], rtol=1e-4, atol=1e-6)
+    band = distance[0, 0].abs() < 1  # mostly the overall presence (the tiny preset's band is 1 voxel wide)
+    assert (gated[band] > 0.6 * free[band]).all()
+
+    # the parsed fields are an input of the head: a report saying "right" and one saying "left" differ
+    reports = ["Left tonsil SCC, cT2 cN1 cM0. Elective neck: ipsilateral.", "Right tonsil SCC, cT2 cN1 cM0. Elective neck: ipsilateral."]
+    fields = torch.as_tensor([label_vector(parse_report(r)) for r in reports])
+    assert not torch.equal(fields[0], fields[1])
+    states = _context(1).expand(2, -1, -1)
+    with torch.no_grad():
+        head = seg.presence_logits(states, None, fields)
+        assert head.shape == (2, 9, 3) and (head[0] - head[1]).abs().max() > 0
+        assert torch.equal(seg.presence_logits(states, None), seg.presence_logits(states, None, torch.zeros_like(fields)))
+    with pytest.raises(ValueError, match="report_fields must be"):
+        seg.presence_logits(states, None, fields[:, :5])
+
+    # targets: a structure left of the band only, one straddling the midline, one absent
+    label = torch.zeros(3, 32, 32, 32)
+    label[0, 5:8] = 1
+    label[1, 10:14] = 1
+    targets = structure_presence(label, distance[0], 2.0)
+    assert targets.tolist() == [[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    with pytest.raises(ValueError, match="side_structures"):
+        type(seg)(presence_head=True, side_structures=("CTV_high",))
 
 
 def test_ct_windows_map_hounsfield_units():

@@ -68,6 +68,27 @@ def test_contour_masks_land_in_the_input_grid_of_a_non_ras_anisotropic_ct(pipes,
     assert "head and neck cancer" in (tmp_path / "pred" / "report_used.txt").read_text()
 
 
+def test_contour_sides_follow_the_whole_volumes_midline_across_sliding_windows(pipes, monkeypatch):
+    """A report that rules out the right-sided CTVn empties it right of the *volume's* midline, also in
+    windows that hold only part of the body (their own centroid would put a midline inside them)."""
+    import copy
+
+    pipe = pipes["contour"]
+    segmentation = copy.deepcopy(pipe.segmentation)
+    ctvn = 2
+    with torch.no_grad():
+        segmentation.presence[-1].bias[ctvn * 3:ctvn * 3 + 3] = torch.tensor([30.0, 30.0, -30.0])  # left only
+    monkeypatch.setattr(pipe, "segmentation", segmentation)
+    image = torch.full((1, 1, 64, 32, 32), -1.0)
+    image[:, :, 8:48] = torch.rand(1, 1, 40, 32, 32, generator=torch.Generator().manual_seed(0)) * 0.2  # body: midline 27.5
+    states, mask, clean = pipe.encode_reports(["Left tonsil SCC, cT2 cN1 cM0. Elective neck: ipsilateral."], torch.device("cpu"))
+    config = pipe.preprocess_config
+    probabilities = pipe._infer(image, states, mask, config, 0.25, 1, 0, None, pipe.report_fields(clean, torch.device("cpu")))
+    margin = segmentation.config.side_margin
+    assert probabilities[0, ctvn, int(27.5 + margin + 6):].max() < 1e-3
+    assert probabilities[0, ctvn, :int(27.5 - margin - 6)].mean() > 0.05
+
+
 def test_contour_without_report_drafts_one_or_warns(pipes, case):
     drafted = pipes["contour"](case.image_hu, affine=case.affine)
     assert drafted.report_sources == ["drafted"] and "drafted" in drafted.warnings[0][0]

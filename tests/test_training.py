@@ -396,3 +396,17 @@ def test_presence_targets_are_the_whole_case_before_cropping(tiny_data):
     assert batch["present"][0, gtvp] == 1.0
     assert torch.equal(batch["present"][0], structure_presence(cases[number].label))
     assert structure_presence(torch.zeros(3, 2, 2, 2)).tolist() == [0.0, 0.0, 0.0]
+
+    # per side: the targets of the whole case, and each patch keeps the whole volume's midline distances
+    from medvlm.models.windows import midline_distance
+
+    config = load_config(TINY)
+    crop = Compose([SpatialCropd(keys=["image", "side", "label"], roi_start=[2, 0, 0], roi_end=[6, 4, 4])])
+    batch = collate(cases, [number], crop, seed=0, epoch=0, side_margin=1.0, config=config)
+    whole = midline_distance(cases[number].image[None])[0]
+    assert torch.equal(batch["side_map"][0], whole[:, 2:6, 0:4, 0:4])
+    assert batch["present"].shape == (1, len(STRUCTURE_NAMES), 3)
+    assert torch.equal(batch["present"][0], structure_presence(cases[number].label, whole, 1.0))
+    parotid_left, parotid_right = STRUCTURE_NAMES.index("Parotid_L"), STRUCTURE_NAMES.index("Parotid_R")
+    assert batch["present"][0, parotid_left].tolist() == [1.0, 1.0, 0.0]  # RAS: the patient's left is low x
+    assert batch["present"][0, parotid_right].tolist() == [1.0, 0.0, 1.0]

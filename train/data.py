@@ -20,6 +20,7 @@ from medvlm.data.datalist import load_datalist
 from medvlm.data.transforms import preprocessing_transforms
 from medvlm.data.structures import STRUCTURE_NAMES
 from medvlm.errors import DatalistError
+from medvlm.models.windows import midline_distance
 from medvlm.text.parse import LABEL_SPACE, label_vector, parse_report
 from medvlm.text.prompts import structured_prompt
 
@@ -73,16 +74,22 @@ def load_cases(data_dir: str | Path, config: MedVLMConfig, section: str = "train
     return cases
 
 
-def augmentation(config: MedVLMConfig, *, with_label: bool, patch_size: Sequence[int] = ()) -> Compose:
-    """MONAI random transforms; no left-right flips (laterality is part of the report)."""
-    keys = ["image", "label"] if with_label else ["image"]
+def augmentation(config: MedVLMConfig, *, with_label: bool, patch_size: Sequence[int] = (),
+                 with_side: bool = False) -> Compose:
+    """MONAI random transforms; no left-right flips (laterality is part of the report).
+
+    ``with_side``: the samples also carry ``side`` (the whole volume's midline distance), cropped and moved
+    with the image so that a patch keeps the distances of the volume it came from.
+    """
+    keys = ["image"] + (["side"] if with_side else []) + (["label"] if with_label else [])
+    modes = ["bilinear"] * (2 if with_side else 1) + (["nearest"] if with_label else [])
     transforms = []
     if patch_size:
         transforms.append(RandSpatialCropd(keys=keys, roi_size=tuple(patch_size), random_size=False))
     if config.training.augment:
         transforms += [
             RandAffined(keys=keys, prob=0.5, rotate_range=(0.0, 0.0, 0.08), scale_range=(0.05, 0.05, 0.05),
-                        mode=["bilinear", "nearest"][: len(keys)], padding_mode="border"),
+                        mode=modes, padding_mode="border"),
             RandScaleIntensityd(keys="image", factors=0.05, prob=0.3),
             RandGaussianNoised(keys="image", prob=0.3, std=0.02),
         ]
@@ -171,22 +178,33 @@ def mirrored(case: Case, mirror_prob: float, seed: int, epoch: int, index: int) 
 
 
 def collate(cases: list[Case], indices: list[int], transform: Compose | None, seed: int, epoch: int,
-            mirror_prob: float = 0.0) -> dict:
+            mirror_prob: float = 0.0, side_margin: float | None = None, config: MedVLMConfig | None = None) -> dict:
     """Stack the cases of one batch, augmenting each with a state derived from (seed, epoch, case).
 
     ``mirror_prob``: probability of the laterality-aware mirror image (:func:`mirror_case`).
     ``present`` (with labels): whether each structure occurs in the whole case, before any cropping.
+    ``side_margin`` (voxels; needs ``config`` and a ``transform`` built ``with_side``): ``present`` per side
+    of the midline (:func:`structure_presence`) and ``side_map``, the whole volume's midline distance of
+    each (cropped, augmented) sample.
     """
-    images, labels = [], []
+    images, labels, sides, present = [], [], [], []
     chosen = [mirrored(cases[i], mirror_prob, seed, epoch, i) for i in indices]
     for index, case in zip(indices, chosen):
         sample = {"image": case.image}
+        side = None
+        if side_margin is not None:
+            side = midline_distance(case.image[None], config.data.preprocess.hu_window,
+                                    config.data.preprocess.output_range)[0]
+            sample["side"] = side
         if case.label is not None:
             sample["label"] = case.label
+            present.append(structure_presence(case.label, side, side_margin or 0.0))
         if transform is not None and len(transform.transforms):
             transform.set_random_state(seed=int(np.random.default_rng([seed, epoch, index]).integers(2**31)))
             sample = transform(sample)
         images.append(torch.as_tensor(sample["image"]).float())
+        if side is not None:
+            sides.append(torch.as_tensor(sample["side"]).float())
         if "label" in sample:
             labels.append(torch.as_tensor(sample["label"]).float())
     return {
@@ -195,14 +213,36 @@ def collate(cases: list[Case], indices: list[int], transform: Compose | None, se
         "prompt": [case.prompt for case in chosen],
         "report": [case.report for case in chosen],
         "labels": torch.as_tensor(np.stack([case.labels for case in chosen])),
-        "present": torch.stack([structure_presence(case.label) for case in chosen]) if labels else None,
+        "present": torch.stack(present) if labels else None,
+        "side_map": torch.stack(sides) if sides else None,
         "index": indices,
     }
 
 
-def structure_presence(label: torch.Tensor) -> torch.Tensor:
-    """(C, X, Y, Z) masks -> (C,) 1.0 where the structure has any voxel: the presence head's target."""
-    return (label.flatten(1) > 0).any(1).float()
+def structure_presence(label: torch.Tensor, side_map: torch.Tensor | None = None, margin: float = 0.0) -> torch.Tensor:
+    """The presence head's targets from (C, X, Y, Z) masks: (C,) 1.0 where the structure has any voxel.
+
+    With ``side_map`` (1, X, Y, Z; :func:`medvlm.models.windows.midline_distance`): (C, 3), whether it has
+    voxels anywhere, left of the band of ``margin`` voxels around the midline, right of it.
+    """
+    inside = label.flatten(1) > 0
+    anywhere = inside.any(1)
+    if side_map is None:
+        return anywhere.float()
+    distance = side_map.reshape(1, -1)
+    left, right = (inside & (distance < -margin)).any(1), (inside & (distance > margin)).any(1)
+    return torch.stack([anywhere, left, right], dim=1).float()
+
+
+def report_fields(labels: torch.Tensor, size: int) -> torch.Tensor | None:
+    """The decoder's ``report_fields`` from a batch of case label vectors; rows without a parsed report
+    (shorter vectors) become all-zero ("nothing parsed"). ``None`` when the decoder reads no fields."""
+    if not size:
+        return None
+    labels = torch.as_tensor(labels, dtype=torch.float32)
+    if labels.shape[-1] != size:
+        return torch.zeros(labels.shape[0], size)
+    return labels
 
 
 def aligned_corner(shape: Sequence[int], patch: Sequence[int], factor: int, case_seed: Sequence[int]) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from monai.losses import DiceCELoss, DiceFocalLoss
 from torch import nn
@@ -13,8 +14,9 @@ from medvlm.data.structures import STRUCTURE_NAMES
 from medvlm.errors import ConfigError
 from medvlm.models import CTAutoencoderKL, ReportConditionedUNet3D
 from medvlm.models.factory import build_segmentation
+from medvlm.models.windows import midline_distance
 from train.common import BestDiceMixin, StageTrainer
-from train.data import aligned_corner, augmentation, collate, cut_patch, load_cases, structure_presence
+from train.data import aligned_corner, augmentation, collate, cut_patch, load_cases, report_fields, structure_presence
 from train.stage_diffusion import load_upstream
 
 
@@ -30,30 +32,42 @@ def segmentation_loss(settings) -> nn.Module:
     raise ConfigError(f"training.segmentation.loss must be 'dice_ce' or 'dice_focal', got {settings.loss!r}")
 
 
-def fused_logits(vae, unet, segmentation, images, states, attention_mask):
-    """The contouring path of ContourPipeline (clean latent, timestep 0), for one batch of ROIs."""
+def fused_logits(vae, unet, segmentation, images, states, attention_mask, fields=None):
+    """The contouring path of ContourPipeline (clean latent, timestep 0), for one batch of whole ROIs."""
     encoded = vae.encode(images, return_features=True)
     latents = encoded.latent_dist.mode() * float(vae.config.scaling_factor)
     fused = unet(latents, 0, states, return_features=True, encoder_attention_mask=attention_mask).features[-1]
-    return segmentation(fused, encoded.features, states, attention_mask, image=images)
+    return segmentation(fused, encoded.features, states, attention_mask, image=images, report_fields=fields)
 
 
-def presence_loss(presence: torch.Tensor | None, present: torch.Tensor) -> torch.Tensor | None:
-    """BCE of the decoder's presence logits against whether each structure occurs in the case."""
-    if presence is None:
-        return None
-    return nn.functional.binary_cross_entropy_with_logits(presence.float(), present.to(presence.device).float())
+def presence_loss(segmentation, states: torch.Tensor, mask: torch.Tensor, fields: torch.Tensor | None,
+                  present: torch.Tensor) -> torch.Tensor:
+    """BCE of the decoder's presence logits for the reports of ``states``/``mask``/``fields`` against whether
+    each structure occurs in those cases (per side for ``side_structures``; the other structures' side
+    outputs are unused and untrained)."""
+    logits = segmentation.presence_logits(states, mask, fields).float()
+    present = present.to(logits.device).float()
+    if logits.ndim == 3:
+        used = torch.zeros(logits.shape[1:], dtype=torch.bool, device=logits.device)
+        used[:, 0] = True
+        used[segmentation.sided, 1:] = True
+        logits, present = logits[:, used], present[:, used]
+    return nn.functional.binary_cross_entropy_with_logits(logits, present)
 
 
-def _total(voxel_loss: torch.Tensor, presence: torch.Tensor | None, weight: float, has_head: bool
-           ) -> tuple[torch.Tensor, dict]:
-    """Voxel loss plus the weighted presence loss; the same log keys every step (presence 0 when every
-    row of the batch had its report dropped)."""
-    if not has_head or not weight:
+def _total(voxel_loss: torch.Tensor, segmentation, weight: float, rows: dict) -> tuple[torch.Tensor, dict]:
+    """Voxel loss plus ``weight`` x the presence loss on ``rows`` (reports drawn from the whole training set
+    each step, see ``presence_batch_size``); the same log keys every step."""
+    if segmentation.presence is None or not weight or rows.get("present") is None:
         return voxel_loss, {"total": voxel_loss.detach()}
-    presence = presence if presence is not None else voxel_loss.new_zeros(())
+    presence = presence_loss(segmentation, rows["presence_states"], rows["presence_mask"], rows.get("presence_fields"),
+                             rows["present"])
     total = voxel_loss + weight * presence
     return total, {"total": total.detach(), "voxel": voxel_loss.detach(), "presence": presence.detach()}
+
+
+def _rows(tensor: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(keep.device)[keep]
 
 
 class SegmentationLoss(nn.Module):
@@ -65,28 +79,26 @@ class SegmentationLoss(nn.Module):
         self.loss = loss
         self.presence_weight = presence_weight
 
-    def _logits(self, images, states, mask):
+    def _logits(self, images, states, mask, fields=None, side_map=None):
         with torch.set_grad_enabled(self.finetune_unet):
             encoded = self.vae.encode(images, return_features=True)
             latents = encoded.latent_dist.mode() * float(self.vae.config.scaling_factor)
             fused = self.unet(latents, 0, states, return_features=True, encoder_attention_mask=mask).features[-1]
         features = [f.detach() for f in encoded.features]
         return self.segmentation(fused, features, states, mask, null_report=states is None, image=images,
-                                 return_presence=True)
+                                 report_fields=fields, side_map=side_map)
 
-    def forward(self, images, labels, input_ids, attention_mask, drop, present):
+    def forward(self, images, labels, input_ids, attention_mask, drop, fields=None, side_map=None, **presence_rows):
         with torch.no_grad():
             states = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         logits = torch.empty(labels.shape, device=images.device, dtype=images.dtype)
         keep = ~drop
-        presence = None
         if bool(keep.any()):
-            kept, presence_logits = self._logits(images[keep], states[keep], attention_mask[keep])
-            logits[keep] = kept.to(logits.dtype)
-            presence = presence_loss(presence_logits, present[keep])
+            logits[keep] = self._logits(images[keep], states[keep], attention_mask[keep], _rows(fields, keep),
+                                        _rows(side_map, keep)).to(logits.dtype)
         if bool(drop.any()):  # no report: the null report of both networks, as ContourPipeline uses it
-            logits[drop] = self._logits(images[drop], None, None)[0].to(logits.dtype)
-        return _total(self.loss(logits, labels), presence, self.presence_weight, self.segmentation.presence is not None)
+            logits[drop] = self._logits(images[drop], None, None).to(logits.dtype)
+        return _total(self.loss(logits, labels), self.segmentation, self.presence_weight, presence_rows)
 
 
 class CachedSegmentationLoss(nn.Module):
@@ -98,21 +110,20 @@ class CachedSegmentationLoss(nn.Module):
         self.loss = loss
         self.presence_weight = presence_weight
 
-    def forward(self, features, fused, fused_null, states, attention_mask, labels, drop, images, present):
+    def forward(self, features, fused, fused_null, states, attention_mask, labels, drop, images, fields=None,
+                side_map=None, **presence_rows):
         device = fused.device
         features = [f.to(device) for f in features]
         logits = torch.empty(labels.shape, device=device, dtype=fused.dtype)
         keep = ~drop
-        presence = None
         if bool(keep.any()):
-            kept, presence_logits = self.segmentation(fused[keep], [f[keep] for f in features], states[keep],
-                                                      attention_mask[keep], image=images[keep], return_presence=True)
-            logits[keep] = kept
-            presence = presence_loss(presence_logits, present[keep])
+            logits[keep] = self.segmentation(fused[keep], [f[keep] for f in features], states[keep], attention_mask[keep],
+                                             image=images[keep], report_fields=_rows(fields, keep),
+                                             side_map=_rows(side_map, keep))
         if bool(drop.any()):
             logits[drop] = self.segmentation(fused_null[drop], [f[drop] for f in features], None, None, null_report=True,
                                              image=images[drop])
-        return _total(self.loss(logits, labels), presence, self.presence_weight, self.segmentation.presence is not None)
+        return _total(self.loss(logits, labels), self.segmentation, self.presence_weight, presence_rows)
 
 
 class SegmentationTrainer(BestDiceMixin, StageTrainer):
@@ -125,7 +136,6 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
         self.cases = load_cases(self.data_dir, self.config, train_fraction=self.train_fraction, seed=self.config.training.seed)
         self.batcher = self.batches(len(self.cases))
         self.patch = self._checked_patch(tuple(c.patch_size))
-        self.augment = augmentation(self.config, with_label=True, patch_size=self.patch)
         self.mirror = self.mirror_prob("cache_features computes the frozen features once per case, unaugmented"
                                        if c.cache_features and not c.finetune_unet else None)
         self.vae = CTAutoencoderKL.from_pretrained(load_upstream(self.output_dir, "vae", "vae")).eval().requires_grad_(False)
@@ -136,6 +146,11 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
         self.tokenizer = AutoTokenizer.from_pretrained(load_upstream(self.output_dir, "contrastive", "tokenizer"), local_files_only=True)
         self.segmentation = build_segmentation(self.config.models, int(self.text_encoder.config.hidden_size),
                                                self.config.data.preprocess)
+        # side presence targets and midline distances come from the whole (mirrored, unaugmented) case
+        self.side_margin = float(self.segmentation.config.side_margin) if self.segmentation.has_sides else None
+        self.fields = int(self.segmentation.config.report_fields)
+        self.augment = augmentation(self.config, with_label=True, patch_size=self.patch,
+                                    with_side=self.side_margin is not None)
         for module in (self.vae, self.text_encoder):
             module.to(self.device)
         if not c.finetune_unet:
@@ -145,6 +160,7 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
             self.validation_cases = load_cases(self.data_dir, self.config, "validation")
         except Exception:  # a datalist without validation split: validate on nothing
             self.validation_cases = []
+        self.presence_pool = self._presence_pool()
         self.cache = None
         if c.cache_features and not c.finetune_unet:
             self.cache = self._precompute()
@@ -173,7 +189,8 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
             return cut_patch(volume, corner, self.patch, label.shape[1])
 
         cropped = {"features": [cut(f) for f in entry["features"]], "fused": cut(entry["fused"]), "image": cut(entry["image"]),
-                   "fused_null": cut(entry["fused_null"]), "states": entry["states"], "mask": entry["mask"]}
+                   "fused_null": cut(entry["fused_null"]), "states": entry["states"], "mask": entry["mask"],
+                   "side": cut(entry["side"]) if entry["side"] is not None else None}
         return cropped, cut(label)
 
     @torch.no_grad()
@@ -193,8 +210,13 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
             latents = encoded.latent_dist.mode() * float(self.vae.config.scaling_factor)
             fused = self.unet(latents, 0, states, return_features=True, encoder_attention_mask=tokens["attention_mask"]).features[-1]
             fused_null = self.unet(latents, 0, None, return_features=True).features[-1]
+            side = None
+            if self.side_margin is not None:
+                preprocess = self.config.data.preprocess
+                side = midline_distance(case.image[None], preprocess.hu_window, preprocess.output_range)[0]
             cache.append({"features": [f[0].cpu() for f in encoded.features], "fused": fused[0].cpu(), "image": case.image,
-                          "fused_null": fused_null[0].cpu(), "states": states[0].cpu(), "mask": tokens["attention_mask"][0].cpu()})
+                          "fused_null": fused_null[0].cpu(), "states": states[0].cpu(), "mask": tokens["attention_mask"][0].cpu(),
+                          "side": side})
         return cache
 
     def make_inputs(self, index: int) -> dict:
@@ -203,7 +225,6 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
             generator = self.step_generator(index)
             drop = self.share(torch.rand(self.global_rows(len(indices)), generator=generator) < self.stage_config.report_dropout)
             labels = [self.cases[i].label for i in indices]
-            present = torch.stack([structure_presence(label) for label in labels])  # the whole case, before any crop
             entries = [self.cache[i] for i in indices]
             if self.patch:
                 # one stream per (seed, step, case): the same patches whatever the number of processes
@@ -214,16 +235,57 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
                     "fused": torch.stack([e["fused"] for e in entries]), "fused_null": torch.stack([e["fused_null"] for e in entries]),
                     "states": torch.stack([e["states"] for e in entries]), "attention_mask": torch.stack([e["mask"] for e in entries]),
                     "labels": torch.stack(labels), "drop": drop, "images": torch.stack([e["image"] for e in entries]),
-                    "present": present}
+                    "fields": self._fields([self.cases[i] for i in indices]),
+                    "side_map": torch.stack([e["side"] for e in entries]) if self.side_margin is not None else None,
+                    **self._presence_rows(index)}
         batch = collate(self.cases, self.batcher.indices(index), self.augment, self.config.training.seed, self.batcher.epoch(index),
-                        mirror_prob=self.mirror)
+                        mirror_prob=self.mirror, side_margin=self.side_margin, config=self.config)
         tokens = self.tokenizer(batch["prompt"], padding=True, truncation=True, max_length=self.config.text.max_length,
                                 return_tensors="pt")
         generator = self.step_generator(index)
         return {"images": batch["image"], "labels": batch["label"], "input_ids": tokens["input_ids"],
-                "attention_mask": tokens["attention_mask"], "present": batch["present"],
+                "attention_mask": tokens["attention_mask"], **self._presence_rows(index),
+                "fields": report_fields(batch["labels"], self.fields), "side_map": batch["side_map"],
                 "drop": self.share(torch.rand(self.global_rows(len(batch["index"])), generator=generator)
                                    < self.stage_config.report_dropout)}
+
+    @torch.no_grad()
+    def _presence_pool(self) -> dict | None:
+        """Report token states, parsed fields and presence targets (whole case; per side where the decoder
+        judges sides) of every training case, for the presence loss. The head is small and reads only the
+        report, so each step trains it on ``presence_batch_size`` of these rather than on the voxel batch of
+        2: drawn from 2 reports a step, it had not learned the elective neck's sides in 300 steps."""
+        if self.segmentation.presence is None or not self.stage_config.presence_weight:
+            return None
+        if self.stage_config.presence_batch_size < 1:
+            raise ConfigError(f"training.segmentation.presence_batch_size must be >= 1, got {self.stage_config.presence_batch_size}")
+        tokens = self.tokenizer([case.prompt for case in self.cases], padding=True, truncation=True,
+                                max_length=self.config.text.max_length, return_tensors="pt").to(self.device)
+        states = self.text_encoder(**tokens).last_hidden_state.cpu()
+        preprocess = self.config.data.preprocess
+        present = []
+        for case in self.cases:
+            side = None
+            if self.side_margin is not None:
+                side = midline_distance(case.image[None], preprocess.hu_window, preprocess.output_range)[0]
+            present.append(structure_presence(case.label, side, self.side_margin or 0.0))
+        return {"states": states, "mask": tokens["attention_mask"].cpu(), "fields": self._fields(self.cases),
+                "present": torch.stack(present)}
+
+    def _presence_rows(self, index: int) -> dict:
+        """The presence loss's reports for step ``index``: a draw from (seed, step), the same on every process."""
+        pool = self.presence_pool
+        if pool is None:
+            return {}
+        count = len(pool["present"])
+        rows = torch.as_tensor(np.random.default_rng([self.config.training.seed, index, 31]).choice(
+            count, size=min(self.stage_config.presence_batch_size, count), replace=False))
+        return {"presence_states": pool["states"][rows], "presence_mask": pool["mask"][rows],
+                "presence_fields": pool["fields"][rows] if pool["fields"] is not None else None, "present": pool["present"][rows]}
+
+    def _fields(self, cases) -> torch.Tensor | None:
+        """The parsed report fields the decoder's presence head reads (None when it reads none)."""
+        return report_fields(torch.as_tensor(np.stack([case.labels for case in cases])), self.fields)
 
     def validate(self, step: int) -> dict:
         """Validation Dice per structure; keeps the best decoder weights and logs the first case's CTVn."""
@@ -233,8 +295,9 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
             tokens = self.tokenizer([case.prompt], padding=True, truncation=True, max_length=self.config.text.max_length,
                                     return_tensors="pt").to(self.device)
             states = self.text_encoder(**tokens).last_hidden_state
+            fields = self._fields([case])
             return fused_logits(self.vae, self.unwrap(self.unet), segmentation, case.image[None].to(self.device), states,
-                                tokens["attention_mask"])
+                                tokens["attention_mask"], fields.to(self.device) if fields is not None else None)
 
         def log_first(number, case, prediction):
             if number == 0:

@@ -70,12 +70,18 @@ def build_baseline(models: ModelsConfig, preprocess: PreprocessConfig | None = N
 def build_segmentation(models: ModelsConfig, context_dim: int, preprocess: PreprocessConfig | None = None
                        ) -> FusedSegmentationDecoder:
     """The decoder of ``models.segmentation``; ``preprocess`` (``data.preprocess``) fixes its CT windows' HU mapping."""
+    from medvlm.text.parse import LABEL_NAMES
+
     s = models.segmentation
+    spacing_x = float((preprocess or PreprocessConfig()).spacing_mm[0])
     return FusedSegmentationDecoder(num_classes=len(STRUCTURE_NAMES), fused_channels=models.unet.channels[0],
                                     skip_channels=models.vae.channels, decoder_channels=s.decoder_channels,
                                     context_dim=context_dim, num_heads=s.num_heads, norm_num_groups=s.norm_num_groups,
                                     num_res_units=s.num_res_units, report_channels=s.report_channels,
                                     report_layers=s.report_layers, presence_head=s.presence_head,
+                                    report_fields=len(LABEL_NAMES) if s.presence_head and s.report_fields else 0,
+                                    side_structures=tuple(s.side_structures) if s.presence_head else (),
+                                    side_margin=s.side_margin_mm / spacing_x,
                                     **_window_kwargs(s.ct_windows, preprocess))
 
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from medvlm.data.structures import STRUCTURE_NAMES
 from medvlm.models.base import AlignedModelMixin
-from medvlm.models.windows import DEFAULT_CT_WINDOWS, CTWindows, coordinate_channels
+from medvlm.models.windows import DEFAULT_CT_WINDOWS, CTWindows, coordinate_channels, midline_distance
 from medvlm.text.encoders import masked_mean
 
 
@@ -65,6 +65,28 @@ def joint_logits(voxel_logits: torch.Tensor, presence_logits: torch.Tensor) -> t
     return voxel_logits + presence_logits - torch.logaddexp(nn.functional.softplus(voxel_logits), presence_logits)
 
 
+SIDE_SOFTNESS = 0.5  # voxels: width of the soft step between the midline band and each side
+
+
+def side_presence_logits(presence: torch.Tensor, side_map: torch.Tensor, margin: float) -> torch.Tensor:
+    """Per-voxel presence logits from per-side presence.
+
+    ``presence`` (B, K, 3): logits of (anywhere, left side, right side); ``side_map`` (B, 1, X, Y, Z): signed
+    distance from the midline (positive = right). Voxels further than ``margin`` from the midline take
+    their side's presence, the band around it the overall presence, blended softly:
+    ``q = w_left * sigmoid(left) + w_band * sigmoid(any) + w_right * sigmoid(right)``; returns ``logit(q)``
+    (B, K, X, Y, Z), computed in log space (stable for saturated logits).
+    """
+    zero = torch.zeros_like(side_map)
+    log_weights = torch.stack([(-side_map - margin) / SIDE_SOFTNESS, zero, (side_map - margin) / SIDE_SOFTNESS]
+                              ).log_softmax(dim=0)  # (3, B, 1, X, Y, Z)
+    any_, left, right = presence.unbind(-1)
+    side_logits = torch.stack([left, any_, right])[(...,) + (None,) * (side_map.ndim - 2)]  # (3, B, K, 1, 1, 1)
+    log_q = torch.logsumexp(log_weights + nn.functional.logsigmoid(side_logits), dim=0)
+    log_not_q = torch.logsumexp(log_weights + nn.functional.logsigmoid(-side_logits), dim=0)
+    return log_q - log_not_q
+
+
 class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
     """(fused latent, VAE maps, report tokens, CT) -> per-structure logits at the CT's resolution.
 
@@ -78,6 +100,9 @@ class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
         ct_windows / input_hu_window / input_range: fixed CT windows of the image path (:class:`CTWindows`).
         presence_head: per-structure presence from the report (see the module docstring); it starts at
             "present" (probability about 0.98), so an untrained head changes little.
+        report_fields: length of the parsed report-field vector the presence head also reads (0: token states only).
+        side_structures: structures whose presence the head judges per side of the midline (needs ``presence_head``).
+        side_margin: half-width in voxels of the band around the midline that keeps the overall presence.
     """
 
     @register_to_config
@@ -88,7 +113,8 @@ class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
                  structure_names: Sequence[str] = STRUCTURE_NAMES,
                  ct_windows: Sequence[Sequence[float]] = DEFAULT_CT_WINDOWS,
                  input_hu_window: Sequence[float] = (-1000.0, 1500.0), input_range: Sequence[float] = (-1.0, 1.0),
-                 presence_head: bool = False):
+                 presence_head: bool = False, report_fields: int = 0, side_structures: Sequence[str] = (),
+                 side_margin: float = 2.0):
         super().__init__()
         if len(structure_names) != num_classes:
             raise ValueError(f"{num_classes} classes but {len(structure_names)} structure names")
@@ -96,6 +122,13 @@ class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
             raise ValueError(f"decoder_channels {tuple(decoder_channels)} needs at least two UNet levels")
         if report_layers < 1:
             raise ValueError(f"report_layers must be >= 1, got {report_layers}")
+        unknown = [name for name in side_structures if name not in structure_names]
+        if unknown:
+            raise ValueError(f"side_structures {unknown} are not among the structures {list(structure_names)}")
+        if (side_structures or report_fields) and not presence_head:
+            raise ValueError("side_structures and report_fields refine the presence head: set presence_head=True")
+        if side_margin < 0 or report_fields < 0:
+            raise ValueError(f"side_margin ({side_margin}) and report_fields ({report_fields}) must be >= 0")
         norm = ("group", {"num_groups": norm_num_groups})
         self.windows = CTWindows(input_hu_window, input_range, ct_windows)
         self.image_path = UNet(spatial_dims=3, in_channels=self.windows.out_channels, out_channels=num_classes,
@@ -113,18 +146,51 @@ class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
         self.null_text_embedding = nn.Parameter(torch.zeros(1, null_tokens, context_dim))
         nn.init.normal_(self.null_text_embedding, std=0.02)
         self.presence = None
+        self.sided = [i for i, name in enumerate(structure_names) if name in side_structures]
         if presence_head:
-            self.presence = nn.Sequential(nn.LayerNorm(context_dim), nn.Linear(context_dim, report_channels), nn.SiLU(),
-                                          nn.Linear(report_channels, num_classes))
+            # per structure: (anywhere) or, with side_structures, (anywhere, left side, right side)
+            outputs = num_classes * (3 if side_structures else 1)
+            self.presence = nn.Sequential(nn.LayerNorm(context_dim + report_fields),
+                                          nn.Linear(context_dim + report_fields, report_channels), nn.SiLU(),
+                                          nn.Linear(report_channels, outputs))
             # near zero, not zero (every weight gets gradient from step one); sigmoid(4) = 0.98: start from "present"
             nn.init.normal_(self.presence[-1].weight, std=1e-3)
             nn.init.constant_(self.presence[-1].bias, 4.0)
 
-    def presence_logits(self, text_states: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
-        """Per-structure presence logits (B, num_classes) from the report's token states (masked mean)."""
+    @property
+    def has_sides(self) -> bool:
+        return bool(self.config.side_structures)
+
+    def presence_logits(self, text_states: torch.Tensor, text_mask: torch.Tensor | None,
+                        report_fields: torch.Tensor | None = None) -> torch.Tensor:
+        """Presence logits from the report's token states (masked mean) and parsed fields: (B, num_classes),
+        or (B, num_classes, 3) for (anywhere, left, right) with ``side_structures``.
+
+        ``report_fields`` (B, report_fields): :func:`medvlm.text.parse.label_vector` of each report; ``None``
+        is "nothing parsed" (all zero), as for a report whose fields the parser could not read.
+        """
         if self.presence is None:
             raise ValueError("this decoder has no presence head (presence_head=False)")
-        return self.presence(masked_mean(text_states, text_mask))
+        pooled = masked_mean(text_states, text_mask)
+        size = self.config.report_fields
+        if size:
+            if report_fields is None:
+                report_fields = pooled.new_zeros(pooled.shape[0], size)
+            if tuple(report_fields.shape) != (pooled.shape[0], size):
+                raise ValueError(f"report_fields must be (batch, {size}), got {tuple(report_fields.shape)}")
+            pooled = torch.cat([pooled, report_fields.to(pooled.dtype)], dim=1)
+        logits = self.presence(pooled)
+        return logits.view(logits.shape[0], -1, 3) if self.has_sides else logits
+
+    def presence_map(self, presence: torch.Tensor, side_map: torch.Tensor) -> torch.Tensor:
+        """Presence logits broadcastable to the voxel logits (B, K, 1, 1, 1), or per voxel (B, K, X, Y, Z) with sides."""
+        if not self.has_sides:
+            return presence[(...,) + (None,) * 3]
+        overall = presence[..., 0][(...,) + (None,) * 3].expand(-1, -1, *side_map.shape[2:])
+        sided = side_presence_logits(presence[:, self.sided], side_map, float(self.config.side_margin))
+        out = overall.clone()
+        out[:, self.sided] = sided.to(out.dtype)
+        return out
 
     def null_context(self, batch_size: int) -> torch.Tensor:
         return self.null_text_embedding.expand(batch_size, -1, -1)
@@ -141,13 +207,17 @@ class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
 
     def forward(self, fused: torch.Tensor, skips: Sequence[torch.Tensor], text_states: torch.Tensor | None = None,
                 text_mask: torch.Tensor | None = None, null_report: bool = False,
-                image: torch.Tensor | None = None, return_presence: bool = False):
+                image: torch.Tensor | None = None, return_presence: bool = False,
+                report_fields: torch.Tensor | None = None, side_map: torch.Tensor | None = None):
         """Logits (B, num_classes, X, Y, Z) at the CT's resolution.
 
         ``null_report=True`` (or ``text_states=None``) replaces the report with the learned null report.
         With a presence head and a report, the logits are those of ``P(present) * P(voxel | present)``;
         ``return_presence=True`` returns ``(logits, presence_logits)``, the latter ``None`` without a report
         or head (training supervises it with whether each structure occurs in the case).
+        ``report_fields``: parsed fields of each report (see :meth:`presence_logits`).
+        ``side_map`` (B, 1, X, Y, Z): distance from the patient's midline for ``side_structures``
+        (:func:`medvlm.models.windows.midline_distance`); default: computed from ``image``, right for a whole volume.
         ``image``: the preprocessed CT (B, 1, X, Y, Z) the features were computed from. Its sizes must suit
         the image path's ``UNet`` (divisible by ``2 ** (len(decoder_channels) - 1)``), as the pipelines' ROIs are.
         """
@@ -168,6 +238,10 @@ class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
                                                           align_corners=False)
         presence = None
         if self.presence is not None and not no_report:
-            presence = self.presence_logits(text_states, text_mask)
-            logits = joint_logits(logits, presence[(...,) + (None,) * (logits.ndim - 2)])
+            presence = self.presence_logits(text_states, text_mask, report_fields)
+            if self.has_sides and side_map is None:
+                side_map = midline_distance(image, self.windows.hu_window, self.windows.output_range)
+            if side_map is not None and tuple(side_map.shape[2:]) != tuple(logits.shape[2:]):
+                raise ValueError(f"side_map size {tuple(side_map.shape[2:])} differs from the image's {tuple(logits.shape[2:])}")
+            logits = joint_logits(logits, self.presence_map(presence, side_map))
         return (logits, presence) if return_presence else logits

@@ -49,3 +49,22 @@ def coordinate_channels(reference: torch.Tensor) -> torch.Tensor:
     axes = [torch.linspace(-1.0, 1.0, n, device=reference.device, dtype=reference.dtype) for n in reference.shape[2:]]
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
     return grid.expand(reference.shape[0], -1, -1, -1, -1)
+
+
+def midline_distance(image: torch.Tensor, hu_window: Sequence[float] = (-1000.0, 1500.0),
+                     output_range: Sequence[float] = (-1.0, 1.0), body_hu: float = -500.0) -> torch.Tensor:
+    """Signed distance in voxels along x from the patient's midline, (B, 1, X, Y, Z), positive on the right.
+
+    The midline is the x centroid of the body (voxels above ``body_hu``) of each preprocessed CT (RAS grid:
+    index 0 grows towards the patient's right); a volume without body voxels uses its centre. Computed on the
+    whole volume: a patch of it has its own centroid, so patch-wise callers compute this once and crop it
+    with the image. Written here: MONAI has no midline estimate.
+    """
+    (lo, hi), (a, b) = hu_window, output_range
+    threshold = a + (body_hu - lo) * (b - a) / (hi - lo)
+    body = (image[:, :1] > threshold).to(torch.float32)
+    x = torch.arange(image.shape[2], device=image.device, dtype=torch.float32).view(1, 1, -1, 1, 1)
+    count = body.sum(dim=(1, 2, 3, 4))
+    centre = torch.where(count > 0, (body * x).sum(dim=(1, 2, 3, 4)) / count.clamp_min(1.0),
+                         torch.full_like(count, (image.shape[2] - 1) / 2))
+    return (x - centre.view(-1, 1, 1, 1, 1)).expand(image.shape[0], 1, *image.shape[2:]).to(image.dtype)
