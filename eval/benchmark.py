@@ -66,14 +66,14 @@ def main(argv=None) -> int:
     if args.run and not (Path(args.run) / "report_to_ct").is_dir():
         print(f"\n{args.run} has no report_to_ct pipeline: laterality fidelity per schedule not measured")
     elif args.run:
-        from eval.generation_eval import laterality_fidelity
+        from eval.generation_eval import JUDGES, laterality_fidelity
 
         print(f"\nLaterality fidelity of {args.run}/report_to_ct per schedule ({2 * args.fidelity_n} volumes each)")
-        print("| scheduler | steps | zero-shot classifier | segmentation decoder (CTVn side) |")
+        print(f"| scheduler | steps | {JUDGES[0]} | {JUDGES[1]} |")
         print("|---|---|---|---|")
         for name, n, _ in rows:
             result = laterality_fidelity(args.run, n_per_side=args.fidelity_n, steps=n, scheduler=f"{name}Scheduler")
-            print(f"| {name} | {n} | {result['zero-shot classifier']:.2f} | {result['segmentation decoder (CTVn side)']:.2f} |")
+            print(f"| {name} | {n} | {result[JUDGES[0]]:.2f} | {result[JUDGES[1]]:.2f} |")
     if args.run:
         summary = json.loads((Path(args.run) / "training_summary.json").read_text())
         print(f"\nTraining throughput ({args.run})")

@@ -201,7 +201,9 @@ def write_results(run: Path, data: Path, results: Path, config_name: str, progre
     rows.append(f"| zero-shot laterality, test reports | {zero_shot['reports']:.2f} | >= 0.90 | "
                 f"{'met' if zero_shot['reports'] >= 0.9 else 'not met'} |")
     rows.append(f"| zero-shot laterality, test CT | {zero_shot['ct']:.2f} | >= 0.80 | {'met' if zero_shot['ct'] >= 0.8 else 'not met'} |")
-    for judge in ("zero-shot classifier", "segmentation decoder (CTVn side)"):
+    from eval.generation_eval import JUDGES
+
+    for judge in JUDGES:
         value = fidelity[judge]
         rows.append(f"| generated CT carries the prompt's laterality, by the {judge} ({fidelity['n']} samples) | "
                     f"{value:.2f} | >= 0.80 | {'met' if value >= 0.8 else 'not met'} |")

@@ -3,8 +3,10 @@
 ``medvlm eval generation --run RUN [--data DATA]``
 
 * **Fidelity**: for a left and a right primary (otherwise identical prompts), generate N volumes each and
-  judge every one twice: by the zero-shot classifier (CT tower, left vs right) and by the segmentation
-  decoder's paired CTVn (which side of the body midline holds it, for an ipsilateral elective neck).
+  judge every one twice, from the image alone: by the zero-shot classifier (CT tower, left vs right) and by
+  the segmentation decoder contouring the volume with the null report (which side of the body midline holds
+  the centre of its GTVp). The pipeline's paired CTVn is not a judge: a decoder whose presence head reads
+  the side from the report (``side_structures``) puts it on the prompt's side whatever the image shows.
   With ``--stages``, T and N stage too: cT1 vs cT4 and cN0 vs cN2 prompts from the same seeds, judged by
   whether the paired GTVp (GTVn) volume is larger for the higher stage.
 * **Realism** (with ``--data``): one CT per held-out test report against the held-out CTs, on the image
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,8 +37,18 @@ TISSUES = {"fat": (-150.0, -30.0), "soft tissue": (-30.0, 150.0), "bone": (300.0
 # larger than 160 voxels per side with the default 11-voxel kernel
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001)
 
+JUDGES = ("zero-shot classifier", "segmentation decoder, null report (GTVp side)")
 PROMPTS = {side: (f"{side.capitalize()} tonsil squamous cell carcinoma, cT2 N1 M0. "
                   f"Elective neck: ipsilateral ({side}) levels II-IV.") for side in ("left", "right")}
+
+
+def centre_side(mask: np.ndarray, affine: np.ndarray, midline_x_mm: float) -> str:
+    """"left" or "right": the side of the body midline holding the mask's centre; "none" for an empty mask."""
+    index = np.argwhere(mask)
+    if len(index) == 0:
+        return "none"
+    centre_x = float((index @ affine[0, :3] + affine[0, 3]).mean())
+    return "right" if centre_x > midline_x_mm else "left"  # RAS: +x is the patient's right
 
 
 def laterality_fidelity(run: str | Path, *, n_per_side: int = 4, steps: int = 25, guidance_scale: float = 3.0,
@@ -44,8 +57,8 @@ def laterality_fidelity(run: str | Path, *, n_per_side: int = 4, steps: int = 25
     name (``"DDPMScheduler"``, ``"DPMSolverMultistepScheduler"``...) swapped in with ``from_config``; default
     the pipeline's own. ``return_samples``: also ``"samples"`` (HU volumes), ``"affine"`` and ``"groups"``
     (sample indices per prompt), e.g. for :func:`realism_and_diversity`."""
-    from eval.segmentation import body_midline_mm, predicted_sides
-    from pipelines import ReportToCTPipeline, ZeroShotClassificationPipeline
+    from eval.segmentation import body_midline_mm
+    from pipelines import ContourPipeline, ReportToCTPipeline, ZeroShotClassificationPipeline
 
     run = Path(run)
     generator_pipe = ReportToCTPipeline.from_pretrained(run / "report_to_ct")
@@ -58,23 +71,25 @@ def laterality_fidelity(run: str | Path, *, n_per_side: int = 4, steps: int = 25
             raise ValueError(f"{scheduler!r} is not a diffusers scheduler class")
         generator_pipe.scheduler = scheduler_class.from_config(generator_pipe.scheduler.config)
     classifier = ZeroShotClassificationPipeline.from_pretrained(run / "zero_shot")
-    names = list(generator_pipe.config.structure_names)
-    judged = {"zero-shot classifier": [], "segmentation decoder (CTVn side)": []}
+    contour = ContourPipeline.from_pretrained(run / "contour")
+    contour.set_progress_bar_config(disable=True)
+    judged = {judge: [] for judge in JUDGES}
     samples, groups = [], []
     for number, (side, prompt) in enumerate(PROMPTS.items()):
         generators = [torch.Generator().manual_seed(seed + 1000 * number + i) for i in range(n_per_side)]
         out = generator_pipe(prompt, num_images_per_prompt=n_per_side, generator=generators, num_inference_steps=steps,
-                             guidance_scale=guidance_scale, return_masks=True)
+                             guidance_scale=guidance_scale, return_masks=False)
         volumes = [np.asarray(out.ct[i]) for i in range(n_per_side)]
         groups.append(list(range(len(samples), len(samples) + n_per_side)))
         samples += volumes
         probabilities = classifier(ct=volumes, affine=out.affine, labels={"laterality": ["left", "right"]}).ct_probabilities
         for row in probabilities["laterality"]:
-            judged["zero-shot classifier"].append(["left", "right"][int(np.argmax(row))] == side)
-        for i, volume in enumerate(volumes):
-            midline = body_midline_mm(volume, out.affine)
-            ctvn = np.asarray(out.masks[i][names.index("CTVn")]) if out.masks is not None else np.zeros(volume.shape, bool)
-            judged["segmentation decoder (CTVn side)"].append(predicted_sides(ctvn, out.affine, midline) == side)
+            judged[JUDGES[0]].append(["left", "right"][int(np.argmax(row))] == side)
+        for volume in volumes:
+            with warnings.catch_warnings():  # "contoured with the null report": intended here
+                warnings.simplefilter("ignore")
+                masks = contour(volume, affine=out.affine, draft_missing_reports=False).masks[0]
+            judged[JUDGES[1]].append(centre_side(masks["GTVp"], out.affine, body_midline_mm(volume, out.affine)) == side)
     result = {judge: float(np.mean(values)) for judge, values in judged.items()} | {
         "n": 2 * n_per_side, "steps": steps, "scheduler": type(generator_pipe.scheduler).__name__}
     if return_samples:
@@ -248,7 +263,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     result = laterality_fidelity(args.run, n_per_side=args.n, steps=args.steps, guidance_scale=args.guidance_scale)
     print(f"generated CTs ({result['n']}, {result['scheduler']} {result['steps']} steps) carrying the prompt's laterality:")
-    for judge in ("zero-shot classifier", "segmentation decoder (CTVn side)"):
+    for judge in JUDGES:
         print(f"  judged by the {judge}: {result[judge]:.2f}")
     if args.stages:
         for contrast, row in stage_fidelity(args.run, n=args.n, steps=args.steps, guidance_scale=args.guidance_scale).items():

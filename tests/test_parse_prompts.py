@@ -46,6 +46,18 @@ def test_normalised_free_text_equals_the_records_structured_prompt():
             assert record.unit_no not in prompt
 
 
+def test_structured_prompts_parse_back_to_the_same_fields():
+    """The pipelines parse the structured prompt (the segmentation decoder reads its fields); training parses
+    the report: both must give the same label vector (an unread "elective neck: bilateral" did not)."""
+    phantom = HNCPhantom(seed=0)
+    for family in ("train", "heldout"):
+        for index in range(40):
+            record, report = phantom.record_and_report(index, report_family=family)
+            parsed = parse_report(report.text)
+            assert np.array_equal(label_vector(parse_report(structured_prompt(parsed))), label_vector(parsed)), index
+            assert np.array_equal(label_vector(parsed), label_vector(record))
+
+
 def test_structured_prompt_format():
     record, _ = HNCPhantom(seed=0).record_and_report(2)
     prompt = structured_prompt(record)

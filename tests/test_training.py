@@ -307,10 +307,18 @@ def test_augmentation_utility_trains_on_real_and_on_real_plus_synthetic_cases(tr
 
 
 def test_generation_fidelity_per_scheduler_and_per_stage_on_a_trained_run(trained):
-    from eval.generation_eval import STAGE_PROMPTS, laterality_fidelity, stage_fidelity
+    import numpy as np
+
+    from eval.generation_eval import JUDGES, STAGE_PROMPTS, centre_side, laterality_fidelity, stage_fidelity
 
     ddpm = laterality_fidelity(trained, n_per_side=1, steps=3, scheduler="DDPMScheduler")
     assert ddpm["scheduler"] == "DDPMScheduler" and ddpm["n"] == 2
+    assert all(ddpm[judge] in (0.0, 0.5, 1.0) for judge in JUDGES)
+    # the decoder judge reads the image: the side of the GTVp's centre against the body's midline (RAS +x = right)
+    mask, affine = np.zeros((10, 4, 4), bool), np.diag([2.0, 2.0, 2.0, 1.0])
+    mask[6:9] = True  # x = 12..16 mm
+    assert centre_side(mask, affine, 9.0) == "right" and centre_side(mask, affine, 20.0) == "left"
+    assert centre_side(np.zeros_like(mask), affine, 9.0) == "none"
     assert laterality_fidelity(trained, n_per_side=1, steps=3)["scheduler"] == "DDIMScheduler"  # what training ships
     with pytest.raises(ValueError, match="not a diffusers scheduler"):
         laterality_fidelity(trained, n_per_side=1, steps=3, scheduler="UNet2DModel")  # a model, not a scheduler

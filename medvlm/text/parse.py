@@ -186,7 +186,9 @@ def _rt_aim(lowered: str, lowered_plan: str) -> str | None:
 
 
 def _elective_neck(lowered_plan: str) -> str | None:
-    if re.search(r"bilateral neck|both sides of the neck|both necks|both sides|contralateral (?:neck|coverage)|bilateral elective|bilaterally", lowered_plan):
+    # "elective neck: bilateral levels II-IV" is the structured prompt's own wording (it must parse back)
+    if re.search(r"bilateral neck|both sides of the neck|both necks|both sides|contralateral (?:neck|coverage)|bilateral elective|"
+                 r"bilaterally|elective neck:? bilateral|bilateral levels?\b", lowered_plan):
         return "bilateral"
     if re.search(r"ipsilateral|unilateral|only the (?:left|right) neck|(?:left|right) neck only|neck is spared|spare the (?:left|right)", lowered_plan):
         return "ipsilateral"
