@@ -112,9 +112,10 @@ class SegmentationModelConfig:
     # per-structure presence from the report (cN0: no GTVn; post-operative: no GTVp), multiplied into the
     # voxel probabilities (medvlm.models.segmentation)
     presence_head: bool = True
-    # the presence head also reads the report's parsed fields (side, N stage, elective neck, ...), not only
-    # its pooled token states
-    report_fields: bool = True
+    # what the presence head reads: "fields" (the report's parsed fields: side, N stage, elective neck, ...),
+    # "tokens" (its pooled token states) or "both". With structured prompts the token states encode the same
+    # parse; on 300 fresh phantom reports the fields alone put the elective neck on the wrong side least often
+    presence_input: str = "fields"
     # structures whose presence is judged per side of the patient's midline (an ipsilateral elective neck
     # rules out the contralateral CTVn); the band of side_margin_mm around the midline keeps the overall presence
     side_structures: tuple[str, ...] = ("CTVn",)
@@ -127,6 +128,8 @@ class SegmentationModelConfig:
         if unknown:
             raise ConfigError(f"models.segmentation.side_structures: unknown structure(s) {unknown}; "
                               f"known: {list(STRUCTURE_NAMES)}")
+        if self.presence_input not in ("fields", "tokens", "both"):
+            raise ConfigError(f"models.segmentation.presence_input must be 'fields', 'tokens' or 'both', got {self.presence_input!r}")
         if self.side_margin_mm < 0:
             raise ConfigError(f"models.segmentation.side_margin_mm must be >= 0, got {self.side_margin_mm}")
 

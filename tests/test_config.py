@@ -45,3 +45,15 @@ def test_wrong_length_and_invalid_yaml_are_errors(tmp_path):
     path.write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("side_structures: [CTV_high]", r"side_structures: unknown structure\(s\) \['CTV_high'\]"),
+    ("presence_input: words", "presence_input must be 'fields', 'tokens' or 'both'"),
+    ("side_margin_mm: -1.0", "side_margin_mm must be >= 0"),
+])
+def test_segmentation_presence_settings_are_checked(tmp_path, setting, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"models:\n  segmentation:\n    {setting}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)

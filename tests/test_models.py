@@ -122,17 +122,21 @@ def test_presence_head_multiplies_probabilities_and_learns_what_the_report_rules
         assert ruled_out[0, 1].max() < 1e-10 and torch.allclose(ruled_out[0, 0], torch.sigmoid(logits[0, 0]), atol=1e-6)
         assert torch.equal(seg(fused, encoded.features, null_report=True, image=x), null_logits)
 
+    from medvlm.text.parse import label_vector, parse_report
+
     head = copy.deepcopy(nets["segmentation"])
+    assert not head.config.presence_tokens  # the tiny preset's head reads the parsed fields only
     optimizer = torch.optim.Adam(head.presence.parameters(), lr=1e-2)
     states = torch.stack([_context(1, seed=1)[0], _context(1, seed=2)[0]])
+    fields = torch.as_tensor(np.stack([label_vector(parse_report(f"Left tonsil SCC, cT2 {n} cM0.")) for n in ("cN0", "cN1")]))
     present = torch.ones(2, 9, 3)
     present[0, 1] = 0.0  # report 1: cN0 (no GTVn); report 2: nodes
     for _ in range(60):
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(head.presence_logits(states, None), present)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head.presence_logits(states, None, fields), present)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    learned = torch.sigmoid(head.presence_logits(states, None))
+    learned = torch.sigmoid(head.presence_logits(states, None, fields))
     assert (learned[0, 1] < 0.2).all() and (learned[1, 1] > 0.8).all() and (learned[:, [0, 2]] > 0.8).all()
     with pytest.raises(ValueError, match="no presence head"):
         type(seg)(presence_head=False).presence_logits(states, None)
@@ -198,6 +202,10 @@ def test_side_presence_rules_out_the_contralateral_neck_from_the_parsed_report(t
     assert targets.tolist() == [[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
     with pytest.raises(ValueError, match="side_structures"):
         type(seg)(presence_head=True, side_structures=("CTV_high",))
+    with pytest.raises(ValueError, match="needs report_fields"):
+        type(seg)(presence_head=True, presence_tokens=False)
+    reading_both = type(seg)(presence_head=True, report_fields=len(LABEL_NAMES), side_structures=("CTVn",))
+    assert (reading_both.presence_logits(states[:1], None) - reading_both.presence_logits(_context(1, seed=5), None)).abs().max() > 0
 
 
 def test_ct_windows_map_hounsfield_units():
@@ -251,7 +259,8 @@ def test_gradients_reach_every_trainable_parameter(tiny, tokenizer):
 
     features = [f.detach() for f in vae.encode(x, return_features=True).features]
     fused = unet(latents, 0, _context(), return_features=True).features[-1].detach()
-    (seg(fused, features, _context(), image=x).sigmoid().mean()
+    fields = torch.rand(2, seg.config.report_fields)  # the presence head reads parsed report fields
+    (seg(fused, features, _context(), image=x, report_fields=fields).sigmoid().mean()
      + seg(fused, features, null_report=True, image=x).sigmoid().mean()).backward()
     _assert_all_trainable_have_gradients(seg, "segmentation")
 

@@ -79,7 +79,8 @@ def build_segmentation(models: ModelsConfig, context_dim: int, preprocess: Prepr
                                     context_dim=context_dim, num_heads=s.num_heads, norm_num_groups=s.norm_num_groups,
                                     num_res_units=s.num_res_units, report_channels=s.report_channels,
                                     report_layers=s.report_layers, presence_head=s.presence_head,
-                                    report_fields=len(LABEL_NAMES) if s.presence_head and s.report_fields else 0,
+                                    report_fields=len(LABEL_NAMES) if s.presence_head and s.presence_input != "tokens" else 0,
+                                    presence_tokens=s.presence_input != "fields",
                                     side_structures=tuple(s.side_structures) if s.presence_head else (),
                                     side_margin=s.side_margin_mm / spacing_x,
                                     **_window_kwargs(s.ct_windows, preprocess))
