@@ -208,8 +208,20 @@ def test_segmentation_with_cached_frozen_features_trains_and_validates(trained, 
     config.training.segmentation.cache_features = True
     config.training.segmentation.steps = 4
     config.training.segmentation.report_dropout = 0.0  # every row has its report: the presence loss takes part
-    result = SegmentationTrainer(config, tiny_data, tmp_path).run()
+    trainer = SegmentationTrainer(config, tiny_data, tmp_path)
+    result = trainer.run()
     assert result.steps == 4 and result.final_losses["total"] > 0
+    # presence targets: every training case, whole (per side of its midline for CTVn); each step draws
+    # presence_batch_size of them, the same draw on every process
+    from medvlm.models.windows import midline_distance
+    from train.data import structure_presence
+
+    margin = trainer.segmentation.config.side_margin
+    for case, target in zip(trainer.cases, trainer.presence_pool["present"]):
+        assert torch.equal(target, structure_presence(case.label, midline_distance(case.image[None])[0], margin))
+    rows = trainer._presence_rows(3)
+    assert len(rows["present"]) == min(config.training.segmentation.presence_batch_size, len(trainer.cases))
+    assert torch.equal(rows["presence_states"], trainer._presence_rows(3)["presence_states"])
     # the presence head is trained next to the voxel loss (tiny config: presence_head on, weight 1)
     losses = result.final_losses
     assert losses["presence"] > 0 and losses["total"] == pytest.approx(losses["voxel"] + losses["presence"], rel=1e-4)
@@ -387,34 +399,31 @@ def test_lateral_mirror_is_checked_where_it_cannot_act(tiny_data, tmp_path):
         ReportGeneratorTrainer(config, tiny_data, tmp_path / "c").setup()
 
 
-def test_presence_targets_are_the_whole_case_before_cropping(tiny_data):
+def test_presence_targets_count_the_whole_case_and_side_maps_follow_the_crop(tiny_data):
     """The presence head learns what the report says of the case: a crop that misses the tumour must not
-    teach that the report rules the tumour out."""
+    teach that the report rules the tumour out; and a patch keeps the whole volume's midline distances."""
     from monai.transforms import Compose, SpatialCropd
 
     from medvlm.data.structures import STRUCTURE_NAMES
+    from medvlm.models.windows import midline_distance
     from train.data import collate, load_cases, structure_presence
 
     cases = load_cases(tiny_data, load_config(TINY))
     gtvp = STRUCTURE_NAMES.index("GTVp")
     number = next(i for i, c in enumerate(cases) if c.label[gtvp].sum() > 0)
-    crop = Compose([SpatialCropd(keys=["image", "label"], roi_start=[0, 0, 0], roi_end=[1, 1, 1])])
-    batch = collate(cases, [number], crop, seed=0, epoch=0)  # a one-voxel crop in the corner: no tumour in it
-    assert batch["label"].shape[2:] == (1, 1, 1) and batch["label"][0, gtvp].sum() == 0
-    assert batch["present"][0, gtvp] == 1.0
-    assert torch.equal(batch["present"][0], structure_presence(cases[number].label))
+    assert structure_presence(cases[number].label)[gtvp] == 1.0
     assert structure_presence(torch.zeros(3, 2, 2, 2)).tolist() == [0.0, 0.0, 0.0]
 
-    # per side: the targets of the whole case, and each patch keeps the whole volume's midline distances
-    from medvlm.models.windows import midline_distance
-
     config = load_config(TINY)
+    crop = Compose([SpatialCropd(keys=["image", "side", "label"], roi_start=[0, 0, 0], roi_end=[1, 1, 1])])
+    batch = collate(cases, [number], crop, seed=0, epoch=0, side_margin=1.0, config=config)
+    assert batch["label"].shape[2:] == (1, 1, 1) and batch["label"][0, gtvp].sum() == 0  # no tumour in the patch
     crop = Compose([SpatialCropd(keys=["image", "side", "label"], roi_start=[2, 0, 0], roi_end=[6, 4, 4])])
     batch = collate(cases, [number], crop, seed=0, epoch=0, side_margin=1.0, config=config)
     whole = midline_distance(cases[number].image[None])[0]
     assert torch.equal(batch["side_map"][0], whole[:, 2:6, 0:4, 0:4])
-    assert batch["present"].shape == (1, len(STRUCTURE_NAMES), 3)
-    assert torch.equal(batch["present"][0], structure_presence(cases[number].label, whole, 1.0))
+    present = structure_presence(cases[number].label, whole, 1.0)  # per side: (anywhere, left, right)
+    assert present.shape == (len(STRUCTURE_NAMES), 3) and present[gtvp, 0] == 1.0
     parotid_left, parotid_right = STRUCTURE_NAMES.index("Parotid_L"), STRUCTURE_NAMES.index("Parotid_R")
-    assert batch["present"][0, parotid_left].tolist() == [1.0, 1.0, 0.0]  # RAS: the patient's left is low x
-    assert batch["present"][0, parotid_right].tolist() == [1.0, 0.0, 1.0]
+    assert present[parotid_left].tolist() == [1.0, 1.0, 0.0]  # RAS: the patient's left is low x
+    assert present[parotid_right].tolist() == [1.0, 0.0, 1.0]

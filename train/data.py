@@ -182,12 +182,10 @@ def collate(cases: list[Case], indices: list[int], transform: Compose | None, se
     """Stack the cases of one batch, augmenting each with a state derived from (seed, epoch, case).
 
     ``mirror_prob``: probability of the laterality-aware mirror image (:func:`mirror_case`).
-    ``present`` (with labels): whether each structure occurs in the whole case, before any cropping.
-    ``side_margin`` (voxels; needs ``config`` and a ``transform`` built ``with_side``): ``present`` per side
-    of the midline (:func:`structure_presence`) and ``side_map``, the whole volume's midline distance of
-    each (cropped, augmented) sample.
+    ``side_margin`` (needs ``config`` and a ``transform`` built ``with_side``): adds ``side_map``, the whole
+    volume's midline distance of each (cropped, augmented) sample.
     """
-    images, labels, sides, present = [], [], [], []
+    images, labels, sides = [], [], []
     chosen = [mirrored(cases[i], mirror_prob, seed, epoch, i) for i in indices]
     for index, case in zip(indices, chosen):
         sample = {"image": case.image}
@@ -198,7 +196,6 @@ def collate(cases: list[Case], indices: list[int], transform: Compose | None, se
             sample["side"] = side
         if case.label is not None:
             sample["label"] = case.label
-            present.append(structure_presence(case.label, side, side_margin or 0.0))
         if transform is not None and len(transform.transforms):
             transform.set_random_state(seed=int(np.random.default_rng([seed, epoch, index]).integers(2**31)))
             sample = transform(sample)
@@ -213,7 +210,6 @@ def collate(cases: list[Case], indices: list[int], transform: Compose | None, se
         "prompt": [case.prompt for case in chosen],
         "report": [case.report for case in chosen],
         "labels": torch.as_tensor(np.stack([case.labels for case in chosen])),
-        "present": torch.stack(present) if labels else None,
         "side_map": torch.stack(sides) if sides else None,
         "index": indices,
     }
