@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -86,9 +85,7 @@ def laterality_fidelity(run: str | Path, *, n_per_side: int = 4, steps: int = 25
         for row in probabilities["laterality"]:
             judged[JUDGES[0]].append(["left", "right"][int(np.argmax(row))] == side)
         for volume in volumes:
-            with warnings.catch_warnings():  # "contoured with the null report": intended here
-                warnings.simplefilter("ignore")
-                masks = contour(volume, affine=out.affine, draft_missing_reports=False).masks[0]
+            masks = contour(volume, affine=out.affine, draft_missing_reports=False).masks[0]
             judged[JUDGES[1]].append(centre_side(masks["GTVp"], out.affine, body_midline_mm(volume, out.affine)) == side)
     result = {judge: float(np.mean(values)) for judge, values in judged.items()} | {
         "n": 2 * n_per_side, "steps": steps, "scheduler": type(generator_pipe.scheduler).__name__}

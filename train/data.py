@@ -191,8 +191,7 @@ def collate(cases: list[Case], indices: list[int], transform: Compose | None, se
         sample = {"image": case.image}
         side = None
         if side_margin is not None:
-            side = midline_distance(case.image[None], config.data.preprocess.hu_window,
-                                    config.data.preprocess.output_range)[0]
+            side = case_side_map(case.image, config)
             sample["side"] = side
         if case.label is not None:
             sample["label"] = case.label
@@ -213,6 +212,12 @@ def collate(cases: list[Case], indices: list[int], transform: Compose | None, se
         "side_map": torch.stack(sides) if sides else None,
         "index": indices,
     }
+
+
+def case_side_map(image: torch.Tensor, config: MedVLMConfig) -> torch.Tensor:
+    """(1, X, Y, Z) midline distance of one whole preprocessed case (:func:`medvlm.models.windows.midline_distance`)."""
+    preprocess = config.data.preprocess
+    return midline_distance(image[None], preprocess.hu_window, preprocess.output_range)[0]
 
 
 def structure_presence(label: torch.Tensor, side_map: torch.Tensor | None = None, margin: float = 0.0) -> torch.Tensor:

@@ -14,9 +14,9 @@ from medvlm.data.structures import STRUCTURE_NAMES
 from medvlm.errors import ConfigError
 from medvlm.models import CTAutoencoderKL, ReportConditionedUNet3D
 from medvlm.models.factory import build_segmentation
-from medvlm.models.windows import midline_distance
 from train.common import BestDiceMixin, StageTrainer
-from train.data import aligned_corner, augmentation, collate, cut_patch, load_cases, report_fields, structure_presence
+from train.data import (aligned_corner, augmentation, case_side_map, collate, cut_patch, load_cases, report_fields,
+                        structure_presence)
 from train.stage_diffusion import load_upstream
 
 
@@ -151,6 +151,9 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
         self.fields = int(self.segmentation.config.report_fields)
         self.augment = augmentation(self.config, with_label=True, patch_size=self.patch,
                                     with_side=self.side_margin is not None)
+        # each training case's whole-volume midline distances, once (feature cache and presence targets)
+        self.sides = [case_side_map(case.image, self.config) if self.side_margin is not None else None
+                      for case in self.cases]
         for module in (self.vae, self.text_encoder):
             module.to(self.device)
         if not c.finetune_unet:
@@ -210,13 +213,9 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
             latents = encoded.latent_dist.mode() * float(self.vae.config.scaling_factor)
             fused = self.unet(latents, 0, states, return_features=True, encoder_attention_mask=tokens["attention_mask"]).features[-1]
             fused_null = self.unet(latents, 0, None, return_features=True).features[-1]
-            side = None
-            if self.side_margin is not None:
-                preprocess = self.config.data.preprocess
-                side = midline_distance(case.image[None], preprocess.hu_window, preprocess.output_range)[0]
             cache.append({"features": [f[0].cpu() for f in encoded.features], "fused": fused[0].cpu(), "image": case.image,
                           "fused_null": fused_null[0].cpu(), "states": states[0].cpu(), "mask": tokens["attention_mask"][0].cpu(),
-                          "side": side})
+                          "side": self.sides[number]})
         return cache
 
     def make_inputs(self, index: int) -> dict:
@@ -262,13 +261,8 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
         tokens = self.tokenizer([case.prompt for case in self.cases], padding=True, truncation=True,
                                 max_length=self.config.text.max_length, return_tensors="pt").to(self.device)
         states = self.text_encoder(**tokens).last_hidden_state.cpu()
-        preprocess = self.config.data.preprocess
-        present = []
-        for case in self.cases:
-            side = None
-            if self.side_margin is not None:
-                side = midline_distance(case.image[None], preprocess.hu_window, preprocess.output_range)[0]
-            present.append(structure_presence(case.label, side, self.side_margin or 0.0))
+        present = [structure_presence(case.label, side, self.side_margin or 0.0)
+                   for case, side in zip(self.cases, self.sides)]
         return {"states": states, "mask": tokens["attention_mask"].cpu(), "fields": self._fields(self.cases),
                 "present": torch.stack(present)}
 
