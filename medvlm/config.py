@@ -227,11 +227,18 @@ class SegmentationStageConfig(StageConfig):
     # Train on random sub-volumes (x, y, z) of the ROI, aligned to the latent grid; empty: the whole ROI.
     # The decoder is convolutional plus attention to report tokens, so it runs on any size at inference.
     patch_size: tuple[int, ...] = ()
+    # with patch_size: the fraction of patches centred on a voxel of a structure the case has (one drawn
+    # uniformly among them), the rest uniform; 0: all uniform
+    foreground_patches: float = 0.0
     # weight of the presence head's loss (BCE against whether each structure occurs in the case); models.segmentation.presence_head
     presence_weight: float = 1.0
     # reports per step for the presence loss, drawn from the whole training set (the head reads only the
     # report; the voxel batch alone gave it too few examples)
     presence_batch_size: int = 16
+
+    def __post_init__(self):
+        if not 0.0 <= self.foreground_patches <= 1.0:
+            raise ConfigError(f"training.segmentation.foreground_patches must be in [0, 1], got {self.foreground_patches}")
 
 
 @dataclass

@@ -57,3 +57,10 @@ def test_segmentation_presence_settings_are_checked(tmp_path, setting, message):
     path.write_text(f"models:\n  segmentation:\n    {setting}\n")
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def test_foreground_patch_fraction_is_checked(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("training:\n  segmentation: {foreground_patches: 1.5}\n")
+    with pytest.raises(ConfigError, match=r"foreground_patches must be in \[0, 1\], got 1.5"):
+        load_config(path)

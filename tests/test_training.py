@@ -243,6 +243,31 @@ def test_aligned_patches_cut_every_scale_at_the_same_place():
         assert torch.allclose(cut_patch(quarter, corner, (32, 32, 32), 64), torch.nn.functional.avg_pool3d(patch[None], 4)[0])
 
 
+def test_foreground_patches_hold_a_structure_of_the_case_and_zero_keeps_uniform_corners():
+    from train.data import aligned_corner
+
+    label = torch.zeros(3, 64, 64, 64)
+    label[1, 50:53, 10:13, 40:43] = 1  # two small structures in opposite corners; structure 0 absent
+    label[2, 4:7, 57:60, 60:63] = 1
+    held = set()
+    for step in range(40):
+        corner = aligned_corner((64, 64, 64), (32, 32, 32), 4, (0, step, 7), label, 1.0)
+        assert all(c % 4 == 0 and 0 <= c <= 32 for c in corner)
+        window = label[(slice(None), *(slice(c, c + 32) for c in corner))]
+        # the whole small structure lies inside (centred on one of its voxels, snapped to the grid)
+        inside = [k for k in (1, 2) if window[k].sum() == label[k].sum()]
+        assert inside, corner
+        held.update(inside)
+    assert held == {1, 2}  # both present structures are drawn
+    uniform = [aligned_corner((64, 64, 64), (32, 32, 32), 4, (0, step, 7)) for step in range(40)]
+    assert [aligned_corner((64, 64, 64), (32, 32, 32), 4, (0, step, 7), label, 0.0) for step in range(40)] == uniform
+    # an empty label falls back to the uniform corner
+    assert aligned_corner((64, 64, 64), (32, 32, 32), 4, (0, 3, 7), torch.zeros(3, 64, 64, 64), 1.0) == uniform[3]
+    # about half of the patches are centred with 0.5
+    centred = sum(aligned_corner((64, 64, 64), (32, 32, 32), 4, (0, s, 7), label, 0.5) != uniform[s] for s in range(40))
+    assert 8 <= centred <= 32
+
+
 def test_segmentation_loss_is_chosen_by_name_and_a_wrong_name_is_a_config_error():
     from monai.losses import DiceCELoss, DiceFocalLoss
 

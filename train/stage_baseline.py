@@ -58,7 +58,8 @@ class BaselineTrainer(BestDiceMixin, StageTrainer):
             full = labels.shape[2]
             pairs = []
             for row, case_index in enumerate(indices):
-                corner = aligned_corner(labels.shape[2:], self.patch, self.factor, (self.config.training.seed, index, case_index))
+                corner = aligned_corner(labels.shape[2:], self.patch, self.factor, (self.config.training.seed, index, case_index),
+                                        labels[row], self.stage_config.foreground_patches)
                 pairs.append((cut_patch(images[row], corner, self.patch, full), cut_patch(labels[row], corner, self.patch, full)))
             images, labels = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
         return {"images": images, "labels": labels}

@@ -186,7 +186,7 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
     def _aligned_crop(self, entry: dict, label: torch.Tensor, case_seed) -> tuple[dict, torch.Tensor]:
         """One random patch cut consistently from every cached scale and the label."""
         factor = 2 ** (len(self.config.models.vae.channels) - 1)
-        corner = aligned_corner(label.shape[1:], self.patch, factor, case_seed)
+        corner = aligned_corner(label.shape[1:], self.patch, factor, case_seed, label, self.stage_config.foreground_patches)
 
         def cut(volume: torch.Tensor) -> torch.Tensor:
             return cut_patch(volume, corner, self.patch, label.shape[1])
