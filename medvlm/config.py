@@ -228,7 +228,8 @@ class SegmentationStageConfig(StageConfig):
     # The decoder is convolutional plus attention to report tokens, so it runs on any size at inference.
     patch_size: tuple[int, ...] = ()
     # with patch_size: the fraction of patches centred on a voxel of a structure the case has (one drawn
-    # uniformly among them), the rest uniform; 0: all uniform
+    # uniformly among them), the rest uniform; 0: all uniform. For ROIs much larger than the patch. On the
+    # demo (32^3 of 64^3, 1500 steps) 0.5 lowered validation mean Dice 0.821 -> 0.810 (GTVp 0.57 -> 0.55)
     foreground_patches: float = 0.0
     # weight of the presence head's loss (BCE against whether each structure occurs in the case); models.segmentation.presence_head
     presence_weight: float = 1.0
