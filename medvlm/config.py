@@ -74,6 +74,10 @@ class ContrastiveModelConfig:
     image_layers: tuple[int, ...] = (1, 1, 1, 1)
     text_pooling: str = "mean"
     frozen_text_layers: int = 4
+    # freeze the text tower's token and position embeddings even when no layer is frozen (frozen_text_layers
+    # > 0 always freezes them): the word embedding is half of MiniLM's weights and most of a step's
+    # optimizer work, while the layers above it learn the report's fields
+    freeze_text_embeddings: bool = False
     loss: str = "semantic"  # "semantic" (MedCLIP + CLIP), "clip" or "siglip"
     image_pool: int = 1  # the CT tower sees the ROI averaged over image_pool^3 voxel blocks
     ct_windows: tuple[tuple[float, float], ...] = ()  # fixed CT windows (level, width HU) as extra channels

@@ -436,3 +436,21 @@ def test_models_load_by_module_path_in_a_fresh_interpreter(tiny, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "FusedSegmentationDecoder"
+
+
+@pytest.mark.parametrize("layers, embeddings, frozen_layers, embeddings_frozen", [
+    (0, False, 0, False),  # everything trains
+    (0, True, 0, True),  # every layer trains, the embeddings stay
+    (1, False, 1, True),  # a frozen layer always freezes the embeddings under it
+])
+def test_text_tower_freezing(layers, embeddings, frozen_layers, embeddings_frozen):
+    from medvlm.models import MedCLIPModel
+
+    text_config = {"model_type": "bert", "vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 2,
+                   "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 32}
+    clip = MedCLIPModel(text_config=text_config, embed_dim=8, image_block_inplanes=(4, 4, 4, 4),
+                        frozen_text_layers=layers, freeze_text_embeddings=embeddings)
+    trainable = [all(p.requires_grad for p in layer.parameters()) for layer in clip.text_model.encoder.layer]
+    assert trainable == [i >= frozen_layers for i in range(2)]
+    assert all(p.requires_grad != embeddings_frozen for p in clip.text_model.embeddings.parameters())
+    assert clip.config.freeze_text_embeddings == embeddings  # saved with the model

@@ -452,3 +452,25 @@ def test_presence_targets_count_the_whole_case_and_side_maps_follow_the_crop(tin
     parotid_left, parotid_right = STRUCTURE_NAMES.index("Parotid_L"), STRUCTURE_NAMES.index("Parotid_R")
     assert present[parotid_left].tolist() == [1.0, 1.0, 0.0]  # RAS: the patient's left is low x
     assert present[parotid_right].tolist() == [1.0, 0.0, 1.0]
+
+
+def test_shared_cases_preprocess_once_per_settings_only_inside_the_block(tiny_data):
+    import dataclasses
+
+    from train.data import load_cases, shared_cases
+
+    config = load_config(TINY)
+    apart = load_cases(tiny_data, config)
+    assert load_cases(tiny_data, config)[0] is not apart[0]  # outside the block: preprocessed again
+    with shared_cases():
+        first = load_cases(tiny_data, config)
+        again = load_cases(tiny_data, config)
+        assert again is not first and all(a is b for a, b in zip(first, again))  # same cases, own list
+        assert torch.equal(first[0].image, apart[0].image) and first[0].prompt == apart[0].prompt
+        validation = load_cases(tiny_data, config, "validation")
+        assert {c.case_id for c in validation}.isdisjoint(c.case_id for c in first)
+        other = dataclasses.replace(config, data=dataclasses.replace(
+            config.data, preprocess=dataclasses.replace(config.data.preprocess, hu_window=(-500.0, 500.0))))
+        assert load_cases(tiny_data, other)[0] is not first[0]  # other preprocessing: its own cases
+        assert not torch.equal(load_cases(tiny_data, other)[0].image, first[0].image)
+    assert load_cases(tiny_data, config)[0] is not first[0]  # the block's cache is gone after it

@@ -139,8 +139,6 @@ def _plan(config, output_dir: Path, summary: dict, todo: tuple[str, ...], *, ret
 
 def run(stage: str, config_path: str, data: str, output: str, *, resume: bool = False, overwrite: bool = False,
         train_fraction: float = 1.0, retrain_changed: bool = False) -> dict:
-    from train.common import STAGE_INPUTS, stage_fingerprint
-
     config = load_config(config_path)
     output_dir = Path(output)
     identity = {"config": str(config_path), "data": str(Path(data).resolve()), "train_fraction": train_fraction}
@@ -158,6 +156,22 @@ def run(stage: str, config_path: str, data: str, output: str, *, resume: bool = 
         plan = {name: "retrain" if (output_dir / name).exists() else "train" for name in todo}
     else:
         plan = _plan(config, output_dir, summary, todo, retrain_changed=retrain_changed)
+    from train.data import shared_cases
+
+    with shared_cases():  # the stages read the same cases: preprocessed once
+        _run_stages(config, data, output_dir, todo, plan, summary, summary_path, state, resume=resume,
+                    overwrite=overwrite, train_fraction=train_fraction)
+    if stage == "all" and state.is_main_process:
+        for folder in write_pipelines(config, output_dir):
+            print(f"pipeline written: {folder}", flush=True)
+    state.wait_for_everyone()
+    return summary
+
+
+def _run_stages(config, data: str, output_dir: Path, todo, plan: dict, summary: dict, summary_path: Path, state, *,
+                resume: bool, overwrite: bool, train_fraction: float) -> None:
+    from train.common import STAGE_INPUTS, stage_fingerprint
+
     for name in todo:
         final = output_dir / name / "final"
         if plan[name] == "reuse":
@@ -185,11 +199,6 @@ def run(stage: str, config_path: str, data: str, output: str, *, resume: bool = 
                   f"({result.samples_per_second:.2f} samples/s); final {losses}", flush=True)
             for key, value in result.validation.items():
                 print(f"[{name}]   {key} = {value:.3f}", flush=True)
-    if stage == "all" and state.is_main_process:
-        for folder in write_pipelines(config, output_dir):
-            print(f"pipeline written: {folder}", flush=True)
-    state.wait_for_everyone()
-    return summary
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,6 +48,7 @@ class MedCLIPModel(AlignedModelMixin, ConfigMixin):
         image_block_inplanes / image_layers: MONAI ``ResNet`` widths and blocks per stage (3D, basic blocks).
         text_pooling: ``"mean"`` (encoders) or ``"cls"``.
         frozen_text_layers: the lowest N transformer layers (and embeddings) are frozen.
+        freeze_text_embeddings: freeze the embeddings also when ``frozen_text_layers`` is 0.
         image_pool: the CT tower first averages ``image_pool``^3 voxel blocks (2: a 64^3 ROI is seen at
             32^3, eight times less compute; laterality and subsite are coarse findings).
         ct_windows / input_hu_window / input_range: fixed CT windows as extra input channels
@@ -64,7 +65,7 @@ class MedCLIPModel(AlignedModelMixin, ConfigMixin):
                  init_logit_scale: float = math.log(1 / 0.07), init_logit_bias: float | None = None,
                  image_pool: int = 1, ct_windows: Sequence[Sequence[float]] = (),
                  input_hu_window: Sequence[float] = (-1000.0, 1500.0), input_range: Sequence[float] = (-1.0, 1.0),
-                 image_coordinates: bool = False):
+                 image_coordinates: bool = False, freeze_text_embeddings: bool = False):
         super().__init__()
         from transformers import AutoConfig, AutoModel
 
@@ -90,7 +91,7 @@ class MedCLIPModel(AlignedModelMixin, ConfigMixin):
         self.text_projection = nn.Linear(hidden, embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
-        self.freeze_text_layers(frozen_text_layers)
+        self.freeze_text_layers(frozen_text_layers, embeddings=freeze_text_embeddings)
 
     @classmethod
     def from_text_encoder(cls, name_or_path: str = "minilm", **kwargs) -> "MedCLIPModel":
@@ -105,13 +106,18 @@ class MedCLIPModel(AlignedModelMixin, ConfigMixin):
             raise RuntimeError(f"text weights do not fit: missing {missing}, unexpected {unexpected}")
         return model
 
-    def freeze_text_layers(self, count: int) -> None:
-        """Freeze the embeddings and the lowest ``count`` transformer layers (0: all trainable)."""
+    def freeze_text_layers(self, count: int, embeddings: bool = False) -> None:
+        """Freeze the embeddings and the lowest ``count`` transformer layers (0: all trainable, or all but
+        the embeddings when ``embeddings``)."""
+        if count <= 0 and not embeddings:
+            return
+        module = getattr(self.text_model, "embeddings", None)
+        if module is None and embeddings:
+            raise ValueError("freeze_text_embeddings needs a text model with .embeddings (BERT family)")
+        if module is not None:
+            module.requires_grad_(False)
         if count <= 0:
             return
-        embeddings = getattr(self.text_model, "embeddings", None)
-        if embeddings is not None:
-            embeddings.requires_grad_(False)
         layers = getattr(getattr(self.text_model, "encoder", None), "layer", None)
         if layers is None:
             raise ValueError("frozen_text_layers needs an encoder with .encoder.layer (BERT family)")

@@ -91,6 +91,7 @@ def build_contrastive(models: ModelsConfig, text: TextConfig, *, pretrained_text
     c = models.contrastive
     kwargs = dict(embed_dim=c.embed_dim, image_block_inplanes=c.image_block_inplanes, image_layers=c.image_layers,
                   text_pooling=c.text_pooling, frozen_text_layers=c.frozen_text_layers,
+                  freeze_text_embeddings=c.freeze_text_embeddings,
                   init_logit_bias=-10.0 if c.loss == "siglip" else None, image_pool=c.image_pool,
                   image_coordinates=c.image_coordinates,
                   **_window_kwargs(c.ct_windows, preprocess))
