@@ -75,8 +75,8 @@ class ContrastiveModelConfig:
     text_pooling: str = "mean"
     frozen_text_layers: int = 4
     # freeze the text tower's token and position embeddings even when no layer is frozen (frozen_text_layers
-    # > 0 always freezes them): the word embedding is half of MiniLM's weights and most of a step's
-    # optimizer work, while the layers above it learn the report's fields
+    # > 0 always freezes them): the word embedding is half of MiniLM's weights; on the demo the stage took
+    # 172 s instead of 188 s with it, at the same zero-shot laterality (1.00 on 150 fresh reports)
     freeze_text_embeddings: bool = False
     loss: str = "semantic"  # "semantic" (MedCLIP + CLIP), "clip" or "siglip"
     image_pool: int = 1  # the CT tower sees the ROI averaged over image_pool^3 voxel blocks
@@ -233,7 +233,8 @@ class SegmentationStageConfig(StageConfig):
     patch_size: tuple[int, ...] = ()
     # with patch_size: the fraction of patches centred on a voxel of a structure the case has (one drawn
     # uniformly among them), the rest uniform; 0: all uniform. For ROIs much larger than the patch. On the
-    # demo (32^3 of 64^3, 1500 steps) 0.5 lowered validation mean Dice 0.821 -> 0.810 (GTVp 0.57 -> 0.55)
+    # demo (32^3 of 64^3, 1500 steps) 0.5 lowered validation mean Dice 0.821 -> 0.810 (GTVp 0.57 -> 0.55),
+    # and finding the structures' voxels in every centred patch's label took the stage from 292 s to 387 s
     foreground_patches: float = 0.0
     # weight of the presence head's loss (BCE against whether each structure occurs in the case); models.segmentation.presence_head
     presence_weight: float = 1.0

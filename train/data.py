@@ -282,8 +282,8 @@ def aligned_corner(shape: Sequence[int], patch: Sequence[int], factor: int, case
 
     With probability ``foreground`` (and a ``label`` (C, X, Y, Z) holding any structure) the patch is
     centred, to the grid, on a voxel of one structure drawn uniformly among those the case has (nnU-Net's
-    foreground oversampling; MONAI's class-balanced crop centres): on 32^3 patches of a 64^3 ROI, uniform
-    corners rarely hold a small tumour whole. Otherwise the corner is uniform.
+    foreground oversampling; MONAI's class-balanced crop centres), for ROIs so much larger than the patch
+    that uniform corners rarely hold a small structure. Otherwise the corner is uniform.
 
     Written here because MONAI's random crops act on one grid, while the cached decoder inputs live on
     several (full, 1/2, ..., latent); one corner on the coarsest grid cuts all of them consistently. The
