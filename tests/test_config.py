@@ -47,20 +47,14 @@ def test_wrong_length_and_invalid_yaml_are_errors(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("side_structures: [CTV_high]", r"side_structures: unknown structure\(s\) \['CTV_high'\]"),
-    ("presence_input: words", "presence_input must be 'fields', 'tokens' or 'both'"),
-    ("side_margin_mm: -1.0", "side_margin_mm must be >= 0"),
+@pytest.mark.parametrize("text, message", [
+    ("models:\n  segmentation:\n    side_structures: [CTV_high]\n", r"side_structures: unknown structure\(s\) \['CTV_high'\]"),
+    ("models:\n  segmentation:\n    presence_input: words\n", "presence_input must be 'fields', 'tokens' or 'both'"),
+    ("models:\n  segmentation:\n    side_margin_mm: -1.0\n", "side_margin_mm must be >= 0"),
+    ("training:\n  segmentation: {foreground_patches: 1.5}\n", r"foreground_patches must be in \[0, 1\], got 1.5"),
 ])
-def test_segmentation_presence_settings_are_checked(tmp_path, setting, message):
+def test_segmentation_settings_are_checked(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
-    path.write_text(f"models:\n  segmentation:\n    {setting}\n")
+    path.write_text(text)
     with pytest.raises(ConfigError, match=message):
-        load_config(path)
-
-
-def test_foreground_patch_fraction_is_checked(tmp_path):
-    path = tmp_path / "bad.yaml"
-    path.write_text("training:\n  segmentation: {foreground_patches: 1.5}\n")
-    with pytest.raises(ConfigError, match=r"foreground_patches must be in \[0, 1\], got 1.5"):
         load_config(path)

@@ -188,15 +188,16 @@ class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
         """
         if self.presence is None:
             raise ValueError("this decoder has no presence head (presence_head=False)")
-        pooled = masked_mean(text_states, text_mask)
-        inputs = [pooled] if self.config.presence_tokens else []
+        # the token states give the batch size and dtype; they are pooled only for a head that reads them
+        inputs = [masked_mean(text_states, text_mask)] if self.config.presence_tokens else []
         size = self.config.report_fields
         if size:
+            batch = text_states.shape[0]
             if report_fields is None:
-                report_fields = pooled.new_zeros(pooled.shape[0], size)
-            if tuple(report_fields.shape) != (pooled.shape[0], size):
+                report_fields = text_states.new_zeros(batch, size)
+            if tuple(report_fields.shape) != (batch, size):
                 raise ValueError(f"report_fields must be (batch, {size}), got {tuple(report_fields.shape)}")
-            inputs.append(report_fields.to(pooled.dtype))
+            inputs.append(report_fields.to(text_states.dtype))
         logits = self.presence(torch.cat(inputs, dim=1))
         return logits.view(logits.shape[0], -1, 3) if self.has_sides else logits
 
