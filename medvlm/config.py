@@ -253,6 +253,10 @@ class TrainingConfig:
 
     seed: int = 0
     mixed_precision: str = "auto"  # "auto": bf16 on GPU, no on CPU; or "no", "bf16", "fp16"
+    # train with 3D convolution weights in channels-last layout (PyTorch's channels_last_3d; checkpoints and
+    # exports are written contiguous). Measured on 2 CPU cores, one training step: VAE (4 x 32^3) 1.42 ->
+    # 0.93 s, diffusion UNet (4 x 16^3 latents) 1.05 -> 0.78 s, baseline UNet (2 x 32^3) 0.12 -> 0.10 s
+    channels_last: bool = True
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     log_every: int = 10

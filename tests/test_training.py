@@ -162,6 +162,29 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tiny_dat
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+def test_channels_last_training_changes_the_weights_layout_not_the_result(tiny_data, tmp_path, monkeypatch):
+    """``training.channels_last`` trains with channels-last 3D weights and exports the same VAE (up to float
+    rounding) as contiguous training."""
+    layouts = []
+    original = VAETrainer.make_inputs
+
+    def record_layout(self, index):
+        weight = next(p for p in self.vae.parameters() if p.dim() == 5 and p.shape[1] > 1 and p.shape[2] > 1)
+        layouts.append(weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous())
+        return original(self, index)
+
+    monkeypatch.setattr(VAETrainer, "make_inputs", record_layout)
+    for channels_last in (True, False):
+        config = load_config(TINY)
+        config.training.channels_last = channels_last
+        VAETrainer(config, tiny_data, tmp_path / str(channels_last)).run()
+    steps = load_config(TINY).training.vae.steps
+    assert layouts == [True] * steps + [False] * steps
+    last, contiguous = _vae_weights(tmp_path / "True"), _vae_weights(tmp_path / "False")
+    assert last.keys() == contiguous.keys()
+    assert all(torch.allclose(last[k], contiguous[k], rtol=1e-3, atol=1e-5) for k in last)
+
+
 def test_corrupted_checkpoint_is_reported_and_the_previous_one_kept(tiny_data, tmp_path):
     config = load_config(TINY)
     config.training.vae.steps = 10  # checkpoints at steps 4 and 8

@@ -4,6 +4,7 @@ resume, Ctrl-C checkpoint. A stage subclasses :class:`StageTrainer` and fills in
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -188,7 +189,25 @@ class StageTrainer:
         return sorted((p for p in folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX)),
                       key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
+    def _memory_format(self, module: torch.nn.Module, training: bool) -> None:
+        """Channels-last 3D weights while training (``training.channels_last``), contiguous ones to save:
+        safetensors refuses tensors that are not contiguous. By hand, not ``Module.to(memory_format=...)``: that
+        also converts rank-4 tensors (the report generator's 2D patch embedding), which channels_last_3d refuses."""
+        if not self.config.training.channels_last:
+            return
+        layout = torch.channels_last_3d if training else torch.contiguous_format
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            if tensor.dim() == 5:
+                tensor.data = tensor.data.contiguous(memory_format=layout)
+
     def _save_checkpoint(self, step: int, losses: dict) -> None:
+        self._memory_format(self.trained, training=False)
+        try:
+            self._write_checkpoint(step, losses)
+        finally:
+            self._memory_format(self.trained, training=True)
+
+    def _write_checkpoint(self, step: int, losses: dict) -> None:
         self.accelerator.wait_for_everyone()
         folder = self.stage_dir / "checkpoints"
         staging = folder / f".partial-{CHECKPOINT_PREFIX}{step:07d}"
@@ -236,6 +255,7 @@ class StageTrainer:
             raise TrainingError(f"{self.name}: nothing to train (all parameters frozen)")
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+        self._memory_format(module, training=True)
         module, optimizer = self.accelerator.prepare(module, optimizer)
         self.trained = module
         self.accelerator.register_for_checkpointing(scheduler)
@@ -288,6 +308,7 @@ class StageTrainer:
         seconds = time.perf_counter() - begin
         module.eval()
         validation = self.validate(cfg.steps)
+        self._memory_format(module, training=False)  # exports are written with safetensors
         if validation:
             self.accelerator.log({f"val/{k}": v for k, v in validation.items() if isinstance(v, (int, float))}, step=cfg.steps)
         self.accelerator.wait_for_everyone()
