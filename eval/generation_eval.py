@@ -72,6 +72,8 @@ def laterality_fidelity(run: str | Path, *, n_per_side: int = 4, steps: int = 25
     classifier = ZeroShotClassificationPipeline.from_pretrained(run / "zero_shot")
     contour = ContourPipeline.from_pretrained(run / "contour")
     contour.set_progress_bar_config(disable=True)
+    for pipe in (generator_pipe, classifier, contour):
+        pipe.enable_channels_last()  # layout only: faster 3D convolutions on CPU
     judged = {judge: [] for judge in JUDGES}
     samples, groups = [], []
     for number, (side, prompt) in enumerate(PROMPTS.items()):

@@ -223,9 +223,15 @@ def evaluate(pipeline, data: str | Path, out: str | Path, *, split: str = "test"
     from medvlm.models.baseline import ImageOnlySegmenter
     from pipelines import ContourPipeline
 
+    from medvlm.models.base import set_conv3d_layout
+
     pipe = pipeline if isinstance(pipeline, ContourPipeline) else ContourPipeline.from_pretrained(pipeline)
     pipe.set_progress_bar_config(disable=True)
+    if not isinstance(pipeline, ContourPipeline):
+        pipe.enable_channels_last()  # layout only (faster 3D convolutions on CPU); a caller's pipeline is left as given
     model = ImageOnlySegmenter.from_pretrained(baseline).eval() if baseline is not None else None
+    if model is not None:
+        set_conv3d_layout(model, channels_last=True)
     datalist = load_datalist(data)
     records_path = Path(data) / "records.csv"
     records = {r.number: r for r in read_records_csv(records_path)} if records_path.is_file() else {}

@@ -124,6 +124,21 @@ def test_contour_save_load_round_trip_is_bit_exact(pipes, saved, case):
     assert np.array_equal(a.probabilities[0], b.probabilities[0])
 
 
+def test_channels_last_changes_the_layout_not_the_contours_and_saves_contiguous(saved, case, tmp_path):
+    pipe = ContourPipeline.from_pretrained(saved["contour"])
+    before = pipe(case.image_hu, report=case.report.text, affine=case.affine, return_probabilities=True)
+    pipe.enable_channels_last()
+    conv = next(p for p in pipe.vae.parameters() if p.dim() == 5 and p.shape[1] > 1 and p.shape[2] > 1)
+    assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()
+    after = pipe(case.image_hu, report=case.report.text, affine=case.affine, return_probabilities=True)
+    np.testing.assert_allclose(after.probabilities[0], before.probabilities[0], atol=1e-4)
+    pipe.save_pretrained(tmp_path / "contour")  # contiguous on disk, channels-last again in memory
+    assert not conv.is_contiguous()
+    reloaded = ContourPipeline.from_pretrained(tmp_path / "contour")
+    again = reloaded(case.image_hu, report=case.report.text, affine=case.affine, return_probabilities=True)
+    np.testing.assert_allclose(again.probabilities[0], before.probabilities[0], atol=1e-4)
+
+
 def test_contour_lists_of_cts_and_return_dict_false(pipes, case):
     masks, names, *_ = pipes["contour"]([case.image_hu, case.image_hu], report=["left tonsil", "right tonsil"],
                                         affine=case.affine, return_dict=False)

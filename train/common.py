@@ -4,7 +4,6 @@ resume, Ctrl-C checkpoint. A stage subclasses :class:`StageTrainer` and fills in
 """
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
@@ -22,6 +21,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 
 from medvlm.config import MedVLMConfig, StageConfig, config_hash, config_to_dict
 from medvlm.errors import ConfigError, MedVLMError
+from medvlm.models.base import set_conv3d_layout
 from train.data import DeterministicBatches
 
 logger = logging.getLogger(__name__)
@@ -190,15 +190,9 @@ class StageTrainer:
                       key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
     def _memory_format(self, module: torch.nn.Module, training: bool) -> None:
-        """Channels-last 3D weights while training (``training.channels_last``), contiguous ones to save:
-        safetensors refuses tensors that are not contiguous. By hand, not ``Module.to(memory_format=...)``: that
-        also converts rank-4 tensors (the report generator's 2D patch embedding), which channels_last_3d refuses."""
-        if not self.config.training.channels_last:
-            return
-        layout = torch.channels_last_3d if training else torch.contiguous_format
-        for tensor in itertools.chain(module.parameters(), module.buffers()):
-            if tensor.dim() == 5:
-                tensor.data = tensor.data.contiguous(memory_format=layout)
+        """Channels-last 3D weights while training (``training.channels_last``), contiguous ones to save."""
+        if self.config.training.channels_last:
+            set_conv3d_layout(module, channels_last=training)
 
     def _save_checkpoint(self, step: int, losses: dict) -> None:
         self._memory_format(self.trained, training=False)
