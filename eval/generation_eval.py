@@ -147,12 +147,25 @@ def tissue_statistics(real_hu: np.ndarray, generated_hu: np.ndarray) -> dict[str
     return out
 
 
-def mean_pairwise_ms_ssim(volumes: torch.Tensor, data_range: float, pairs: Sequence[tuple[int, int]] | None = None) -> float:
-    """Mean MS-SSIM over ``pairs`` (default all i < j) of volumes (N, 1, X, Y, Z)."""
+def spread_pairs(pairs: Sequence[tuple[int, int]], max_pairs: int | None) -> list[tuple[int, int]]:
+    """At most ``max_pairs`` of ``pairs``, evenly spaced through the list (deterministic; all when None)."""
+    pairs = list(pairs)
+    if max_pairs is None or len(pairs) <= max_pairs:
+        return pairs
+    if max_pairs < 1:
+        raise ValueError(f"max_pairs must be >= 1, got {max_pairs}")
+    return [pairs[int(i)] for i in np.unique(np.linspace(0, len(pairs) - 1, max_pairs).round().astype(int))]
+
+
+def mean_pairwise_ms_ssim(volumes: torch.Tensor, data_range: float, pairs: Sequence[tuple[int, int]] | None = None,
+                          max_pairs: int | None = None) -> float:
+    """Mean MS-SSIM over ``pairs`` (default all i < j) of volumes (N, 1, X, Y, Z); ``max_pairs``: estimate
+    the mean from that many pairs spread evenly through them (:func:`spread_pairs`)."""
     from monai.metrics import MultiScaleSSIMMetric
 
     if pairs is None:
         pairs = list(itertools.combinations(range(len(volumes)), 2))
+    pairs = spread_pairs(pairs, max_pairs)
     if not pairs:
         raise ValueError("MS-SSIM diversity needs at least two volumes")
     # MONAI needs each side // 4 (three scales) above kernel_size - 1: the standard 11 voxels where it fits
@@ -196,10 +209,15 @@ def generate_from_test_reports(run: str | Path, data: str | Path, *, n: int = 8,
 
 @torch.no_grad()
 def realism_and_diversity(run: str | Path, data: str | Path, samples: Sequence[np.ndarray], affine: np.ndarray,
-                          groups: Sequence[Sequence[int]]) -> dict:
+                          groups: Sequence[Sequence[int]], max_pairs: int | None = 32) -> dict:
     """Generated CTs (HU, with their affine; ``groups``: indices of samples from one prompt) against the
     held-out test CTs, all on the image tower's preprocessed grid: Frechet distance of contrastive
-    embeddings with its real-vs-real floor (validation CTs, as many as samples), tissue statistics, MS-SSIM."""
+    embeddings with its real-vs-real floor (validation CTs, as many as samples), tissue statistics, MS-SSIM.
+
+    ``max_pairs``: MS-SSIM means over at most this many pairs per row (None: every pair). 3D MS-SSIM costs
+    about a third of a second a pair on 2 CPU cores and 16 samples make 240 pairs in the three rows; of the
+    demo's 16 real test (validation) CTs, 32 of the 120 pairs gave 0.778 (0.790) against 0.774 (0.780) from
+    all of them, in 10 s instead of 36 s."""
     from medvlm.config import preprocess_from_dict
     from medvlm.data.datalist import load_datalist
     from medvlm.data.transforms import to_hu
@@ -226,9 +244,12 @@ def realism_and_diversity(run: str | Path, data: str | Path, samples: Sequence[n
         result["n_reference"] = len(chosen)
     data_range = float(config.output_range[1] - config.output_range[0])
     real_pairs = list(itertools.combinations(range(min(len(real), len(samples))), 2))
-    result["ms_ssim"] = {"generated, same prompt": mean_pairwise_ms_ssim(generated, data_range, within),
-                         "generated, different prompts": mean_pairwise_ms_ssim(generated, data_range, across),
-                         "real, different patients": mean_pairwise_ms_ssim(real, data_range, real_pairs)}
+    result["ms_ssim"] = {"generated, same prompt": mean_pairwise_ms_ssim(generated, data_range, within, max_pairs),
+                         "generated, different prompts": mean_pairwise_ms_ssim(generated, data_range, across, max_pairs),
+                         "real, different patients": mean_pairwise_ms_ssim(real, data_range, real_pairs, max_pairs)}
+    result["ms_ssim_pairs"] = {"generated, same prompt": len(spread_pairs(within, max_pairs)),
+                               "generated, different prompts": len(spread_pairs(across, max_pairs)),
+                               "real, different patients": len(spread_pairs(real_pairs, max_pairs))}
     return result
 
 
@@ -245,8 +266,9 @@ def realism_table(result: dict) -> str:
         row = result["tissues"][name]
         lines.append(f"| {name} ({low:g}..{high:g}) | {row['share_real']:.3f} | {row['share_generated']:.3f} | "
                      f"{row['wasserstein_hu']:.1f} |")
-    lines += ["", "| MS-SSIM (mean over pairs; lower = more diverse) | |", "|---|---|"]
-    lines += [f"| {name} | {value:.3f} |" for name, value in result["ms_ssim"].items()]
+    counts = result.get("ms_ssim_pairs", {})
+    lines += ["", "| MS-SSIM (mean over pairs; lower = more diverse) | | pairs |", "|---|---|---|"]
+    lines += [f"| {name} | {value:.3f} | {counts.get(name, '')} |" for name, value in result["ms_ssim"].items()]
     return "\n".join(lines)
 
 

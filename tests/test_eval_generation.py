@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.generation_eval import _frechet, mean_pairwise_ms_ssim, tissue_statistics
+from eval.generation_eval import _frechet, mean_pairwise_ms_ssim, spread_pairs, tissue_statistics
 
 
 def test_tissue_statistics_shares_and_wasserstein_shift():
@@ -35,6 +35,25 @@ def test_ms_ssim_is_one_for_copies_and_low_for_independent_noise():
     assert mean_pairwise_ms_ssim(volumes, 2.0, [(0, 2), (1, 2)]) < 0.3
     with pytest.raises(ValueError, match="two volumes"):
         mean_pairwise_ms_ssim(volumes[:1], 2.0)
+
+
+def test_ms_ssim_estimated_from_pairs_spread_through_the_list():
+    pairs = [(i, j) for i in range(16) for j in range(i + 1, 16)]
+    chosen = spread_pairs(pairs, 32)
+    assert len(chosen) == 32 and len(set(chosen)) == 32
+    assert chosen[0] == pairs[0] and chosen[-1] == pairs[-1]  # the ends of the list, not its first 32
+    assert chosen == sorted(chosen, key=pairs.index) and chosen == spread_pairs(pairs, 32)
+    assert spread_pairs(pairs, None) == pairs and spread_pairs(pairs[:5], 32) == pairs[:5]
+    with pytest.raises(ValueError, match="max_pairs"):
+        spread_pairs(pairs, 0)
+    # the capped mean is the mean over exactly the chosen pairs: two copies and one noise volume
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 32, 32, 32, generator=g), 5, 1, 2)
+    volumes = torch.cat([smooth, smooth.clone(), torch.rand(1, 1, 32, 32, 32, generator=g) * 2 - 1])
+    three = [(0, 1), (0, 2), (1, 2)]
+    assert spread_pairs(three, 2) == [(0, 1), (1, 2)]
+    assert mean_pairwise_ms_ssim(volumes, 2.0, three, max_pairs=2) == pytest.approx(
+        mean_pairwise_ms_ssim(volumes, 2.0, [(0, 1), (1, 2)]), abs=1e-6)
 
 
 def test_frechet_distance_is_zero_for_one_set_and_the_squared_mean_shift_for_a_translated_copy():
