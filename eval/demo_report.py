@@ -80,6 +80,7 @@ def pipeline_examples(run: Path, data: Path, out: Path) -> list[str]:
 def make_plots(run: Path, results: Path, dice: dict[str, dict[str, float]]) -> list[str]:
     """Loss curves (TensorBoard logs), Dice box plots per structure and ablation bars; Markdown lines."""
     import csv
+    import logging
 
     import matplotlib
 
@@ -89,6 +90,7 @@ def make_plots(run: Path, results: Path, dice: dict[str, dict[str, float]]) -> l
 
     from medvlm.data.preview import save_figure
 
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # one INFO line per event file otherwise
     folder = results / "plots"
     folder.mkdir(parents=True, exist_ok=True)
     stages = [p.name for p in sorted(run.iterdir()) if (p / "logs" / p.name).is_dir()]

@@ -79,6 +79,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import time
 
     from medvlm.config import load_config
+    from medvlm.data.io import atomic_write_text
     from medvlm.data.writer import write_phantom_dataset
 
     config_path = _config_path("tiny" if args.quick else args.config)
@@ -118,7 +119,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cells = [c.strip() for c in row.strip("|").split("|")]
         print(f"    {cells[0]:<44} {cells[1]:>7}  target {cells[2]:<8} {cells[3]}")
     print(f"  total      {time.perf_counter() - started:.0f} s")
-    (output / "demo_summary.json").write_text(json.dumps({"data": str(data_dir), "summary": summary}, indent=1))
+    atomic_write_text(output / "demo_summary.json", json.dumps({"data": str(data_dir), "summary": summary}, indent=1))
     return 0
 
 

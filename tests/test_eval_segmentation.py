@@ -43,6 +43,27 @@ def test_metrics_match_an_independent_implementation_with_anisotropic_spacing():
     assert 0.0 < scores["surface_dice_2mm"] < 1.0
 
 
+@pytest.mark.parametrize("shift", [(2, -1, 0), (0, 0, 1), (6, 3, 2)])
+def test_surface_metrics_from_one_distance_pass_equal_monais_metric_classes(shift):
+    import torch
+    from monai.metrics import HausdorffDistanceMetric, SurfaceDiceMetric, SurfaceDistanceMetric
+
+    shape = (40, 36, 14)
+    truth = _ball(shape, (20, 18, 7), (11, 13, 15))
+    pred = _ball(shape, tuple(c + d for c, d in zip((20, 18, 7), shift)), (10, 14, 12))
+    scores = structure_scores(pred, truth, SPACING)
+    y_pred, y = (torch.from_numpy(m)[None, None].float() for m in (pred, truth))
+    spacing = list(SPACING)
+    expected = {
+        "hd95_mm": HausdorffDistanceMetric(include_background=True, percentile=95)(y_pred, y, spacing=spacing),
+        "asd_mm": SurfaceDistanceMetric(include_background=True, symmetric=True)(y_pred, y, spacing=spacing),
+        "surface_dice_2mm": SurfaceDiceMetric([2.0], include_background=True)(y_pred, y, spacing=spacing),
+    }
+    for name, value in expected.items():
+        assert scores[name] == pytest.approx(float(value), rel=1e-6, abs=1e-9), name
+    assert 0.0 < scores["surface_dice_2mm"] < 1.0 and scores["hd95_mm"] > 0.0
+
+
 def test_spacing_changes_distances_but_not_overlap():
     shape = (40, 40, 12)
     truth = _ball(shape, (20, 20, 6), (10, 10, 12))

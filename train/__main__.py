@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from medvlm.config import config_hash, load_config
+from medvlm.data.io import atomic_write_text
 from medvlm.errors import MedVLMError
 
 STAGES = ("contrastive", "vae", "diffusion", "segmentation", "baseline", "report_generator")
@@ -39,7 +40,8 @@ def _trainer_class(stage: str):
             "segmentation": SegmentationTrainer, "baseline": BaselineTrainer, "report_generator": ReportGeneratorTrainer}[stage]
 
 
-def _check_output(output: Path, identity: dict, *, resume: bool, overwrite: bool) -> None:
+def _check_output(output: Path, identity: dict, *, overwrite: bool) -> None:
+    """Refuse (or, with ``overwrite``, replace) an output folder that holds another run; mark it as this run's."""
     marker = output / "run.json"
     if output.exists() and any(output.iterdir()):
         existing = json.loads(marker.read_text()) if marker.is_file() else None
@@ -52,7 +54,7 @@ def _check_output(output: Path, identity: dict, *, resume: bool, overwrite: bool
                 raise MedVLMError(f"{output} holds files that are not a medvlm training run; refusing to delete them")
             shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(identity, indent=1))
+    atomic_write_text(marker, json.dumps(identity, indent=1))
 
 
 def write_pipelines(config, output: Path) -> list[Path]:
@@ -146,7 +148,7 @@ def run(stage: str, config_path: str, data: str, output: str, *, resume: bool = 
 
     state = PartialState()
     if state.is_main_process:
-        _check_output(output_dir, identity, resume=resume, overwrite=overwrite)
+        _check_output(output_dir, identity, overwrite=overwrite)
     state.wait_for_everyone()
     summary_path = output_dir / "training_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"stages": {}}
@@ -184,7 +186,7 @@ def _run_stages(config, data: str, output_dir: Path, todo, plan: dict, summary: 
                     print(f"[{name}] settings changed since it was trained; retraining", flush=True)
                 shutil.rmtree(output_dir / name)  # its checkpoints belong to the old settings
                 summary["stages"].pop(name, None)
-                summary_path.write_text(json.dumps(summary, indent=1))
+                atomic_write_text(summary_path, json.dumps(summary, indent=1))
             state.wait_for_everyone()
         started = time.perf_counter()
         trainer = _trainer_class(name)(config, data, output_dir, resume=resume, train_fraction=train_fraction)
@@ -193,7 +195,7 @@ def _run_stages(config, data: str, output_dir: Path, todo, plan: dict, summary: 
             record = {**result.__dict__, "wall_seconds": time.perf_counter() - started,
                       "upstream": {u: stage_fingerprint(config, u) for u in STAGE_INPUTS[name][1]}}
             summary["stages"][name] = record
-            summary_path.write_text(json.dumps(summary, indent=1))
+            atomic_write_text(summary_path, json.dumps(summary, indent=1))
             losses = ", ".join(f"{k}={v:.4f}" for k, v in result.final_losses.items())
             print(f"[{name}] {result.steps} steps in {record['wall_seconds']:.1f} s "
                   f"({result.samples_per_second:.2f} samples/s); final {losses}", flush=True)

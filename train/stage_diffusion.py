@@ -72,7 +72,7 @@ class DiffusionTrainer(StageTrainer):
         self.cases = load_cases(self.data_dir, self.config, train_fraction=self.train_fraction, seed=self.config.training.seed)
         self.batcher = self.batches(len(self.cases))
         self.augment = augmentation(self.config, with_label=False)
-        self.vae = CTAutoencoderKL.from_pretrained(load_upstream(self.output_dir, "vae", "vae")).eval().requires_grad_(False)
+        self.vae = self.frozen_upstream(CTAutoencoderKL.from_pretrained(load_upstream(self.output_dir, "vae", "vae")))
         self.text_encoder = AutoModel.from_pretrained(load_upstream(self.output_dir, "contrastive", "text_encoder"),
                                                       local_files_only=True).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(load_upstream(self.output_dir, "contrastive", "tokenizer"), local_files_only=True)
@@ -80,7 +80,6 @@ class DiffusionTrainer(StageTrainer):
         self.scheduler = training_scheduler(c.num_train_timesteps, c.prediction_type)
         self.ema = EMAModel(self.unet.parameters(), decay=c.ema_decay)
         self.checkpoint_objects.append(self.ema)
-        self.vae.to(self.device)
         self.text_encoder.to(self.device)
         self.mirror = self.mirror_prob("cache_latents encodes every case once, unaugmented" if c.cache_latents else None)
         self.cache = self._precompute() if c.cache_latents else None

@@ -138,9 +138,12 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
         self.patch = self._checked_patch(tuple(c.patch_size))
         self.mirror = self.mirror_prob("cache_features computes the frozen features once per case, unaugmented"
                                        if c.cache_features and not c.finetune_unet else None)
-        self.vae = CTAutoencoderKL.from_pretrained(load_upstream(self.output_dir, "vae", "vae")).eval().requires_grad_(False)
+        self.vae = self.frozen_upstream(CTAutoencoderKL.from_pretrained(load_upstream(self.output_dir, "vae", "vae")))
         self.unet = ReportConditionedUNet3D.from_pretrained(load_upstream(self.output_dir, "diffusion", "unet")).eval()
-        self.unet.requires_grad_(c.finetune_unet)
+        if c.finetune_unet:
+            self.unet.requires_grad_(True)  # trained with the decoder: the training loop sets its layout
+        else:
+            self.unet = self.frozen_upstream(self.unet)
         self.text_encoder = AutoModel.from_pretrained(load_upstream(self.output_dir, "contrastive", "text_encoder"),
                                                       local_files_only=True).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(load_upstream(self.output_dir, "contrastive", "tokenizer"), local_files_only=True)
@@ -154,10 +157,7 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
         # each training case's whole-volume midline distances, once (feature cache and presence targets)
         self.sides = [case_side_map(case.image, self.config) if self.side_margin is not None else None
                       for case in self.cases]
-        for module in (self.vae, self.text_encoder):
-            module.to(self.device)
-        if not c.finetune_unet:
-            self.unet.to(self.device)
+        self.text_encoder.to(self.device)
         self.best = (-1.0, None)
         try:
             self.validation_cases = load_cases(self.data_dir, self.config, "validation")
