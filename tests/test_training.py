@@ -250,12 +250,8 @@ def test_segmentation_with_cached_frozen_features_trains_and_validates(trained, 
     assert losses["presence"] > 0 and losses["total"] == pytest.approx(losses["voxel"] + losses["presence"], rel=1e-4)
     assert 0.0 <= result.validation["dice_mean"] <= 1.0
     assert (tmp_path / "segmentation" / "final" / "segmentation" / "diffusion_pytorch_model.safetensors").is_file()
-    # the frozen upstream VAE and UNet (feature cache, validation) run in the training layout, untrainable
-    assert config.training.channels_last
+    # the frozen upstream VAE and UNet (feature cache, validation) are untrainable and in eval mode
     for frozen in (trainer.vae, trainer.unet):
-        weights = [p for p in frozen.parameters() if p.dim() == 5 and p.shape[1] > 1 and p.shape[2] > 1]
-        assert weights and all(w.is_contiguous(memory_format=torch.channels_last_3d) and not w.is_contiguous()
-                               for w in weights)
         assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.training
 
 

@@ -196,12 +196,11 @@ class StageTrainer:
 
     def frozen_upstream(self, module: torch.nn.Module) -> torch.nn.Module:
         """An upstream stage's model used here only forward (feature caches, validation): eval mode, no
-        gradients, on this process's device, and in the training layout, which makes its 3D convolutions as
-        much faster as the trained model's (the segmentation stage's feature cache of the demo's 84 cases took
-        52 s with contiguous VAE and UNet weights). Never saved by this stage, so it keeps that layout."""
-        module = module.eval().requires_grad_(False).to(self.device)
-        self._memory_format(module, training=True)
-        return module
+        gradients, on this process's device. Its weights stay contiguous: channels-last made no measurable
+        difference to a single-case forward pass on 2 CPU cores (VAE encode of a 64^3 CT 0.18-0.23 s
+        contiguous vs 0.21-0.25 s channels-last), only to training steps, and it changes the float rounding of
+        every cached feature."""
+        return module.eval().requires_grad_(False).to(self.device)
 
     def _save_checkpoint(self, step: int, losses: dict) -> None:
         self._memory_format(self.trained, training=False)
