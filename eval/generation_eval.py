@@ -244,12 +244,11 @@ def realism_and_diversity(run: str | Path, data: str | Path, samples: Sequence[n
         result["n_reference"] = len(chosen)
     data_range = float(config.output_range[1] - config.output_range[0])
     real_pairs = list(itertools.combinations(range(min(len(real), len(samples))), 2))
-    result["ms_ssim"] = {"generated, same prompt": mean_pairwise_ms_ssim(generated, data_range, within, max_pairs),
-                         "generated, different prompts": mean_pairwise_ms_ssim(generated, data_range, across, max_pairs),
-                         "real, different patients": mean_pairwise_ms_ssim(real, data_range, real_pairs, max_pairs)}
-    result["ms_ssim_pairs"] = {"generated, same prompt": len(spread_pairs(within, max_pairs)),
-                               "generated, different prompts": len(spread_pairs(across, max_pairs)),
-                               "real, different patients": len(spread_pairs(real_pairs, max_pairs))}
+    rows = {"generated, same prompt": (generated, spread_pairs(within, max_pairs)),
+            "generated, different prompts": (generated, spread_pairs(across, max_pairs)),
+            "real, different patients": (real, spread_pairs(real_pairs, max_pairs))}
+    result["ms_ssim"] = {name: mean_pairwise_ms_ssim(volumes, data_range, pairs) for name, (volumes, pairs) in rows.items()}
+    result["ms_ssim_pairs"] = {name: len(pairs) for name, (_, pairs) in rows.items()}
     return result
 
 

@@ -221,10 +221,9 @@ def evaluate(pipeline, data: str | Path, out: str | Path, *, split: str = "test"
     from medvlm.data.datalist import load_datalist
     from medvlm.data.inputs import prepare_ct
     from medvlm.data.io import atomic_write_text, load_labels, spacing_from_affine
+    from medvlm.models.base import set_conv3d_layout
     from medvlm.models.baseline import ImageOnlySegmenter
     from pipelines import ContourPipeline
-
-    from medvlm.models.base import set_conv3d_layout
 
     pipe = pipeline if isinstance(pipeline, ContourPipeline) else ContourPipeline.from_pretrained(pipeline)
     pipe.set_progress_bar_config(disable=True)

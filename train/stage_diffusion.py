@@ -73,14 +73,13 @@ class DiffusionTrainer(StageTrainer):
         self.batcher = self.batches(len(self.cases))
         self.augment = augmentation(self.config, with_label=False)
         self.vae = self.frozen_upstream(CTAutoencoderKL.from_pretrained(load_upstream(self.output_dir, "vae", "vae")))
-        self.text_encoder = AutoModel.from_pretrained(load_upstream(self.output_dir, "contrastive", "text_encoder"),
-                                                      local_files_only=True).eval().requires_grad_(False)
+        self.text_encoder = self.frozen_upstream(AutoModel.from_pretrained(
+            load_upstream(self.output_dir, "contrastive", "text_encoder"), local_files_only=True))
         self.tokenizer = AutoTokenizer.from_pretrained(load_upstream(self.output_dir, "contrastive", "tokenizer"), local_files_only=True)
         self.unet = build_unet(self.config.models, int(self.text_encoder.config.hidden_size))
         self.scheduler = training_scheduler(c.num_train_timesteps, c.prediction_type)
         self.ema = EMAModel(self.unet.parameters(), decay=c.ema_decay)
         self.checkpoint_objects.append(self.ema)
-        self.text_encoder.to(self.device)
         self.mirror = self.mirror_prob("cache_latents encodes every case once, unaugmented" if c.cache_latents else None)
         self.cache = self._precompute() if c.cache_latents else None
         return DiffusionLoss(self.unet, self.vae, self.text_encoder, self.scheduler)

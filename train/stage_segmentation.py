@@ -144,8 +144,8 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
             self.unet.requires_grad_(True)  # trained with the decoder: the training loop sets its layout
         else:
             self.unet = self.frozen_upstream(self.unet)
-        self.text_encoder = AutoModel.from_pretrained(load_upstream(self.output_dir, "contrastive", "text_encoder"),
-                                                      local_files_only=True).eval().requires_grad_(False)
+        self.text_encoder = self.frozen_upstream(AutoModel.from_pretrained(
+            load_upstream(self.output_dir, "contrastive", "text_encoder"), local_files_only=True))
         self.tokenizer = AutoTokenizer.from_pretrained(load_upstream(self.output_dir, "contrastive", "tokenizer"), local_files_only=True)
         self.segmentation = build_segmentation(self.config.models, int(self.text_encoder.config.hidden_size),
                                                self.config.data.preprocess)
@@ -157,7 +157,6 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
         # each training case's whole-volume midline distances, once (feature cache and presence targets)
         self.sides = [case_side_map(case.image, self.config) if self.side_margin is not None else None
                       for case in self.cases]
-        self.text_encoder.to(self.device)
         self.best = (-1.0, None)
         try:
             self.validation_cases = load_cases(self.data_dir, self.config, "validation")
