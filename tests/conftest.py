@@ -1,12 +1,18 @@
 """Shared test set-up: offline, deterministic, small; a temporary HF_HOME so nothing touches a user cache."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="medvlm-test-hf-"))
+if "HF_HOME" not in os.environ:
+    # removed when the session ends: every run made one more folder in the system's temporary directory
+    _hf_home = tempfile.mkdtemp(prefix="medvlm-test-hf-")
+    atexit.register(shutil.rmtree, _hf_home, ignore_errors=True)
+    os.environ["HF_HOME"] = _hf_home
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest  # noqa: E402
