@@ -21,7 +21,7 @@ from medvlm.data.datalist import load_datalist
 from medvlm.data.transforms import preprocessing_transforms
 from medvlm.data.structures import STRUCTURE_NAMES
 from medvlm.errors import DatalistError
-from medvlm.models.windows import midline_distance
+from medvlm.models.windows import coordinate_channels, midline_distance
 from medvlm.text.parse import LABEL_SPACE, label_vector, parse_report
 from medvlm.text.prompts import structured_prompt
 
@@ -105,14 +105,16 @@ def _load_cases(data_dir: Path, config: MedVLMConfig, section: str, train_fracti
 
 
 def augmentation(config: MedVLMConfig, *, with_label: bool, patch_size: Sequence[int] = (),
-                 with_side: bool = False) -> Compose:
+                 with_side: bool = False, with_coordinates: bool = False) -> Compose:
     """MONAI random transforms; no left-right flips (laterality is part of the report).
 
     ``with_side``: the samples also carry ``side`` (the whole volume's midline distance), cropped and moved
-    with the image so that a patch keeps the distances of the volume it came from.
+    with the image so that a patch keeps the distances of the volume it came from; ``with_coordinates``
+    likewise ``coordinates``, the whole volume's voxel coordinates.
     """
-    keys = ["image"] + (["side"] if with_side else []) + (["label"] if with_label else [])
-    modes = ["bilinear"] * (2 if with_side else 1) + (["nearest"] if with_label else [])
+    extra = (["side"] if with_side else []) + (["coordinates"] if with_coordinates else [])
+    keys = ["image"] + extra + (["label"] if with_label else [])
+    modes = ["bilinear"] * (1 + len(extra)) + (["nearest"] if with_label else [])
     transforms = []
     if patch_size:
         transforms.append(RandSpatialCropd(keys=keys, roi_size=tuple(patch_size), random_size=False))
@@ -208,14 +210,17 @@ def mirrored(case: Case, mirror_prob: float, seed: int, epoch: int, index: int) 
 
 
 def collate(cases: list[Case], indices: list[int], transform: Compose | None, seed: int, epoch: int,
-            mirror_prob: float = 0.0, side_margin: float | None = None, config: MedVLMConfig | None = None) -> dict:
+            mirror_prob: float = 0.0, side_margin: float | None = None, config: MedVLMConfig | None = None,
+            coordinates: bool = False) -> dict:
     """Stack the cases of one batch, augmenting each with a state derived from (seed, epoch, case).
 
     ``mirror_prob``: probability of the laterality-aware mirror image (:func:`mirror_case`).
     ``side_margin`` (needs ``config`` and a ``transform`` built ``with_side``): adds ``side_map``, the whole
     volume's midline distance of each (cropped, augmented) sample.
+    ``coordinates`` (needs a ``transform`` built ``with_coordinates``): adds ``coordinates``, the whole volume's
+    voxel coordinates (:func:`medvlm.models.windows.coordinate_channels`) of each sample.
     """
-    images, labels, sides = [], [], []
+    images, labels, sides, grids = [], [], [], []
     chosen = [mirrored(cases[i], mirror_prob, seed, epoch, i) for i in indices]
     for index, case in zip(indices, chosen):
         sample = {"image": case.image}
@@ -223,6 +228,8 @@ def collate(cases: list[Case], indices: list[int], transform: Compose | None, se
         if side_margin is not None:
             side = case_side_map(case.image, config)
             sample["side"] = side
+        if coordinates:
+            sample["coordinates"] = coordinate_channels(case.image[None])[0]
         if case.label is not None:
             sample["label"] = case.label
         if transform is not None and len(transform.transforms):
@@ -231,6 +238,8 @@ def collate(cases: list[Case], indices: list[int], transform: Compose | None, se
         images.append(torch.as_tensor(sample["image"]).float())
         if side is not None:
             sides.append(torch.as_tensor(sample["side"]).float())
+        if coordinates:
+            grids.append(torch.as_tensor(sample["coordinates"]).float())
         if "label" in sample:
             labels.append(torch.as_tensor(sample["label"]).float())
     return {
@@ -240,6 +249,7 @@ def collate(cases: list[Case], indices: list[int], transform: Compose | None, se
         "report": [case.report for case in chosen],
         "labels": torch.as_tensor(np.stack([case.labels for case in chosen])),
         "side_map": torch.stack(sides) if sides else None,
+        "coordinates": torch.stack(grids) if grids else None,
         "index": indices,
     }
 

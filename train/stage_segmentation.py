@@ -14,6 +14,7 @@ from medvlm.data.structures import STRUCTURE_NAMES
 from medvlm.errors import ConfigError
 from medvlm.models import CTAutoencoderKL, ReportConditionedUNet3D
 from medvlm.models.factory import build_segmentation
+from medvlm.models.windows import coordinate_channels
 from train.common import BestDiceMixin, StageTrainer
 from train.data import (aligned_corner, augmentation, case_side_map, collate, cut_patch, load_cases, report_fields,
                         structure_presence)
@@ -79,25 +80,26 @@ class SegmentationLoss(nn.Module):
         self.loss = loss
         self.presence_weight = presence_weight
 
-    def _logits(self, images, states, mask, fields=None, side_map=None):
+    def _logits(self, images, states, mask, fields=None, side_map=None, coordinates=None):
         with torch.set_grad_enabled(self.finetune_unet):
             encoded = self.vae.encode(images, return_features=True)
             latents = encoded.latent_dist.mode() * float(self.vae.config.scaling_factor)
             fused = self.unet(latents, 0, states, return_features=True, encoder_attention_mask=mask).features[-1]
         features = [f.detach() for f in encoded.features]
         return self.segmentation(fused, features, states, mask, null_report=states is None, image=images,
-                                 report_fields=fields, side_map=side_map)
+                                 report_fields=fields, side_map=side_map, coordinates=coordinates)
 
-    def forward(self, images, labels, input_ids, attention_mask, drop, fields=None, side_map=None, **presence_rows):
+    def forward(self, images, labels, input_ids, attention_mask, drop, fields=None, side_map=None, coordinates=None,
+                **presence_rows):
         with torch.no_grad():
             states = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         logits = torch.empty(labels.shape, device=images.device, dtype=images.dtype)
         keep = ~drop
         if bool(keep.any()):
             logits[keep] = self._logits(images[keep], states[keep], attention_mask[keep], _rows(fields, keep),
-                                        _rows(side_map, keep)).to(logits.dtype)
+                                        _rows(side_map, keep), _rows(coordinates, keep)).to(logits.dtype)
         if bool(drop.any()):  # no report: the null report of both networks, as ContourPipeline uses it
-            logits[drop] = self._logits(images[drop], None, None).to(logits.dtype)
+            logits[drop] = self._logits(images[drop], None, None, coordinates=_rows(coordinates, drop)).to(logits.dtype)
         return _total(self.loss(logits, labels), self.segmentation, self.presence_weight, presence_rows)
 
 
@@ -111,7 +113,7 @@ class CachedSegmentationLoss(nn.Module):
         self.presence_weight = presence_weight
 
     def forward(self, features, fused, fused_null, states, attention_mask, labels, drop, images, fields=None,
-                side_map=None, **presence_rows):
+                side_map=None, coordinates=None, **presence_rows):
         device = fused.device
         features = [f.to(device) for f in features]
         logits = torch.empty(labels.shape, device=device, dtype=fused.dtype)
@@ -119,10 +121,10 @@ class CachedSegmentationLoss(nn.Module):
         if bool(keep.any()):
             logits[keep] = self.segmentation(fused[keep], [f[keep] for f in features], states[keep], attention_mask[keep],
                                              image=images[keep], report_fields=_rows(fields, keep),
-                                             side_map=_rows(side_map, keep))
+                                             side_map=_rows(side_map, keep), coordinates=_rows(coordinates, keep))
         if bool(drop.any()):
             logits[drop] = self.segmentation(fused_null[drop], [f[drop] for f in features], None, None, null_report=True,
-                                             image=images[drop])
+                                             image=images[drop], coordinates=_rows(coordinates, drop))
         return _total(self.loss(logits, labels), self.segmentation, self.presence_weight, presence_rows)
 
 
@@ -153,7 +155,9 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
         self.side_margin = float(self.segmentation.config.side_margin) if self.segmentation.has_sides else None
         self.fields = int(self.segmentation.config.report_fields)
         self.augment = augmentation(self.config, with_label=True, patch_size=self.patch,
-                                    with_side=self.side_margin is not None)
+                                    with_side=self.side_margin is not None, with_coordinates=bool(self.patch))
+        # a patch's voxel coordinates are those of the whole ROI it was cut from, as the pipelines contour whole ROIs
+        self.coordinates = coordinate_channels(self.cases[0].image[None])[0] if self.patch else None
         # each training case's whole-volume midline distances, once (feature cache and presence targets)
         self.sides = [case_side_map(case.image, self.config) if self.side_margin is not None else None
                       for case in self.cases]
@@ -192,7 +196,8 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
 
         cropped = {"features": [cut(f) for f in entry["features"]], "fused": cut(entry["fused"]), "image": cut(entry["image"]),
                    "fused_null": cut(entry["fused_null"]), "states": entry["states"], "mask": entry["mask"],
-                   "side": cut(entry["side"]) if entry["side"] is not None else None}
+                   "side": cut(entry["side"]) if entry["side"] is not None else None,
+                   "coordinates": cut(self.coordinates)}
         return cropped, cut(label)
 
     @torch.no_grad()
@@ -235,15 +240,18 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
                     "labels": torch.stack(labels), "drop": drop, "images": torch.stack([e["image"] for e in entries]),
                     "fields": self._fields([self.cases[i] for i in indices]),
                     "side_map": torch.stack([e["side"] for e in entries]) if self.side_margin is not None else None,
+                    "coordinates": torch.stack([e["coordinates"] for e in entries]) if self.patch else None,
                     **self._presence_rows(index)}
         batch = collate(self.cases, self.batcher.indices(index), self.augment, self.config.training.seed, self.batcher.epoch(index),
-                        mirror_prob=self.mirror, side_margin=self.side_margin, config=self.config)
+                        mirror_prob=self.mirror, side_margin=self.side_margin, config=self.config,
+                        coordinates=bool(self.patch))
         tokens = self.tokenizer(batch["prompt"], padding=True, truncation=True, max_length=self.config.text.max_length,
                                 return_tensors="pt")
         generator = self.step_generator(index)
         return {"images": batch["image"], "labels": batch["label"], "input_ids": tokens["input_ids"],
                 "attention_mask": tokens["attention_mask"], **self._presence_rows(index),
                 "fields": report_fields(batch["labels"], self.fields), "side_map": batch["side_map"],
+                "coordinates": batch["coordinates"],
                 "drop": self.share(torch.rand(self.global_rows(len(batch["index"])), generator=generator)
                                    < self.stage_config.report_dropout)}
 

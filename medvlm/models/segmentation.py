@@ -215,11 +215,18 @@ class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
         return self.null_text_embedding.expand(batch_size, -1, -1)
 
     def report_logits(self, fused: torch.Tensor, latent_map: torch.Tensor, text_states: torch.Tensor,
-                      text_mask: torch.Tensor | None) -> torch.Tensor:
-        """The report path's logits at the latent scale."""
+                      text_mask: torch.Tensor | None, coordinates: torch.Tensor) -> torch.Tensor:
+        """The report path's logits at the latent scale.
+
+        ``coordinates`` (B, 3, X, Y, Z) at the image's scale, averaged down to the latent grid: the voxel
+        coordinates (:func:`medvlm.models.windows.coordinate_channels`) of the ROI the input was cut from.
+        """
         if fused.shape[2:] != latent_map.shape[2:]:
             fused = nn.functional.interpolate(fused, size=latent_map.shape[2:], mode="trilinear", align_corners=False)
-        h = torch.cat([fused, latent_map, coordinate_channels(latent_map)], dim=1)
+        if coordinates.shape[0] != latent_map.shape[0] or coordinates.shape[1] != 3:
+            raise ValueError(f"coordinates must be (batch, 3, X, Y, Z), got {tuple(coordinates.shape)}")
+        coordinates = nn.functional.adaptive_avg_pool3d(coordinates.to(latent_map), latent_map.shape[2:])
+        h = torch.cat([fused, latent_map, coordinates], dim=1)
         for block, attention in zip(self.report_blocks, self.report_attention):
             h = attention(block(h), text_states, text_mask)
         return self.report_head(h)
@@ -227,7 +234,8 @@ class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
     def forward(self, fused: torch.Tensor, skips: Sequence[torch.Tensor], text_states: torch.Tensor | None = None,
                 text_mask: torch.Tensor | None = None, null_report: bool = False,
                 image: torch.Tensor | None = None, return_presence: bool = False,
-                report_fields: torch.Tensor | None = None, side_map: torch.Tensor | None = None):
+                report_fields: torch.Tensor | None = None, side_map: torch.Tensor | None = None,
+                coordinates: torch.Tensor | None = None):
         """Logits (B, num_classes, X, Y, Z) at the CT's resolution.
 
         ``null_report=True`` (or ``text_states=None``) replaces the report with the learned null report.
@@ -237,6 +245,10 @@ class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
         ``report_fields``: parsed fields of each report (see :meth:`presence_logits`).
         ``side_map`` (B, 1, X, Y, Z): distance from the patient's midline for ``side_structures``
         (:func:`medvlm.models.windows.midline_distance`); default: computed from ``image``, right for a whole volume.
+        ``coordinates`` (B, 3, X, Y, Z): for a patch cut from a larger ROI, the ROI's voxel coordinates
+        (:func:`medvlm.models.windows.coordinate_channels`) cut the same way, as ``side_map``; default: those of
+        ``image`` itself, as in the pipelines, which contour whole ROIs. Training on patches without them gave
+        the report path patch-relative positions that differ from the whole ROI's at inference.
         ``image``: the preprocessed CT (B, 1, X, Y, Z) the features were computed from. Its sizes must suit
         the image path's ``UNet`` (divisible by ``2 ** (len(decoder_channels) - 1)``), as the pipelines' ROIs are.
         """
@@ -252,7 +264,11 @@ class FusedSegmentationDecoder(AlignedModelMixin, ConfigMixin):
             text_states, text_mask = self.null_context(fused.shape[0]), None
         text_states = text_states.to(fused.dtype)
         image_logits = self.image_path(self.windows(image.to(fused.dtype)))
-        coarse = self.report_logits(fused, skips[-1], text_states, text_mask)
+        if coordinates is None:
+            coordinates = coordinate_channels(image)
+        elif tuple(coordinates.shape[2:]) != tuple(image.shape[2:]):
+            raise ValueError(f"coordinates size {tuple(coordinates.shape[2:])} differs from the image's {tuple(image.shape[2:])}")
+        coarse = self.report_logits(fused, skips[-1], text_states, text_mask, coordinates)
         logits = image_logits + nn.functional.interpolate(coarse, size=image_logits.shape[2:], mode="trilinear",
                                                           align_corners=False)
         presence = None
