@@ -95,6 +95,27 @@ def test_report_path_starts_at_zero_then_carries_the_report(tiny):
         assert (seg(fused, encoded.features, a, image=x) - seg(fused, encoded.features, b, image=x)).abs().max() > 1e-4
 
 
+def test_report_path_takes_the_whole_rois_coordinates_for_a_patch(tiny):
+    """A patch cut from a larger ROI passes that ROI's voxel coordinates (cut the same way); without them the
+    decoder uses the input's own grid, as for the whole ROIs the pipelines contour."""
+    from medvlm.models.windows import coordinate_channels
+
+    _, nets = tiny
+    seg = copy.deepcopy(nets["segmentation"])
+    x = torch.randn(1, 1, 32, 32, 32)
+    encoded = nets["vae"].encode(x, return_features=True)
+    fused = nets["unet"](encoded.latent_dist.mode(), 0, _context(1), return_features=True).features[-1]
+    roi = coordinate_channels(torch.zeros(1, 1, 64, 64, 64))
+    with torch.no_grad():
+        torch.nn.init.normal_(seg.report_head.conv.conv.weight, std=0.5)
+        default = seg(fused, encoded.features, _context(1), image=x)
+        assert torch.equal(default, seg(fused, encoded.features, _context(1), image=x, coordinates=coordinate_channels(x)))
+        corner = seg(fused, encoded.features, _context(1), image=x, coordinates=roi[..., :32, :32, :32])
+        assert (corner - default).abs().max() > 1e-4  # a corner of the ROI is not the ROI
+        with pytest.raises(ValueError, match="coordinates size"):
+            seg(fused, encoded.features, _context(1), image=x, coordinates=roi)
+
+
 def test_presence_head_multiplies_probabilities_and_learns_what_the_report_rules_out(tiny):
     """P(voxel) = P(present | report) * P(voxel | present): the untrained head (0.98) changes little, a report
     that rules a structure out empties it whatever the image shows, the null report rules nothing out, and

@@ -250,6 +250,16 @@ def test_segmentation_with_cached_frozen_features_trains_and_validates(trained, 
     assert losses["presence"] > 0 and losses["total"] == pytest.approx(losses["voxel"] + losses["presence"], rel=1e-4)
     assert 0.0 <= result.validation["dice_mean"] <= 1.0
     assert (tmp_path / "segmentation" / "final" / "segmentation" / "diffusion_pytorch_model.safetensors").is_file()
+    # each cached patch carries the voxel coordinates of the whole ROI, cut at the patch's corner
+    inputs = trainer.make_inputs(2)
+    patch = tuple(config.training.segmentation.patch_size)
+    assert tuple(inputs["coordinates"].shape) == (len(inputs["labels"]), 3, *patch)
+    whole = trainer.coordinates
+    assert tuple(whole.shape[1:]) == tuple(trainer.cases[0].image.shape[1:])
+    lines = (whole[0, :, 0, 0], whole[1, 0, :, 0], whole[2, 0, 0, :])
+    for grid in inputs["coordinates"]:
+        corner = [int((lines[axis] - grid[axis, 0, 0, 0]).abs().argmin()) for axis in range(3)]
+        assert torch.equal(grid, whole[(slice(None), *(slice(c, c + p) for c, p in zip(corner, patch)))])
     # the frozen upstream VAE and UNet (feature cache, validation) are untrainable and in eval mode
     for frozen in (trainer.vae, trainer.unet):
         assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.training
@@ -456,7 +466,7 @@ def test_presence_targets_count_the_whole_case_and_side_maps_follow_the_crop(tin
     from monai.transforms import Compose, SpatialCropd
 
     from medvlm.data.structures import STRUCTURE_NAMES
-    from medvlm.models.windows import midline_distance
+    from medvlm.models.windows import coordinate_channels, midline_distance
     from train.data import collate, load_cases, structure_presence
 
     cases = load_cases(tiny_data, load_config(TINY))
@@ -473,6 +483,13 @@ def test_presence_targets_count_the_whole_case_and_side_maps_follow_the_crop(tin
     batch = collate(cases, [number], crop, seed=0, epoch=0, side_margin=1.0, config=config)
     whole = midline_distance(cases[number].image[None])[0]
     assert torch.equal(batch["side_map"][0], whole[:, 2:6, 0:4, 0:4])
+    assert batch["coordinates"] is None  # only asked for with coordinates=True
+    # a patch's voxel coordinates are those of the whole volume, cut and moved with it
+    crop = Compose([SpatialCropd(keys=["image", "side", "coordinates", "label"], roi_start=[2, 0, 0], roi_end=[6, 4, 4])])
+    batch = collate(cases, [number], crop, seed=0, epoch=0, side_margin=1.0, config=config, coordinates=True)
+    grid = coordinate_channels(cases[number].image[None])[0]
+    assert torch.equal(batch["coordinates"][0], grid[:, 2:6, 0:4, 0:4])
+    assert batch["coordinates"][0, 0].min() > -1.0  # x starts at voxel 2 of the volume, not at its edge
     present = structure_presence(cases[number].label, whole, 1.0)  # per side: (anywhere, left, right)
     assert present.shape == (len(STRUCTURE_NAMES), 3) and present[gtvp, 0] == 1.0
     parotid_left, parotid_right = STRUCTURE_NAMES.index("Parotid_L"), STRUCTURE_NAMES.index("Parotid_R")
