@@ -263,6 +263,37 @@ def test_segmentation_with_cached_frozen_features_trains_and_validates(trained, 
     # the frozen upstream VAE and UNet (feature cache, validation) are untrainable and in eval mode
     for frozen in (trainer.vae, trainer.unet):
         assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.training
+    # the cache, computed for several cases per forward pass, holds what each case gives alone
+    assert trainer.cache_batch > 1 and len(trainer.cache) == len(trainer.cases)
+    tokens = trainer.tokenizer([c.prompt for c in trainer.cases], padding=True, truncation=True,
+                               max_length=config.text.max_length, return_tensors="pt")
+    for number in (0, len(trainer.cases) - 1):
+        with torch.no_grad():
+            one = {k: v[number:number + 1] for k, v in tokens.items()}
+            states = trainer.text_encoder(**one).last_hidden_state
+            encoded = trainer.vae.encode(trainer.cases[number].image[None], return_features=True)
+            latents = encoded.latent_dist.mode() * float(trainer.vae.config.scaling_factor)
+            fused = trainer.unet(latents, 0, states, return_features=True,
+                                 encoder_attention_mask=one["attention_mask"]).features[-1]
+            fused_null = trainer.unet(latents, 0, None, return_features=True).features[-1]
+        entry = trainer.cache[number]
+        torch.testing.assert_close(entry["fused"], fused[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(entry["fused_null"], fused_null[0], atol=1e-4, rtol=1e-4)
+        for cached, alone in zip(entry["features"], encoded.features):
+            torch.testing.assert_close(cached, alone[0], atol=1e-4, rtol=1e-4)
+        assert torch.equal(entry["mask"], one["attention_mask"][0])
+    # validation runs the frozen networks once per validation case: later validations reuse their features
+    assert len(trainer._validation_inputs) == len(trainer.validation_cases) > 0
+    first = trainer.validate(5)
+
+    def encode_again(*args, **kwargs):
+        raise AssertionError("validation encoded a case again")
+
+    trainer.vae.encode = encode_again
+    try:
+        assert trainer.validate(6) == first
+    finally:
+        del trainer.vae.encode
 
 
 def test_aligned_patches_cut_every_scale_at_the_same_place():

@@ -33,14 +33,6 @@ def segmentation_loss(settings) -> nn.Module:
     raise ConfigError(f"training.segmentation.loss must be 'dice_ce' or 'dice_focal', got {settings.loss!r}")
 
 
-def fused_logits(vae, unet, segmentation, images, states, attention_mask, fields=None):
-    """The contouring path of ContourPipeline (clean latent, timestep 0), for one batch of whole ROIs."""
-    encoded = vae.encode(images, return_features=True)
-    latents = encoded.latent_dist.mode() * float(vae.config.scaling_factor)
-    fused = unet(latents, 0, states, return_features=True, encoder_attention_mask=attention_mask).features[-1]
-    return segmentation(fused, encoded.features, states, attention_mask, image=images, report_fields=fields)
-
-
 def presence_loss(segmentation, states: torch.Tensor, mask: torch.Tensor, fields: torch.Tensor | None,
                   present: torch.Tensor) -> torch.Tensor:
     """BCE of the decoder's presence logits for the reports of ``states``/``mask``/``fields`` against whether
@@ -167,6 +159,7 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
         except Exception:  # a datalist without validation split: validate on nothing
             self.validation_cases = []
         self.presence_pool = self._presence_pool()
+        self._validation_inputs: dict[int, tuple] = {}
         self.cache = None
         if c.cache_features and not c.finetune_unet:
             self.cache = self._precompute()
@@ -200,6 +193,10 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
                    "coordinates": cut(self.coordinates)}
         return cropped, cut(label)
 
+    # cases per forward pass of the frozen networks while caching: on 2 CPU cores the 3D UNet takes 0.10 s for
+    # one 64^3 case and 0.05 s a case in pairs or fours; the VAE encoder gains nothing from larger batches there
+    cache_batch = 2
+
     @torch.no_grad()
     def _precompute(self) -> list[dict]:
         """Frozen features of every training case, with its report and with the null report."""
@@ -209,17 +206,22 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
         # one padding length for all cases (the longest prompt), so cached token states stack into batches
         everything = self.tokenizer([c.prompt for c in self.cases], padding=True, truncation=True,
                                     max_length=self.config.text.max_length, return_tensors="pt")
-        for number, case in enumerate(tqdm(self.cases, desc="segmentation: caching frozen features",
-                                           disable=not self.accelerator.is_local_main_process)):
-            tokens = {k: v[number:number + 1].to(self.device) for k, v in everything.items()}
+        starts = range(0, len(self.cases), self.cache_batch)
+        for start in tqdm(starts, desc="segmentation: caching frozen features", unit="batch",
+                          disable=not self.accelerator.is_local_main_process):
+            numbers = list(range(start, min(start + self.cache_batch, len(self.cases))))
+            tokens = {k: v[numbers].to(self.device) for k, v in everything.items()}
             states = self.text_encoder(**tokens).last_hidden_state
-            encoded = self.vae.encode(case.image[None].to(self.device), return_features=True)
+            images = torch.stack([self.cases[n].image for n in numbers]).to(self.device)
+            encoded = self.vae.encode(images, return_features=True)
             latents = encoded.latent_dist.mode() * float(self.vae.config.scaling_factor)
             fused = self.unet(latents, 0, states, return_features=True, encoder_attention_mask=tokens["attention_mask"]).features[-1]
             fused_null = self.unet(latents, 0, None, return_features=True).features[-1]
-            cache.append({"features": [f[0].cpu() for f in encoded.features], "fused": fused[0].cpu(), "image": case.image,
-                          "fused_null": fused_null[0].cpu(), "states": states[0].cpu(), "mask": tokens["attention_mask"][0].cpu(),
-                          "side": self.sides[number]})
+            for row, number in enumerate(numbers):
+                cache.append({"features": [f[row].cpu() for f in encoded.features], "fused": fused[row].cpu(),
+                              "image": self.cases[number].image, "fused_null": fused_null[row].cpu(),
+                              "states": states[row].cpu(), "mask": tokens["attention_mask"][row].cpu(),
+                              "side": self.sides[number]})
         return cache
 
     def make_inputs(self, index: int) -> dict:
@@ -288,17 +290,33 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
         """The parsed report fields the decoder's presence head reads (None when it reads none)."""
         return report_fields(torch.as_tensor(np.stack([case.labels for case in cases])), self.fields)
 
+    @torch.no_grad()
+    def _validation_features(self, case) -> tuple:
+        """The contouring path of ContourPipeline up to the decoder (clean latent, timestep 0) for one case."""
+        tokens = self.tokenizer([case.prompt], padding=True, truncation=True, max_length=self.config.text.max_length,
+                                return_tensors="pt").to(self.device)
+        states = self.text_encoder(**tokens).last_hidden_state
+        fields = self._fields([case])
+        image = case.image[None].to(self.device)
+        encoded = self.vae.encode(image, return_features=True)
+        latents = encoded.latent_dist.mode() * float(self.vae.config.scaling_factor)
+        fused = self.unwrap(self.unet)(latents, 0, states, return_features=True,
+                                       encoder_attention_mask=tokens["attention_mask"]).features[-1]
+        return (fused, list(encoded.features), states, tokens["attention_mask"],
+                fields.to(self.device) if fields is not None else None)
+
     def validate(self, step: int) -> dict:
         """Validation Dice per structure; keeps the best decoder weights and logs the first case's CTVn."""
         segmentation = self.unwrap(self.segmentation)
 
         def logits_of(number, case):
-            tokens = self.tokenizer([case.prompt], padding=True, truncation=True, max_length=self.config.text.max_length,
-                                    return_tensors="pt").to(self.device)
-            states = self.text_encoder(**tokens).last_hidden_state
-            fields = self._fields([case])
-            return fused_logits(self.vae, self.unwrap(self.unet), segmentation, case.image[None].to(self.device), states,
-                                tokens["attention_mask"], fields.to(self.device) if fields is not None else None)
+            inputs = self._validation_inputs.get(number)
+            if inputs is None:
+                inputs = self._validation_features(case)
+                if self.cache is not None:  # frozen upstream networks: their features are the same at every validation
+                    self._validation_inputs[number] = inputs
+            fused, features, states, mask, fields = inputs
+            return segmentation(fused, features, states, mask, image=case.image[None].to(self.device), report_fields=fields)
 
         def log_first(number, case, prediction):
             if number == 0:
