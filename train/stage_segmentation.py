@@ -33,6 +33,13 @@ def segmentation_loss(settings) -> nn.Module:
     raise ConfigError(f"training.segmentation.loss must be 'dice_ce' or 'dice_focal', got {settings.loss!r}")
 
 
+def _moved(value, device):
+    """A tensor, a list of tensors or None, on ``device``."""
+    if value is None:
+        return None
+    return [v.to(device) for v in value] if isinstance(value, list) else value.to(device)
+
+
 def presence_loss(segmentation, states: torch.Tensor, mask: torch.Tensor, fields: torch.Tensor | None,
                   present: torch.Tensor) -> torch.Tensor:
     """BCE of the decoder's presence logits for the reports of ``states``/``mask``/``fields`` against whether
@@ -310,11 +317,14 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
         segmentation = self.unwrap(self.segmentation)
 
         def logits_of(number, case):
-            inputs = self._validation_inputs.get(number)
-            if inputs is None:
+            kept = self._validation_inputs.get(number)
+            if kept is None:
                 inputs = self._validation_features(case)
-                if self.cache is not None:  # frozen upstream networks: their features are the same at every validation
-                    self._validation_inputs[number] = inputs
+                if self.cache is not None:  # frozen upstream networks: the same features at every validation,
+                    # kept in host memory as the training cache is (the device holds one case's at a time)
+                    self._validation_inputs[number] = tuple(_moved(v, "cpu") for v in inputs)
+            else:
+                inputs = tuple(_moved(v, self.device) for v in kept)
             fused, features, states, mask, fields = inputs
             return segmentation(fused, features, states, mask, image=case.image[None].to(self.device), report_fields=fields)
 
