@@ -223,7 +223,7 @@ def test_two_process_ddp_splits_the_batch_and_keeps_ranks_identical(tiny_data, t
 
 
 def test_segmentation_with_cached_frozen_features_trains_and_validates(trained, tiny_data, tmp_path):
-    from train.stage_segmentation import SegmentationTrainer
+    from train.stage_segmentation import SegmentationTrainer, fused_features
 
     for stage in ("contrastive", "vae", "diffusion"):
         shutil.copytree(trained / stage / "final", tmp_path / stage / "final")
@@ -271,15 +271,13 @@ def test_segmentation_with_cached_frozen_features_trains_and_validates(trained, 
         with torch.no_grad():
             one = {k: v[number:number + 1] for k, v in tokens.items()}
             states = trainer.text_encoder(**one).last_hidden_state
-            encoded = trainer.vae.encode(trainer.cases[number].image[None], return_features=True)
-            latents = encoded.latent_dist.mode() * float(trainer.vae.config.scaling_factor)
-            fused = trainer.unet(latents, 0, states, return_features=True,
-                                 encoder_attention_mask=one["attention_mask"]).features[-1]
+            features, latents, fused = fused_features(trainer.vae, trainer.unet, trainer.cases[number].image[None], states,
+                                                      one["attention_mask"])
             fused_null = trainer.unet(latents, 0, None, return_features=True).features[-1]
         entry = trainer.cache[number]
         torch.testing.assert_close(entry["fused"], fused[0], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(entry["fused_null"], fused_null[0], atol=1e-4, rtol=1e-4)
-        for cached, alone in zip(entry["features"], encoded.features):
+        for cached, alone in zip(entry["features"], features):
             torch.testing.assert_close(cached, alone[0], atol=1e-4, rtol=1e-4)
         assert torch.equal(entry["mask"], one["attention_mask"][0])
     # validation runs the frozen networks once per validation case: later validations reuse their features

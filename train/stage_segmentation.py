@@ -33,6 +33,16 @@ def segmentation_loss(settings) -> nn.Module:
     raise ConfigError(f"training.segmentation.loss must be 'dice_ce' or 'dice_focal', got {settings.loss!r}")
 
 
+def fused_features(vae, unet, images: torch.Tensor, states: torch.Tensor | None,
+                   attention_mask: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The contouring path of ContourPipeline up to the decoder (clean latent, timestep 0): the VAE encoder's
+    feature maps, the scaled latents and the UNet's fused features for the reports' ``states`` (None: null report)."""
+    encoded = vae.encode(images, return_features=True)
+    latents = encoded.latent_dist.mode() * float(vae.config.scaling_factor)
+    fused = unet(latents, 0, states, return_features=True, encoder_attention_mask=attention_mask).features[-1]
+    return list(encoded.features), latents, fused
+
+
 def _moved(value, device):
     """A tensor, a list of tensors or None, on ``device``."""
     if value is None:
@@ -81,10 +91,8 @@ class SegmentationLoss(nn.Module):
 
     def _logits(self, images, states, mask, fields=None, side_map=None, coordinates=None):
         with torch.set_grad_enabled(self.finetune_unet):
-            encoded = self.vae.encode(images, return_features=True)
-            latents = encoded.latent_dist.mode() * float(self.vae.config.scaling_factor)
-            fused = self.unet(latents, 0, states, return_features=True, encoder_attention_mask=mask).features[-1]
-        features = [f.detach() for f in encoded.features]
+            features, _, fused = fused_features(self.vae, self.unet, images, states, mask)
+        features = [f.detach() for f in features]
         return self.segmentation(fused, features, states, mask, null_report=states is None, image=images,
                                  report_fields=fields, side_map=side_map, coordinates=coordinates)
 
@@ -220,12 +228,10 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
             tokens = {k: v[numbers].to(self.device) for k, v in everything.items()}
             states = self.text_encoder(**tokens).last_hidden_state
             images = torch.stack([self.cases[n].image for n in numbers]).to(self.device)
-            encoded = self.vae.encode(images, return_features=True)
-            latents = encoded.latent_dist.mode() * float(self.vae.config.scaling_factor)
-            fused = self.unet(latents, 0, states, return_features=True, encoder_attention_mask=tokens["attention_mask"]).features[-1]
+            features, latents, fused = fused_features(self.vae, self.unet, images, states, tokens["attention_mask"])
             fused_null = self.unet(latents, 0, None, return_features=True).features[-1]
             for row, number in enumerate(numbers):
-                cache.append({"features": [f[row].cpu() for f in encoded.features], "fused": fused[row].cpu(),
+                cache.append({"features": [f[row].cpu() for f in features], "fused": fused[row].cpu(),
                               "image": self.cases[number].image, "fused_null": fused_null[row].cpu(),
                               "states": states[row].cpu(), "mask": tokens["attention_mask"][row].cpu(),
                               "side": self.sides[number]})
@@ -299,17 +305,14 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
 
     @torch.no_grad()
     def _validation_features(self, case) -> tuple:
-        """The contouring path of ContourPipeline up to the decoder (clean latent, timestep 0) for one case."""
+        """:func:`fused_features` of one validation case with its report, and the report's states, mask and fields."""
         tokens = self.tokenizer([case.prompt], padding=True, truncation=True, max_length=self.config.text.max_length,
                                 return_tensors="pt").to(self.device)
         states = self.text_encoder(**tokens).last_hidden_state
         fields = self._fields([case])
-        image = case.image[None].to(self.device)
-        encoded = self.vae.encode(image, return_features=True)
-        latents = encoded.latent_dist.mode() * float(self.vae.config.scaling_factor)
-        fused = self.unwrap(self.unet)(latents, 0, states, return_features=True,
-                                       encoder_attention_mask=tokens["attention_mask"]).features[-1]
-        return (fused, list(encoded.features), states, tokens["attention_mask"],
+        features, _, fused = fused_features(self.vae, self.unwrap(self.unet), case.image[None].to(self.device), states,
+                                            tokens["attention_mask"])
+        return (fused, features, states, tokens["attention_mask"],
                 fields.to(self.device) if fields is not None else None)
 
     def validate(self, step: int) -> dict:
