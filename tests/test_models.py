@@ -312,7 +312,7 @@ def test_save_and_load_round_trip_is_bit_exact(tiny, tmp_path, name):
 
 def _as_if_trained(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """A copy with every parameter moved off its initial value: the zero- and near-zero-initialised output
-    layers (diffusers' attention projections, the report path's head, FiLM) make a fresh network ignore its
+    layers (diffusers' attention projections, the report path's head) make a fresh network ignore its
     conditioning by design, which a test of the conditioning must not depend on (nor on an earlier test's
     optimiser step)."""
     module = copy.deepcopy(module).eval()
