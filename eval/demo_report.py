@@ -58,7 +58,7 @@ def pipeline_examples(run: Path, data: Path, out: Path) -> list[str]:
         if masks is not None:
             save_labels(out / f"generated_{side}_labels.nii.gz", masks, generated.affine, generated.structure_names)
         save_preview(out / f"generated_{side}.png", generated.ct[i], masks, list(generated.structure_names),
-                     tuple(float(v) for v in np.linalg.norm(generated.affine[:3, :3], axis=0)), title=prompt[:60])
+                     tuple(float(v) for v in np.linalg.norm(generated.affine[:3, :3], axis=0)), title=prompt)
         lines.append(f"* Generate ({side}): \"{prompt}\" -> ![{side}](examples/generated_{side}.png)")
 
     classify = ZeroShotClassificationPipeline.from_pretrained(run / "zero_shot")

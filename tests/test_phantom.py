@@ -238,3 +238,27 @@ def test_heldout_reports_use_phrasings_never_seen_in_training(phantom):
         heldout = phantom.case(i, report_family="heldout").report.text
         assert not any(p in heldout for p in train_phrases)
         assert not any(p in train for p in heldout_phrases)
+
+
+def test_preview_views_put_each_structure_under_its_orientation_letter(cases):
+    """The letters drawn on the PNG previews (``VIEW_EDGES``) name the side each structure really lies on."""
+    from medvlm.data.preview import VIEW_EDGES, _views
+
+    case = cases[0]
+    assert np.all(np.diag(case.affine)[:3] > 0), "the phantom's arrays are RAS-ordered"
+
+    def centroid(name):  # (column, row) of the structure's centroid in each view, as fractions of the view
+        mask = case.mask(name)
+        views = _views(mask.astype(np.float32), [int(v) for v in np.argwhere(mask).mean(axis=0)])
+        return [(np.argwhere(v)[:, 1].mean() / v.shape[1], np.argwhere(v)[:, 0].mean() / v.shape[0]) for v in views]
+
+    def edge(view, name, axis):  # the letter of the edge the structure is nearer along ``axis`` (0 columns, 1 rows)
+        fraction = centroid(name)[("axial", "coronal", "sagittal").index(view)][axis]
+        letters = VIEW_EDGES[view][2 * axis: 2 * axis + 2]
+        return letters[0] if fraction < 0.5 else letters[1]
+
+    assert edge("axial", "Parotid_R", 0) == "R" and edge("axial", "Parotid_L", 0) == "L"
+    assert edge("coronal", "Parotid_R", 0) == "R" and edge("coronal", "Parotid_L", 0) == "L"
+    assert edge("axial", "Bone_Mandible", 1) == "A" and edge("axial", "SpinalCord", 1) == "P"
+    assert edge("sagittal", "Bone_Mandible", 0) == "A" and edge("sagittal", "SpinalCord", 0) == "P"
+    assert edge("coronal", "Brainstem", 1) == "S" and edge("sagittal", "Brainstem", 1) == "S"

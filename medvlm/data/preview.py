@@ -5,6 +5,7 @@ Slices are shown in radiological convention (patient's right on the image's left
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -30,9 +31,25 @@ def focus_point(labels: np.ndarray, names: Sequence[str], image_shape: Sequence[
     return tuple(n // 2 for n in image_shape)  # type: ignore[return-value]
 
 
+# The patient direction at the (left, right, top, bottom) edge of each view of ``_views`` (RAS arrays: +x points to
+# the patient's Right, +y Anterior, +z Superior; radiological display), written on every view so that a reader
+# can judge a tumour's side without knowing the convention.
+VIEW_EDGES = {"axial": ("R", "L", "A", "P"), "coronal": ("R", "L", "S", "I"), "sagittal": ("A", "P", "S", "I")}
+
+
 def _views(volume: np.ndarray, point: Sequence[int]) -> list[np.ndarray]:
+    """Axial, coronal and sagittal slices of a RAS-ordered array through ``point``, oriented as ``VIEW_EDGES``."""
     i, j, k = point
     return [volume[::-1, ::-1, k].T, volume[::-1, j, ::-1].T, volume[i, ::-1, ::-1].T]
+
+
+def _mark_edges(ax, edges: tuple[str, str, str, str]) -> None:
+    """Orientation letters at the middle of each edge of a view (left, right, top, bottom)."""
+    style = dict(color="yellow", fontsize=9, fontweight="bold", transform=ax.transAxes)
+    ax.text(0.01, 0.5, edges[0], ha="left", va="center", **style)
+    ax.text(0.99, 0.5, edges[1], ha="right", va="center", **style)
+    ax.text(0.5, 0.99, edges[2], ha="center", va="top", **style)
+    ax.text(0.5, 0.01, edges[3], ha="center", va="bottom", **style)
 
 
 def save_preview(path: str | os.PathLike, image_hu: np.ndarray, labels: np.ndarray | None, names: Sequence[str],
@@ -54,6 +71,7 @@ def save_preview(path: str | os.PathLike, image_hu: np.ndarray, labels: np.ndarr
         ax.imshow(view, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
         ax.set_title(label, fontsize=9)
         ax.axis("off")
+        _mark_edges(ax, VIEW_EDGES[label])
     for c, name in enumerate(names):
         mask_views = _views(labels[c].astype(np.float32), point)
         colour = np.array(STRUCTURE_COLOURS.get(name, (255, 255, 255))) / 255.0
@@ -67,8 +85,9 @@ def save_preview(path: str | os.PathLike, image_hu: np.ndarray, labels: np.ndarr
     handles = [plt.Line2D([0], [0], color=colour, lw=2, label=name) for name, colour in present]
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 9), fontsize=8, frameon=False)
+    title = textwrap.fill(title, width=110, max_lines=2, placeholder=" ...")  # a whole report prompt fits
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.06, 1, 0.93 if "\n" in title else 0.95))
     return save_figure(fig, path)
 
 
