@@ -128,6 +128,7 @@ class ReportToCTPipeline(MedVLMPipeline):
         states = states.repeat_interleave(num_images_per_prompt, dim=0)
         mask = mask.repeat_interleave(num_images_per_prompt, dim=0)
         context = states * mask[..., None].to(states.dtype)  # padded tokens carry nothing
+        report_context, report_mask = context, mask  # before guidance padding: what the decoder contours with
         if do_guidance:
             if negatives is not None:
                 neg_states, neg_mask, _ = self.encode_reports(negatives, device, self.config.max_report_tokens, self.config.report_format)
@@ -185,11 +186,12 @@ class ReportToCTPipeline(MedVLMPipeline):
         masks = None
         if return_masks:
             encoded = self.vae.encode(image, return_features=True)
-            fused = self.unet(latents, 0, context, return_features=True).features[-1]
+            fused = self.unet(latents, 0, report_context, return_features=True).features[-1]
             fields = self.report_fields(used, device)
             fields = fields.repeat_interleave(num_images_per_prompt, dim=0) if fields is not None else None
-            probabilities = torch.sigmoid(self.segmentation(fused, encoded.features, context, image=image,
-                                                            report_fields=fields))
+            # the decoder's cross-attention and presence pooling skip padded tokens, as in training
+            probabilities = torch.sigmoid(self.segmentation(fused, encoded.features, report_context, report_mask,
+                                                            image=image, report_fields=fields))
             thresholds = torch.tensor(self.config.thresholds, device=device).view(1, -1, 1, 1, 1)
             masks = probabilities >= thresholds
 

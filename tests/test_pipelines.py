@@ -227,6 +227,25 @@ def test_batch_with_one_generator_each_equals_single_calls(pipes):
     assert np.abs(batch.ct[1] - single.ct[0]).max() < 0.05
 
 
+def test_generated_ct_is_contoured_with_the_reports_padding_mask(pipes, monkeypatch):
+    """The paired contours skip padded report tokens, as the decoder did in training (and ContourPipeline does)."""
+    pipe = pipes["report_to_ct"]
+    prompts = ["a left tonsil", "right oral tongue SCC, cT3 N2 M0, HPV negative, bilateral elective neck levels I-V"]
+    states, mask, _ = pipe.encode_reports(prompts, torch.device("cpu"), pipe.config.max_report_tokens, pipe.config.report_format)
+    assert mask.sum(1)[0] < mask.sum(1)[1], "the prompts must differ in length for the check to mean anything"
+    seen = {}
+    forward = pipe.segmentation.forward
+
+    def spy(fused, skips, text_states=None, text_mask=None, *args, **kwargs):
+        seen["states"], seen["mask"] = text_states, text_mask
+        return forward(fused, skips, text_states, text_mask, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.segmentation, "forward", spy)
+    pipe(prompts, num_inference_steps=2, generator=[torch.Generator().manual_seed(i) for i in range(2)])
+    assert seen["mask"] is not None and torch.equal(seen["mask"].cpu(), mask)
+    assert seen["states"].shape[1] == mask.shape[1]
+
+
 @pytest.mark.parametrize("scheduler_class", [DDIMScheduler, DPMSolverMultistepScheduler])
 def test_schedulers_are_swappable(pipes, scheduler_class):
     pipe = pipes["report_to_ct"]
