@@ -14,6 +14,7 @@ from medvlm.config import PreprocessConfig, preprocess_from_dict, preprocess_to_
 from medvlm.data.inputs import PreparedCT, as_list, prepare_ct
 from medvlm.data.structures import STRUCTURE_NAMES
 from medvlm.models import CTAutoencoderKL, FusedSegmentationDecoder, ReportConditionedUNet3D
+from medvlm.models.segmentation import fused_features
 from pipelines.base import MedVLMPipeline
 
 logger = logging.getLogger(__name__)
@@ -222,7 +223,6 @@ class ContourPipeline(MedVLMPipeline):
 
     def _infer(self, image: torch.Tensor, states, mask, config: PreprocessConfig, overlap: float, sw_batch_size: int,
                noise_timestep: int, generator, fields: torch.Tensor | None = None) -> torch.Tensor:
-        scaling = float(self.vae.config.scaling_factor)
         # per-side presence needs each window's distance from the midline of the whole volume: it travels
         # through the sliding window as a second channel (a window alone would find its own centroid)
         sided = states is not None and getattr(self.segmentation, "has_sides", False)
@@ -234,18 +234,11 @@ class ContourPipeline(MedVLMPipeline):
         def predictor(window: torch.Tensor) -> torch.Tensor:
             patch, side_map = (window[:, :1], window[:, 1:]) if sided else (window, None)
             batch = patch.shape[0]
-            encoded = self.vae.encode(patch, return_features=True)
-            latents = encoded.latent_dist.mode() * scaling
-            if noise_timestep > 0:
-                from diffusers.utils.torch_utils import randn_tensor
-
-                noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-                latents = self.scheduler.add_noise(latents, noise, torch.tensor([noise_timestep], device=latents.device))
             context = states.expand(batch, -1, -1) if states is not None else None
             context_mask = mask.expand(batch, -1) if mask is not None else None
-            fused = self.unet(latents, noise_timestep, context, return_features=True,
-                              encoder_attention_mask=context_mask).features[-1]
-            logits = self.segmentation(fused, encoded.features, context, context_mask, null_report=context is None, image=patch,
+            skips, _, fused = fused_features(self.vae, self.unet, patch, context, context_mask, timestep=noise_timestep,
+                                             scheduler=self.scheduler, generator=generator)
+            logits = self.segmentation(fused, skips, context, context_mask, null_report=context is None, image=patch,
                                        report_fields=fields.expand(batch, -1) if fields is not None else None,
                                        side_map=side_map)
             return torch.sigmoid(logits)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,6 +131,17 @@ def test_benchmark_command_measures_each_schedule(capsys, tmp_path):
     assert [row.split("|")[2].strip() for row in rows] == ["50", "25", "10"]
     assert "| DDIM | 50 |" in printed and "1.00 x" in printed and "| vae | 3 | 1.50 |" in printed
     assert "no report_to_ct pipeline: laterality fidelity per schedule not measured" in printed
+
+
+def test_gpu_model_benchmark_runs_every_step_on_the_tiny_preset_on_cpu(capsys):
+    """The GPU benchmark's three training steps run (its decoder step once lacked the CT the decoder needs)."""
+    from eval import bench_gpu_models
+
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    assert bench_gpu_models.main(["--config", tiny, "--device", "cpu", "--vae-patch", "16", "16", "16"]) == 0
+    printed = capsys.readouterr().out
+    assert "VAE train step, patch 16x16x16" in printed and "UNet train step, latents (8, 8, 8)" in printed
+    assert "segmentation train step, full ROI (32, 32, 32)" in printed and "out of memory" not in printed
 
 
 def test_zero_shot_scores_against_hand_computed_values():

@@ -223,7 +223,8 @@ def test_two_process_ddp_splits_the_batch_and_keeps_ranks_identical(tiny_data, t
 
 
 def test_segmentation_with_cached_frozen_features_trains_and_validates(trained, tiny_data, tmp_path):
-    from train.stage_segmentation import SegmentationTrainer, fused_features
+    from medvlm.models.segmentation import fused_features
+    from train.stage_segmentation import SegmentationTrainer
 
     for stage in ("contrastive", "vae", "diffusion"):
         shutil.copytree(trained / stage / "final", tmp_path / stage / "final")

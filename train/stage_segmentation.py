@@ -14,6 +14,7 @@ from medvlm.data.structures import STRUCTURE_NAMES
 from medvlm.errors import ConfigError
 from medvlm.models import CTAutoencoderKL, ReportConditionedUNet3D
 from medvlm.models.factory import build_segmentation
+from medvlm.models.segmentation import fused_features
 from medvlm.models.windows import coordinate_channels
 from train.common import BestDiceMixin, StageTrainer
 from train.data import (aligned_corner, augmentation, case_side_map, collate, cut_patch, load_cases, report_fields,
@@ -31,16 +32,6 @@ def segmentation_loss(settings) -> nn.Module:
     if settings.loss == "dice_focal":
         return DiceFocalLoss(sigmoid=True, batch=True, lambda_dice=settings.lambda_dice, lambda_focal=settings.lambda_focal)
     raise ConfigError(f"training.segmentation.loss must be 'dice_ce' or 'dice_focal', got {settings.loss!r}")
-
-
-def fused_features(vae, unet, images: torch.Tensor, states: torch.Tensor | None,
-                   attention_mask: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """The contouring path of ContourPipeline up to the decoder (clean latent, timestep 0): the VAE encoder's
-    feature maps, the scaled latents and the UNet's fused features for the reports' ``states`` (None: null report)."""
-    encoded = vae.encode(images, return_features=True)
-    latents = encoded.latent_dist.mode() * float(vae.config.scaling_factor)
-    fused = unet(latents, 0, states, return_features=True, encoder_attention_mask=attention_mask).features[-1]
-    return list(encoded.features), latents, fused
 
 
 def _moved(value, device):

@@ -51,6 +51,28 @@ from medvlm.models.windows import DEFAULT_CT_WINDOWS, CTWindows, coordinate_chan
 from medvlm.text.encoders import masked_mean
 
 
+def fused_features(vae, unet, images: torch.Tensor, states: torch.Tensor | None = None,
+                   attention_mask: torch.Tensor | None = None, *, timestep: int = 0, scheduler=None,
+                   generator: torch.Generator | None = None) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The decoder's inputs for preprocessed CTs ``images``: the VAE encoder's feature maps (finest first), the
+    scaled clean latents (posterior mode) and the UNet's fused features for the reports' token ``states`` and
+    ``attention_mask`` (None: the null report). One path for training, its feature cache and ContourPipeline.
+
+    ``timestep`` > 0: the UNet sees the latents noised to that step of the diffusers ``scheduler`` (noise drawn
+    with ``generator``), as ContourPipeline's ``noise_timestep`` asks; training uses clean latents (0).
+    """
+    encoded = vae.encode(images, return_features=True)
+    latents = encoded.latent_dist.mode() * float(vae.config.scaling_factor)
+    seen = latents
+    if timestep > 0:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        seen = scheduler.add_noise(latents, noise, torch.tensor([timestep], device=latents.device))
+    fused = unet(seen, timestep, states, return_features=True, encoder_attention_mask=attention_mask).features[-1]
+    return list(encoded.features), latents, fused
+
+
 class TextCrossAttention(nn.Module):
     """Image tokens attend to report tokens, pre-norm and residual.
 
