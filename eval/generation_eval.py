@@ -13,7 +13,9 @@
   tower's preprocessed grid: Frechet distance of contrastive image embeddings (MONAI ``FIDMetric``) next
   to the same distance between two real sets of the same sizes (validation vs test: the floor that sample
   size alone gives), and per tissue (HU ranges inside the body) the share of body voxels and the 1-D
-  Wasserstein distance of the HU values.
+  Wasserstein distance of the HU values. The same two measures for the VAE's reconstructions of those
+  validation CTs: generation can be no more realistic than its VAE reconstructs, so this row tells the
+  VAE's share of the gap from the diffusion model's.
 * **Diversity** (with ``--data``): mean pairwise MS-SSIM (MONAI ``MultiScaleSSIMMetric``) between samples
   of one prompt, between samples of different prompts, and between real patients. Near 1 within a prompt
   would mean the sampler ignores its noise.
@@ -209,10 +211,12 @@ def generate_from_test_reports(run: str | Path, data: str | Path, *, n: int = 8,
 
 @torch.no_grad()
 def realism_and_diversity(run: str | Path, data: str | Path, samples: Sequence[np.ndarray], affine: np.ndarray,
-                          groups: Sequence[Sequence[int]], max_pairs: int | None = 32) -> dict:
+                          groups: Sequence[Sequence[int]], max_pairs: int | None = 32, reconstructions: bool = True) -> dict:
     """Generated CTs (HU, with their affine; ``groups``: indices of samples from one prompt) against the
     held-out test CTs, all on the image tower's preprocessed grid: Frechet distance of contrastive
-    embeddings with its real-vs-real floor (validation CTs, as many as samples), tissue statistics, MS-SSIM.
+    embeddings with its real-vs-real floor (validation CTs, as many as samples), tissue statistics, MS-SSIM;
+    with ``reconstructions``, the Frechet distance and tissue statistics of the VAE's reconstructions of those
+    validation CTs (:func:`vae_reconstructions`), the ceiling of what generation through that VAE can reach.
 
     ``max_pairs``: MS-SSIM means over at most this many pairs per row (None: every pair). 3D MS-SSIM costs
     about a third of a second a pair on 2 CPU cores and 16 samples make 240 pairs in the three rows; of the
@@ -242,6 +246,10 @@ def realism_and_diversity(run: str | Path, data: str | Path, samples: Sequence[n
         chosen = reference[:len(samples)]
         result["frechet_validation_vs_test"] = _frechet(embedder.embed_ct([i["image"] for i in chosen]), real_embeds)
         result["n_reference"] = len(chosen)
+        if reconstructions:
+            rebuilt = torch.cat([embedder.prepare_volumes([hu], affine=affine_) for hu, affine_ in vae_reconstructions(run, chosen)])
+            result["frechet_reconstructed_vs_test"] = _frechet(embed(rebuilt), real_embeds)
+            result["tissues_reconstructed"] = tissue_statistics(to_hu(real.numpy(), config), to_hu(rebuilt.numpy(), config))
     data_range = float(config.output_range[1] - config.output_range[0])
     real_pairs = list(itertools.combinations(range(min(len(real), len(samples))), 2))
     rows = {"generated, same prompt": (generated, spread_pairs(within, max_pairs)),
@@ -252,6 +260,28 @@ def realism_and_diversity(run: str | Path, data: str | Path, samples: Sequence[n
     return result
 
 
+@torch.no_grad()
+def vae_reconstructions(run: str | Path, items: Sequence[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(HU volume, affine) of each datalist item's CT passed through the report-to-CT pipeline's VAE (posterior
+    mode): its own preprocessing, centre-cropped to the trained ROI, encoded, decoded, back in HU."""
+    from monai.transforms import CenterSpatialCrop
+
+    from medvlm.data.inputs import prepare_ct
+    from medvlm.data.transforms import to_hu
+    from pipelines import ReportToCTPipeline
+
+    pipe = ReportToCTPipeline.from_pretrained(Path(run) / "report_to_ct")
+    config, vae = pipe.preprocess_config, pipe.vae.eval()
+    crop = CenterSpatialCrop(tuple(config.roi_size))
+    low, high = config.output_range
+    out = []
+    for i, item in enumerate(items):
+        image = crop(prepare_ct(item["image"], config, what=f"reconstructed ct[{i}]").image)
+        decoded = vae(image.as_tensor()[None].to(vae.device, vae.dtype)).sample.clamp(low, high)
+        out.append((to_hu(decoded[0, 0].float().cpu().numpy(), config), np.asarray(image.affine, dtype=np.float64)))
+    return out
+
+
 def realism_table(result: dict) -> str:
     """Markdown for :func:`realism_and_diversity`."""
     lines = [f"Frechet distance of contrastive CT embeddings to the {result['n_real']} held-out CTs: generated "
@@ -259,12 +289,23 @@ def realism_table(result: dict) -> str:
     if "frechet_validation_vs_test" in result:
         lines[0] += (f"; real validation CTs ({result['n_reference']}), the floor for this sample size, "
                      f"**{result['frechet_validation_vs_test']:.3f}**.")
-    lines += ["", "| tissue (HU range, body > -500 HU) | share of body, real | share of body, generated | Wasserstein distance (HU) |",
-              "|---|---|---|---|"]
+    rebuilt = result.get("tissues_reconstructed")
+    if "frechet_reconstructed_vs_test" in result:
+        lines += ["", f"The same validation CTs through the VAE (encoded and decoded, no diffusion): Frechet distance "
+                      f"**{result['frechet_reconstructed_vs_test']:.3f}**. Generation cannot be more realistic than its VAE."]
+    header = "| tissue (HU range, body > -500 HU) | share of body, real | share of body, generated | Wasserstein distance (HU) |"
+    rule = "|---|---|---|---|"
+    if rebuilt:
+        header += " share of body, VAE reconstructions | Wasserstein distance, reconstructions (HU) |"
+        rule += "---|---|"
+    lines += ["", header, rule]
     for name, (low, high) in TISSUES.items():
         row = result["tissues"][name]
-        lines.append(f"| {name} ({low:g}..{high:g}) | {row['share_real']:.3f} | {row['share_generated']:.3f} | "
-                     f"{row['wasserstein_hu']:.1f} |")
+        line = (f"| {name} ({low:g}..{high:g}) | {row['share_real']:.3f} | {row['share_generated']:.3f} | "
+                f"{row['wasserstein_hu']:.1f} |")
+        if rebuilt:
+            line += f" {rebuilt[name]['share_generated']:.3f} | {rebuilt[name]['wasserstein_hu']:.1f} |"
+        lines.append(line)
     counts = result.get("ms_ssim_pairs", {})
     lines += ["", "| MS-SSIM (mean over pairs; lower = more diverse) | | pairs |", "|---|---|---|"]
     lines += [f"| {name} | {value:.3f} | {counts.get(name, '')} |" for name, value in result["ms_ssim"].items()]

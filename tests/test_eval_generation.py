@@ -62,3 +62,19 @@ def test_frechet_distance_is_zero_for_one_set_and_the_squared_mean_shift_for_a_t
     shift = np.array([3.0, 0, 0, 0, 0, 4.0])
     assert _frechet(features + shift, features) == pytest.approx(25.0, rel=1e-6)
 
+
+
+def test_realism_table_reports_the_vae_reconstructions_next_to_the_generated_cts():
+    from eval.generation_eval import TISSUES, realism_table
+
+    row = {"share_real": 0.2, "share_generated": 0.1, "wasserstein_hu": 5.0}
+    result = {"n_real": 4, "n_generated": 4, "frechet_generated_vs_test": 0.5, "frechet_validation_vs_test": 0.05,
+              "n_reference": 4, "tissues": {name: row for name in TISSUES}, "ms_ssim": {"real, different patients": 0.7},
+              "frechet_reconstructed_vs_test": 0.25,
+              "tissues_reconstructed": {name: {**row, "share_generated": 0.15, "wasserstein_hu": 2.5} for name in TISSUES}}
+    table = realism_table(result)
+    assert "through the VAE (encoded and decoded, no diffusion): Frechet distance **0.250**" in table
+    bone = next(line for line in table.splitlines() if line.startswith("| bone"))
+    assert bone.split("|")[2:7] == [" 0.200 ", " 0.100 ", " 5.0 ", " 0.150 ", " 2.5 "]
+    del result["tissues_reconstructed"], result["frechet_reconstructed_vs_test"]
+    assert "VAE" not in realism_table(result)
