@@ -282,6 +282,11 @@ def vae_reconstructions(run: str | Path, items: Sequence[dict]) -> list[tuple[np
     return out
 
 
+def _hu(value: float) -> str:
+    """A Wasserstein distance for the tables; NaN (one set has no voxel in the tissue's range) as a dash."""
+    return "- (no voxels)" if np.isnan(value) else f"{value:.1f}"
+
+
 def realism_table(result: dict) -> str:
     """Markdown for :func:`realism_and_diversity`."""
     lines = [f"Frechet distance of contrastive CT embeddings to the {result['n_real']} held-out CTs: generated "
@@ -302,9 +307,9 @@ def realism_table(result: dict) -> str:
     for name, (low, high) in TISSUES.items():
         row = result["tissues"][name]
         line = (f"| {name} ({low:g}..{high:g}) | {row['share_real']:.3f} | {row['share_generated']:.3f} | "
-                f"{row['wasserstein_hu']:.1f} |")
+                f"{_hu(row['wasserstein_hu'])} |")
         if rebuilt:
-            line += f" {rebuilt[name]['share_generated']:.3f} | {rebuilt[name]['wasserstein_hu']:.1f} |"
+            line += f" {rebuilt[name]['share_generated']:.3f} | {_hu(rebuilt[name]['wasserstein_hu'])} |"
         lines.append(line)
     counts = result.get("ms_ssim_pairs", {})
     lines += ["", "| MS-SSIM (mean over pairs; lower = more diverse) | | pairs |", "|---|---|---|"]
