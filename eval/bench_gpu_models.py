@@ -51,8 +51,8 @@ def main(argv=None) -> int:
     factor = vae.compression
     latent = tuple(s // factor for s in roi)
     context = torch.randn(1, args.text_tokens, context_dim, device=device)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"{name} | ROI {roi} | latent {latent} | torch {torch.__version__}")
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"{device_name} | ROI {roi} | latent {latent} | torch {torch.__version__}")
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
     patch = tuple(args.vae_patch)
 

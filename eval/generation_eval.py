@@ -239,9 +239,10 @@ def realism_and_diversity(run: str | Path, data: str | Path, samples: Sequence[n
     real = embedder.prepare_volumes([item["image"] for item in test])
     embed = embedder.embed_volumes
     real_embeds = embed(real)
+    real_hu = to_hu(real.numpy(), config)
     result = {"n_generated": len(samples), "n_real": len(test),
               "frechet_generated_vs_test": _frechet(embed(generated), real_embeds),
-              "tissues": tissue_statistics(to_hu(real.numpy(), config), to_hu(generated.numpy(), config))}
+              "tissues": tissue_statistics(real_hu, to_hu(generated.numpy(), config))}
     if len(reference) >= 2:
         chosen = reference[:len(samples)]
         result["frechet_validation_vs_test"] = _frechet(embedder.embed_ct([i["image"] for i in chosen]), real_embeds)
@@ -249,7 +250,7 @@ def realism_and_diversity(run: str | Path, data: str | Path, samples: Sequence[n
         if reconstructions:
             rebuilt = torch.cat([embedder.prepare_volumes([hu], affine=affine_) for hu, affine_ in vae_reconstructions(run, chosen)])
             result["frechet_reconstructed_vs_test"] = _frechet(embed(rebuilt), real_embeds)
-            result["tissues_reconstructed"] = tissue_statistics(to_hu(real.numpy(), config), to_hu(rebuilt.numpy(), config))
+            result["tissues_reconstructed"] = tissue_statistics(real_hu, to_hu(rebuilt.numpy(), config))
     data_range = float(config.output_range[1] - config.output_range[0])
     real_pairs = list(itertools.combinations(range(min(len(real), len(samples))), 2))
     rows = {"generated, same prompt": (generated, spread_pairs(within, max_pairs)),
