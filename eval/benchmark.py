@@ -2,10 +2,12 @@
 
 1. Contouring latency and peak RSS, medvlm vs the image-only baseline, 64^3 and 64 x 352 x 352
    (``eval.bench_contour_memory``, one process per network and size).
-2. Report-to-CT seconds per volume against the sampling schedule: DDPM with its 1000 training steps vs
-   DDIM with 50 / 25 / 10 steps (diffusers schedulers on the same pipeline; ``--skip-ddpm`` leaves the
-   slow one out). With ``--run``, the laterality fidelity of the run's trained pipeline at each of these
-   schedules too (``--fidelity-n`` volumes per side, judged as in ``medvlm eval generation``).
+2. Report-to-CT seconds per volume (CT and paired masks) against the sampling schedule: for a diffusion
+   model DDPM with its 1000 training steps vs DDIM with 50 / 25 / 10 steps, for rectified flow the
+   flow-matching Euler sampler with 50 / 25 / 10 steps (diffusers schedulers on the same pipeline;
+   ``--skip-ddpm`` leaves the slow one out). With ``--run``, the laterality fidelity of the run's trained
+   pipeline at each of these schedules too (``--fidelity-n`` volumes per side, judged as in ``medvlm eval
+   generation``).
 3. Training throughput per stage (samples/s) from a run's ``training_summary.json`` when ``--run`` is given.
 
 Untrained demo-sized networks are used for 1 and 2: time and memory do not depend on the weights.
@@ -21,8 +23,8 @@ from pathlib import Path
 
 
 def generation_seconds(config_name: str, steps: list[tuple[str, int]]) -> list[tuple[str, int, float]]:
+    import diffusers
     import torch
-    from diffusers import DDIMScheduler, DDPMScheduler
 
     from medvlm.config import load_config
     from pipelines.assemble import build_pipelines
@@ -30,15 +32,24 @@ def generation_seconds(config_name: str, steps: list[tuple[str, int]]) -> list[t
     torch.set_num_threads(2)
     pipe = build_pipelines(load_config(f"configs/{config_name}.yaml"), report_texts=["x"] * 3)["report_to_ct"]
     pipe.set_progress_bar_config(disable=True)
+    pipe.enable_channels_last()
     prompt = "Left tonsil squamous cell carcinoma, T2 N1 M0. Elective neck: ipsilateral (left)."
     rows = []
     for name, n in steps:
-        scheduler_class = DDPMScheduler if name == "DDPM" else DDIMScheduler
-        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+        pipe.scheduler = getattr(diffusers, f"{name}Scheduler").from_config(pipe.scheduler.config)
         start = time.perf_counter()
-        pipe(prompt, num_inference_steps=n, generator=torch.Generator().manual_seed(0), return_masks=False)
+        pipe(prompt, num_inference_steps=n, generator=torch.Generator().manual_seed(0))
         rows.append((name, n, time.perf_counter() - start))
     return rows
+
+
+def schedules(config_name: str, skip_ddpm: bool) -> list[tuple[str, int]]:
+    """The sampling schedules of the preset's model family (diffusion or rectified flow)."""
+    from medvlm.config import load_config
+
+    if load_config(f"configs/{config_name}.yaml").training.diffusion.prediction_type == "flow_matching":
+        return [("FlowMatchEulerDiscrete", n) for n in (50, 25, 10)]
+    return ([] if skip_ddpm else [("DDPM", 1000)]) + [("DDIM", 50), ("DDIM", 25), ("DDIM", 10)]
 
 
 def main(argv=None) -> int:
@@ -55,11 +66,10 @@ def main(argv=None) -> int:
           + (f", cuda {torch.cuda.get_device_name(0)} (not used)" if torch.cuda.is_available() else ""))
     if not args.skip_contour:
         subprocess.run([sys.executable, "-m", "eval.bench_contour_memory", "--config", args.config], check=True)
-    schedule = ([] if args.skip_ddpm else [("DDPM", 1000)]) + [("DDIM", 50), ("DDIM", 25), ("DDIM", 10)]
-    rows = generation_seconds(args.config, schedule)
-    reference = next((s for name, n, s in rows if (name, n) == ("DDIM", 50)), rows[0][2])
-    print(f"\nReport-to-CT ({args.config} networks, untrained), one volume, classifier-free guidance, no masks")
-    print("| scheduler | steps | seconds per volume | relative to DDIM 50 |")
+    rows = generation_seconds(args.config, schedules(args.config, args.skip_ddpm))
+    reference = next((s for name, n, s in rows if n == 50), rows[0][2])
+    print(f"\nReport-to-CT ({args.config} networks, untrained), one volume with its paired masks, classifier-free guidance")
+    print("| scheduler | steps | seconds per volume | relative to 50 steps |")
     print("|---|---|---|---|")
     for name, n, seconds in rows:
         print(f"| {name} | {n} | {seconds:.1f} | {seconds / reference:.2f} x |")

@@ -48,15 +48,17 @@ def train_decoder(run: Path, data: str | Path, folder: Path, settings, *, train_
     return decoder_dir
 
 
-def score_decoder(base, decoder_dir: Path, data: str | Path, out: Path) -> dict[str, float]:
-    """Test-split Dice per group (correct report) of ``base`` (a ContourPipeline) with this decoder swapped in."""
+def score_decoder(base, decoder_dir: Path, data: str | Path, out: Path, *, per_structure: bool = False):
+    """Test-split Dice per group (correct report) of ``base`` (a ContourPipeline) with this decoder swapped in;
+    ``per_structure``: (groups, Dice per structure)."""
     from eval.segmentation import evaluate, group_means
     from medvlm.models import FusedSegmentationDecoder
     from pipelines import ContourPipeline
 
     pipe = ContourPipeline(**{**base.components, "segmentation": FusedSegmentationDecoder.from_pretrained(decoder_dir)},
                            **{k: getattr(base.config, k) for k in ContourPipeline._config_names})
-    return group_means(evaluate(pipe, data, out, modes=("correct",))["dice"]["report: correct"])
+    dice = evaluate(pipe, data, out, modes=("correct",))["dice"]["report: correct"]
+    return (group_means(dice), dict(dice)) if per_structure else group_means(dice)
 
 
 def load_settings(config: str | Path, steps: int | None):

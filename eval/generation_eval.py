@@ -1,24 +1,23 @@
-"""Report-to-CT: conditioning fidelity, realism and diversity of generated CTs.
+"""Report-to-CT: is a generated CT faithful to its prompt, paired with its contours, realistic and diverse?
 
-``medvlm eval generation --run RUN [--data DATA]``
+``medvlm eval generation --run RUN [--data DATA] [--n 16] [--stage-n 8] [--steps 25] [--scheduler NAME]``
 
-* **Fidelity**: for a left and a right primary (otherwise identical prompts), generate N volumes each and
-  judge every one twice, from the image alone: by the zero-shot classifier (CT tower, left vs right) and by
-  the segmentation decoder contouring the volume with the null report (which side of the body midline holds
-  the centre of its GTVp). The pipeline's paired CTVn is not a judge: a decoder whose presence head reads
-  the side from the report (``side_structures``) puts it on the prompt's side whatever the image shows.
-  With ``--stages``, T and N stage too: cT1 vs cT4 and cN0 vs cN2 prompts from the same seeds, judged by
-  whether the paired GTVp (GTVn) volume is larger for the higher stage.
-* **Realism** (with ``--data``): one CT per held-out test report against the held-out CTs, on the image
-  tower's preprocessed grid: Frechet distance of contrastive image embeddings (MONAI ``FIDMetric``) next
-  to the same distance between two real sets of the same sizes (validation vs test: the floor that sample
-  size alone gives), and per tissue (HU ranges inside the body) the share of body voxels and the 1-D
-  Wasserstein distance of the HU values. The same two measures for the VAE's reconstructions of those
-  validation CTs: generation can be no more realistic than its VAE reconstructs, so this row tells the
-  VAE's share of the gap from the diffusion model's.
-* **Diversity** (with ``--data``): mean pairwise MS-SSIM (MONAI ``MultiScaleSSIMMetric``) between samples
-  of one prompt, between samples of different prompts, and between real patients. Near 1 within a prompt
-  would mean the sampler ignores its noise.
+Generated CTs are judged by a model that did not make them: the run's **image-only baseline** (a MONAI UNet
+trained on real phantom CTs) contours each generated image. Every figure comes with its target
+(:func:`generation_targets`):
+
+1. **Autoencoder ceiling** (``--data``, validation split): the real CTs through the autoencoder alone (a paired
+   autoencoder with their masks): mean absolute error inside the body, bone share, the GTVp's contrast to
+   its surroundings, Frechet distance of the reconstructions against that of real CTs.
+2. **Faithfulness**: left and right primaries (otherwise identical prompts), ``--n`` each: the side of the
+   GTVp (or GTVn) by the baseline and by the paired masks. T stage: cT1 vs cT4 prompts from the same seeds,
+   whose GTVp is larger; N stage: cN0 prompts without GTVn, cN2 prompts with one.
+3. **Pairing**: paired masks against the baseline's contours of the same CTs (organ-at-risk Dice).
+4. **Realism and diversity** (``--data``): the laterality samples against the held-out test CTs on the CT
+   tower's grid: Frechet distance of contrastive embeddings (MONAI ``FIDMetric``) next to that of real
+   validation CTs and of the autoencoder's reconstructions; per tissue the share of body voxels and the 1-D
+   Wasserstein distance of HU values; mean pairwise MS-SSIM (MONAI ``MultiScaleSSIMMetric``) within a
+   prompt, across prompts and between real patients.
 """
 from __future__ import annotations
 
@@ -38,9 +37,12 @@ TISSUES = {"fat": (-150.0, -30.0), "soft tissue": (-30.0, 150.0), "bone": (300.0
 # larger than 160 voxels per side with the default 11-voxel kernel
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001)
 
-JUDGES = ("zero-shot classifier", "segmentation decoder, null report (GTVp side)")
+# Judges of a generated CT's content, neither of which made it: the image-only baseline (a MONAI UNet trained
+# on real phantom CTs, contouring the generated image) and, for the pairing, the pipeline's own paired masks
+JUDGES = ("image-only baseline", "paired masks")
 PROMPTS = {side: (f"{side.capitalize()} tonsil squamous cell carcinoma, cT2 N1 M0. "
                   f"Elective neck: ipsilateral ({side}) levels II-IV.") for side in ("left", "right")}
+MIN_LESION_ML = 0.5  # a GTV smaller than this counts as absent (judging "no nodes" / "has nodes")
 
 
 def centre_side(mask: np.ndarray, affine: np.ndarray, midline_x_mm: float) -> str:
@@ -52,83 +54,143 @@ def centre_side(mask: np.ndarray, affine: np.ndarray, midline_x_mm: float) -> st
     return "right" if centre_x > midline_x_mm else "left"  # RAS: +x is the patient's right
 
 
-def laterality_fidelity(run: str | Path, *, n_per_side: int = 4, steps: int = 25, guidance_scale: float = 3.0,
-                        seed: int = 0, return_samples: bool = False, scheduler: str | None = None) -> dict:
-    """Fractions of samples judged to carry the prompt's side. ``scheduler``: a diffusers scheduler class
-    name (``"DDPMScheduler"``, ``"DPMSolverMultistepScheduler"``...) swapped in with ``from_config``; default
-    the pipeline's own. ``return_samples``: also ``"samples"`` (HU volumes), ``"affine"`` and ``"groups"``
-    (sample indices per prompt), e.g. for :func:`realism_and_diversity`."""
-    from eval.segmentation import body_midline_mm
-    from pipelines import ContourPipeline, ReportToCTPipeline, ZeroShotClassificationPipeline
+def lesion_side(masks: np.ndarray, names: Sequence[str], affine: np.ndarray, midline_x_mm: float) -> str:
+    """The side of the primary tumour (GTVp), or of the involved nodes (GTVn) when there is no GTVp."""
+    for name in ("GTVp", "GTVn"):
+        side = centre_side(np.asarray(masks[list(names).index(name)]), affine, midline_x_mm)
+        if side != "none":
+            return side
+    return "none"
 
-    run = Path(run)
-    generator_pipe = ReportToCTPipeline.from_pretrained(run / "report_to_ct")
-    generator_pipe.set_progress_bar_config(disable=True)
+
+class BaselineJudge:
+    """The run's image-only baseline (``RUN/baseline/final/baseline``) contouring CTs that are already on the
+    model grid (generated volumes, in HU): MONAI sliding window, sigmoid, threshold 0.5."""
+
+    def __init__(self, run: str | Path, preprocess):
+        from medvlm.models.baseline import ImageOnlySegmenter
+
+        folder = Path(run) / "baseline" / "final" / "baseline"
+        if not folder.is_dir():
+            raise ValueError(f"judging generated CTs needs the run's image-only baseline, not found at {folder}; "
+                             "train it with `medvlm train baseline`")
+        self.model = ImageOnlySegmenter.from_pretrained(folder).eval()
+        self.preprocess = preprocess
+
+    @torch.no_grad()
+    def __call__(self, volume_hu: np.ndarray) -> np.ndarray:
+        from monai.inferers import sliding_window_inference
+
+        from medvlm.data.transforms import from_hu
+
+        image = torch.from_numpy(from_hu(np.asarray(volume_hu, np.float32), self.preprocess))[None, None]
+        probabilities = sliding_window_inference(image, roi_size=tuple(self.preprocess.roi_size), sw_batch_size=1,
+                                                 predictor=lambda x: torch.sigmoid(self.model(x)), overlap=0.25,
+                                                 mode="gaussian")
+        return probabilities[0].numpy() >= 0.5
+
+
+def _generator_pipe(run: Path, scheduler: str | None):
+    from pipelines import ReportToCTPipeline
+
+    pipe = ReportToCTPipeline.from_pretrained(run / "report_to_ct")
+    pipe.set_progress_bar_config(disable=True)
     if scheduler is not None:
         import diffusers
 
         scheduler_class = getattr(diffusers, scheduler, None)
         if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, diffusers.SchedulerMixin)):
             raise ValueError(f"{scheduler!r} is not a diffusers scheduler class")
-        generator_pipe.scheduler = scheduler_class.from_config(generator_pipe.scheduler.config)
-    classifier = ZeroShotClassificationPipeline.from_pretrained(run / "zero_shot")
-    contour = ContourPipeline.from_pretrained(run / "contour")
-    contour.set_progress_bar_config(disable=True)
-    for pipe in (generator_pipe, classifier, contour):
-        pipe.enable_channels_last()  # layout only: faster 3D convolutions on CPU
-    judged = {judge: [] for judge in JUDGES}
-    samples, groups = [], []
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    if pipe.has_paired_masks is False and pipe.segmentation is None:
+        raise ValueError(f"{run / 'report_to_ct'} gives no contours (no paired autoencoder, no segmentation decoder)")
+    pipe.enable_channels_last()  # layout only: faster 3D convolutions on CPU
+    return pipe
+
+
+def _oar_dice(first: np.ndarray, second: np.ndarray, names: Sequence[str]) -> float:
+    """Mean Dice over the organs at risk between two (C, X, Y, Z) mask sets (MONAI ``compute_dice``)."""
+    from monai.metrics import compute_dice
+
+    from medvlm.data.structures import OAR_NAMES
+
+    channels = [list(names).index(n) for n in OAR_NAMES]
+    a = torch.from_numpy(np.asarray(first)[channels].astype(np.float32))[None]
+    b = torch.from_numpy(np.asarray(second)[channels].astype(np.float32))[None]
+    return float(compute_dice(a, b, include_background=True, ignore_empty=False).nanmean())
+
+
+def laterality_fidelity(run: str | Path, *, n_per_side: int = 16, steps: int = 25, guidance_scale: float = 3.0,
+                        seed: int = 0, return_samples: bool = False, scheduler: str | None = None) -> dict:
+    """Fractions of generated CTs whose primary tumour (or nodes, without one) lies on the prompt's side, judged
+    by the image-only baseline contouring the generated image and by the paired masks; ``pairing_oar_dice``:
+    mean organ-at-risk Dice between the paired masks and the baseline's contours of the same CTs.
+    ``scheduler``: a diffusers scheduler class name swapped in with ``from_config``; default the pipeline's own.
+    ``return_samples``: also ``"samples"`` (HU volumes), ``"affine"`` and ``"groups"`` (sample indices per
+    prompt), e.g. for :func:`realism_and_diversity`."""
+    from eval.segmentation import body_midline_mm
+
+    run = Path(run)
+    pipe = _generator_pipe(run, scheduler)
+    judge = BaselineJudge(run, pipe.preprocess_config)
+    names = list(pipe.config.structure_names)
+    judged = {name: [] for name in JUDGES}
+    pairing, samples, groups = [], [], []
     for number, (side, prompt) in enumerate(PROMPTS.items()):
         generators = [torch.Generator().manual_seed(seed + 1000 * number + i) for i in range(n_per_side)]
-        out = generator_pipe(prompt, num_images_per_prompt=n_per_side, generator=generators, num_inference_steps=steps,
-                             guidance_scale=guidance_scale, return_masks=False)
-        volumes = [np.asarray(out.ct[i]) for i in range(n_per_side)]
+        out = pipe(prompt, num_images_per_prompt=n_per_side, generator=generators, num_inference_steps=steps,
+                   guidance_scale=guidance_scale, return_masks=True)
         groups.append(list(range(len(samples), len(samples) + n_per_side)))
-        samples += volumes
-        probabilities = classifier(ct=volumes, affine=out.affine, labels={"laterality": ["left", "right"]}).ct_probabilities
-        for row in probabilities["laterality"]:
-            judged[JUDGES[0]].append(["left", "right"][int(np.argmax(row))] == side)
-        for volume in volumes:
-            masks = contour(volume, affine=out.affine, draft_missing_reports=False).masks[0]
-            judged[JUDGES[1]].append(centre_side(masks["GTVp"], out.affine, body_midline_mm(volume, out.affine)) == side)
-    result = {judge: float(np.mean(values)) for judge, values in judged.items()} | {
-        "n": 2 * n_per_side, "steps": steps, "scheduler": type(generator_pipe.scheduler).__name__}
+        for i in range(n_per_side):
+            volume, paired = np.asarray(out.ct[i]), np.asarray(out.masks[i])
+            samples.append(volume)
+            midline = body_midline_mm(volume, out.affine)
+            contours = judge(volume)
+            judged[JUDGES[0]].append(lesion_side(contours, names, out.affine, midline) == side)
+            judged[JUDGES[1]].append(lesion_side(paired, names, out.affine, midline) == side)
+            pairing.append(_oar_dice(paired, contours, names))
+    result = {name: float(np.mean(values)) for name, values in judged.items()} | {
+        "pairing_oar_dice": float(np.mean(pairing)), "n": 2 * n_per_side, "steps": steps,
+        "scheduler": type(pipe.scheduler).__name__}
     if return_samples:
         result |= {"samples": samples, "affine": out.affine, "groups": groups, "prompts": list(PROMPTS.values())}
     return result
 
 
-# T and N stage contrasts, otherwise identical prompts: the paired contours should grow with the stage
-STAGE_PROMPTS = {
-    "T stage (GTVp volume, cT4 > cT1)": ("GTVp", "Left tonsil squamous cell carcinoma, cT1 N1 M0. Elective neck: ipsilateral (left) levels II-IV.",
-                                         "Left tonsil squamous cell carcinoma, cT4 N1 M0. Elective neck: ipsilateral (left) levels II-IV."),
-    "N stage (GTVn volume, cN2 > cN0)": ("GTVn", "Left tonsil squamous cell carcinoma, cT2 N0 M0. Elective neck: ipsilateral (left) levels II-III.",
-                                         "Left tonsil squamous cell carcinoma, cT2 N2 M0. Elective neck: ipsilateral (left) levels II-IV."),
-}
+# T and N stage contrasts, otherwise identical prompts
+T_PROMPTS = ("Left tonsil squamous cell carcinoma, cT1 N1 M0. Elective neck: ipsilateral (left) levels II-IV.",
+             "Left tonsil squamous cell carcinoma, cT4 N1 M0. Elective neck: ipsilateral (left) levels II-IV.")
+N_PROMPTS = ("Left tonsil squamous cell carcinoma, cT2 N0 M0. Elective neck: ipsilateral (left) levels II-III.",
+             "Left tonsil squamous cell carcinoma, cT2 N2 M0. Elective neck: ipsilateral (left) levels II-IV.")
 
 
-def stage_fidelity(run: str | Path, *, n: int = 4, steps: int = 25, guidance_scale: float = 3.0, seed: int = 0) -> dict:
-    """For each contrast of :data:`STAGE_PROMPTS`: ``n`` samples of the lower and of the higher stage, the
-    same seeds for both, and the fraction of seed pairs whose higher-stage sample has the larger structure
-    (by the paired contours of the segmentation decoder), with the mean volumes in ml."""
-    from pipelines import ReportToCTPipeline
-
-    pipe = ReportToCTPipeline.from_pretrained(Path(run) / "report_to_ct")
-    pipe.set_progress_bar_config(disable=True)
-    if pipe.segmentation is None:
-        raise ValueError("stage fidelity needs the pipeline's segmentation decoder (paired contours)")
+def stage_fidelity(run: str | Path, *, n: int = 8, steps: int = 25, guidance_scale: float = 3.0, seed: int = 0,
+                   scheduler: str | None = None) -> dict:
+    """T stage: ``n`` seed pairs of a cT1 and a cT4 prompt (same seeds), the fraction whose cT4 sample has the
+    larger GTVp. N stage: ``n`` samples each of a cN0 and a cN2 prompt, the fractions without (N0) and with (N2)
+    a GTVn of at least :data:`MIN_LESION_ML`. Each judged by the baseline and by the paired masks."""
+    run = Path(run)
+    pipe = _generator_pipe(run, scheduler)
+    judge = BaselineJudge(run, pipe.preprocess_config)
     names = list(pipe.config.structure_names)
-    results = {}
-    for contrast, (structure, low, high) in STAGE_PROMPTS.items():
-        volumes = []
-        for prompt in (low, high):
-            out = pipe(prompt, num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=guidance_scale,
-                       generator=[torch.Generator().manual_seed(seed + i) for i in range(n)])
-            voxel_ml = abs(np.linalg.det(out.affine[:3, :3])) / 1000.0
-            volumes.append(np.array([np.asarray(out.masks[i][names.index(structure)]).sum() * voxel_ml for i in range(n)]))
-        results[contrast] = {"fraction": float(np.mean(volumes[1] > volumes[0])), "low_ml": float(volumes[0].mean()),
-                             "high_ml": float(volumes[1].mean()), "n": n}
-    return results
+
+    def volumes_ml(prompt: str, structure: str) -> dict[str, np.ndarray]:
+        out = pipe(prompt, num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=guidance_scale,
+                   generator=[torch.Generator().manual_seed(seed + i) for i in range(n)], return_masks=True)
+        voxel_ml = abs(np.linalg.det(out.affine[:3, :3])) / 1000.0
+        c = names.index(structure)
+        return {JUDGES[0]: np.array([judge(np.asarray(v))[c].sum() * voxel_ml for v in out.ct]),
+                JUDGES[1]: np.array([np.asarray(m[c]).sum() * voxel_ml for m in out.masks])}
+
+    t_low, t_high = (volumes_ml(prompt, "GTVp") for prompt in T_PROMPTS)
+    n_low, n_high = (volumes_ml(prompt, "GTVn") for prompt in N_PROMPTS)
+    result = {"n": n, "steps": steps}
+    for name in JUDGES:
+        result[name] = {"T4 GTVp larger than T1": float(np.mean(t_high[name] > t_low[name])),
+                        "T1 GTVp ml": float(t_low[name].mean()), "T4 GTVp ml": float(t_high[name].mean()),
+                        "N0 without GTVn": float(np.mean(n_low[name] < MIN_LESION_ML)),
+                        "N2 with GTVn": float(np.mean(n_high[name] >= MIN_LESION_ML))}
+    return result
 
 
 def tissue_statistics(real_hu: np.ndarray, generated_hu: np.ndarray) -> dict[str, dict[str, float]]:
@@ -261,26 +323,146 @@ def realism_and_diversity(run: str | Path, data: str | Path, samples: Sequence[n
     return result
 
 
-@torch.no_grad()
-def vae_reconstructions(run: str | Path, items: Sequence[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(HU volume, affine) of each datalist item's CT passed through the report-to-CT pipeline's VAE (posterior
-    mode): its own preprocessing, centre-cropped to the trained ROI, encoded, decoded, back in HU."""
-    from monai.transforms import CenterSpatialCrop
+def _prepared_items(config, items: Sequence[dict]):
+    """Each datalist item's CT (and label, when it has one) through the preprocessing chain, centre-cropped to
+    the ROI: (image (1, X, Y, Z) MetaTensor, label (C, X, Y, Z) or None)."""
+    from monai.transforms import CenterSpatialCropd
 
-    from medvlm.data.inputs import prepare_ct
-    from medvlm.data.transforms import to_hu
+    from medvlm.data.transforms import preprocessing_transforms
+
+    crop = CenterSpatialCropd(keys=["image", "label"], roi_size=tuple(config.roi_size), allow_missing_keys=True)
+    for item in items:
+        keys = {k: item[k] for k in ("image", "label") if k in item}
+        data = crop(preprocessing_transforms(config, label_keys=("label",) if "label" in keys else ())(keys))
+        label = data.get("label")
+        yield data["image"], ((label.as_tensor() > 0.5).float() if label is not None else None)
+
+
+@torch.no_grad()
+def vae_reconstructions(run: str | Path, items: Sequence[dict], *, with_inputs: bool = False) -> list[tuple]:
+    """(HU volume, affine) of each datalist item's CT passed through the report-to-CT pipeline's autoencoder
+    (posterior mean; a paired autoencoder with the item's masks): its own preprocessing, centre-cropped to the
+    trained ROI, encoded, decoded, back in HU. ``with_inputs``: (input HU, reconstruction HU, label, affine)."""
     from pipelines import ReportToCTPipeline
 
     pipe = ReportToCTPipeline.from_pretrained(Path(run) / "report_to_ct")
-    config, vae = pipe.preprocess_config, pipe.vae.eval()
-    crop = CenterSpatialCrop(tuple(config.roi_size))
+    return reconstruct_items(pipe.vae, pipe.preprocess_config, items, with_inputs=with_inputs)
+
+
+@torch.no_grad()
+def reconstruct_items(vae, config, items: Sequence[dict], *, with_inputs: bool = False) -> list[tuple]:
+    """:func:`vae_reconstructions` for an autoencoder ``vae`` and the preprocessing ``config`` it was trained on."""
+    from medvlm.data.transforms import to_hu
+
+    vae = vae.eval()
+    if vae.config.mask_channels and any("label" not in item for item in items):
+        raise ValueError("a paired autoencoder reconstructs CTs with their masks: every item needs a label")
     low, high = config.output_range
     out = []
-    for i, item in enumerate(items):
-        image = crop(prepare_ct(item["image"], config, what=f"reconstructed ct[{i}]").image)
-        decoded = vae(image.as_tensor()[None].to(vae.device, vae.dtype)).sample.clamp(low, high)
-        out.append((to_hu(decoded[0, 0].float().cpu().numpy(), config), np.asarray(image.affine, dtype=np.float64)))
+    for image, label in _prepared_items(config, items):
+        masks = label[None].to(vae.device, vae.dtype) if vae.config.mask_channels else None
+        decoded = vae(image.as_tensor()[None].to(vae.device, vae.dtype), masks).sample.clamp(low, high)
+        rebuilt = to_hu(decoded[0, 0].float().cpu().numpy(), config)
+        affine = np.asarray(image.affine, dtype=np.float64)
+        out.append((to_hu(image[0].numpy(), config), rebuilt, label, affine) if with_inputs else (rebuilt, affine))
     return out
+
+
+def lesion_contrast_hu(volume_hu: np.ndarray, lesion: np.ndarray, shell_voxels: int = 2) -> float | None:
+    """Mean HU inside ``lesion`` minus the mean over its surroundings (a shell of ``shell_voxels`` around it,
+    soft tissue of the same volume only: -30..150 HU in ``reference``). None for an empty lesion."""
+    from scipy.ndimage import binary_dilation
+
+    lesion = np.asarray(lesion, bool)
+    if not lesion.any():
+        return None
+    shell = binary_dilation(lesion, iterations=shell_voxels) & ~lesion
+    return float(volume_hu[lesion].mean() - volume_hu[shell].mean()) if shell.any() else None
+
+
+def autoencoder_ceiling(run: str | Path, items: Sequence[dict], *, vae=None, config=None) -> dict:
+    """The autoencoder (the run's, or ``vae`` with its preprocessing ``config``) alone on real CTs (``items``, e.g. the validation split): mean absolute error inside the
+    body (HU), bone share (> 300 HU) of the reconstructions against the inputs', and the GTVp's contrast to its
+    surroundings (inputs vs reconstructions, mean over cases with a GTVp; the same surroundings for both)."""
+    from medvlm.data.structures import STRUCTURE_NAMES
+
+    errors, bone_in, bone_out, contrast_in, contrast_out = [], 0, 0, [], []
+    body_voxels = 0
+    made = reconstruct_items(vae, config, items, with_inputs=True) if vae is not None else \
+        vae_reconstructions(run, items, with_inputs=True)
+    for hu_in, hu_out, label, _ in made:
+        body = hu_in > BODY_HU
+        errors.append(float(np.abs(hu_out - hu_in)[body].mean()))
+        body_voxels += int(body.sum())
+        bone_in += int((hu_in[body] > TISSUES["bone"][0]).sum())
+        bone_out += int((hu_out[body] > TISSUES["bone"][0]).sum())
+        if label is not None:
+            gtvp = label[STRUCTURE_NAMES.index("GTVp")].numpy() > 0.5
+            a, b = lesion_contrast_hu(hu_in, gtvp), lesion_contrast_hu(hu_out, gtvp)
+            if a is not None and b is not None:
+                contrast_in.append(a)
+                contrast_out.append(b)
+    return {"n": len(errors), "mae_body_hu": float(np.mean(errors)), "bone_share_input": bone_in / max(body_voxels, 1),
+            "bone_share_reconstruction": bone_out / max(body_voxels, 1),
+            "gtvp_contrast_input_hu": float(np.mean(contrast_in)) if contrast_in else float("nan"),
+            "gtvp_contrast_reconstruction_hu": float(np.mean(contrast_out)) if contrast_out else float("nan"),
+            "n_gtvp": len(contrast_in)}
+
+
+def _target(measure: str, value: float, target: str, met: bool) -> dict:
+    return {"measure": measure, "value": float(value), "target": target, "met": bool(met)}
+
+
+def generation_targets(ceiling: dict | None, fidelity: dict | None, stages: dict | None, realism: dict | None) -> list[dict]:
+    """Each generation figure with its target and whether it is met (issue 24's targets 1-4; any part None
+    is left out): ``{"measure", "value", "target", "met"}``."""
+    rows = []
+    if ceiling:
+        ratio = ceiling["bone_share_reconstruction"] / max(ceiling["bone_share_input"], 1e-9)
+        kept = ceiling["gtvp_contrast_reconstruction_hu"] / ceiling["gtvp_contrast_input_hu"] \
+            if ceiling["gtvp_contrast_input_hu"] else float("nan")
+        rows += [_target("autoencoder: mean absolute error in the body (HU)", ceiling["mae_body_hu"], "<= 40",
+                         ceiling["mae_body_hu"] <= 40),
+                 _target("autoencoder: bone share / input's", ratio, "0.80..1.20", 0.8 <= ratio <= 1.2),
+                 _target(f"autoencoder: GTVp contrast kept ({ceiling['gtvp_contrast_reconstruction_hu']:+.0f} of "
+                         f"{ceiling['gtvp_contrast_input_hu']:+.0f} HU)", kept, ">= 0.50", kept >= 0.5)]
+    if realism and "frechet_reconstructed_vs_test" in realism:
+        ratio = realism["frechet_reconstructed_vs_test"] / max(realism["frechet_validation_vs_test"], 1e-9)
+        rows.append(_target("autoencoder: Frechet distance / real validation CTs'", ratio, "<= 2.0", ratio <= 2.0))
+    if fidelity:
+        for judge in JUDGES:
+            value = fidelity[judge]
+            rows.append(_target(f"laterality of generated CTs, by the {judge} ({fidelity['n']} samples)", value,
+                                ">= 0.85", value >= 0.85))
+    if stages:
+        for judge in JUDGES:
+            row = stages[judge]
+            rows += [_target(f"cT4 GTVp larger than cT1, same seed, by the {judge} ({stages['n']} pairs)",
+                             row["T4 GTVp larger than T1"], ">= 0.80", row["T4 GTVp larger than T1"] >= 0.8),
+                     _target(f"cN0 prompts without GTVn, by the {judge}", row["N0 without GTVn"], ">= 0.80",
+                             row["N0 without GTVn"] >= 0.8),
+                     _target(f"cN2 prompts with GTVn, by the {judge}", row["N2 with GTVn"], ">= 0.80",
+                             row["N2 with GTVn"] >= 0.8)]
+    if fidelity:
+        rows.append(_target("pairing: paired masks vs baseline contours, OAR Dice", fidelity["pairing_oar_dice"],
+                            ">= 0.80", fidelity["pairing_oar_dice"] >= 0.8))
+    if realism:
+        if "frechet_reconstructed_vs_test" in realism:
+            ratio = realism["frechet_generated_vs_test"] / max(realism["frechet_reconstructed_vs_test"], 1e-9)
+            rows.append(_target("generated: Frechet distance / autoencoder reconstructions'", ratio, "<= 1.5", ratio <= 1.5))
+        bone = realism["tissues"]["bone"]
+        ratio = bone["share_generated"] / max(bone["share_real"], 1e-9)
+        rows.append(_target("generated: bone share / real", ratio, "0.75..1.25", 0.75 <= ratio <= 1.25))
+        gap = realism["ms_ssim"]["generated, same prompt"] - realism["ms_ssim"]["real, different patients"]
+        rows.append(_target("generated: MS-SSIM within a prompt minus between real patients", gap, "<= 0.05", gap <= 0.05))
+    return rows
+
+
+def targets_table(rows: Sequence[dict]) -> str:
+    """Markdown for :func:`generation_targets` (or any rows of the same form)."""
+    lines = ["| measure | measured | target | |", "|---|---|---|---|"]
+    lines += [f"| {r['measure']} | {r['value']:.3f} | {r['target']} | {'met' if r['met'] else 'not met'} |" for r in rows]
+    return "\n".join(lines)
 
 
 def _hu(value: float) -> str:
@@ -318,29 +500,58 @@ def realism_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def evaluate(run: str | Path, data: str | Path | None = None, *, n_per_side: int = 16, stage_n: int = 8,
+             steps: int = 25, guidance_scale: float = 3.0, scheduler: str | None = None, seed: int = 0) -> dict:
+    """Everything above in one call: laterality and pairing (``2 * n_per_side`` samples), T/N stage
+    (``stage_n`` per prompt), and with ``data`` the autoencoder ceiling on its validation split and realism and
+    diversity of the laterality samples against its test split; ``"targets"``: :func:`generation_targets`."""
+    from medvlm.data.datalist import load_datalist
+
+    fidelity = laterality_fidelity(run, n_per_side=n_per_side, steps=steps, guidance_scale=guidance_scale, seed=seed,
+                                   scheduler=scheduler, return_samples=data is not None)
+    stages = stage_fidelity(run, n=stage_n, steps=steps, guidance_scale=guidance_scale, seed=seed, scheduler=scheduler) \
+        if stage_n else None
+    ceiling = realism = None
+    prompts = fidelity.pop("prompts", None)
+    if data is not None:
+        validation = load_datalist(data).get("validation", [])
+        ceiling = autoencoder_ceiling(run, validation) if validation else None
+        realism = realism_and_diversity(run, data, fidelity.pop("samples"), fidelity.pop("affine"), fidelity.pop("groups"))
+    return {"fidelity": fidelity, "stages": stages, "ceiling": ceiling, "realism": realism, "prompts": prompts,
+            "targets": generation_targets(ceiling, fidelity, stages, realism)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="training run folder with report_to_ct/ and zero_shot/")
-    parser.add_argument("--n", type=int, default=4, help="volumes per side")
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--run", required=True, help="training run folder (report_to_ct/, zero_shot/, baseline/)")
+    parser.add_argument("--data", default=None, help="dataset folder (datalist.json): adds the autoencoder ceiling "
+                                                     "(validation split) and realism and diversity (test split)")
+    parser.add_argument("--n", type=int, default=16, help="volumes per side for laterality and pairing")
+    parser.add_argument("--stage-n", type=int, default=8, help="samples per T/N stage prompt (0: skip)")
+    parser.add_argument("--steps", type=int, default=25, help="sampling steps")
     parser.add_argument("--guidance-scale", type=float, default=3.0)
-    parser.add_argument("--data", default=None, help="dataset folder (datalist.json): adds realism and diversity on its test split")
-    parser.add_argument("--realism-n", type=int, default=8, help="generated CTs for realism (one per test report)")
-    parser.add_argument("--stages", action="store_true", help="also T- and N-stage fidelity (GTVp/GTVn volumes, --n pairs)")
+    parser.add_argument("--scheduler", default=None, help="a diffusers scheduler class name (default: the pipeline's)")
+    parser.add_argument("--out", default=None, help="also write generation.json and generation.md into this folder")
     args = parser.parse_args(argv)
-    result = laterality_fidelity(args.run, n_per_side=args.n, steps=args.steps, guidance_scale=args.guidance_scale)
-    print(f"generated CTs ({result['n']}, {result['scheduler']} {result['steps']} steps) carrying the prompt's laterality:")
-    for judge in JUDGES:
-        print(f"  judged by the {judge}: {result[judge]:.2f}")
-    if args.stages:
-        for contrast, row in stage_fidelity(args.run, n=args.n, steps=args.steps, guidance_scale=args.guidance_scale).items():
-            print(f"  {contrast}: {row['fraction']:.2f} of {row['n']} seed pairs "
-                  f"(mean {row['low_ml']:.1f} ml -> {row['high_ml']:.1f} ml)")
-    if args.data is not None:
-        made = generate_from_test_reports(args.run, args.data, n=args.realism_n, steps=args.steps,
-                                          guidance_scale=args.guidance_scale)
-        print(f"realism and diversity: one CT per test report ({made['scheduler']}, {made['steps']} steps)")
-        print(realism_table(realism_and_diversity(args.run, args.data, made["samples"], made["affine"], made["groups"])))
+    if args.n < 1 or args.stage_n < 0 or args.steps < 1:
+        parser.error("--n and --steps must be >= 1, --stage-n >= 0")
+    result = evaluate(args.run, args.data, n_per_side=args.n, stage_n=args.stage_n, steps=args.steps,
+                      guidance_scale=args.guidance_scale, scheduler=args.scheduler)
+    fidelity = result["fidelity"]
+    text = [f"Generated CTs: {fidelity['scheduler']}, {fidelity['steps']} steps, guidance {args.guidance_scale:g}.", "",
+            targets_table(result["targets"])]
+    if result["realism"] is not None:
+        text += ["", realism_table(result["realism"])]
+    print("\n".join(text))
+    if args.out:
+        import json
+
+        from medvlm.data.io import atomic_write_text
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "generation.md", "\n".join(text) + "\n")
+        atomic_write_text(out / "generation.json", json.dumps(result, indent=1, default=float) + "\n")
     return 0
 
 

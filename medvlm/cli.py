@@ -96,8 +96,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"[2/3] training all stages -> {output / 'run'}", flush=True)
     from train.__main__ import run as train_run
 
+    # an interrupted stage continues from its last checkpoint (a stage retrained for changed settings starts
+    # over: its old checkpoints are removed first)
     summary = train_run("all", str(config_path), str(data_dir), str(output / "run"), overwrite=args.overwrite,
-                        retrain_changed=args.retrain_changed)
+                        retrain_changed=args.retrain_changed, resume=not args.overwrite)
     results_dir = output / "results"
     print(f"[3/3] evaluation on the test split and pipeline examples -> {results_dir}", flush=True)
     from eval.demo_report import write_results
@@ -116,8 +118,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  results    {results_dir / 'README.md'} (tables, plots, examples)")
     print("  test split, measured vs target:")
     for row in headline["targets"]:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        print(f"    {cells[0]:<44} {cells[1]:>7}  target {cells[2]:<8} {cells[3]}")
+        print(f"    {row['measure']:<60} {row['value']:>7.3f}  target {row['target']:<10} "
+              f"{'met' if row['met'] else 'not met'}")
     print(f"  total      {time.perf_counter() - started:.0f} s")
     atomic_write_text(output / "demo_summary.json", json.dumps({"data": str(data_dir), "summary": summary}, indent=1))
     return 0

@@ -91,6 +91,14 @@ class VAEModelConfig:
     num_res_blocks: int = 1
     norm_num_groups: int = 8
     with_nonlocal_attn: bool = False
+    # structures decoded with the CT from one paired latent (the CT latent plus one channel per structure at
+    # latent resolution): generated CTs come with their contours; 0 = a CT-only autoencoder
+    mask_channels: int = 0
+    # "compact" (norm-free MONAI convolutions and strided convolutions, fast to train) or "monai_kl" (MONAI's
+    # AutoencoderKL: GroupNorm residual blocks, optional attention)
+    backbone: str = "compact"
+    # start from these weights (a save_pretrained folder, or the name of weights shipped in medvlm/weights)
+    pretrained_path: str = ""
 
 
 @dataclass
@@ -101,6 +109,9 @@ class UNetModelConfig:
     num_head_channels: int = 16
     norm_num_groups: int = 16
     transformer_num_layers: int = 1
+    # the report's parsed fields (side, subsite, T, N, elective neck: medvlm.text.parse.label_vector) as one more
+    # context token next to the report's token states
+    fields_token: bool = False
 
 
 @dataclass
@@ -200,11 +211,15 @@ class ContrastiveStageConfig(StageConfig):
 class VAEStageConfig(StageConfig):
     kl_weight: float = 1e-6
     patch_size: tuple[int, ...] = ()  # random patches (x, y, z) when volumes are large; empty: whole ROI
+    windows: tuple[tuple[float, float], ...] = ()  # extra L1 terms in these CT windows (level, width HU)
+    lesion_weight: float = 0.0  # extra L1 weight on GTVp/GTVn voxels (1 + lesion_weight)
+    mask_weight: float = 1.0  # Dice + BCE of the paired structure logits
+    sample_posterior: bool = False  # decode a posterior sample (else the mean) while training
 
 
 @dataclass
 class DiffusionStageConfig(StageConfig):
-    prediction_type: str = "epsilon"  # or "v_prediction"
+    prediction_type: str = "epsilon"  # "v_prediction", or "flow_matching" (rectified flow, as MAISI v2)
     report_dropout: float = 0.1  # null report for classifier-free guidance
     num_train_timesteps: int = 1000
     ema_decay: float = 0.999

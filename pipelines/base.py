@@ -102,18 +102,19 @@ class MedVLMPipeline(DiffusionPipeline):
         finally:
             self._set_layout(True)
 
-    def report_fields(self, texts: Sequence[str], device: torch.device) -> torch.Tensor | None:
-        """Parsed fields (:func:`medvlm.text.parse.label_vector`) of de-identified report texts, for a
-        segmentation decoder whose presence head reads them; ``None`` when it reads none."""
-        segmentation = getattr(self, "segmentation", None)
-        size = int(getattr(getattr(segmentation, "config", None), "report_fields", 0) or 0)
+    def report_fields(self, texts: Sequence[str], device: torch.device, component: str = "segmentation") -> torch.Tensor | None:
+        """Parsed fields (:func:`medvlm.text.parse.label_vector`) of de-identified report texts, for the
+        ``component`` (the segmentation decoder's presence head, the UNet's fields token) that reads them;
+        ``None`` when it reads none."""
+        module = getattr(self, component, None)
+        size = int(getattr(getattr(module, "config", None), "report_fields", 0) or 0)
         if not size:
             return None
         from medvlm.text.parse import label_vector, parse_report
 
         vectors = np.stack([label_vector(parse_report(text)) for text in texts])
         if vectors.shape[1] != size:
-            raise InputError(f"the segmentation decoder reads {size} report fields, this medvlm parses {vectors.shape[1]}; "
+            raise InputError(f"the {component} reads {size} report fields, this medvlm parses {vectors.shape[1]}; "
                              "use the medvlm version that trained it")
         return torch.as_tensor(vectors, device=device, dtype=torch.float32)
 

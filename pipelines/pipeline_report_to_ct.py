@@ -30,12 +30,18 @@ class ReportToCTPipelineOutput(BaseOutput):
 
 
 class ReportToCTPipeline(MedVLMPipeline):
-    r"""Synthesise CT volumes from report text (data augmentation), with contours from the shared decoder.
+    r"""Synthesise CT volumes with paired contours from report text (data augmentation).
+
+    With a paired autoencoder (``vae.config.mask_channels`` > 0) the sampled latent holds the CT latent and one
+    channel per structure, and the autoencoder decodes the CT and its masks together: the contours are
+    generated with the CT, not predicted from it afterwards. With a CT-only autoencoder the optional
+    ``segmentation`` decoder contours the generated CT instead.
 
     Components:
-        vae ([`CTAutoencoderKL`]), unet ([`ReportConditionedUNet3D`]), segmentation ([`FusedSegmentationDecoder`]),
-        text_encoder + tokenizer (report token states), scheduler (DDIM as trained; any diffusers scheduler
-        (DDPM, DPMSolverMultistep...) swaps in with ``Scheduler.from_config(pipe.scheduler.config)``).
+        vae ([`CTAutoencoderKL`]), unet ([`ReportConditionedUNet3D`]), segmentation ([`FusedSegmentationDecoder`],
+        optional), text_encoder + tokenizer (report token states), scheduler (DDIM for diffusion, the
+        flow-matching Euler sampler for rectified flow, as trained; another of the same family swaps in with
+        ``Scheduler.from_config(pipe.scheduler.config)``).
 
     Config: ``preprocess`` (spacing, HU window and ROI of the training data), ``structure_names``,
     ``thresholds``, ``report_format``, ``max_report_tokens``, ``vae_tile_size`` (latent voxels per decode tile).
@@ -73,8 +79,8 @@ class ReportToCTPipeline(MedVLMPipeline):
             raise ValueError(f"`negative_prompt` has {len(negative_prompts)} entries for {len(prompts)} prompts")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}")
-        if guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be >= 0 (1 = no guidance), got {guidance_scale}")
+        if not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be a finite number >= 0 (1 = no guidance), got {guidance_scale}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if num_images_per_prompt < 1:
@@ -82,18 +88,28 @@ class ReportToCTPipeline(MedVLMPipeline):
         factor = self.vae.compression
         if len(volume_shape) != 3 or any(int(s) % factor or int(s) <= 0 for s in volume_shape):
             raise ValueError(f"`volume_shape` {tuple(volume_shape)} must be three positive multiples of the VAE compression {factor}")
-        if latents is not None and latents.shape[0] != batch:
-            raise ValueError(f"`latents` has batch {latents.shape[0]}, expected {batch} (prompts x num_images_per_prompt)")
+        if latents is not None:
+            expected = (batch, self.unet.config.in_channels, *(int(s) // factor for s in volume_shape))
+            if tuple(latents.shape) != expected:
+                raise ValueError(f"`latents` has shape {tuple(latents.shape)}, expected {expected} (prompts x "
+                                 "num_images_per_prompt, generation channels, the volume's latent grid)")
+            if not torch.isfinite(latents).all():
+                raise ValueError("`latents` holds NaN or infinite values")
         if isinstance(generator, list) and len(generator) != batch:
             raise ValueError(f"`generator` is a list of {len(generator)}, expected {batch} (one per volume)")
-        if return_masks and self.segmentation is None:
-            raise ValueError("`return_masks=True` needs the segmentation component")
+        if return_masks and not self.has_paired_masks and self.segmentation is None:
+            raise ValueError("`return_masks=True` needs a paired autoencoder or the segmentation component")
+
+    @property
+    def has_paired_masks(self) -> bool:
+        """Whether sampled latents carry the structures (a paired autoencoder)."""
+        return bool(getattr(self.vae.config, "mask_channels", 0))
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 3.0, generator: torch.Generator | list | None = None,
                  latents: torch.Tensor | None = None, num_images_per_prompt: int = 1, output_type: str = "np",
-                 return_masks: bool = True, volume_shape: Sequence[int] | None = None,
+                 return_masks: bool | None = None, volume_shape: Sequence[int] | None = None,
                  callback_on_step_end: Callable | None = None, callback_on_step_end_tensor_inputs: list[str] = ("latents",),
                  return_dict: bool = True):
         """Generate CT volumes from report text.
@@ -105,7 +121,8 @@ class ReportToCTPipeline(MedVLMPipeline):
             generator: a ``torch.Generator`` or one per volume (then a batch equals single calls).
             latents: initial noise (N, C, x, y, z) instead of drawing it.
             output_type: ``"np"`` (HU arrays), ``"pt"``, ``"nifti"`` (nibabel images) or ``"latent"``.
-            return_masks: also contour the generated CT with the shared segmentation decoder.
+            return_masks: also return contours: the paired masks decoded with the CT, or (CT-only autoencoder)
+                the segmentation decoder's contours of the generated CT. Default: whenever available.
             volume_shape: voxels (x, y, z) at the preprocessing spacing; default the training ROI.
             callback_on_step_end: ``f(pipe, step, timestep, {"latents": ...}) -> dict`` after each step.
         """
@@ -115,6 +132,8 @@ class ReportToCTPipeline(MedVLMPipeline):
         config = self.preprocess_config
         volume_shape = tuple(int(s) for s in (volume_shape or config.roi_size))
         batch = len(prompts) * num_images_per_prompt
+        if return_masks is None:
+            return_masks = self.has_paired_masks or self.segmentation is not None
         self.check_inputs(prompts, negatives, num_inference_steps, guidance_scale, output_type, volume_shape, latents, batch,
                           num_images_per_prompt, generator, return_masks)
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
@@ -129,10 +148,17 @@ class ReportToCTPipeline(MedVLMPipeline):
         mask = mask.repeat_interleave(num_images_per_prompt, dim=0)
         context = states * mask[..., None].to(states.dtype)  # padded tokens carry nothing
         report_context, report_mask = context, mask  # before guidance padding: what the decoder contours with
+        fields = self.report_fields(used, device, component="unet")  # the parsed fields' token (None: none read)
+        fields = fields.repeat_interleave(num_images_per_prompt, dim=0) if fields is not None else None
+        uncond_fields = torch.zeros_like(fields) if fields is not None else None  # the null report parses nothing
         if do_guidance:
             if negatives is not None:
-                neg_states, neg_mask, _ = self.encode_reports(negatives, device, self.config.max_report_tokens, self.config.report_format)
+                neg_states, neg_mask, neg_used = self.encode_reports(negatives, device, self.config.max_report_tokens,
+                                                                     self.config.report_format)
                 uncond = (neg_states * neg_mask[..., None].to(neg_states.dtype)).repeat_interleave(num_images_per_prompt, dim=0)
+                if fields is not None:
+                    uncond_fields = self.report_fields(neg_used, device, component="unet").repeat_interleave(
+                        num_images_per_prompt, dim=0)
             else:
                 uncond = self.unet.null_context(batch).to(device, context.dtype)
             length = max(context.shape[1], uncond.shape[1])
@@ -146,7 +172,7 @@ class ReportToCTPipeline(MedVLMPipeline):
         else:
             latents = latents.to(device=device, dtype=self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = latents * self.scheduler.init_noise_sigma
+        latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)  # flow matching starts from N(0, I)
         extra = {"generator": generator} if "generator" in __import__("inspect").signature(self.scheduler.step).parameters else {}
 
         # 4. denoising loop
@@ -154,9 +180,11 @@ class ReportToCTPipeline(MedVLMPipeline):
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
                 model_input = torch.cat([latents, latents]) if do_guidance else latents
-                model_input = self.scheduler.scale_model_input(model_input, t)
+                if hasattr(self.scheduler, "scale_model_input"):  # the flow-matching sampler scales nothing
+                    model_input = self.scheduler.scale_model_input(model_input, t)
                 model_context = torch.cat([uncond, context]) if do_guidance else context
-                prediction = self.unet(model_input, t, model_context).sample
+                model_fields = None if fields is None else (torch.cat([uncond_fields, fields]) if do_guidance else fields)
+                prediction = self.unet(model_input, t, model_context, report_fields=model_fields).sample
                 if do_guidance:
                     unconditional, conditional = prediction.chunk(2)
                     prediction = unconditional + guidance_scale * (conditional - unconditional)
@@ -172,19 +200,23 @@ class ReportToCTPipeline(MedVLMPipeline):
             return ReportToCTPipelineOutput(latents, None, self._affine(volume_shape), tuple(self.config.structure_names), used) \
                 if return_dict else (latents, None)
 
-        # 5. decode (in tiles when the latent is larger than the configured tile)
-        z = latents / float(self.vae.config.scaling_factor)
+        # 5. decode the CT and, from a paired latent, its structures (in tiles when larger than the configured tile)
+        z, mask_latents = self.vae.split_latents(latents)
         tile = self.config.vae_tile_size
         if tile is not None and any(s > t for s, t in zip(z.shape[2:], tile)):
-            image = self.vae.tiled_decode(z, tile_size=tile)
+            image, mask_logits = self.vae.tiled_decode(z, tile_size=tile, mask_latents=mask_latents)
         else:
-            image = self.vae.decode(z).sample
+            decoded = self.vae.decode(z, mask_latents)
+            image, mask_logits = decoded.sample, decoded.mask_logits
         low, high = config.output_range
         image = image.clamp(low, high)
 
-        # 6. paired contours from the shared segmentation decoder
+        # 6. contours: the paired masks, or (CT-only autoencoder) the shared segmentation decoder's
         masks = None
-        if return_masks:
+        thresholds = torch.tensor(self.config.thresholds, device=device).view(1, -1, 1, 1, 1)
+        if return_masks and mask_logits is not None:
+            masks = torch.sigmoid(mask_logits.float()) >= thresholds
+        elif return_masks:
             encoded = self.vae.encode(image, return_features=True)
             fused = self.unet(latents, 0, report_context, return_features=True).features[-1]
             fields = self.report_fields(used, device)
@@ -192,7 +224,6 @@ class ReportToCTPipeline(MedVLMPipeline):
             # the decoder's cross-attention and presence pooling skip padded tokens, as in training
             probabilities = torch.sigmoid(self.segmentation(fused, encoded.features, report_context, report_mask,
                                                             image=image, report_fields=fields))
-            thresholds = torch.tensor(self.config.thresholds, device=device).view(1, -1, 1, 1, 1)
             masks = probabilities >= thresholds
 
         # 7. post-process to Hounsfield units

@@ -36,6 +36,12 @@ def _context(batch=2, length=7, dim=384, seed=0):
     return torch.randn(batch, length, dim, generator=torch.Generator().manual_seed(seed))
 
 
+def _contour_latents(encoded, mask_channels: int = 9):
+    """The paired UNet's input when contouring: the CT latent and unknown (0) structure channels."""
+    z = encoded.latent_dist.mode()
+    return torch.cat([z, z.new_zeros(z.shape[0], mask_channels, *z.shape[2:])], dim=1)
+
+
 def test_vae_shapes_features_and_compression(tiny):
     _, nets = tiny
     vae = nets["vae"]
@@ -44,7 +50,33 @@ def test_vae_shapes_features_and_compression(tiny):
     assert vae.compression == 4
     assert encoded.latent_dist.mean.shape == (2, 4, 8, 8, 8) and encoded.latent_dist.mean.dtype == torch.float32
     assert [tuple(f.shape[1:]) for f in encoded.features] == [(8, 32, 32, 32), (16, 16, 16, 16), (16, 8, 8, 8)]
-    assert vae.decode(encoded.latent_dist.mode()).sample.shape == x.shape
+    masks = (torch.rand(2, 9, 32, 32, 32) > 0.5).float()
+    decoded = vae.decode(encoded.latent_dist.mode(), vae.encode_masks(masks))
+    assert decoded.sample.shape == x.shape and decoded.mask_logits.shape == masks.shape
+    assert vae.generation_channels == 4 + 9
+
+
+def test_paired_autoencoder_encodes_structures_as_latent_fractions_and_needs_them_to_decode(tiny):
+    vae = tiny[1]["vae"]
+    masks = torch.zeros(1, 9, 32, 32, 32)
+    masks[0, 0, :4, :4, :4] = 1.0  # one whole latent cell of the first structure
+    masks[0, 1, :2, :4, :4] = 1.0  # half a cell of the second
+    channels = vae.encode_masks(masks)
+    assert channels.shape == (1, 9, 8, 8, 8)
+    assert channels[0, 0, 0, 0, 0] == 1.0 and channels[0, 1, 0, 0, 0] == 0.0 and channels[0, 2].eq(-1.0).all()
+    z = torch.randn(1, 4, 8, 8, 8)
+    with pytest.raises(ValueError, match="structure channels"):
+        vae.decode(z)
+    with pytest.raises(ValueError, match="pairs 9"):
+        vae.encode_masks(masks[:, :3])
+    # the structure channels steer the decoded CT: the image follows the masks
+    with torch.no_grad():
+        a = vae.decode(z, channels).sample
+        b = vae.decode(z, -torch.ones_like(channels)).sample
+    assert (a - b).abs().max() > 1e-5
+    joint = torch.cat([z * vae.config.scaling_factor, channels], dim=1)
+    ct, structures = vae.split_latents(joint)
+    assert torch.equal(ct, z) and torch.equal(structures, channels)
 
 
 def test_vae_tiles_cover_large_volumes_and_check_tile_sizes(tiny):
@@ -52,23 +84,45 @@ def test_vae_tiles_cover_large_volumes_and_check_tile_sizes(tiny):
     with torch.no_grad():
         z = vae.tiled_encode_mean(torch.randn(1, 1, 32, 48, 40), tile_size=(32, 32, 32))
         assert z.shape == (1, 4, 8, 12, 10)
-        assert vae.tiled_decode(z, tile_size=(8, 8, 8)).shape == (1, 1, 32, 48, 40)
+        structures = -torch.ones(1, 9, 8, 12, 10)
+        ct, logits = vae.tiled_decode(z, tile_size=(8, 8, 8), mask_latents=structures)
+        assert ct.shape == (1, 1, 32, 48, 40) and logits.shape == (1, 9, 32, 48, 40)
+        whole = vae.decode(z, structures)
+        tiled, _ = vae.tiled_decode(z, tile_size=(8, 12, 10), mask_latents=structures)  # one tile = the whole latent
+        assert torch.allclose(tiled, whole.sample, atol=1e-5)
     with pytest.raises(ValueError, match="multiple of the compression"):
         vae.tiled_encode_mean(torch.randn(1, 1, 32, 32, 32), tile_size=(30, 32, 32))
 
 
 def test_unet_prediction_and_fused_features(tiny):
     unet = tiny[1]["unet"]
-    out = unet(torch.randn(2, 4, 8, 8, 8), torch.tensor([1, 900]), _context(), return_features=True)
-    assert out.sample.shape == (2, 4, 8, 8, 8)
+    out = unet(torch.randn(2, 13, 8, 8, 8), torch.tensor([1, 900]), _context(), return_features=True)
+    assert out.sample.shape == (2, 13, 8, 8, 8)  # CT latent + the paired structure channels
     assert out.features[-1].shape == (2, unet.feature_channels, 8, 8, 8)
+
+
+def test_parsed_fields_reach_the_unet_as_a_context_token(tiny):
+    unet = _as_if_trained(tiny[1]["unet"])
+    size = unet.config.report_fields
+    assert size > 0
+    z = torch.randn(1, 13, 8, 8, 8, generator=torch.Generator().manual_seed(4))
+    left, right = torch.zeros(1, size), torch.zeros(1, size)
+    left[0, 0], right[0, 1] = 1.0, 1.0
+    with torch.no_grad():
+        a = unet(z, 100, _context(1), report_fields=left).sample
+        b = unet(z, 100, _context(1), report_fields=right).sample
+        unknown = unet(z, 100, _context(1)).sample  # None: nothing parsed, the zero vector's token
+        zeros = unet(z, 100, _context(1), report_fields=torch.zeros(1, size)).sample
+    assert (a - b).abs().max() > 1e-5 and torch.equal(unknown, zeros)
+    with pytest.raises(ValueError, match="report_fields has shape"):
+        unet(z, 100, _context(1), report_fields=torch.zeros(1, size + 1))
 
 
 def test_segmentation_logits_at_full_resolution(tiny):
     _, nets = tiny
     x = torch.randn(1, 1, 32, 32, 32)
     encoded = nets["vae"].encode(x, return_features=True)
-    fused = nets["unet"](encoded.latent_dist.mode(), 0, _context(1), return_features=True).features[-1]
+    fused = nets["unet"](_contour_latents(encoded), 0, _context(1), return_features=True).features[-1]
     logits = nets["segmentation"](fused, encoded.features, _context(1), image=x)
     assert logits.shape == (1, 9, 32, 32, 32)
     # the CT is required and it matters
@@ -87,7 +141,7 @@ def test_report_path_starts_at_zero_then_carries_the_report(tiny):
     seg = copy.deepcopy(nets["segmentation"])
     x = torch.randn(1, 1, 32, 32, 32)
     encoded = nets["vae"].encode(x, return_features=True)
-    fused = nets["unet"](encoded.latent_dist.mode(), 0, _context(1), return_features=True).features[-1]
+    fused = nets["unet"](_contour_latents(encoded), 0, _context(1), return_features=True).features[-1]
     a, b = _context(1), torch.randn_like(_context(1))
     with torch.no_grad():
         assert (seg(fused, encoded.features, a, image=x) - seg(fused, encoded.features, b, image=x)).abs().max() < 1e-2
@@ -104,7 +158,7 @@ def test_report_path_takes_the_whole_rois_coordinates_for_a_patch(tiny):
     seg = copy.deepcopy(nets["segmentation"])
     x = torch.randn(1, 1, 32, 32, 32)
     encoded = nets["vae"].encode(x, return_features=True)
-    fused = nets["unet"](encoded.latent_dist.mode(), 0, _context(1), return_features=True).features[-1]
+    fused = nets["unet"](_contour_latents(encoded), 0, _context(1), return_features=True).features[-1]
     roi = coordinate_channels(torch.zeros(1, 1, 64, 64, 64))
     with torch.no_grad():
         torch.nn.init.normal_(seg.report_head.conv.conv.weight, std=0.5)
@@ -131,7 +185,7 @@ def test_presence_head_multiplies_probabilities_and_learns_what_the_report_rules
     assert seg.config.presence_head
     x = torch.randn(1, 1, 32, 32, 32)
     encoded = nets["vae"].encode(x, return_features=True)
-    fused = nets["unet"](encoded.latent_dist.mode(), 0, _context(1), return_features=True).features[-1]
+    fused = nets["unet"](_contour_latents(encoded), 0, _context(1), return_features=True).features[-1]
     with torch.no_grad():
         logits, presence = seg(fused, encoded.features, _context(1), image=x, return_presence=True)
         # per structure (anywhere, left, right): the tiny preset judges CTVn per side
@@ -189,7 +243,7 @@ def test_side_presence_rules_out_the_contralateral_neck_from_the_parsed_report(t
     seg = copy.deepcopy(nets["segmentation"]).eval()
     assert seg.config.side_structures == ("CTVn",) and seg.config.report_fields == len(LABEL_NAMES)
     encoded = nets["vae"].encode(x, return_features=True)
-    fused = nets["unet"](encoded.latent_dist.mode(), 0, _context(1), return_features=True).features[-1]
+    fused = nets["unet"](_contour_latents(encoded), 0, _context(1), return_features=True).features[-1]
     ctvn = 2
     with torch.no_grad():
         seg.presence[-1].bias[ctvn * 3:ctvn * 3 + 3] = 30.0  # present everywhere: the voxel probabilities alone
@@ -256,14 +310,17 @@ def test_gradients_reach_every_trainable_parameter(tiny, tokenizer):
     x = torch.randn(2, 1, 32, 32, 32)
     encoded = vae.encode(x, return_features=True)
     posterior = encoded.latent_dist
-    recon = vae.decode(posterior.sample(generator=torch.Generator().manual_seed(0))).sample
-    ((recon - x).abs().mean() + 1e-3 * posterior.kl().mean()).backward()
+    masks = (torch.rand(2, 9, 32, 32, 32, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    decoded = vae.decode(posterior.sample(generator=torch.Generator().manual_seed(0)), vae.encode_masks(masks))
+    ((decoded.sample - x).abs().mean() + decoded.mask_logits.sigmoid().mean() + 1e-3 * posterior.kl().mean()).backward()
     _assert_all_trainable_have_gradients(vae, "vae")
 
-    latents = posterior.mode().detach()
+    latents = torch.cat([posterior.mode(), vae.encode_masks(masks)], dim=1).detach()
+
+    fields = torch.rand(2, unet.config.report_fields, generator=torch.Generator().manual_seed(0))
 
     def unet_loss():
-        out = unet(latents, torch.tensor([3, 500]), _context(), return_features=True)
+        out = unet(latents, torch.tensor([3, 500]), _context(), return_features=True, report_fields=fields)
         null = unet(latents, torch.tensor([3, 500]), None)  # the learned null report takes part too
         return (out.sample - 1).pow(2).mean() + (null.sample - 1).pow(2).mean()
 
@@ -304,9 +361,11 @@ def test_save_and_load_round_trip_is_bit_exact(tiny, tmp_path, name):
     with torch.no_grad():
         if name == "vae":
             x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
-            assert torch.equal(module(x).sample, loaded(x).sample)
+            masks = (torch.rand(1, 9, 32, 32, 32, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+            assert torch.equal(module(x, masks).sample, loaded(x, masks).sample)
+            assert torch.equal(module(x, masks).mask_logits, loaded(x, masks).mask_logits)
         elif name == "unet":
-            z = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(1))
+            z = torch.randn(1, 13, 8, 8, 8, generator=torch.Generator().manual_seed(1))
             assert torch.equal(module(z, 10, _context(1)).sample, loaded(z, 10, _context(1)).sample)
 
 
@@ -326,7 +385,7 @@ def _as_if_trained(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def test_report_conditions_the_unet_and_the_segmentation_decoder(tiny):
     _, nets = tiny
     unet, seg, vae = _as_if_trained(nets["unet"]), _as_if_trained(nets["segmentation"]), nets["vae"].eval()
-    z = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(2))
+    z = torch.randn(1, 13, 8, 8, 8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         a = unet(z, 100, _context(1, seed=1)).sample
         b = unet(z, 100, _context(1, seed=2)).sample
@@ -334,7 +393,7 @@ def test_report_conditions_the_unet_and_the_segmentation_decoder(tiny):
         assert (a - b).abs().max() > 1e-4 and (a - n).abs().max() > 1e-4
         ct = torch.randn(1, 1, 32, 32, 32)
         encoded = vae.encode(ct, return_features=True)
-        fused = unet(encoded.latent_dist.mode(), 0, _context(1), return_features=True).features[-1]
+        fused = unet(_contour_latents(encoded), 0, _context(1), return_features=True).features[-1]
         s1 = seg(fused, encoded.features, _context(1, seed=1), image=ct)
         s2 = seg(fused, encoded.features, _context(1, seed=2), image=ct)
         s0 = seg(fused, encoded.features, null_report=True, image=ct)

@@ -227,9 +227,37 @@ def test_batch_with_one_generator_each_equals_single_calls(pipes):
     assert np.abs(batch.ct[1] - single.ct[0]).max() < 0.05
 
 
-def test_generated_ct_is_contoured_with_the_reports_padding_mask(pipes, monkeypatch):
-    """The paired contours skip padded report tokens, as the decoder did in training (and ContourPipeline does)."""
+@pytest.fixture(scope="module")
+def ct_only_pipe():
+    """A report-to-CT pipeline over a CT-only autoencoder: its contours come from the segmentation decoder."""
+    config = load_config(CONFIGS / "tiny.yaml")
+    config.models.vae.mask_channels = 0
+    torch.manual_seed(0)
+    return build_pipelines(config, report_texts=["left tonsil carcinoma bilateral neck"] * 4)["report_to_ct"]
+
+
+def test_paired_masks_come_from_the_sampled_latent_not_from_a_segmentation_decoder(pipes):
     pipe = pipes["report_to_ct"]
+    assert pipe.has_paired_masks and pipe.unet.config.in_channels == pipe.vae.generation_channels == 13
+    out = pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent")
+    assert out.ct.shape == (1, 13, 8, 8, 8)  # the latent holds the structures
+    # the masks are the paired decoder's output for that latent's structure channels
+    z, structures = pipe.vae.split_latents(out.ct)
+    with torch.no_grad():
+        logits = pipe.vae.decode(z, structures).mask_logits
+    full = pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert torch.equal(full.masks, torch.sigmoid(logits) >= 0.5)
+    # without any segmentation decoder the pipeline still pairs contours with every CT
+    bare = ReportToCTPipeline(vae=pipe.vae, unet=pipe.unet, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                              scheduler=pipe.scheduler, preprocess=dict(pipe.config.preprocess))
+    plain = bare(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    reference = pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(plain.masks, reference.masks) and np.array_equal(plain.ct, reference.ct)
+
+
+def test_generated_ct_is_contoured_with_the_reports_padding_mask(ct_only_pipe, monkeypatch):
+    """CT-only autoencoder: the decoder's contours skip padded report tokens, as in training (and ContourPipeline)."""
+    pipe = ct_only_pipe
     prompts = ["a left tonsil", "right oral tongue SCC, cT3 N2 M0, HPV negative, bilateral elective neck levels I-V"]
     states, mask, _ = pipe.encode_reports(prompts, torch.device("cpu"), pipe.config.max_report_tokens, pipe.config.report_format)
     assert mask.sum(1)[0] < mask.sum(1)[1], "the prompts must differ in length for the check to mean anything"
@@ -270,7 +298,7 @@ def test_output_types_callback_latents_and_tuple(pipes):
     assert isinstance(out.ct, torch.Tensor) and out.ct.shape[0] == 2 and seen == [0, 1, 2]
     images = pipe(PROMPT, num_inference_steps=2, output_type="nifti", return_masks=False).ct
     assert isinstance(images[0], nib.Nifti1Image) and images[0].shape == (32, 32, 32)
-    latents = torch.zeros(1, 4, 8, 8, 8)
+    latents = torch.zeros(1, 13, 8, 8, 8)  # CT latent + structure channels
     ct, masks = pipe(PROMPT, num_inference_steps=2, latents=latents, return_dict=False, guidance_scale=1.0)
     assert ct.shape == (1, 32, 32, 32) and masks is not None
 

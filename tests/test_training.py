@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -391,7 +392,7 @@ def test_data_efficiency_sweep_trains_per_fraction_reuses_finished_ones_and_repo
 
 
 def test_augmentation_utility_trains_on_real_and_on_real_plus_synthetic_cases(trained, tiny_data, tmp_path, monkeypatch):
-    from eval.augmentation_utility import evaluate, table
+    from eval.augmentation_utility import evaluate, summary, table
     from medvlm.data.datalist import load_datalist
     from medvlm.data.io import load_labels
 
@@ -407,28 +408,73 @@ def test_augmentation_utility_trains_on_real_and_on_real_plus_synthetic_cases(tr
     # the third synthetic case reuses the first real report (prompts cycle over the real set only)
     assert augmented["training"][4]["report"] == augmented["training"][0]["report"]
     assert "| difference |" in table(results)
+    assert set(results["real"]["structures"]) == set(names)  # per structure, for the nine-structure mean
+    overview, rows = summary({2: [results, results]})
+    gain = np.mean(list(results["real + synthetic"]["structures"].values())) - np.mean(list(results["real"]["structures"].values()))
+    assert "| 2 | 2 |" in overview and rows[0]["target"] == ">= +0.03" and rows[0]["value"] == pytest.approx(gain)
+    assert rows[0]["met"] == (gain >= 0.03) and rows[1]["target"] == ">= -0.01"
 
 
-def test_generation_fidelity_per_scheduler_and_per_stage_on_a_trained_run(trained):
+def test_generation_fidelity_pairing_and_stages_are_judged_by_the_baseline_and_the_paired_masks(trained):
     import numpy as np
 
-    from eval.generation_eval import JUDGES, STAGE_PROMPTS, centre_side, laterality_fidelity, stage_fidelity
+    from eval.generation_eval import JUDGES, centre_side, laterality_fidelity, lesion_side, stage_fidelity
 
     ddpm = laterality_fidelity(trained, n_per_side=1, steps=3, scheduler="DDPMScheduler")
     assert ddpm["scheduler"] == "DDPMScheduler" and ddpm["n"] == 2
-    assert all(ddpm[judge] in (0.0, 0.5, 1.0) for judge in JUDGES)
-    # the decoder judge reads the image: the side of the GTVp's centre against the body's midline (RAS +x = right)
+    assert all(ddpm[judge] in (0.0, 0.5, 1.0) for judge in JUDGES) and 0.0 <= ddpm["pairing_oar_dice"] <= 1.0
+    # a judge reads a mask's side: its centre against the body's midline (RAS +x = right)
     mask, affine = np.zeros((10, 4, 4), bool), np.diag([2.0, 2.0, 2.0, 1.0])
     mask[6:9] = True  # x = 12..16 mm
     assert centre_side(mask, affine, 9.0) == "right" and centre_side(mask, affine, 20.0) == "left"
     assert centre_side(np.zeros_like(mask), affine, 9.0) == "none"
+    names = ["GTVp", "GTVn"]
+    assert lesion_side(np.stack([np.zeros_like(mask), mask]), names, affine, 9.0) == "right"  # no GTVp: the nodes
     assert laterality_fidelity(trained, n_per_side=1, steps=3)["scheduler"] == "DDIMScheduler"  # what training ships
     with pytest.raises(ValueError, match="not a diffusers scheduler"):
         laterality_fidelity(trained, n_per_side=1, steps=3, scheduler="UNet2DModel")  # a model, not a scheduler
     stages = stage_fidelity(trained, n=2, steps=3)
-    assert set(stages) == set(STAGE_PROMPTS)
-    for row in stages.values():
-        assert row["n"] == 2 and row["fraction"] in (0.0, 0.5, 1.0) and row["low_ml"] >= 0 and row["high_ml"] >= 0
+    assert stages["n"] == 2
+    for judge in JUDGES:
+        row = stages[judge]
+        assert all(row[k] in (0.0, 0.5, 1.0) for k in ("T4 GTVp larger than T1", "N0 without GTVn", "N2 with GTVn"))
+        assert row["T1 GTVp ml"] >= 0 and row["T4 GTVp ml"] >= 0
+
+
+def test_rectified_flow_trains_on_the_straight_path_and_samples_with_the_flow_matching_scheduler(trained, tiny_data, tmp_path):
+    """prediction_type flow_matching: the loss is the velocity (noise - latents) error at the point sigma of the
+    straight path; the shipped sampler is diffusers' FlowMatchEulerDiscreteScheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from medvlm.models.factory import is_flow_matching, sampling_scheduler
+    from train.stage_diffusion import DiffusionTrainer
+
+    for stage in ("contrastive", "vae"):
+        shutil.copytree(trained / stage / "final", tmp_path / stage / "final")
+    config = load_config(TINY)
+    config.training.diffusion.prediction_type = "flow_matching"
+    torch.manual_seed(0)
+    trainer = DiffusionTrainer(config, tiny_data, tmp_path)
+    loss_module = trainer.setup().eval()
+    inputs = trainer.make_inputs(0)
+    with torch.no_grad():
+        loss = float(loss_module(**inputs)[0])
+        latents, noise = inputs["latents"], inputs["noise"]
+        sigma = (inputs["timesteps"].float() / 1000).view(-1, 1, 1, 1, 1)
+        from train.stage_diffusion import with_null_report
+
+        context, mask = with_null_report(trainer.unet, inputs["states"], inputs["attention_mask"], inputs["drop"])
+        prediction = trainer.unet((1 - sigma) * latents + sigma * noise, sigma.flatten() * 1000, context,
+                                  encoder_attention_mask=mask).sample
+    assert loss == pytest.approx(float(torch.nn.functional.mse_loss(prediction, noise - latents)), rel=1e-5)
+    scheduler = sampling_scheduler(1000, "flow_matching")
+    assert isinstance(scheduler, FlowMatchEulerDiscreteScheduler) and is_flow_matching(scheduler)
+    from pipelines import ReportToCTPipeline
+
+    pipe = ReportToCTPipeline.from_pretrained(trained / "report_to_ct")
+    pipe.scheduler = scheduler
+    out = pipe("left tonsil carcinoma, cT2 N1 M0", num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    assert out.ct.shape == (1, 32, 32, 32) and np.isfinite(out.ct).all() and out.masks.shape == (1, 9, 32, 32, 32)
 
 
 def test_lateral_mirror_swaps_sides_in_the_ct_the_report_and_the_paired_structures(tiny_data):

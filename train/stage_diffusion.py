@@ -1,19 +1,24 @@
-"""Stage 3: the report-conditioned latent diffusion UNet (frozen VAE and text encoder; EMA weights;
-epsilon or v prediction; report dropout for classifier-free guidance; optionally on latents and report
-token states computed once per case)."""
+"""Stage 3: the report-conditioned latent generative UNet (frozen VAE and text encoder; EMA weights;
+epsilon or v prediction, or rectified flow; report dropout for classifier-free guidance; optionally on
+latents and report token states computed once per case).
+
+With a paired autoencoder the UNet learns generation latents: the CT latent plus the structure channels
+(:meth:`medvlm.models.CTAutoencoderKL.encode_masks`), so the report decides where tumour, nodes and the
+elective neck lie at the level of the masks and the CT follows them when decoded."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from torch import nn
 
 from medvlm.models import CTAutoencoderKL
-from medvlm.models.factory import build_unet, training_scheduler
+from medvlm.models.factory import PREDICTION_TYPES, build_unet, is_flow_matching, training_scheduler
 from train.common import StageTrainer, TrainingError
-from train.data import augmentation, collate, load_cases
+from train.data import augmentation, collate, load_cases, report_fields
 
 
 def load_upstream(output_dir: Path, stage: str, component: str) -> Path:
@@ -38,6 +43,18 @@ def with_null_report(unet, states: torch.Tensor, attention_mask: torch.Tensor, d
     return context, mask
 
 
+def generation_latents(vae, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """What the generative UNet learns: the scaled CT latents (posterior mode) of ``images`` and, for a paired
+    autoencoder, the structure channels of ``labels``."""
+    latents = vae.encode(images).latent_dist.mode() * float(vae.config.scaling_factor)
+    if not vae.config.mask_channels:
+        return latents
+    if labels is None:
+        raise TrainingError("a paired autoencoder (models.vae.mask_channels > 0) generates structures: the diffusion "
+                        "stage needs labels for every training case")
+    return torch.cat([latents, vae.encode_masks(labels.to(latents.device, latents.dtype))], dim=1)
+
+
 class DiffusionLoss(nn.Module):
     """Noise-prediction (or v-prediction) MSE. Takes CT ``images`` and report ``input_ids`` (encoded here by
     the frozen VAE and text encoder) or their precomputed ``latents`` and token ``states``."""
@@ -46,16 +63,28 @@ class DiffusionLoss(nn.Module):
         super().__init__()
         self.unet, self.vae, self.text_encoder, self.scheduler = unet, vae, text_encoder, scheduler
 
-    def forward(self, attention_mask, noise, timesteps, drop, images=None, input_ids=None, latents=None, states=None):
+    def forward(self, attention_mask, noise, timesteps, drop, images=None, labels=None, input_ids=None, latents=None,
+                states=None, fields=None):
         with torch.no_grad():
             if latents is None:
-                latents = self.vae.encode(images).latent_dist.mode() * float(self.vae.config.scaling_factor)
+                latents = generation_latents(self.vae, images, labels)
             if states is None:
                 states = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
         context, mask = with_null_report(self.unet, states, attention_mask, drop)
-        prediction = self.unet(noisy, timesteps, context, encoder_attention_mask=mask).sample
-        target = noise if self.scheduler.config.prediction_type == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)
+        if fields is not None:  # a dropped report drops its parsed fields too
+            fields = torch.where(drop[:, None], torch.zeros_like(fields), fields)
+        extra = {"report_fields": fields} if fields is not None else {}
+        if is_flow_matching(self.scheduler):
+            # rectified flow: a straight path from the latent (sigma 0) to noise (sigma 1), velocity target
+            sigma = (timesteps.float() / self.scheduler.config.num_train_timesteps).view(-1, *[1] * (latents.dim() - 1))
+            noisy = (1.0 - sigma) * latents + sigma * noise
+            prediction = self.unet(noisy, sigma.flatten() * self.scheduler.config.num_train_timesteps, context,
+                                   encoder_attention_mask=mask, **extra).sample
+            target = noise - latents
+        else:
+            noisy = self.scheduler.add_noise(latents, noise, timesteps)
+            prediction = self.unet(noisy, timesteps, context, encoder_attention_mask=mask, **extra).sample
+            target = noise if self.scheduler.config.prediction_type == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)
         loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
         return loss, {"total": loss.detach()}
 
@@ -67,16 +96,20 @@ class DiffusionTrainer(StageTrainer):
         from transformers import AutoModel, AutoTokenizer
 
         c = self.stage_config
-        if c.prediction_type not in ("epsilon", "v_prediction"):
-            raise TrainingError(f"training.diffusion.prediction_type must be 'epsilon' or 'v_prediction', got {c.prediction_type!r}")
+        if c.prediction_type not in PREDICTION_TYPES:
+            raise TrainingError(f"training.diffusion.prediction_type must be one of {PREDICTION_TYPES}, got {c.prediction_type!r}")
         self.cases = load_cases(self.data_dir, self.config, train_fraction=self.train_fraction, seed=self.config.training.seed)
         self.batcher = self.batches(len(self.cases))
-        self.augment = augmentation(self.config, with_label=False)
+        self.paired = bool(self.config.models.vae.mask_channels)
+        if self.paired and any(case.label is None for case in self.cases):
+            raise TrainingError("models.vae.mask_channels > 0 (paired CT + structures) needs labels for every training case")
+        self.augment = augmentation(self.config, with_label=self.paired)
         self.vae = self.frozen_upstream(CTAutoencoderKL.from_pretrained(load_upstream(self.output_dir, "vae", "vae")))
         self.text_encoder = self.frozen_upstream(AutoModel.from_pretrained(
             load_upstream(self.output_dir, "contrastive", "text_encoder"), local_files_only=True))
         self.tokenizer = AutoTokenizer.from_pretrained(load_upstream(self.output_dir, "contrastive", "tokenizer"), local_files_only=True)
         self.unet = build_unet(self.config.models, int(self.text_encoder.config.hidden_size))
+        self.fields = int(self.unet.config.report_fields)
         self.scheduler = training_scheduler(c.num_train_timesteps, c.prediction_type)
         self.ema = EMAModel(self.unet.parameters(), decay=c.ema_decay)
         self.checkpoint_objects.append(self.ema)
@@ -93,14 +126,16 @@ class DiffusionTrainer(StageTrainer):
         tokens = self.tokenizer([c.prompt for c in self.cases], padding=True, truncation=True,
                                 max_length=self.config.text.max_length, return_tensors="pt")
         latents, states = [], []
-        scale = float(self.vae.config.scaling_factor)
         for number, case in enumerate(tqdm(self.cases, desc="diffusion: caching latents",
                                            disable=not self.accelerator.is_local_main_process)):
-            latents.append((self.vae.encode(case.image[None].to(self.device)).latent_dist.mode() * scale)[0].cpu())
+            label = case.label[None].to(self.device) if self.paired else None
+            latents.append(generation_latents(self.vae, case.image[None].to(self.device), label)[0].cpu())
             states.append(self.text_encoder(input_ids=tokens["input_ids"][number:number + 1].to(self.device),
                                             attention_mask=tokens["attention_mask"][number:number + 1].to(self.device)
                                             ).last_hidden_state[0].cpu())
-        return {"latents": torch.stack(latents), "states": torch.stack(states), "mask": tokens["attention_mask"]}
+        fields = report_fields(torch.as_tensor(np.stack([c.labels for c in self.cases])), self.fields)
+        return {"latents": torch.stack(latents), "states": torch.stack(states), "mask": tokens["attention_mask"],
+                "fields": fields}
 
     def _noise(self, index: int, latent_shape) -> dict:
         """Noise, timesteps and report dropout of global step ``index``, the same on every process."""
@@ -115,17 +150,26 @@ class DiffusionTrainer(StageTrainer):
         if self.cache is not None:
             indices = self.batcher.indices(index)
             latents = self.cache["latents"][indices]
-            return {"latents": latents, "states": self.cache["states"][indices],
-                    "attention_mask": self.cache["mask"][indices], **self._noise(index, latents.shape)}
+            inputs = {"latents": latents, "states": self.cache["states"][indices],
+                      "attention_mask": self.cache["mask"][indices], **self._noise(index, latents.shape)}
+            if self.cache["fields"] is not None:
+                inputs["fields"] = self.cache["fields"][indices]
+            return inputs
         batch = collate(self.cases, self.batcher.indices(index), self.augment, self.config.training.seed, self.batcher.epoch(index),
                         mirror_prob=self.mirror)
         images = batch["image"]
         factor = self.vae.compression
-        shape = (images.shape[0], self.config.models.vae.latent_channels, *(s // factor for s in images.shape[2:]))
+        shape = (images.shape[0], self.vae.generation_channels, *(s // factor for s in images.shape[2:]))
         tokens = self.tokenizer(batch["prompt"], padding=True, truncation=True, max_length=self.config.text.max_length,
                                 return_tensors="pt")
-        return {"images": images, "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
-                **self._noise(index, shape)}
+        inputs = {"images": images, "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
+                  **self._noise(index, shape)}
+        if self.paired:
+            inputs["labels"] = batch["label"]
+        fields = report_fields(batch["labels"], self.fields)
+        if fields is not None:
+            inputs["fields"] = fields
+        return inputs
 
     def after_optimizer_step(self, step: int) -> None:
         self.ema.to(self.device)

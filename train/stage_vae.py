@@ -1,4 +1,5 @@
-"""Stage 2: the 3D VAE (L1 reconstruction + KL), on random patches when volumes are large.
+"""Stage 2: the 3D autoencoder (L1 in several CT windows + KL; with paired structure channels, Dice + BCE on
+the decoded masks), on random patches when volumes are large, optionally from shipped weights.
 
 MONAI's perceptual and adversarial losses are not used by default: the perceptual networks' weights
 would have to be downloaded at run time, which this project does not do.
@@ -6,42 +7,105 @@ would have to be downloaded at run time, which this project does not do.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
 
+from medvlm.models import CTAutoencoderKL
 from medvlm.models.factory import build_vae
-from train.common import StageTrainer
+from train.common import StageTrainer, TrainingError
 from train.data import augmentation, collate, load_cases
 
 
+def windowed(image: torch.Tensor, window: Sequence[float], hu_window: Sequence[float], output_range: Sequence[float]) -> torch.Tensor:
+    """``image`` (model range) seen through a display window (level, width HU), in [0, 1]."""
+    (lo, hi), (a, b) = hu_window, output_range
+    level, width = window
+    hu = lo + (image - a) * (hi - lo) / (b - a)
+    return ((hu - level) / width + 0.5).clamp(0.0, 1.0)
+
+
 class VAELoss(nn.Module):
-    def __init__(self, vae, kl_weight: float):
+    """Reconstruction loss of the autoencoder.
+
+    * L1 in the model range and in each of ``windows`` (level, width HU): the -1000..1500 HU range compresses
+      the 20-40 HU contrasts of tumour and glands to about 1 % of its span, so an L1 there alone lets the
+      decoder wash them out (the tumour's contrast came back reversed); the bone window keeps bone.
+    * ``lesion_weight``: extra weight on voxels of the ``lesion_channels`` (GTVp, GTVn), which are a few hundred
+      of 262,144 voxels.
+    * paired autoencoders: Dice + BCE of the decoded structure logits against the masks.
+    * KL to N(0, I) with a small weight (MAISI uses about 1e-7); the latent is the posterior mean unless
+      ``sample_posterior`` (the diffusion model is trained on posterior means).
+    """
+
+    def __init__(self, vae: CTAutoencoderKL, kl_weight: float, windows: Sequence[Sequence[float]] = (),
+                 hu_window: Sequence[float] = (-1000.0, 1500.0), output_range: Sequence[float] = (-1.0, 1.0),
+                 lesion_channels: Sequence[int] = (), lesion_weight: float = 0.0, mask_weight: float = 1.0,
+                 sample_posterior: bool = False):
         super().__init__()
         self.vae, self.kl_weight = vae, kl_weight
+        self.windows, self.hu_window, self.output_range = tuple(windows), tuple(hu_window), tuple(output_range)
+        self.lesion_channels, self.lesion_weight = list(lesion_channels), float(lesion_weight)
+        self.mask_weight, self.sample_posterior = float(mask_weight), bool(sample_posterior)
 
-    def forward(self, images, eps):
+    def forward(self, images, eps, labels=None):
         posterior = self.vae.encode(images).latent_dist
-        z = posterior.mean + posterior.std * eps  # reparameterised sample, noise drawn by the trainer
-        reconstruction = self.vae.decode(z).sample
-        l1 = (reconstruction - images).abs().mean()
+        z = posterior.mean + posterior.std * eps if self.sample_posterior else posterior.mean
+        paired = bool(self.vae.config.mask_channels)
+        if paired and labels is None:
+            raise TrainingError("a paired autoencoder (models.vae.mask_channels > 0) trains on cases with labels")
+        decoded = self.vae.decode(z, self.vae.encode_masks(labels) if paired else None)
+        reconstruction = decoded.sample
+        weight = torch.ones_like(images)
+        if labels is not None and self.lesion_weight and self.lesion_channels:
+            weight = weight + self.lesion_weight * labels[:, self.lesion_channels].amax(dim=1, keepdim=True)
+        weight = weight / weight.mean()
+        l1 = ((reconstruction - images).abs() * weight).mean()
+        logs = {"l1": l1.detach()}
+        loss = l1
+        for window in self.windows:
+            term = ((windowed(reconstruction, window, self.hu_window, self.output_range)
+                     - windowed(images, window, self.hu_window, self.output_range)).abs() * weight).mean()
+            loss = loss + term
+            logs[f"l1_w{int(window[0])}"] = term.detach()
+        if paired:
+            from monai.losses import DiceCELoss
+
+            masks = DiceCELoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)(decoded.mask_logits, labels)
+            loss = loss + self.mask_weight * masks
+            logs["masks"] = masks.detach()
         # per-element KL to N(0, I) (diffusers' .kl() sums over 2D image axes only)
         kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
-        loss = l1 + self.kl_weight * kl
-        return loss, {"total": loss.detach(), "l1": l1.detach(), "kl": kl.detach()}
+        loss = loss + self.kl_weight * kl
+        logs |= {"total": loss.detach(), "kl": kl.detach()}
+        return loss, logs
 
 
 class VAETrainer(StageTrainer):
     name = "vae"
 
     def setup(self) -> nn.Module:
+        from medvlm.data.structures import STRUCTURE_NAMES
+
+        c = self.stage_config
         self.cases = load_cases(self.data_dir, self.config, train_fraction=self.train_fraction, seed=self.config.training.seed)
+        paired = bool(self.config.models.vae.mask_channels)
+        if paired and any(case.label is None for case in self.cases):
+            raise TrainingError("models.vae.mask_channels > 0 (paired CT + structures) needs labels for every training case")
         self.batcher = self.batches(len(self.cases))
-        self.patch = tuple(self.stage_config.patch_size)
-        self.augment = augmentation(self.config, with_label=False, patch_size=self.patch)
+        self.patch = tuple(c.patch_size)
+        self.augment = augmentation(self.config, with_label=paired or bool(c.lesion_weight), patch_size=self.patch)
         self.mirror = self.mirror_prob()
         self.vae = build_vae(self.config.models)
-        return VAELoss(self.vae, self.stage_config.kl_weight)
+        pretrained = self.config.models.vae.pretrained_path
+        if pretrained:
+            self.vae.load_state_dict(load_pretrained_vae(pretrained, self.config).state_dict())
+        preprocess = self.config.data.preprocess
+        lesions = [STRUCTURE_NAMES.index(n) for n in ("GTVp", "GTVn")]
+        return VAELoss(self.vae, c.kl_weight, windows=c.windows, hu_window=preprocess.hu_window,
+                       output_range=preprocess.output_range, lesion_channels=lesions, lesion_weight=c.lesion_weight,
+                       mask_weight=c.mask_weight, sample_posterior=c.sample_posterior)
 
     def make_inputs(self, index: int) -> dict:
         batch = collate(self.cases, self.batcher.indices(index), self.augment, self.config.training.seed, self.batcher.epoch(index),
@@ -50,7 +114,10 @@ class VAETrainer(StageTrainer):
         factor = 2 ** (len(self.config.models.vae.channels) - 1)
         latent_shape = (self.global_rows(images.shape[0]), self.config.models.vae.latent_channels,
                         *(s // factor for s in images.shape[2:]))
-        return {"images": images, "eps": self.share(torch.randn(latent_shape, generator=self.step_generator(index)))}
+        inputs = {"images": images, "eps": self.share(torch.randn(latent_shape, generator=self.step_generator(index)))}
+        if batch["label"] is not None:
+            inputs["labels"] = batch["label"]
+        return inputs
 
     @torch.no_grad()
     def export(self, folder: Path) -> None:
@@ -64,7 +131,40 @@ class VAETrainer(StageTrainer):
     @torch.no_grad()
     def validate(self, step: int) -> dict:
         vae = self.unwrap(self.vae).eval()
-        reconstructions = [vae(c.image[None].to(self.device)).sample.cpu() for c in self.cases[:8]]
-        errors = [float((r - c.image[None]).abs().mean()) for r, c in zip(reconstructions, self.cases)]
-        self.log_slices("reconstruction", {"input": self.cases[0].image[0], "output": reconstructions[0][0, 0]}, step)
+        cases = self.cases[:8]
+        reconstructions = [reconstruct(vae, c.image[None].to(self.device), c.label).cpu() for c in cases]
+        errors = [float((r - c.image[None]).abs().mean()) for r, c in zip(reconstructions, cases)]
+        self.log_slices("reconstruction", {"input": cases[0].image[0], "output": reconstructions[0][0, 0]}, step)
         return {"l1_training_cases": sum(errors) / len(errors)}
+
+
+def reconstruct(vae: CTAutoencoderKL, image: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+    """``image`` (1, 1, X, Y, Z) through the autoencoder (posterior mean; a paired one with ``label``'s masks)."""
+    masks = label[None].to(image.device, image.dtype) if (vae.config.mask_channels and label is not None) else None
+    if vae.config.mask_channels and masks is None:
+        raise ValueError("a paired autoencoder reconstructs a CT with its structure masks")
+    return vae(image, masks).sample
+
+
+def load_pretrained_vae(path: str | Path, config) -> CTAutoencoderKL:
+    """Shipped or user-trained autoencoder weights (a ``save_pretrained`` folder, safetensors), checked
+    against ``models.vae``: another shape is a clear error, not a partial load."""
+    from medvlm.errors import ConfigError
+    from medvlm.models.factory import resolve_weights_path
+
+    folder = resolve_weights_path(path)
+    try:
+        vae = CTAutoencoderKL.from_pretrained(folder)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"models.vae.pretrained_path {path}: not a loadable CTAutoencoderKL folder ({exc})") from None
+    expected = build_vae(config.models).config
+    differ = [k for k in ("latent_channels", "channels", "num_res_blocks", "mask_channels", "norm_num_groups")
+              if list(_listed(vae.config[k])) != list(_listed(expected[k]))]
+    if differ:
+        raise ConfigError(f"models.vae.pretrained_path {path} was built with other {', '.join(differ)} than models.vae "
+                          f"({', '.join(f'{k}={vae.config[k]}' for k in differ)})")
+    return vae
+
+
+def _listed(value):
+    return value if isinstance(value, (list, tuple)) else [value]

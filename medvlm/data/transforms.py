@@ -80,6 +80,14 @@ def to_hu(values, config: PreprocessConfig):
     return (values - low) / (high - low) * (hu_high - hu_low) + hu_low
 
 
+def from_hu(values, config: PreprocessConfig):
+    """The chain's intensity scaling, HU over ``hu_window`` to ``output_range`` (clipped at the window's ends),
+    for volumes already on the model grid (e.g. generated CTs)."""
+    (hu_low, hu_high), (low, high) = config.hu_window, config.output_range
+    scaled = (values - hu_low) / (hu_high - hu_low) * (high - low) + low
+    return scaled.clip(low, high) if hasattr(scaled, "clip") else scaled
+
+
 def as_metatensor(volume: np.ndarray | torch.Tensor, affine: np.ndarray | None = None, *, name: str = "ct") -> MetaTensor:
     """Wrap a 3D volume (x, y, z) and its 4x4 affine as a channel-first MetaTensor for the chain."""
     if isinstance(volume, MetaTensor):

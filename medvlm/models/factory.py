@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -22,35 +23,74 @@ def text_encoder_config(text: TextConfig) -> dict:
     return json.loads((resolve_text_encoder_path(text.encoder) / "config.json").read_text())
 
 
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+
+
+def resolve_weights_path(path: str | Path) -> Path:
+    """A weights folder: an existing folder, or the name of one shipped in ``medvlm/weights``."""
+    from medvlm.errors import ConfigError
+
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        return folder
+    shipped = SHIPPED_WEIGHTS / str(path)
+    if shipped.is_dir():
+        return shipped
+    names = sorted(p.name for p in SHIPPED_WEIGHTS.iterdir() if p.is_dir()) if SHIPPED_WEIGHTS.is_dir() else []
+    raise ConfigError(f"weights folder {path} not found (neither a folder nor shipped weights; shipped: {names or 'none'})")
+
+
 def build_vae(models: ModelsConfig) -> CTAutoencoderKL:
     v = models.vae
     return CTAutoencoderKL(latent_channels=v.latent_channels, channels=v.channels, num_res_blocks=v.num_res_blocks,
-                           norm_num_groups=v.norm_num_groups, with_nonlocal_attn=v.with_nonlocal_attn)
+                           norm_num_groups=v.norm_num_groups, with_nonlocal_attn=v.with_nonlocal_attn,
+                           mask_channels=v.mask_channels, backbone=v.backbone)
 
 
 def build_unet(models: ModelsConfig, context_dim: int) -> ReportConditionedUNet3D:
+    """The diffusion UNet over generation latents: the CT latent plus the paired structure channels."""
+    from medvlm.text.parse import LABEL_NAMES
+
     u = models.unet
-    return ReportConditionedUNet3D(in_channels=models.vae.latent_channels, out_channels=models.vae.latent_channels,
+    channels = models.vae.latent_channels + models.vae.mask_channels
+    return ReportConditionedUNet3D(in_channels=channels, out_channels=channels,
+                                   report_fields=len(LABEL_NAMES) if u.fields_token else 0,
                                    channels=u.channels, attention_levels=u.attention_levels, num_res_blocks=u.num_res_blocks,
                                    num_head_channels=u.num_head_channels, cross_attention_dim=context_dim,
                                    norm_num_groups=u.norm_num_groups, transformer_num_layers=u.transformer_num_layers)
 
 
-def training_scheduler(num_train_timesteps: int = 1000, prediction_type: str = "epsilon"):
-    """The diffusion noise schedule (diffusers ``DDPMScheduler``): scaled-linear betas 0.0015..0.0195 as in
-    MONAI's latent diffusion tutorials, no sample clipping (latents are not bounded)."""
-    from diffusers import DDPMScheduler
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow_matching")
 
+
+def training_scheduler(num_train_timesteps: int = 1000, prediction_type: str = "epsilon"):
+    """The noise schedule of training. Diffusion (``epsilon``/``v_prediction``): diffusers ``DDPMScheduler``,
+    scaled-linear betas 0.0015..0.0195 as in MONAI's latent diffusion tutorials, no sample clipping (latents
+    are not bounded). ``flow_matching`` (rectified flow, as MAISI v2): diffusers
+    ``FlowMatchEulerDiscreteScheduler``; the model predicts the velocity ``noise - latents``."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    if prediction_type == "flow_matching":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=1.0)
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="scaled_linear", beta_start=0.0015,
                          beta_end=0.0195, clip_sample=False, prediction_type=prediction_type)
 
 
 def sampling_scheduler(num_train_timesteps: int = 1000, prediction_type: str = "epsilon"):
-    """The scheduler the pipelines ship with: DDIM on the training schedule (deterministic and good in 25-50
-    steps; DDPM needs hundreds). Any diffusers scheduler swaps in with ``Scheduler.from_config``."""
+    """The scheduler the pipelines ship with: DDIM on the training schedule for diffusion (deterministic and
+    good in 25-50 steps; DDPM needs hundreds), the flow-matching Euler sampler for rectified flow. Any
+    diffusers scheduler of the same family swaps in with ``Scheduler.from_config``."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler.from_config(training_scheduler(num_train_timesteps, prediction_type).config)
+    scheduler = training_scheduler(num_train_timesteps, prediction_type)
+    return scheduler if prediction_type == "flow_matching" else DDIMScheduler.from_config(scheduler.config)
+
+
+def is_flow_matching(scheduler) -> bool:
+    """Whether ``scheduler`` samples a rectified flow (velocity model) rather than a diffusion."""
+    return "FlowMatch" in type(scheduler).__name__
 
 
 def _window_kwargs(windows, preprocess: PreprocessConfig | None) -> dict:

@@ -63,12 +63,20 @@ def fused_features(vae, unet, images: torch.Tensor, states: torch.Tensor | None 
     """
     encoded = vae.encode(images, return_features=True)
     latents = encoded.latent_dist.mode() * float(vae.config.scaling_factor)
+    if vae.config.mask_channels:
+        # a paired UNet reads generation latents (CT + structure channels); contouring does not know the
+        # structures, so their channels read 0, half-way between "none" (-1) and "all" (+1)
+        latents = torch.cat([latents, latents.new_zeros(latents.shape[0], vae.config.mask_channels, *latents.shape[2:])], 1)
     seen = latents
     if timestep > 0:
         from diffusers.utils.torch_utils import randn_tensor
 
         noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        seen = scheduler.add_noise(latents, noise, torch.tensor([timestep], device=latents.device))
+        if "FlowMatch" in type(scheduler).__name__:  # rectified flow: straight path to noise
+            sigma = timestep / scheduler.config.num_train_timesteps
+            seen = (1.0 - sigma) * latents + sigma * noise
+        else:
+            seen = scheduler.add_noise(latents, noise, torch.tensor([timestep], device=latents.device))
     fused = unet(seen, timestep, states, return_features=True, encoder_attention_mask=attention_mask).features[-1]
     return list(encoded.features), latents, fused
 

@@ -33,14 +33,16 @@ class ReportConditionedUNet3D(AlignedModelMixin, ConfigMixin):
     """3D conditional UNet over VAE latents; ``encoder_hidden_states`` are report token states (B, L, d).
 
     ``null_context(batch)`` gives the learned "no report" context used for classifier-free guidance and
-    for contouring without a report.
+    for contouring without a report. With ``report_fields`` > 0 the report's parsed fields (a multi-hot
+    vector, :func:`medvlm.text.parse.label_vector`) become one more context token (a linear embedding; all
+    zeros = nothing parsed), so side, stage and elective neck reach the UNet as directly as the tokens do.
     """
 
     @register_to_config
     def __init__(self, in_channels: int = 4, out_channels: int = 4, channels: Sequence[int] = (32, 64, 64),
                  attention_levels: Sequence[bool] = (False, True, True), num_res_blocks: int | Sequence[int] = 1,
                  num_head_channels: int | Sequence[int] = 16, cross_attention_dim: int = 384, norm_num_groups: int = 16,
-                 transformer_num_layers: int = 1, null_tokens: int = 1):
+                 transformer_num_layers: int = 1, null_tokens: int = 1, report_fields: int = 0):
         super().__init__()
         self.network = DiffusionModelUNet(
             spatial_dims=3, in_channels=in_channels, out_channels=out_channels, channels=tuple(channels),
@@ -50,6 +52,7 @@ class ReportConditionedUNet3D(AlignedModelMixin, ConfigMixin):
         )
         self.null_text_embedding = nn.Parameter(torch.zeros(1, null_tokens, cross_attention_dim))
         nn.init.normal_(self.null_text_embedding, std=0.02)
+        self.fields_embedding = nn.Linear(report_fields, cross_attention_dim) if report_fields else None
 
     @property
     def feature_channels(self) -> int:
@@ -61,11 +64,12 @@ class ReportConditionedUNet3D(AlignedModelMixin, ConfigMixin):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, encoder_hidden_states: torch.Tensor | None = None,
                 return_features: bool = False, return_dict: bool = True,
-                encoder_attention_mask: torch.Tensor | None = None):
+                encoder_attention_mask: torch.Tensor | None = None, report_fields: torch.Tensor | None = None):
         """Predict noise (or v) for ``sample`` (B, C, x, y, z) at ``timestep``; ``None`` text = null report.
 
         ``encoder_attention_mask`` (B, L) zeroes padded report tokens: MONAI's cross-attention takes no
-        padding mask, so padding must not carry content.
+        padding mask, so padding must not carry content. ``report_fields`` (B, F): the parsed fields' token
+        (a UNet built with ``report_fields``; None = nothing parsed).
         """
         net = self.network
         batch = sample.shape[0]
@@ -80,6 +84,14 @@ class ReportConditionedUNet3D(AlignedModelMixin, ConfigMixin):
         context = encoder_hidden_states.to(sample.dtype)
         if encoder_attention_mask is not None:
             context = context * encoder_attention_mask[..., None].to(context.dtype)
+        if self.fields_embedding is not None:
+            size = self.config.report_fields
+            if report_fields is None:
+                report_fields = context.new_zeros(batch, size)
+            if report_fields.shape != (batch, size):
+                raise ValueError(f"report_fields has shape {tuple(report_fields.shape)}, expected ({batch}, {size})")
+            token = self.fields_embedding(report_fields.to(context.dtype))[:, None]
+            context = torch.cat([context, token], dim=1)
 
         emb = net.time_embed(get_timestep_embedding(timesteps, net.block_out_channels[0]).to(sample.dtype))
         h = net.conv_in(sample)

@@ -1,0 +1,155 @@
+"""Report-to-CT design: an autoencoder that keeps what matters, paired structure channels, shipped weights,
+and generation targets computed from the measured figures."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medvlm.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+
+
+def _phantom_crop(size: int = 32):
+    """Case 1 of the demo phantom through the preprocessing chain, its central ``size``^3 crop (image, labels)."""
+    from monai.transforms import CenterSpatialCropd
+
+    from medvlm.data.phantom import HNCPhantom, PhantomConfig
+    from medvlm.data.transforms import as_metatensor, preprocessing_transforms
+
+    config = load_config(CONFIGS / "demo.yaml").data.preprocess
+    case = HNCPhantom(PhantomConfig(), seed=0).case(1)
+    chain = preprocessing_transforms(config, label_keys=("label",), load=False)
+    data = chain({"image": as_metatensor(case.image_hu[None], case.affine),
+                  "label": as_metatensor(case.labels.astype(np.float32), case.affine)})
+    data = CenterSpatialCropd(keys=["image", "label"], roi_size=(size,) * 3)(data)
+    return data["image"].as_tensor()[None].float(), (data["label"].as_tensor()[None] > 0.5).float()
+
+
+@pytest.mark.slow
+def test_autoencoder_overfits_one_phantom_case_to_35_db_psnr():
+    """The network, the loss and the data path can learn a CT: one phantom crop to >= 35 dB PSNR in the HU
+    window within a few hundred steps (the demo's autoencoder settings, its loss with the CT windows)."""
+    from medvlm.models.base import set_conv3d_layout
+    from medvlm.models.factory import build_vae
+    from train.stage_vae import VAELoss
+
+    config = load_config(CONFIGS / "demo.yaml")
+    image, labels = _phantom_crop(32)
+    torch.manual_seed(0)
+    vae = build_vae(config.models)
+    set_conv3d_layout(vae, channels_last=True)  # layout only: faster 3D convolutions on CPU
+    stage = config.training.vae
+    loss_fn = VAELoss(vae, stage.kl_weight, windows=(), lesion_channels=(0, 1), lesion_weight=stage.lesion_weight,
+                      mask_weight=stage.mask_weight)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    for _ in range(STEPS):
+        loss, _ = loss_fn(image, None, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        reconstruction = vae(image, labels).sample.clamp(-1, 1)
+    psnr = 10 * np.log10(4.0 / float(((reconstruction - image) ** 2).mean()))  # range [-1, 1]: peak-to-peak 2
+    assert psnr >= 35.0, f"PSNR {psnr:.1f} dB after {STEPS} steps"
+
+
+STEPS = 500
+
+
+def test_lesion_contrast_is_the_lesion_against_its_own_surroundings():
+    from eval.generation_eval import lesion_contrast_hu
+
+    volume = np.full((12, 12, 12), 40.0)
+    lesion = np.zeros_like(volume, bool)
+    lesion[5:7, 5:7, 5:7] = True
+    volume[lesion] = 70.0
+    assert lesion_contrast_hu(volume, lesion) == pytest.approx(30.0)
+    assert lesion_contrast_hu(volume, np.zeros_like(lesion)) is None
+
+
+def test_generation_targets_state_each_figure_its_target_and_whether_it_is_met():
+    from eval.generation_eval import JUDGES, TISSUES, generation_targets, targets_table
+
+    ceiling = {"mae_body_hu": 35.0, "bone_share_input": 0.08, "bone_share_reconstruction": 0.06,
+               "gtvp_contrast_input_hu": 30.0, "gtvp_contrast_reconstruction_hu": 16.0}
+    fidelity = {JUDGES[0]: 0.9, JUDGES[1]: 0.5, "pairing_oar_dice": 0.85, "n": 32}
+    stages = {"n": 8, **{j: {"T4 GTVp larger than T1": 1.0, "N0 without GTVn": 0.75, "N2 with GTVn": 0.875} for j in JUDGES}}
+    tissue = {"share_real": 0.08, "share_generated": 0.07, "wasserstein_hu": 1.0}
+    realism = {"frechet_generated_vs_test": 0.3, "frechet_reconstructed_vs_test": 0.25, "frechet_validation_vs_test": 0.1,
+               "tissues": {name: tissue for name in TISSUES},
+               "ms_ssim": {"generated, same prompt": 0.80, "real, different patients": 0.78}}
+    rows = {row["measure"].split(" (")[0]: row for row in generation_targets(ceiling, fidelity, stages, realism)}
+    assert rows["autoencoder: mean absolute error in the body"]["met"]
+    bone = rows["autoencoder: bone share / input's"]
+    assert bone["value"] == pytest.approx(0.75) and not bone["met"]  # outside +-20 %
+    assert rows["autoencoder: GTVp contrast kept"]["value"] == pytest.approx(16 / 30) and rows["autoencoder: GTVp contrast kept"]["met"]
+    assert not rows["autoencoder: Frechet distance / real validation CTs'"]["met"]  # 2.5 x
+    assert rows[f"laterality of generated CTs, by the {JUDGES[0]}"]["met"]
+    assert not rows[f"laterality of generated CTs, by the {JUDGES[1]}"]["met"]
+    assert not rows[f"cN0 prompts without GTVn, by the {JUDGES[0]}"]["met"] and rows[f"cN2 prompts with GTVn, by the {JUDGES[0]}"]["met"]
+    assert rows["generated: Frechet distance / autoencoder reconstructions'"]["value"] == pytest.approx(1.2)
+    assert rows["generated: MS-SSIM within a prompt minus between real patients"]["met"]
+    table = targets_table(generation_targets(ceiling, None, None, None))
+    assert table.count("\n") == 1 + 3 and "| 35.000 | <= 40 | met |" in table  # only the parts given
+
+
+def test_shipped_autoencoder_is_small_safetensors_matching_the_demo_preset():
+    from medvlm.models.factory import SHIPPED_WEIGHTS
+    from train.stage_vae import load_pretrained_vae
+
+    folder = SHIPPED_WEIGHTS / "ct_autoencoder_demo"
+    files = {p.name: p.stat().st_size for p in folder.iterdir()}
+    assert set(files) >= {"config.json", "diffusion_pytorch_model.safetensors"}
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
+    assert sum(files.values()) <= 5 * 1024 * 1024
+    config = load_config(CONFIGS / "demo.yaml")
+    vae = load_pretrained_vae(config.models.vae.pretrained_path, config)
+    assert vae.config.mask_channels == 9 and vae.config.scaling_factor != 1.0
+
+
+def test_pretrained_autoencoder_of_another_shape_or_a_missing_folder_is_a_clear_error(tmp_path):
+    from medvlm.errors import ConfigError
+    from medvlm.models.factory import build_vae
+    from train.stage_vae import load_pretrained_vae
+
+    config = load_config(CONFIGS / "tiny.yaml")
+    with pytest.raises(ConfigError, match="not found"):
+        load_pretrained_vae(tmp_path / "nowhere", config)
+    other = load_config(CONFIGS / "tiny.yaml")
+    other.models.vae.latent_channels = 8
+    build_vae(other.models).save_pretrained(tmp_path / "other")
+    with pytest.raises(ConfigError, match="latent_channels"):
+        load_pretrained_vae(tmp_path / "other", config)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not a loadable"):
+        load_pretrained_vae(tmp_path / "broken", config)
+
+
+def test_vae_stage_with_zero_steps_exports_the_pretrained_weights(tmp_path):
+    """``training.vae.steps: 0`` with ``models.vae.pretrained_path``: the stage uses the given autoencoder as it is
+    (its latent scaling factor measured on the training cases)."""
+    from medvlm.config import PhantomDataConfig
+    from medvlm.data.writer import write_phantom_dataset
+    from medvlm.models import CTAutoencoderKL
+    from medvlm.models.factory import build_vae
+    from train.stage_vae import VAETrainer
+
+    config = load_config(CONFIGS / "tiny.yaml")
+    data = tmp_path / "data"
+    write_phantom_dataset(data, PhantomDataConfig(**{**config.data.phantom.__dict__, "n_cases": 6, "previews": 0}))
+    torch.manual_seed(3)
+    build_vae(config.models).save_pretrained(tmp_path / "given")
+    config.models.vae.pretrained_path = str(tmp_path / "given")
+    config.training.vae.steps = 0
+    VAETrainer(config, data, tmp_path / "run").run()
+    given = CTAutoencoderKL.from_pretrained(tmp_path / "given")
+    exported = CTAutoencoderKL.from_pretrained(tmp_path / "run" / "vae" / "final" / "vae")
+    for (name, a), (_, b) in zip(given.state_dict().items(), exported.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert exported.config.scaling_factor != given.config.scaling_factor  # measured from the data
