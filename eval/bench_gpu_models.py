@@ -58,13 +58,15 @@ def main(argv=None) -> int:
 
     def vae_step():
         x = torch.randn(1, 1, *patch, device=device)
+        masks = torch.rand(1, vae.config.mask_channels, *patch, device=device).round()
         with autocast():
             posterior = vae.encode(x).latent_dist
-            loss = (vae.decode(posterior.sample()).sample.float() - x).abs().mean() + 1e-6 * posterior.kl().mean()
+            decoded = vae.decode(posterior.sample(), vae.encode_masks(masks) if vae.config.mask_channels else None)
+            loss = (decoded.sample.float() - x).abs().mean() + 1e-6 * posterior.kl().mean()
         loss.backward()
 
     def unet_step():
-        z = torch.randn(1, config.models.vae.latent_channels, *latent, device=device)
+        z = torch.randn(1, vae.generation_channels, *latent, device=device)
         with autocast():
             loss = unet(z, torch.tensor([500], device=device), context).sample.float().pow(2).mean()
         loss.backward()

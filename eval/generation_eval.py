@@ -368,15 +368,19 @@ def reconstruct_items(vae, config, items: Sequence[dict], *, with_inputs: bool =
     return out
 
 
-def lesion_contrast_hu(volume_hu: np.ndarray, lesion: np.ndarray, shell_voxels: int = 2) -> float | None:
-    """Mean HU inside ``lesion`` minus the mean over its surroundings (a shell of ``shell_voxels`` around it,
-    soft tissue of the same volume only: -30..150 HU in ``reference``). None for an empty lesion."""
+def lesion_contrast_hu(volume_hu: np.ndarray, lesion: np.ndarray, reference_hu: np.ndarray | None = None,
+                       shell_voxels: int = 2) -> float | None:
+    """Mean HU inside ``lesion`` minus the mean over its surroundings: a shell of ``shell_voxels`` around it, kept
+    to the voxels that are soft tissue (-30..150 HU) in ``reference_hu`` (the input CT; default ``volume_hu``), so
+    the airway or bone next to a tumour does not count as its background. None for an empty lesion or shell."""
     from scipy.ndimage import binary_dilation
 
     lesion = np.asarray(lesion, bool)
     if not lesion.any():
         return None
-    shell = binary_dilation(lesion, iterations=shell_voxels) & ~lesion
+    reference = volume_hu if reference_hu is None else reference_hu
+    low, high = TISSUES["soft tissue"]
+    shell = binary_dilation(lesion, iterations=shell_voxels) & ~lesion & (reference >= low) & (reference < high)
     return float(volume_hu[lesion].mean() - volume_hu[shell].mean()) if shell.any() else None
 
 
@@ -398,7 +402,7 @@ def autoencoder_ceiling(run: str | Path, items: Sequence[dict], *, vae=None, con
         bone_out += int((hu_out[body] > TISSUES["bone"][0]).sum())
         if label is not None:
             gtvp = label[STRUCTURE_NAMES.index("GTVp")].numpy() > 0.5
-            a, b = lesion_contrast_hu(hu_in, gtvp), lesion_contrast_hu(hu_out, gtvp)
+            a, b = lesion_contrast_hu(hu_in, gtvp), lesion_contrast_hu(hu_out, gtvp, reference_hu=hu_in)
             if a is not None and b is not None:
                 contrast_in.append(a)
                 contrast_out.append(b)

@@ -17,9 +17,12 @@ def test_quick_demo_runs_end_to_end_and_reuses_on_a_second_run(tmp_path, capsys)
     assert list(summary["stages"]) == ["contrastive", "vae", "diffusion", "segmentation", "baseline", "report_generator"]
     results = (out / "results" / "README.md").read_text()
     for heading in ("Targets", "image-only baseline", "report: counterfactual", "report: drafted", "Zero-shot classification",
-                    "carries the prompt's laterality", "Frechet distance", "MS-SSIM", "Report drafting", "De-identification", "Pipeline examples"):
+                    "laterality of generated CTs", "pairing: paired masks", "autoencoder: mean absolute error", "Frechet distance", "MS-SSIM", "Report drafting", "De-identification", "Pipeline examples"):
         assert heading in results
     assert "The same validation CTs through the VAE" in results and "share of body, VAE reconstructions" in results
+    metrics = json.loads((out / "results" / "metrics.json").read_text())
+    assert all({"measure", "value", "target", "met"} <= set(row) for row in metrics["targets"])
+    assert {"fidelity", "stages", "ceiling", "realism"} <= set(metrics["generation"])
     assert results.count("| **all** |") == 2  # de-identification per type: phantom reports and hand-written notes
     for plot in ("loss_curves.png", "ablation_bars.png", "dice_boxplots.png"):
         assert (out / "results" / "plots" / plot).stat().st_size > 0

@@ -12,18 +12,18 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from medvlm.config import PreprocessConfig
+from medvlm.data.transforms import to_hu
 from medvlm.models import CTAutoencoderKL
 from medvlm.models.factory import build_vae
 from train.common import StageTrainer, TrainingError
 from train.data import augmentation, collate, load_cases
 
 
-def windowed(image: torch.Tensor, window: Sequence[float], hu_window: Sequence[float], output_range: Sequence[float]) -> torch.Tensor:
-    """``image`` (model range) seen through a display window (level, width HU), in [0, 1]."""
-    (lo, hi), (a, b) = hu_window, output_range
+def windowed(image: torch.Tensor, window: Sequence[float], preprocess: PreprocessConfig) -> torch.Tensor:
+    """``image`` (model range of ``preprocess``) seen through a display window (level, width HU), in [0, 1]."""
     level, width = window
-    hu = lo + (image - a) * (hi - lo) / (b - a)
-    return ((hu - level) / width + 0.5).clamp(0.0, 1.0)
+    return ((to_hu(image, preprocess) - level) / width + 0.5).clamp(0.0, 1.0)
 
 
 class VAELoss(nn.Module):
@@ -40,12 +40,11 @@ class VAELoss(nn.Module):
     """
 
     def __init__(self, vae: CTAutoencoderKL, kl_weight: float, windows: Sequence[Sequence[float]] = (),
-                 hu_window: Sequence[float] = (-1000.0, 1500.0), output_range: Sequence[float] = (-1.0, 1.0),
-                 lesion_channels: Sequence[int] = (), lesion_weight: float = 0.0, mask_weight: float = 1.0,
-                 sample_posterior: bool = False):
+                 preprocess: PreprocessConfig | None = None, lesion_channels: Sequence[int] = (),
+                 lesion_weight: float = 0.0, mask_weight: float = 1.0, sample_posterior: bool = False):
         super().__init__()
         self.vae, self.kl_weight = vae, kl_weight
-        self.windows, self.hu_window, self.output_range = tuple(windows), tuple(hu_window), tuple(output_range)
+        self.windows, self.preprocess = tuple(windows), preprocess or PreprocessConfig()
         self.lesion_channels, self.lesion_weight = list(lesion_channels), float(lesion_weight)
         self.mask_weight, self.sample_posterior = float(mask_weight), bool(sample_posterior)
 
@@ -65,8 +64,8 @@ class VAELoss(nn.Module):
         logs = {"l1": l1.detach()}
         loss = l1
         for window in self.windows:
-            term = ((windowed(reconstruction, window, self.hu_window, self.output_range)
-                     - windowed(images, window, self.hu_window, self.output_range)).abs() * weight).mean()
+            term = ((windowed(reconstruction, window, self.preprocess)
+                     - windowed(images, window, self.preprocess)).abs() * weight).mean()
             loss = loss + term
             logs[f"l1_w{int(window[0])}"] = term.detach()
         if paired:
@@ -101,11 +100,10 @@ class VAETrainer(StageTrainer):
         pretrained = self.config.models.vae.pretrained_path
         if pretrained:
             self.vae.load_state_dict(load_pretrained_vae(pretrained, self.config).state_dict())
-        preprocess = self.config.data.preprocess
         lesions = [STRUCTURE_NAMES.index(n) for n in ("GTVp", "GTVn")]
-        return VAELoss(self.vae, c.kl_weight, windows=c.windows, hu_window=preprocess.hu_window,
-                       output_range=preprocess.output_range, lesion_channels=lesions, lesion_weight=c.lesion_weight,
-                       mask_weight=c.mask_weight, sample_posterior=c.sample_posterior)
+        return VAELoss(self.vae, c.kl_weight, windows=c.windows, preprocess=self.config.data.preprocess,
+                       lesion_channels=lesions, lesion_weight=c.lesion_weight, mask_weight=c.mask_weight,
+                       sample_posterior=c.sample_posterior)
 
     def make_inputs(self, index: int) -> dict:
         batch = collate(self.cases, self.batcher.indices(index), self.augment, self.config.training.seed, self.batcher.epoch(index),
