@@ -16,7 +16,7 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 
 from medvlm.models import CTAutoencoderKL
-from medvlm.models.factory import PREDICTION_TYPES, build_unet, is_flow_matching, training_scheduler
+from medvlm.models.factory import PREDICTION_TYPES, build_unet, is_flow_matching, noised_latents, training_scheduler
 from train.common import StageTrainer, TrainingError
 from train.data import augmentation, collate, load_cases, report_fields
 
@@ -74,16 +74,11 @@ class DiffusionLoss(nn.Module):
         if fields is not None:  # a dropped report drops its parsed fields too
             fields = torch.where(drop[:, None], torch.zeros_like(fields), fields)
         extra = {"report_fields": fields} if fields is not None else {}
-        if is_flow_matching(self.scheduler):
-            # rectified flow: a straight path from the latent (sigma 0) to noise (sigma 1), velocity target
-            sigma = (timesteps.float() / self.scheduler.config.num_train_timesteps).view(-1, *[1] * (latents.dim() - 1))
-            noisy = (1.0 - sigma) * latents + sigma * noise
-            prediction = self.unet(noisy, sigma.flatten() * self.scheduler.config.num_train_timesteps, context,
-                                   encoder_attention_mask=mask, **extra).sample
+        noisy = noised_latents(self.scheduler, latents, noise, timesteps)
+        prediction = self.unet(noisy, timesteps, context, encoder_attention_mask=mask, **extra).sample
+        if is_flow_matching(self.scheduler):  # rectified flow: the velocity of the straight path to the noise
             target = noise - latents
         else:
-            noisy = self.scheduler.add_noise(latents, noise, timesteps)
-            prediction = self.unet(noisy, timesteps, context, encoder_attention_mask=mask, **extra).sample
             target = noise if self.scheduler.config.prediction_type == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)
         loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
         return loss, {"total": loss.detach()}

@@ -130,18 +130,12 @@ class VAETrainer(StageTrainer):
     def validate(self, step: int) -> dict:
         vae = self.unwrap(self.vae).eval()
         cases = self.cases[:8]
-        reconstructions = [reconstruct(vae, c.image[None].to(self.device), c.label).cpu() for c in cases]
+        paired = bool(vae.config.mask_channels)  # a paired autoencoder decodes with the case's masks
+        reconstructions = [vae(c.image[None].to(self.device), c.label[None].to(self.device) if paired else None).sample.cpu()
+                           for c in cases]
         errors = [float((r - c.image[None]).abs().mean()) for r, c in zip(reconstructions, cases)]
         self.log_slices("reconstruction", {"input": cases[0].image[0], "output": reconstructions[0][0, 0]}, step)
         return {"l1_training_cases": sum(errors) / len(errors)}
-
-
-def reconstruct(vae: CTAutoencoderKL, image: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
-    """``image`` (1, 1, X, Y, Z) through the autoencoder (posterior mean; a paired one with ``label``'s masks)."""
-    masks = label[None].to(image.device, image.dtype) if (vae.config.mask_channels and label is not None) else None
-    if vae.config.mask_channels and masks is None:
-        raise ValueError("a paired autoencoder reconstructs a CT with its structure masks")
-    return vae(image, masks).sample
 
 
 def load_pretrained_vae(path: str | Path, config) -> CTAutoencoderKL:

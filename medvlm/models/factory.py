@@ -93,6 +93,16 @@ def is_flow_matching(scheduler) -> bool:
     return "FlowMatch" in type(scheduler).__name__
 
 
+def noised_latents(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """``latents`` noised to ``timesteps`` (integers in [0, num_train_timesteps)): the diffusion's
+    ``add_noise``, or for rectified flow the point ``sigma = t / T`` of the straight path to the noise (diffusers'
+    flow-matching ``scale_noise`` accepts only the timesteps of a sampling schedule)."""
+    if not is_flow_matching(scheduler):
+        return scheduler.add_noise(latents, noise, timesteps)
+    sigma = (timesteps.float() / scheduler.config.num_train_timesteps).view(-1, *[1] * (latents.dim() - 1))
+    return (1.0 - sigma.to(latents.dtype)) * latents + sigma.to(latents.dtype) * noise
+
+
 def _window_kwargs(windows, preprocess: PreprocessConfig | None) -> dict:
     """The CT-window arguments of a CT network: its windows and the preprocessing's HU -> range mapping."""
     preprocess = preprocess or PreprocessConfig()

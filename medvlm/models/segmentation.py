@@ -72,11 +72,9 @@ def fused_features(vae, unet, images: torch.Tensor, states: torch.Tensor | None 
         from diffusers.utils.torch_utils import randn_tensor
 
         noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        if "FlowMatch" in type(scheduler).__name__:  # rectified flow: straight path to noise
-            sigma = timestep / scheduler.config.num_train_timesteps
-            seen = (1.0 - sigma) * latents + sigma * noise
-        else:
-            seen = scheduler.add_noise(latents, noise, torch.tensor([timestep], device=latents.device))
+        from medvlm.models.factory import noised_latents
+
+        seen = noised_latents(scheduler, latents, noise, torch.tensor([timestep], device=latents.device))
     fused = unet(seen, timestep, states, return_features=True, encoder_attention_mask=attention_mask).features[-1]
     return list(encoded.features), latents, fused
 

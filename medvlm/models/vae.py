@@ -148,7 +148,7 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
 
             self.network.decoder = Decoder(
                 spatial_dims=3, channels=tuple(channels), in_channels=latent_channels + mask_channels,
-                out_channels=out_channels + mask_channels, num_res_blocks=_as_levels(num_res_blocks, len(channels)),
+                out_channels=out_channels + mask_channels, num_res_blocks=levels,
                 norm_num_groups=norm_num_groups, norm_eps=1e-6, attention_levels=attention_levels,
                 with_nonlocal_attn=with_nonlocal_attn)
 
