@@ -1,11 +1,14 @@
 """Report understanding, structured prompts and label vectors."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from eval.deid_eval import NOTES_DIR
 from eval.extraction_eval import evaluate
+from medvlm.data.clinical import elective_levels
 from medvlm.data.phantom import HNCPhantom
 from medvlm.errors import InputError
 from medvlm.text.annotations import parse_annotated
@@ -42,8 +45,58 @@ def test_normalised_free_text_equals_the_records_structured_prompt():
         for index in range(40):
             record, report = phantom.record_and_report(index, report_family=family)
             prompt = normalise_report(report.text)
-            assert prompt == structured_prompt(record)
+            # a record has no neck levels: the phantom's reports state the levels its rules chose
+            levels = tuple(next(iter(elective_levels(record).values()))) if record.elective_neck else None
+            assert prompt == structured_prompt(replace(parsed_from_record(record), elective_levels=levels))
             assert record.unit_no not in prompt
+
+
+def test_a_side_given_for_any_subsite_is_kept_and_no_side_is_invented():
+    cases = {
+        "Enhancing mass in the right base of tongue, 3 cm.": ("base of tongue", "right"),
+        "Exophytic lesion of the left true vocal cord, mobile cord.": ("larynx", "left"),
+        "Nasopharyngeal carcinoma centred on the right lateral recess.": ("nasopharynx", "right"),
+        "Midline tongue base tumour extending into both valleculae.": ("base of tongue", "midline"),
+        "Right tonsillar carcinoma crossing the midline into the soft palate.": ("tonsil", "right"),
+        "Base of tongue carcinoma with a left level II node.": ("base of tongue", None),
+        "Supraglottic carcinoma. Bilateral level III nodes.": ("larynx", None),
+    }
+    for text, expected in cases.items():
+        parsed = parse_report(text)
+        assert (parsed.subsite, parsed.laterality) == expected, text
+
+
+def test_tnm_in_compact_prefixed_and_edition_specific_forms():
+    cases = {
+        "Staging T2N1M0.": ("T2", "N1", "M0", None, None),
+        "cT2N2bM0 (AJCC 7)": ("T2", "N2", "M0", None, None),
+        "Pathology pT3 N2a, margins clear": (None, None, None, "T3", "N2"),
+        "glottic carcinoma cT1a N0": ("T1", "N0", None, None, None),
+        "after induction: ypT2 ypN1": (None, None, None, "T2", "N1"),
+        "T4a N3b M0 (AJCC 8)": ("T4", "N3", "M0", None, None),
+        "MR: T2-weighted hyperintensity of the left tonsil": (None, None, None, None, None),
+    }
+    for text, expected in cases.items():
+        parsed = parse_report(text)
+        assert (parsed.ict, parsed.icn, parsed.icm, parsed.pt, parsed.pn) == expected, text
+
+
+def test_unstated_neck_levels_stay_out_of_the_prompt():
+    parsed = parse_report("Left tonsil SCC cT2 cN1 cM0. Plan: radiotherapy to the ipsilateral neck.")
+    prompt = structured_prompt(parsed)
+    assert parsed.elective_neck == "ipsilateral" and parsed.elective_levels is None
+    assert "elective neck: ipsilateral." in prompt and "levels" not in prompt
+    stated = structured_prompt(parse_report("Left tonsil SCC. Plan: ipsilateral neck, levels II-IV."))
+    assert "elective neck: ipsilateral levels II-IV." in stated
+
+
+def test_real_wording_set_is_split_before_tuning_and_labelled_per_field():
+    from eval.extraction_eval import REAL_FIELDS, load_real_reports, real_accuracy
+
+    tune, heldout = load_real_reports(split="tune"), load_real_reports(split="heldout")
+    assert len(tune) >= 20 and len(heldout) >= 20 and not {i["id"] for i in tune} & {i["id"] for i in heldout}
+    scores, mistakes = real_accuracy(tune[:3])
+    assert set(scores) == set(REAL_FIELDS) and all(0.0 <= v[0] <= 1.0 for v in scores.values() if v[1])
 
 
 def test_structured_prompts_parse_back_to_the_same_fields():

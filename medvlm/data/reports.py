@@ -103,7 +103,7 @@ def _levels_text(levels: tuple[str, ...], family: str) -> str:
 
 
 def _side_phrase(record: ClinicalRecord) -> str:
-    return f"{record.laterality} " if record.laterality in ("left", "right") else ""
+    return f"{record.laterality} " if record.laterality in ("left", "right", "midline") else ""
 
 
 # ----------------------------------------------------------------------------- headers and footers

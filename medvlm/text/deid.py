@@ -313,6 +313,13 @@ class Deidentifier:
     @staticmethod
     def _trim_institution(text: str, start: int, end: int) -> tuple[int, int] | None:
         words = text[start:end].split()
+        # a name does not run across a sentence end or through a code with digits ("cT1N0M0. Surgery planned")
+        cut = max((k + 1 for k, w in enumerate(words[:-1])
+                   if (w.endswith((".", ":", ";")) and w.rstrip(".") not in ("St", "Mt")) or any(c.isdigit() for c in w)),
+                  default=0)
+        for word in words[:cut]:
+            start = text.index(word, start) + len(word)
+        words = words[cut:]
         # generic departments ("Department of Radiology") are not identifying; a bare keyword neither
         while words and words[0].lower() in {"the", "a", "at", "from", "to", "of", "and", "department", "dept"}:
             start = text.index(words[0], start) + len(words[0])
@@ -388,7 +395,8 @@ class Deidentifier:
             words = [w for w in re.findall(r"[A-Za-z][A-Za-z'’-]*", text[span.start:span.end]) if w.lower() not in _STOPWORDS]
             if len(words) >= 2:
                 initial = "".join(w[0].upper() for w in words[:3])
-                if initial.lower() not in _STOPWORDS:  # "MD" is a credential, not Mei Dubois
+                # "MD" is a credential, not Mei Dubois; "II" or "IV" is a neck level, not Ivan Ivanova
+                if initial.lower() not in _STOPWORDS and not re.fullmatch(r"[IVX]+", initial):
                     initials.add(initial)
         for initial in initials:
             for m in re.finditer(rf"(?<![\w.]){initial}(?![\w.])", text):

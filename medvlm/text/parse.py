@@ -19,7 +19,6 @@ from medvlm.data.clinical import (
     HPV_STATUSES,
     LATERALITIES,
     M_STAGES,
-    MIDLINE_SUBSITES,
     N_STAGES,
     PATHOLOGIES,
     RT_AIMS,
@@ -33,12 +32,15 @@ from medvlm.text.deid import check_text
 # Longest, most specific wording first within each subsite; the earliest mention in the text wins.
 SUBSITE_SYNONYMS: dict[str, tuple[str, ...]] = {
     "base of tongue": ("base of tongue", "base of the tongue", "tongue base", "bot"),
-    "oral tongue": ("oral tongue", "mobile tongue", "lateral border of the tongue", "lateral tongue",
-                    "anterior two-thirds of the tongue", "ventral tongue"),
+    "oral tongue": ("oral tongue", "mobile tongue", "lateral border of the tongue", "lateral tongue border",
+                    "lateral tongue", "anterior two-thirds of the tongue", "anterior tongue", "ventral tongue",
+                    "hemiglossectomy", "partial glossectomy"),
     "tonsil": ("tonsillar fossa", "tonsillar pillar", "palatine tonsil", "tonsil", "tonsillar"),
-    "larynx": ("supraglottic larynx", "glottic larynx", "supraglottis", "supraglottic", "glottis", "glottic",
-               "vocal cord", "larynx", "laryngeal"),
-    "hypopharynx": ("piriform sinus", "piriform fossa", "pyriform sinus", "postcricoid", "hypopharynx", "hypopharyngeal"),
+    "larynx": ("supraglottic larynx", "glottic larynx", "supraglottis", "supraglottic", "transglottic", "glottis",
+               "glottic", "subglottic", "true vocal cord", "vocal cord", "vocal fold", "false vocal cord", "epiglottis",
+               "epiglottic", "laryngectomy", "larynx", "laryngeal"),
+    "hypopharynx": ("piriform sinus", "piriform fossa", "pyriform sinus", "pyriform fossa", "postcricoid", "post-cricoid",
+                    "post cricoid", "posterior hypopharyngeal wall", "hypopharynx", "hypopharyngeal"),
     "nasopharynx": ("fossa of rosenmuller", "fossa of rosenmüller", "nasopharyngeal", "nasopharynx"),
 }
 _SIDE_RE = re.compile(r"\b(left|right)\b", re.IGNORECASE)
@@ -94,33 +96,83 @@ def _sentence_around(text: str, start: int, end: int) -> tuple[str, int]:
     return text[left:right], left
 
 
+# a side as reports write it: "left", "right-sided", "on the left", "predominantly right"; "midline" only as the
+# tumour's position, not in "crossing the midline" / "not crossing midline" / "to the midline"
+_SIDE_WORD_RE = re.compile(r"\b(left|right)(?:-sided)?\b|(?<!cross )(?<!crosses )(?<!crossing )(?<!crossing the )"
+                           r"(?<!crosses the )(?<!cross the )(?<!beyond the )(?<!to the )(?<!past the )(?<!of the )"
+                           r"(?<!beyond )(?<!across the )(?<!across )(?<!over the )\b(midline)\b", re.IGNORECASE)
+# the neck, its nodes and levels carry sides that are not the primary's
+_NODAL_RE = re.compile(r"\b(?:node|nodes|nodal|adenopathy|lymphadenopathy|level|levels|neck|dissection)\b", re.IGNORECASE)
+_PRIMARY_WORDS = r"(?:mass|lesion|tumou?r|primary|carcinoma|cancer|ulcer|thickening)"
+
+
+def _sides_in(sentence: str) -> list[tuple[int, str]]:
+    """(position, side) of every primary-side word in ``sentence`` that does not describe a node or the neck."""
+    found = []
+    for m in _SIDE_WORD_RE.finditer(sentence):
+        after = sentence[m.end():m.end() + 25]
+        if _NODAL_RE.match(after.strip()) or re.match(r"\s*(?:level|neck|node|retropharyngeal|cervical)", after, re.IGNORECASE):
+            continue
+        found.append((m.start(), (m.group(1) or m.group(2)).lower()))
+    return found
+
+
 def _laterality(text: str, subsite: str | None, start: int, end: int) -> str | None:
-    if subsite in MIDLINE_SUBSITES:
-        return "midline"
-    if subsite is None:
-        return None
-    sentence, offset = _sentence_around(text, start, end)
-    sides = [(abs(m.start() + offset - start), m.group(1).lower()) for m in _SIDE_RE.finditer(sentence)]
-    if sides:
-        return min(sides)[1]
-    # otherwise the side given closest to any later mention of the primary
-    for m in re.finditer(r"\b(?:mass|lesion|tumou?r|primary)\b[^.\n]{0,60}?\b(left|right)\b|\b(left|right)\b[^.\n]{0,30}?\b(?:mass|lesion|tumou?r|primary)\b",
-                         text, re.IGNORECASE):
-        return (m.group(1) or m.group(2)).lower()
+    """The primary's side as the text gives it, for any subsite (a "right base of tongue" is right); None when
+    the text gives none. Looked for next to the first mention of the primary site, then next to any other
+    mention of the primary."""
+    if subsite is not None:
+        sentence, offset = _sentence_around(text, start, end)
+        sides = [(abs(position + offset - start), side) for position, side in _sides_in(sentence)]
+        if sides:
+            return min(sides)[1]
+        for word in SUBSITE_SYNONYMS[subsite]:  # later mentions of the same site
+            for m in re.finditer(rf"\b{re.escape(word)}\b", text, re.IGNORECASE):
+                sentence, offset = _sentence_around(text, m.start(), m.end())
+                sides = [(abs(position + offset - m.start()), side) for position, side in _sides_in(sentence)]
+                if sides:
+                    return min(sides)[1]
+    # otherwise a side given next to a word for the primary tumour
+    for m in re.finditer(rf"\b{_PRIMARY_WORDS}\b", text, re.IGNORECASE):
+        sentence, offset = _sentence_around(text, m.start(), m.end())
+        sides = [(abs(position + offset - m.start()), side) for position, side in _sides_in(sentence)
+                 if abs(position + offset - m.start()) <= 60]
+        if sides:
+            return min(sides)[1]
     return None
 
 
+# one TNM chain as reports write it: "T2N1M0", "cT2N2bM0", "pT3 N2a", "T4a N2c M0", "ypT2 ypN1", "rT2"
+_PREFIX = r"(c|p|yp|r|y)?"
+_TNM_CHAIN_RE = re.compile(
+    rf"(?<![A-Za-z0-9]){_PREFIX}T([0-4])[a-d]?(?![0-9]|-weighted)"
+    rf"(?:\s*,?\s*{_PREFIX}N([0-3])[a-c]?(?![0-9]))?(?:\s*,?\s*{_PREFIX}M([01])[a-c]?(?![0-9]))?")
+_SINGLE_RE = {prefix: re.compile(rf"(?<![A-Za-z0-9]){_PREFIX}{prefix}([{limit}])[a-d]?(?![0-9]|-weighted|w\b)")
+              for prefix, limit in (("T", "0-4"), ("N", "0-3"), ("M", "01"))}
+
+
 def _tnm(text: str) -> dict[str, str | None]:
+    """Clinical (c, or no prefix) and pathological (p, yp) T, N and M categories, sub-letters dropped; the
+    first of each wins. A chain ("cT2N1M0", "pT3 N2a") gives its prefix to the letters that have none."""
     out: dict[str, str | None] = {"ict": None, "icn": None, "icm": None, "pt": None, "pn": None}
-    for prefix, key in (("T", "t"), ("N", "n"), ("M", "m")):
-        limit = {"T": "0-4", "N": "0-3", "M": "01"}[prefix]
-        pattern = re.compile(rf"(?<![A-Za-z0-9])(c|p|yp|r)?{prefix}([{limit}])[a-d]?(?![0-9]|-weighted|w\b)")
+
+    def put(kind: str | None, key: str, value: str | None) -> None:
+        kind = (kind or "c").lower()
+        target = f"ic{key}" if kind in ("c", "r") else (f"p{key}" if kind in ("p", "yp", "y") and key != "m" else None)
+        if value is not None and target and out.get(target) is None:
+            out[target] = value
+
+    covered = []
+    for m in _TNM_CHAIN_RE.finditer(text):
+        chain = m.group(1)
+        put(chain, "t", f"T{m.group(2)}")
+        put(m.group(3) or chain, "n", f"N{m.group(4)}" if m.group(4) else None)
+        put(m.group(5) or chain, "m", f"M{m.group(6)}" if m.group(6) else None)
+        covered.append(m.span())
+    for prefix, pattern in _SINGLE_RE.items():  # categories outside a chain ("N2, M0" after a T elsewhere)
         for m in pattern.finditer(text):
-            kind = (m.group(1) or "c").lower()
-            value = f"{prefix}{m.group(2)}"
-            target = f"i{'c'}{key}" if kind == "c" else (f"p{key}" if kind in ("p", "yp") and key != "m" else None)
-            if target and out.get(target) is None:
-                out[target] = value
+            if not any(a <= m.start() < b for a, b in covered):
+                put(m.group(1), prefix.lower(), f"{prefix}{m.group(2)}")
     return out
 
 
@@ -139,11 +191,14 @@ def _pathology(lowered: str) -> str | None:
     return None
 
 
+# "p16 immunohistochemistry negative", "HPV ISH positive", "p16 strongly and diffusely positive": the result
+# within a few words of the test
 _HPV_NEGATIVE = re.compile(r"hpv[- ]unrelated|hpv[- ]negative|p16[- ]negative|p16/hpv negative|p16\s*-(?![a-z0-9])|"
-                           r"hpv\s*-(?![a-z0-9])|p16\s*\(-\)|hpv\s*\(-\)")
+                           r"hpv\s*-(?![a-z0-9])|p16\s*\(-\)|hpv\s*\(-\)|(?:p16|hpv)\b[^.\n;,]{0,30}\bnegative\b")
 _HPV_POSITIVE = re.compile(r"hpv[- ](?:associated|related|mediated|driven|positive)|p16[- ]positive|p16/hpv positive|"
-                           r"p16\s*\+|hpv\s*\+|p16\s*\(\+\)")
-_HPV_UNKNOWN = re.compile(r"hpv[^.\n]{0,20}(?:not tested|unknown|not known|pending|not available)")
+                           r"p16\s*\+|hpv\s*\+|p16\s*\(\+\)|(?:p16|hpv)\b[^.\n;,]{0,30}\bpositiv(?:e|ity)\b")
+_HPV_UNKNOWN = re.compile(r"(?:hpv|p16)[^.\n]{0,20}(?:not tested|unknown|not known|pending|not available|not performed|"
+                          r"not done|awaited)")
 
 
 def _hpv(lowered: str) -> str | None:

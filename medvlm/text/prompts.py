@@ -15,7 +15,7 @@ from typing import Mapping
 
 import numpy as np
 
-from medvlm.data.clinical import ClinicalRecord, elective_levels
+from medvlm.data.clinical import ClinicalRecord
 from medvlm.text.deid import Deidentifier
 from medvlm.text.parse import ParsedReport, parse_report, parsed_from_record
 
@@ -23,12 +23,8 @@ UNKNOWN = "unknown"
 
 
 def _levels(parsed: ParsedReport) -> str:
+    """Neck levels as the report states them; none are filled in for a report that does not."""
     levels = parsed.elective_levels
-    if not levels and parsed.icn and parsed.subsite and parsed.elective_neck and parsed.laterality:
-        record = ClinicalRecord(number=0, unit_no="", subsite=parsed.subsite, pathology="", ict=parsed.ict or "T1",
-                                icn=parsed.icn, icm=parsed.icm or "M0", laterality=parsed.laterality,
-                                elective_neck=parsed.elective_neck)
-        levels = next(iter(elective_levels(record).values()))
     return f" levels {levels[0]}-{levels[-1]}" if levels else ""
 
 
