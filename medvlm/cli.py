@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from medvlm.errors import MedVLMError
+from medvlm.errors import InputError, MedVLMError
 
 logger = logging.getLogger("medvlm")
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -215,6 +215,7 @@ def cmd_contour(args: argparse.Namespace) -> int:
         ct = read_dicom_series(ct, args.series_uid)
     elif args.format != "nifti":
         raise MedVLMError(f"--format {args.format} references the input DICOM series; --ct {args.ct} is not a DICOM folder")
+    _refuse_overwrite(Path(args.out), "*", args.overwrite)
     pipe = ContourPipeline.from_pretrained(args.pipeline)
     out = pipe(ct, report=_text_or_file(args.report), overlap=args.overlap, sw_batch_size=args.sw_batch_size)
     written = out.save(args.out, format=args.format)
@@ -224,6 +225,19 @@ def cmd_contour(args: argparse.Namespace) -> int:
     return 0
 
 
+GENERATE_CHUNK = 4  # volumes per pipeline call in `medvlm generate`
+
+
+def _refuse_overwrite(folder: Path, pattern: str, overwrite: bool) -> None:
+    """An output folder that already holds this command's files is refused unless ``--overwrite``."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--out {folder} is a file, not a folder")
+    existing = sorted(folder.glob(pattern)) if folder.is_dir() else []
+    if existing and not overwrite:
+        raise InputError(f"--out {folder} already holds {len(existing)} output file(s) ({existing[0].name}, ...); "
+                         "choose another folder or pass --overwrite")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -231,15 +245,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from medvlm.data.io import save_labels, save_nifti
     from pipelines import ReportToCTPipeline
 
+    if args.n < 1 or args.steps < 1:
+        raise InputError(f"--n and --steps must be >= 1, got {args.n} and {args.steps}")
+    out_dir = Path(args.out)
+    _refuse_overwrite(out_dir, "sample_*", args.overwrite)
+    prompt = _text_or_file(args.prompt)
     pipe = ReportToCTPipeline.from_pretrained(args.pipeline)
-    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.n)]
-    out = pipe(_text_or_file(args.prompt), num_images_per_prompt=args.n, generator=generators,
-               num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
-    for i in range(args.n):
-        save_nifti(Path(args.out) / f"sample_{i:03d}_ct.nii.gz", out.ct[i], out.affine)
-        if out.masks is not None:
-            save_labels(Path(args.out) / f"sample_{i:03d}_labels.nii.gz", out.masks[i].astype(np.uint8), out.affine,
-                        out.structure_names)
+    for first in range(0, args.n, GENERATE_CHUNK):  # bounded memory for any --n; seed i makes volume i
+        count = min(GENERATE_CHUNK, args.n - first)
+        generators = [torch.Generator().manual_seed(args.seed + first + k) for k in range(count)]
+        out = pipe(prompt, num_images_per_prompt=count, generator=generators,
+                   num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
+        for k in range(count):
+            i = first + k
+            save_nifti(out_dir / f"sample_{i:03d}_ct.nii.gz", out.ct[k], out.affine)
+            if out.masks is not None:
+                save_labels(out_dir / f"sample_{i:03d}_labels.nii.gz", out.masks[k].astype(np.uint8), out.affine,
+                            out.structure_names)
     print(f"wrote {args.n} synthetic CT volume(s) to {args.out} (seeds {args.seed}..{args.seed + args.n - 1})")
     return 0
 
@@ -351,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="output: NIfTI masks, or an RTSTRUCT / DICOM-SEG referencing the DICOM input")
     contour.add_argument("--report", default=None, help="report text or a .txt file (default: draft or null report)")
     contour.add_argument("--out", required=True, help="output folder for the masks")
+    contour.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in --out")
     contour.add_argument("--overlap", type=float, default=0.25)
     contour.add_argument("--sw-batch-size", type=int, default=1)
     contour.set_defaults(func=cmd_contour)
@@ -362,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--steps", type=int, default=50, help="sampling steps")
     generate.add_argument("--guidance-scale", type=float, default=3.0)
     generate.add_argument("--out", required=True)
+    generate.add_argument("--overwrite", action="store_true", help="replace the samples of an earlier run in --out")
     generate.set_defaults(func=cmd_generate)
     classify = commands.add_parser("classify", help="zero-shot classification of reports and/or CT")
     classify.add_argument("--pipeline", required=True)

@@ -94,11 +94,24 @@ class VAEModelConfig:
     # structures decoded with the CT from one paired latent (the CT latent plus one channel per structure at
     # latent resolution): generated CTs come with their contours; 0 = a CT-only autoencoder
     mask_channels: int = 0
+    # how a structure becomes its latent channel: "fraction" (voxel fraction per latent cell) or "distance"
+    # (the fraction where the structure is, a decaying distance to it elsewhere; mask_distance latent cells)
+    mask_encoding: str = "fraction"
+    mask_distance: float = 4.0
     # "compact" (norm-free MONAI convolutions and strided convolutions, fast to train) or "monai_kl" (MONAI's
     # AutoencoderKL: GroupNorm residual blocks, optional attention)
     backbone: str = "compact"
     # start from these weights (a save_pretrained folder, or the name of weights shipped in medvlm/weights)
     pretrained_path: str = ""
+
+    def __post_init__(self):
+        if self.backbone not in ("compact", "monai_kl"):
+            raise ConfigError(f"models.vae.backbone must be 'compact' or 'monai_kl', got {self.backbone!r}")
+        if self.mask_encoding not in ("fraction", "distance"):
+            raise ConfigError(f"models.vae.mask_encoding must be 'fraction' or 'distance', got {self.mask_encoding!r}")
+        if not self.mask_distance > 0 or self.mask_channels < 0:
+            raise ConfigError(f"models.vae: mask_distance must be > 0 and mask_channels >= 0, got "
+                              f"{self.mask_distance} and {self.mask_channels}")
 
 
 @dataclass
@@ -112,6 +125,14 @@ class UNetModelConfig:
     # the report's parsed fields (side, subsite, T, N, elective neck: medvlm.text.parse.label_vector) as one more
     # context token next to the report's token states
     fields_token: bool = False
+    # the parsed fields also added to the timestep embedding (every residual block sees them; needs fields_token)
+    fields_time: bool = False
+    # three coordinate channels (-1..1 along x, y, z) at the UNet's input: where left is, for a symmetric anatomy
+    coordinates: bool = False
+
+    def __post_init__(self):
+        if self.fields_time and not self.fields_token:
+            raise ConfigError("models.unet.fields_time needs models.unet.fields_token: true (both read the parsed fields)")
 
 
 @dataclass

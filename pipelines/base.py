@@ -118,6 +118,20 @@ class MedVLMPipeline(DiffusionPipeline):
                              "use the medvlm version that trained it")
         return torch.as_tensor(vectors, device=device, dtype=torch.float32)
 
+    @staticmethod
+    def normalised_reports(reports: Sequence[str], report_format: str = "structured") -> list[str]:
+        """The texts a text tower encodes: de-identified, and for ``"structured"`` the structured prompt of
+        the parsed report."""
+        from medvlm.text.deid import Deidentifier
+        from medvlm.text.parse import parse_report
+        from medvlm.text.prompts import structured_prompt
+
+        if report_format not in ("structured", "raw"):
+            raise ValueError(f"report_format must be 'structured' or 'raw', got {report_format!r}")
+        deid = Deidentifier()
+        clean = [deid.deidentify(text).text for text in reports]
+        return [structured_prompt(parse_report(text)) for text in clean] if report_format == "structured" else clean
+
     def encode_reports(self, reports: Sequence[str], device: torch.device, max_length: int = 128,
                        report_format: str = "structured") -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """De-identify, (optionally) normalise into the structured prompt, tokenise and encode reports.
@@ -126,17 +140,9 @@ class MedVLMPipeline(DiffusionPipeline):
         ``report_format="structured"`` encodes :func:`medvlm.text.prompts.structured_prompt` of the parsed
         report (short, same layout for every report, as in training); ``"raw"`` the de-identified text.
         """
-        from medvlm.text.deid import Deidentifier
         from medvlm.text.encoders import TextEncoder
-        from medvlm.text.parse import parse_report
-        from medvlm.text.prompts import structured_prompt
 
-        if report_format not in ("structured", "raw"):
-            raise ValueError(f"report_format must be 'structured' or 'raw', got {report_format!r}")
-        deid = Deidentifier()
-        clean = [deid.deidentify(text).text for text in reports]
-        if report_format == "structured":
-            clean = [structured_prompt(parse_report(text)) for text in clean]
+        clean = self.normalised_reports(reports, report_format)
         encoder = TextEncoder(self.text_encoder, self.tokenizer, max_length=max_length)
         batch = encoder.tokenize(clean)
         batch = {k: v.to(device) for k, v in batch.items()}

@@ -20,6 +20,9 @@ from pipelines.base import MedVLMPipeline
 logger = logging.getLogger(__name__)
 
 
+CONTOUR_OUTPUT_TYPES = ("np", "pt", "nifti")
+
+
 @dataclass
 class ContourPipelineOutput(BaseOutput):
     """Per input CT: masks by structure (bool arrays in the input grid), probabilities (optional),
@@ -53,6 +56,7 @@ class ContourPipelineOutput(BaseOutput):
         directory = Path(directory)
         written = []
         for i, masks in enumerate(self.masks):
+            masks = {name: _as_bool_array(mask) for name, mask in masks.items()}  # any output_type
             folder = directory if len(self.masks) == 1 else directory / f"case_{i:03d}"
             if format == "rtstruct":
                 from medvlm.data.dicom import write_rtstruct
@@ -71,6 +75,24 @@ class ContourPipelineOutput(BaseOutput):
             if self.warnings and self.warnings[i]:
                 atomic_write_text(folder / "warnings.txt", "\n".join(self.warnings[i]) + "\n")
         return written
+
+
+def _reads_any_field(report: str) -> bool:
+    """Whether the parser reads any clinical field from ``report`` (after de-identification)."""
+    from medvlm.text.deid import Deidentifier
+    from medvlm.text.parse import FIELDS, parse_report
+
+    parsed = parse_report(Deidentifier().deidentify(report).text)
+    return any(getattr(parsed, name) for name in FIELDS)
+
+
+def _as_bool_array(mask) -> np.ndarray:
+    """A mask of any ``output_type`` (numpy, torch, nibabel) as a bool array."""
+    if hasattr(mask, "get_fdata"):
+        return np.asarray(mask.dataobj) > 0
+    if isinstance(mask, torch.Tensor):
+        return mask.cpu().numpy().astype(bool)
+    return np.asarray(mask, dtype=bool)
 
 
 class ContourPipeline(MedVLMPipeline):
@@ -126,8 +148,13 @@ class ContourPipeline(MedVLMPipeline):
             raise ValueError(f"`sw_batch_size` must be at least 1, got {sw_batch_size}")
         if noise_timestep < 0 or (noise_timestep > 0 and self.scheduler is None):
             raise ValueError(f"`noise_timestep`={noise_timestep} needs a scheduler and must be >= 0")
+        if noise_timestep > 0 and noise_timestep >= int(self.scheduler.config.num_train_timesteps):
+            raise ValueError(f"`noise_timestep`={noise_timestep} must be below the scheduler's "
+                             f"{self.scheduler.config.num_train_timesteps} training timesteps")
         if thresholds is not None and len(thresholds) != len(self.config.structure_names):
             raise ValueError(f"`thresholds` needs {len(self.config.structure_names)} values, got {len(thresholds)}")
+        if thresholds is not None and not all(isinstance(t, (int, float)) and 0.0 < float(t) < 1.0 for t in thresholds):
+            raise ValueError(f"`thresholds` must be probabilities in (0, 1), got {list(thresholds)}")
 
     def _draft_reports(self, prepared: list[PreparedCT]) -> list[str]:
         from medvlm.models.report_generator import drafting_batch, render_ct
@@ -144,7 +171,7 @@ class ContourPipeline(MedVLMPipeline):
                  affine: np.ndarray | None = None, overlap: float = 0.25, sw_batch_size: int = 1,
                  thresholds: Sequence[float] | None = None, noise_timestep: int = 0,
                  generator: torch.Generator | None = None, return_probabilities: bool = False,
-                 draft_missing_reports: bool = True, return_dict: bool = True):
+                 draft_missing_reports: bool = True, output_type: str = "np", return_dict: bool = True):
         """Contour one CT or a list of CTs.
 
         Args:
@@ -158,11 +185,15 @@ class ContourPipeline(MedVLMPipeline):
             generator: random source for that noise.
             draft_missing_reports: for a CT without a report, draft one with the report generator (when the
                 pipeline has one); ``False`` contours it with the learned null report instead.
+            output_type: masks (and probabilities) as ``"np"`` arrays, ``"pt"`` tensors or ``"nifti"``
+                (``nibabel`` images in the input's grid, uint8 masks / float32 probabilities).
         """
         # 1. check inputs
         cts = as_list(ct)
         reports = None if report is None else as_list(report)
         self.check_inputs(cts, reports, overlap, sw_batch_size, noise_timestep, thresholds)
+        if output_type not in CONTOUR_OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {CONTOUR_OUTPUT_TYPES}, got {output_type!r}")
         thresholds = list(thresholds if thresholds is not None else self.config.thresholds)
         names = tuple(self.config.structure_names)
         device = self._execution_device
@@ -199,6 +230,9 @@ class ContourPipeline(MedVLMPipeline):
                                                           self.config.report_format)
                 fields = self.report_fields(clean, device)
                 used.append(clean[0])
+                if not _reads_any_field(texts[i]):
+                    warnings[i].append("no clinical field (site, side, stage, neck) could be read from the report (another "
+                                       "language, or identifiers only?): contoured as with an empty report")
             else:
                 states, mask = None, None
                 used.append(None)
@@ -212,6 +246,14 @@ class ContourPipeline(MedVLMPipeline):
             all_probs.append(restored.astype(np.float32))
             affines.append(case.input_affine)
 
+        if output_type == "pt":
+            all_masks = [{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in m.items()} for m in all_masks]
+            all_probs = [torch.from_numpy(p) for p in all_probs]
+        elif output_type == "nifti":
+            import nibabel as nib
+
+            all_masks = [{k: nib.Nifti1Image(v.astype(np.uint8), a) for k, v in m.items()} for m, a in zip(all_masks, affines)]
+            all_probs = [nib.Nifti1Image(np.moveaxis(p, 0, -1), a) for p, a in zip(all_probs, affines)]
         output = ContourPipelineOutput(masks=all_masks, structure_names=names, affines=affines, reports=used,
                                        report_sources=sources, warnings=warnings,
                                        probabilities=all_probs if return_probabilities else None,

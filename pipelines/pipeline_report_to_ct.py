@@ -15,6 +15,9 @@ from medvlm.models import CTAutoencoderKL, FusedSegmentationDecoder, ReportCondi
 from pipelines.base import MedVLMPipeline
 
 OUTPUT_TYPES = ("np", "pt", "nifti", "latent")
+# voxels one call may generate (volumes x voxels per volume): CT and mask logits then stay under about 3 GB;
+# more volumes go through several calls (the CLI generates in chunks)
+MAX_GENERATED_VOXELS = 2 ** 26
 
 
 @dataclass
@@ -51,6 +54,7 @@ class ReportToCTPipeline(MedVLMPipeline):
     _optional_components = ["segmentation"]
     _config_names = ("preprocess", "structure_names", "thresholds", "max_report_tokens", "report_format", "vae_tile_size")
     _callback_tensor_inputs = ["latents"]
+    _guidance_scale, _num_timesteps = 1.0, 0  # of the running (or last) call
 
     def __init__(self, vae: CTAutoencoderKL, unet: ReportConditionedUNet3D, text_encoder, tokenizer,
                  scheduler: SchedulerMixin, segmentation: FusedSegmentationDecoder | None = None,
@@ -73,9 +77,9 @@ class ReportToCTPipeline(MedVLMPipeline):
     def check_inputs(self, prompts: list, negative_prompts: list | None, num_inference_steps: int, guidance_scale: float,
                      output_type: str, volume_shape: Sequence[int], latents: torch.Tensor | None, batch: int,
                      num_images_per_prompt: int, generator, return_masks: bool) -> None:
-        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+        if prompts is not None and (not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts)):
             raise ValueError(f"`prompt` must be non-empty text (or a list of texts), got {prompts!r}")
-        if negative_prompts is not None and len(negative_prompts) != len(prompts):
+        if negative_prompts is not None and prompts is not None and len(negative_prompts) != len(prompts):
             raise ValueError(f"`negative_prompt` has {len(negative_prompts)} entries for {len(prompts)} prompts")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}")
@@ -88,6 +92,10 @@ class ReportToCTPipeline(MedVLMPipeline):
         factor = self.vae.compression
         if len(volume_shape) != 3 or any(int(s) % factor or int(s) <= 0 for s in volume_shape):
             raise ValueError(f"`volume_shape` {tuple(volume_shape)} must be three positive multiples of the VAE compression {factor}")
+        voxels = batch * int(np.prod([int(s) for s in volume_shape]))
+        if voxels > MAX_GENERATED_VOXELS:
+            raise ValueError(f"{batch} volume(s) of {tuple(volume_shape)} are {voxels:,} voxels, more than one call generates "
+                             f"({MAX_GENERATED_VOXELS:,}); generate fewer volumes per call or a smaller `volume_shape`")
         if latents is not None:
             expected = (batch, self.unet.config.in_channels, *(int(s) // factor for s in volume_shape))
             if tuple(latents.shape) != expected:
@@ -101,15 +109,72 @@ class ReportToCTPipeline(MedVLMPipeline):
             raise ValueError("`return_masks=True` needs a paired autoencoder or the segmentation component")
 
     @property
+    def guidance_scale(self) -> float:
+        """Classifier-free guidance of the running (or last) call; a step-end callback may change it."""
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale != 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        """Sampler steps of the running (or last) call."""
+        return self._num_timesteps
+
+    def encode_prompt(self, prompt: str | list[str] | None = None, device: torch.device | None = None,
+                      num_images_per_prompt: int = 1, do_classifier_free_guidance: bool = True,
+                      negative_prompt: str | list[str] | None = None, prompt_embeds: torch.Tensor | None = None,
+                      negative_prompt_embeds: torch.Tensor | None = None):
+        """Report text -> the UNet's conditioning, as diffusers pipelines split it out.
+
+        Returns ``(prompt_embeds, negative_prompt_embeds, report_fields, negative_report_fields)``: token states
+        with padded tokens zeroed (N, L, d); for guidance the negative report's or the learned null report's
+        (None without guidance); the parsed fields' vectors for a UNet with a fields token (None otherwise;
+        zeros, nothing parsed, for given embeddings and the null report). Each repeats
+        ``num_images_per_prompt`` times. Pass them back to ``__call__`` to reuse one encoding.
+        """
+        device = device or self._execution_device
+        report_fields = negative_report_fields = None
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            states, mask, used = self.encode_reports(prompts, device, self.config.max_report_tokens, self.config.report_format)
+            prompt_embeds = states * mask[..., None].to(states.dtype)  # padded tokens carry nothing
+            report_fields = self.report_fields(used, device, component="unet")
+        elif int(getattr(self.unet.config, "report_fields", 0) or 0):
+            report_fields = torch.zeros(prompt_embeds.shape[0], int(self.unet.config.report_fields), device=device)
+        prompt_embeds = prompt_embeds.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+        report_fields = None if report_fields is None else report_fields.repeat_interleave(num_images_per_prompt, dim=0)
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            if negative_prompt is not None:
+                negatives = [negative_prompt] * (prompt_embeds.shape[0] // num_images_per_prompt) \
+                    if isinstance(negative_prompt, str) else list(negative_prompt)
+                states, mask, used = self.encode_reports(negatives, device, self.config.max_report_tokens,
+                                                         self.config.report_format)
+                negative_prompt_embeds = (states * mask[..., None].to(states.dtype)).repeat_interleave(num_images_per_prompt, dim=0)
+                negative_report_fields = self.report_fields(used, device, component="unet")
+                if negative_report_fields is not None:
+                    negative_report_fields = negative_report_fields.repeat_interleave(num_images_per_prompt, dim=0)
+            else:  # the learned null report (report dropout in training); it parses nothing
+                negative_prompt_embeds = self.unet.null_context(prompt_embeds.shape[0]).to(device, prompt_embeds.dtype)
+        elif do_classifier_free_guidance:
+            negative_prompt_embeds = negative_prompt_embeds.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+        if do_classifier_free_guidance and report_fields is not None and negative_report_fields is None:
+            negative_report_fields = torch.zeros_like(report_fields)
+        return prompt_embeds, negative_prompt_embeds, report_fields, negative_report_fields
+
+    @property
     def has_paired_masks(self) -> bool:
         """Whether sampled latents carry the structures (a paired autoencoder)."""
         return bool(getattr(self.vae.config, "mask_channels", 0))
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+    def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 3.0, generator: torch.Generator | list | None = None,
                  latents: torch.Tensor | None = None, num_images_per_prompt: int = 1, output_type: str = "np",
                  return_masks: bool | None = None, volume_shape: Sequence[int] | None = None,
+                 prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                 report_fields: torch.Tensor | None = None, negative_report_fields: torch.Tensor | None = None,
                  callback_on_step_end: Callable | None = None, callback_on_step_end_tensor_inputs: list[str] = ("latents",),
                  return_dict: bool = True):
         """Generate CT volumes from report text.
@@ -124,14 +189,24 @@ class ReportToCTPipeline(MedVLMPipeline):
             return_masks: also return contours: the paired masks decoded with the CT, or (CT-only autoencoder)
                 the segmentation decoder's contours of the generated CT. Default: whenever available.
             volume_shape: voxels (x, y, z) at the preprocessing spacing; default the training ROI.
-            callback_on_step_end: ``f(pipe, step, timestep, {"latents": ...}) -> dict`` after each step.
+            prompt_embeds, negative_prompt_embeds, report_fields, negative_report_fields: a conditioning from
+                :meth:`encode_prompt` instead of ``prompt`` / ``negative_prompt`` (fields default to zeros:
+                nothing parsed).
+            callback_on_step_end: ``f(pipe, step, timestep, {"latents": ...}) -> dict`` after each step; it may
+                set ``pipe._guidance_scale`` (read back by the ``guidance_scale`` property each step).
         """
         # 1. check inputs
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = None if negative_prompt is None else ([negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass exactly one of `prompt` and `prompt_embeds`")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass at most one of `negative_prompt` and `negative_prompt_embeds`")
+        prompts = None if prompt is None else ([prompt] if isinstance(prompt, str) else list(prompt))
+        negatives = None if negative_prompt is None else ([negative_prompt] * len(prompts or [0]) if isinstance(negative_prompt, str) else list(negative_prompt))
         config = self.preprocess_config
         volume_shape = tuple(int(s) for s in (volume_shape or config.roi_size))
-        batch = len(prompts) * num_images_per_prompt
+        if prompt_embeds is not None and (prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != self.unet.config.cross_attention_dim):
+            raise ValueError(f"`prompt_embeds` must be (N, tokens, {self.unet.config.cross_attention_dim}), got {tuple(prompt_embeds.shape)}")
+        batch = (len(prompts) if prompts is not None else prompt_embeds.shape[0]) * num_images_per_prompt
         if return_masks is None:
             return_masks = self.has_paired_masks or self.segmentation is not None
         self.check_inputs(prompts, negatives, num_inference_steps, guidance_scale, output_type, volume_shape, latents, batch,
@@ -140,27 +215,22 @@ class ReportToCTPipeline(MedVLMPipeline):
         if unknown:
             raise ValueError(f"`callback_on_step_end_tensor_inputs` {unknown} not in {self._callback_tensor_inputs}")
         device = self._execution_device
-        do_guidance = guidance_scale != 1.0
+        self._guidance_scale = float(guidance_scale)
+        do_guidance = self.do_classifier_free_guidance
 
         # 2. encode prompts (and the negative / null report)
-        states, mask, used = self.encode_reports(prompts, device, self.config.max_report_tokens, self.config.report_format)
-        states = states.repeat_interleave(num_images_per_prompt, dim=0)
-        mask = mask.repeat_interleave(num_images_per_prompt, dim=0)
-        context = states * mask[..., None].to(states.dtype)  # padded tokens carry nothing
-        report_context, report_mask = context, mask  # before guidance padding: what the decoder contours with
-        fields = self.report_fields(used, device, component="unet")  # the parsed fields' token (None: none read)
-        fields = fields.repeat_interleave(num_images_per_prompt, dim=0) if fields is not None else None
-        uncond_fields = torch.zeros_like(fields) if fields is not None else None  # the null report parses nothing
+        # the texts the UNet saw (de-identified, normalised), for the output; none for given embeddings
+        used = self.normalised_reports(prompts, self.config.report_format) if prompts is not None else []
+        given_fields = report_fields
+        context, uncond, fields, uncond_fields = self.encode_prompt(
+            prompts, device, num_images_per_prompt, do_guidance, negatives, prompt_embeds, negative_prompt_embeds)
+        if given_fields is not None and fields is not None:
+            fields = given_fields.to(device).float().repeat_interleave(num_images_per_prompt, dim=0)
+        if negative_report_fields is not None and uncond_fields is not None:
+            uncond_fields = negative_report_fields.to(device).float().repeat_interleave(num_images_per_prompt, dim=0)
+        report_context = context  # before guidance padding: what the decoder contours with
+        report_mask = (context.abs().sum(-1) > 0).long()
         if do_guidance:
-            if negatives is not None:
-                neg_states, neg_mask, neg_used = self.encode_reports(negatives, device, self.config.max_report_tokens,
-                                                                     self.config.report_format)
-                uncond = (neg_states * neg_mask[..., None].to(neg_states.dtype)).repeat_interleave(num_images_per_prompt, dim=0)
-                if fields is not None:
-                    uncond_fields = self.report_fields(neg_used, device, component="unet").repeat_interleave(
-                        num_images_per_prompt, dim=0)
-            else:
-                uncond = self.unet.null_context(batch).to(device, context.dtype)
             length = max(context.shape[1], uncond.shape[1])
             context, uncond = self._pad(context, length), self._pad(uncond, length)
 
@@ -177,6 +247,7 @@ class ReportToCTPipeline(MedVLMPipeline):
 
         # 4. denoising loop
         timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
                 model_input = torch.cat([latents, latents]) if do_guidance else latents
@@ -187,7 +258,7 @@ class ReportToCTPipeline(MedVLMPipeline):
                 prediction = self.unet(model_input, t, model_context, report_fields=model_fields).sample
                 if do_guidance:
                     unconditional, conditional = prediction.chunk(2)
-                    prediction = unconditional + guidance_scale * (conditional - unconditional)
+                    prediction = unconditional + self.guidance_scale * (conditional - unconditional)
                 latents = self.scheduler.step(prediction, t, latents, **extra).prev_sample
                 if callback_on_step_end is not None:
                     available = {"latents": latents}
@@ -219,8 +290,10 @@ class ReportToCTPipeline(MedVLMPipeline):
         elif return_masks:
             encoded = self.vae.encode(image, return_features=True)
             fused = self.unet(latents, 0, report_context, return_features=True).features[-1]
-            fields = self.report_fields(used, device)
+            fields = self.report_fields(used, device) if used else None
             fields = fields.repeat_interleave(num_images_per_prompt, dim=0) if fields is not None else None
+            if fields is None and int(getattr(self.segmentation.config, "report_fields", 0) or 0):
+                fields = torch.zeros(batch, int(self.segmentation.config.report_fields), device=device)
             # the decoder's cross-attention and presence pooling skip padded tokens, as in training
             probabilities = torch.sigmoid(self.segmentation(fused, encoded.features, report_context, report_mask,
                                                             image=image, report_fields=fields))

@@ -14,6 +14,7 @@ import torch
 from medvlm.config import load_config
 from medvlm.models.contrastive import clip_loss, semantic_matching_loss, semantic_targets, siglip_loss
 from medvlm.models.factory import build_all, count_parameters_on_meta
+from medvlm.models.vae import CTAutoencoderKL
 from medvlm.models.zero_shot import ZeroShotClassifier
 from medvlm.text.encoders import TextEncoder
 
@@ -63,7 +64,8 @@ def test_paired_autoencoder_encodes_structures_as_latent_fractions_and_needs_the
     masks[0, 1, :2, :4, :4] = 1.0  # half a cell of the second
     channels = vae.encode_masks(masks)
     assert channels.shape == (1, 9, 8, 8, 8)
-    assert channels[0, 0, 0, 0, 0] == 1.0 and channels[0, 1, 0, 0, 0] == 0.0 and channels[0, 2].eq(-1.0).all()
+    half = 0.5 if vae.config.mask_encoding == "distance" else 0.0  # the voxel fraction, or it mapped to [-1, 1]
+    assert channels[0, 0, 0, 0, 0] == 1.0 and channels[0, 1, 0, 0, 0] == half and channels[0, 2].eq(-1.0).all()
     z = torch.randn(1, 4, 8, 8, 8)
     with pytest.raises(ValueError, match="structure channels"):
         vae.decode(z)
@@ -77,6 +79,34 @@ def test_paired_autoencoder_encodes_structures_as_latent_fractions_and_needs_the
     joint = torch.cat([z * vae.config.scaling_factor, channels], dim=1)
     ct, structures = vae.split_latents(joint)
     assert torch.equal(ct, z) and torch.equal(structures, channels)
+
+
+def test_distance_encoding_spreads_a_small_structure_over_its_channel_and_generation_latents_are_standardised():
+    vae = CTAutoencoderKL(channels=(8, 8, 8), backbone="compact", mask_channels=2, mask_encoding="distance",
+                          mask_distance=2.0, mask_shift=[-0.5, -1.0], mask_scale=[0.25, 0.05], scaling_factor=2.0)
+    masks = torch.zeros(1, 2, 32, 32, 32)
+    masks[0, 0, :2, :4, :4] = 1.0  # half of the corner latent cell; the second structure is absent
+    channels = vae.encode_masks(masks)
+    assert channels[0, 0, 0, 0, 0] == 0.5  # the voxel fraction where the structure is
+    along = channels[0, 0, :, 0, 0]
+    # elsewhere -tanh(distance / 2 cells): negative, falling with the distance, never reaching -1 nearby
+    assert torch.allclose(along[1:], -torch.tanh(torch.arange(1.0, 8.0) / 2.0), atol=1e-6)
+    assert channels[0, 1].eq(-1.0).all()
+    with pytest.raises(ValueError, match="mask_encoding"):
+        CTAutoencoderKL(mask_channels=2, mask_encoding="sdf")
+    with pytest.raises(ValueError, match="mask_scale"):
+        CTAutoencoderKL(mask_channels=2, mask_scale=[1.0])
+    # generation latents: the CT latent times scaling_factor, the structure channels standardised; split inverts both
+    image = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        joint = vae.generation_latents(image, masks)
+        ct, structures = vae.split_latents(joint)
+        mode = vae.encode(image).latent_dist.mode()
+    assert torch.allclose(joint[:, :4], mode * 2.0)
+    assert torch.allclose(joint[:, 4], (channels[:, 0] + 0.5) / 0.25) and torch.allclose(joint[:, 5], torch.zeros(8, 8, 8))
+    assert torch.allclose(ct, mode) and torch.allclose(structures, channels, atol=1e-6)
+    with pytest.raises(ValueError, match="masks"):
+        vae.generation_latents(image)
 
 
 def test_vae_tiles_cover_large_volumes_and_check_tile_sizes(tiny):
@@ -116,6 +146,26 @@ def test_parsed_fields_reach_the_unet_as_a_context_token(tiny):
     assert (a - b).abs().max() > 1e-5 and torch.equal(unknown, zeros)
     with pytest.raises(ValueError, match="report_fields has shape"):
         unet(z, 100, _context(1), report_fields=torch.zeros(1, size + 1))
+
+
+def test_parsed_fields_in_the_timestep_embedding_reach_every_block_without_any_context_token_change():
+    from medvlm.models.unet import ReportConditionedUNet3D
+
+    torch.manual_seed(0)
+    unet = ReportConditionedUNet3D(in_channels=5, out_channels=5, channels=(16, 16), attention_levels=(False, True),
+                                   num_head_channels=8, cross_attention_dim=32, norm_num_groups=8, report_fields=4,
+                                   fields_time=True)
+    unet = _as_if_trained(unet)
+    # with the token path removed, the fields still change the prediction: through the timestep embedding
+    unet.fields_embedding.weight.data.zero_()
+    unet.fields_embedding.bias.data.zero_()
+    z, context = torch.randn(1, 5, 8, 8, 8), torch.randn(1, 3, 32)
+    with torch.no_grad():
+        a = unet(z, 10, context, report_fields=torch.tensor([[1.0, 0, 0, 0]])).sample
+        b = unet(z, 10, context, report_fields=torch.tensor([[0, 1.0, 0, 0]])).sample
+    assert (a - b).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="fields_time"):
+        ReportConditionedUNet3D(report_fields=0, fields_time=True)
 
 
 def test_segmentation_logits_at_full_resolution(tiny):

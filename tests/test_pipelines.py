@@ -102,6 +102,13 @@ def test_contour_without_report_drafts_one_or_warns(pipes, case):
     assert np.array_equal(null.probabilities[0], out.probabilities[0])
 
 
+def test_a_report_with_no_readable_field_is_contoured_with_a_warning(pipes, case):
+    unreadable = ["Carcinome épidermoïde de l'amygdale gauche, adénopathie homolatérale.", "Patient: John Smith, MRN 1234567"]
+    out = pipes["contour"]([case.image_hu] * 3, report=[*unreadable, "left tonsil SCC cT2 N1"], affine=case.affine)
+    assert all(any("no clinical field" in w for w in warnings) for warnings in out.warnings[:2])
+    assert not any("no clinical field" in w for w in out.warnings[2])
+
+
 def test_contour_drafts_within_the_configured_length(pipes, case, saved, monkeypatch):
     loaded = ContourPipeline.from_pretrained(saved["contour"])
     assert loaded.config.max_new_tokens == pipes["report_generation"].config.max_new_tokens  # from the training config
@@ -145,6 +152,23 @@ def test_contour_lists_of_cts_and_return_dict_false(pipes, case):
     assert len(masks) == 2 and names[0] == "GTVp"
 
 
+def test_contour_output_types_hold_the_same_masks_and_save_alike(pipes, case, tmp_path):
+    kwargs = dict(report="left tonsil", affine=case.affine, return_probabilities=True)
+    arrays = pipes["contour"](case.image_hu, **kwargs)
+    tensors = pipes["contour"](case.image_hu, output_type="pt", **kwargs)
+    images = pipes["contour"](case.image_hu, output_type="nifti", **kwargs)
+    for name, mask in arrays.masks[0].items():
+        assert isinstance(tensors.masks[0][name], torch.Tensor) and np.array_equal(tensors.masks[0][name].numpy(), mask)
+        image = images.masks[0][name]
+        assert isinstance(image, nib.Nifti1Image) and np.allclose(image.affine, case.affine)
+        assert np.array_equal(np.asarray(image.dataobj) > 0, mask)
+    assert images.probabilities[0].shape == (*case.image_hu.shape, 9)
+    written = images.save(tmp_path / "nifti")
+    assert np.array_equal(nib.load(written[0]).get_fdata() > 0, arrays.masks[0][arrays.structure_names[0]])
+    with pytest.raises(ValueError, match="output_type"):
+        pipes["contour"](case.image_hu, output_type="png", **kwargs)
+
+
 @pytest.mark.parametrize("bad,message", [
     (np.zeros((32, 32)), "3D"),
     (np.zeros((2, 16, 16, 16)), "3D"),
@@ -162,6 +186,11 @@ def test_contour_rejects_mismatched_batches_and_bad_settings(pipes, case):
         pipes["contour"]([case.image_hu, case.image_hu], report=["x"], affine=case.affine)
     with pytest.raises(ValueError, match="`overlap`"):
         pipes["contour"](case.image_hu, report="x", affine=case.affine, overlap=1.5)
+    for thresholds in ([float("nan")] * 9, [1.0] * 9, [0.0] * 9):
+        with pytest.raises(ValueError, match="`thresholds` must be probabilities"):
+            pipes["contour"](case.image_hu, report="x", affine=case.affine, thresholds=thresholds)
+    with pytest.raises(ValueError, match="noise_timestep"):
+        pipes["contour"](case.image_hu, report="x", affine=case.affine, noise_timestep=5000)
     with pytest.raises(InputError, match="spacing_mm"):
         pipes["contour"](case.image_hu, report="x")
     with pytest.raises(InputError, match="not found"):
@@ -303,6 +332,34 @@ def test_output_types_callback_latents_and_tuple(pipes):
     assert ct.shape == (1, 32, 32, 32) and masks is not None
 
 
+def test_encode_prompt_embeddings_reproduce_the_text_call_and_guidance_properties(pipes):
+    """The diffusers contract: encode_prompt's outputs passed back give the text call's volume; guidance_scale,
+    do_classifier_free_guidance and num_timesteps are readable, and a step-end callback can change guidance."""
+    pipe = pipes["report_to_ct"]
+    negative = "left larynx, cN0"
+    embeds = pipe.encode_prompt(PROMPT, torch.device("cpu"), 1, True, negative_prompt=negative)
+    assert embeds[0].ndim == 3 and embeds[1].shape[0] == 1 and embeds[2] is not None and embeds[3] is not None
+    names = ("prompt_embeds", "negative_prompt_embeds", "report_fields", "negative_report_fields")
+    from_text = pipe(PROMPT, negative_prompt=negative, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    from_embeds = pipe(**dict(zip(names, embeds)), num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(from_text.ct, from_embeds.ct) and np.array_equal(from_text.masks, from_embeds.masks)
+    assert pipe.num_timesteps == 3 and pipe.guidance_scale == 3.0 and pipe.do_classifier_free_guidance
+    with pytest.raises(ValueError, match="exactly one"):
+        pipe(PROMPT, prompt_embeds=embeds[0])
+    with pytest.raises(ValueError, match="prompt_embeds"):
+        pipe(prompt_embeds=embeds[0][..., :5])
+    seen = []
+
+    def no_guidance_after_first_step(p, step, timestep, tensors):
+        seen.append(p.guidance_scale)
+        p._guidance_scale = 1.0
+        return {}
+
+    pipe(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+         callback_on_step_end=no_guidance_after_first_step)
+    assert seen == [3.0, 1.0, 1.0] and pipe.guidance_scale == 1.0
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"num_inference_steps": 0}, "num_inference_steps"),
     ({"guidance_scale": -1.0}, "guidance_scale"),
@@ -375,3 +432,15 @@ def test_cli_contour_generate_classify_draft(saved, case, tmp_path, capsys):
     assert "machine draft" in capsys.readouterr().out
     assert main(["contour", "--pipeline", str(tmp_path / "nope"), "--ct", str(ct_path), "--out", str(tmp_path / "x")]) == 2
     assert "pipeline folder not found" in capsys.readouterr().err
+    # no silent overwrite: a second run into the same folder is refused and changes nothing, unless --overwrite
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "gen").iterdir()}
+    generate = ["generate", "--pipeline", str(saved["report_to_ct"]), "--prompt", "right tonsil", "--n", "1",
+                "--steps", "2", "--out", str(tmp_path / "gen")]
+    assert main(generate) == 2 and "--overwrite" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "gen").iterdir()} == before
+    assert main(generate + ["--overwrite"]) == 0
+    contour = ["contour", "--pipeline", str(saved["contour"]), "--ct", str(ct_path), "--report", "left tonsil",
+               "--out", str(tmp_path / "masks")]
+    assert main(contour) == 2 and "already holds" in capsys.readouterr().err
+    for bad in (["--n", "0"], ["--steps", "0"]):
+        assert main(generate[:-2] + ["--out", str(tmp_path / "gen2")] + bad) == 2

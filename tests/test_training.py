@@ -372,6 +372,31 @@ def test_diffusion_on_cached_latents_matches_encoding_every_step(trained, tiny_d
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 
+def test_cached_diffusion_latents_hold_each_cases_mirror_image_drawn_per_step(trained, tiny_data, tmp_path):
+    """lateral_mirror with cached latents: rows N..2N-1 are the mirror images (the structure channels flipped
+    left-right and the prompt's side swapped), drawn per step with the collate's seeded probability."""
+    from train.data import mirror_case
+    from train.stage_diffusion import DiffusionTrainer, generation_latents
+
+    for stage in ("contrastive", "vae"):
+        shutil.copytree(trained / stage / "final", tmp_path / stage / "final")
+    config = load_config(TINY)
+    config.training.diffusion.lateral_mirror = 0.5
+    trainer = DiffusionTrainer(config, tiny_data, tmp_path)
+    trainer.setup()
+    n = len(trainer.cases)
+    assert trainer.cache["latents"].shape[0] == 2 * n
+    with torch.no_grad():
+        mirrored = generation_latents(trainer.vae, mirror_case(trainer.cases[0]).image[None],
+                                      mirror_case(trainer.cases[0]).label[None])[0]
+    assert torch.allclose(trainer.cache["latents"][n], mirrored, atol=1e-5)
+    assert not torch.allclose(trainer.cache["latents"][n], trainer.cache["latents"][0], atol=1e-3)
+    drawn = [trainer.make_inputs(step)["latents"] for step in range(8)]
+    rows = {tuple(r.flatten()[:4].tolist()) for batch in drawn for r in batch}
+    mirrors = {tuple(r.flatten()[:4].tolist()) for r in trainer.cache["latents"][n:]}
+    assert rows & mirrors and rows - mirrors  # both the cases and their mirror images are drawn
+
+
 def test_data_efficiency_sweep_trains_per_fraction_reuses_finished_ones_and_reports_relative_dice(trained, tiny_data, tmp_path):
     from eval.data_efficiency import plot, sweep, table
 

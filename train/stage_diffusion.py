@@ -44,15 +44,11 @@ def with_null_report(unet, states: torch.Tensor, attention_mask: torch.Tensor, d
 
 
 def generation_latents(vae, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """What the generative UNet learns: the scaled CT latents (posterior mode) of ``images`` and, for a paired
-    autoencoder, the structure channels of ``labels``."""
-    latents = vae.encode(images).latent_dist.mode() * float(vae.config.scaling_factor)
-    if not vae.config.mask_channels:
-        return latents
-    if labels is None:
+    """What the generative UNet learns (:meth:`CTAutoencoderKL.generation_latents`), as a training error."""
+    if vae.config.mask_channels and labels is None:
         raise TrainingError("a paired autoencoder (models.vae.mask_channels > 0) generates structures: the diffusion "
-                        "stage needs labels for every training case")
-    return torch.cat([latents, vae.encode_masks(labels.to(latents.device, latents.dtype))], dim=1)
+                            "stage needs labels for every training case")
+    return vae.generation_latents(images, labels)
 
 
 class DiffusionLoss(nn.Module):
@@ -108,27 +104,32 @@ class DiffusionTrainer(StageTrainer):
         self.scheduler = training_scheduler(c.num_train_timesteps, c.prediction_type)
         self.ema = EMAModel(self.unet.parameters(), decay=c.ema_decay)
         self.checkpoint_objects.append(self.ema)
-        self.mirror = self.mirror_prob("cache_latents encodes every case once, unaugmented" if c.cache_latents else None)
+        self.mirror = self.mirror_prob()
         self.cache = self._precompute() if c.cache_latents else None
         return DiffusionLoss(self.unet, self.vae, self.text_encoder, self.scheduler)
 
     @torch.no_grad()
     def _precompute(self) -> dict:
-        """Latents (VAE posterior mode, scaled) and report token states of every training case, once."""
+        """Latents (VAE posterior mode, scaled) and report token states of every training case, once; with
+        ``lateral_mirror`` also of every case's mirror image (rows N..2N-1), drawn per step like the
+        augmentation of uncached training."""
         from tqdm.auto import tqdm
 
+        from train.data import mirror_case
+
+        cases = self.cases + ([mirror_case(c) for c in self.cases] if self.mirror else [])
         # one padding length for all cases (the longest prompt), so cached token states stack into batches
-        tokens = self.tokenizer([c.prompt for c in self.cases], padding=True, truncation=True,
+        tokens = self.tokenizer([c.prompt for c in cases], padding=True, truncation=True,
                                 max_length=self.config.text.max_length, return_tensors="pt")
         latents, states = [], []
-        for number, case in enumerate(tqdm(self.cases, desc="diffusion: caching latents",
+        for number, case in enumerate(tqdm(cases, desc="diffusion: caching latents",
                                            disable=not self.accelerator.is_local_main_process)):
             label = case.label[None].to(self.device) if self.paired else None
             latents.append(generation_latents(self.vae, case.image[None].to(self.device), label)[0].cpu())
             states.append(self.text_encoder(input_ids=tokens["input_ids"][number:number + 1].to(self.device),
                                             attention_mask=tokens["attention_mask"][number:number + 1].to(self.device)
                                             ).last_hidden_state[0].cpu())
-        fields = report_fields(torch.as_tensor(np.stack([c.labels for c in self.cases])), self.fields)
+        fields = report_fields(torch.as_tensor(np.stack([c.labels for c in cases])), self.fields)
         return {"latents": torch.stack(latents), "states": torch.stack(states), "mask": tokens["attention_mask"],
                 "fields": fields}
 
@@ -144,6 +145,10 @@ class DiffusionTrainer(StageTrainer):
     def make_inputs(self, index: int) -> dict:
         if self.cache is not None:
             indices = self.batcher.indices(index)
+            if self.mirror:  # the cached mirror image of a case, drawn as train.data.mirrored draws it
+                n, seed, epoch = len(self.cases), self.config.training.seed, self.batcher.epoch(index)
+                indices = [i + n if np.random.default_rng([seed, epoch, int(i), 17]).random() < self.mirror else i
+                           for i in indices]
             latents = self.cache["latents"][indices]
             inputs = {"latents": latents, "states": self.cache["states"][indices],
                       "attention_mask": self.cache["mask"][indices], **self._noise(index, latents.shape)}

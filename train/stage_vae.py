@@ -121,9 +121,14 @@ class VAETrainer(StageTrainer):
     def export(self, folder: Path) -> None:
         """Save the VAE with its latent scaling factor (1 / std of training latents), as in latent diffusion."""
         vae = self.unwrap(self.vae).eval()
-        means = [vae.encode(c.image[None].to(self.device)).latent_dist.mean for c in self.cases[:32]]
+        cases = self.cases[:32]
+        means = [vae.encode(c.image[None].to(self.device)).latent_dist.mean for c in cases]
         std = float(torch.cat([m.flatten() for m in means]).std())
         vae.register_to_config(scaling_factor=1.0 / max(std, 1e-6))
+        if vae.config.mask_channels:  # each structure channel to zero mean and unit variance, as the CT latent
+            channels = torch.cat([vae.encode_masks(c.label[None].to(self.device)) for c in cases]).transpose(0, 1).flatten(1)
+            vae.register_to_config(mask_shift=[float(v) for v in channels.mean(1)],
+                                   mask_scale=[max(float(v), 0.05) for v in channels.std(1)])
         vae.save_pretrained(folder / "vae")
 
     @torch.no_grad()
@@ -150,7 +155,8 @@ def load_pretrained_vae(path: str | Path, config) -> CTAutoencoderKL:
     except (OSError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"models.vae.pretrained_path {path}: not a loadable CTAutoencoderKL folder ({exc})") from None
     expected = build_vae(config.models).config
-    differ = [k for k in ("latent_channels", "channels", "num_res_blocks", "mask_channels", "norm_num_groups")
+    differ = [k for k in ("latent_channels", "channels", "num_res_blocks", "mask_channels", "norm_num_groups",
+                        "mask_encoding", "mask_distance")
               if list(_listed(vae.config[k])) != list(_listed(expected[k]))]
     if differ:
         raise ConfigError(f"models.vae.pretrained_path {path} was built with other {', '.join(differ)} than models.vae "

@@ -44,7 +44,8 @@ def build_vae(models: ModelsConfig) -> CTAutoencoderKL:
     v = models.vae
     return CTAutoencoderKL(latent_channels=v.latent_channels, channels=v.channels, num_res_blocks=v.num_res_blocks,
                            norm_num_groups=v.norm_num_groups, with_nonlocal_attn=v.with_nonlocal_attn,
-                           mask_channels=v.mask_channels, backbone=v.backbone)
+                           mask_channels=v.mask_channels, backbone=v.backbone,
+                           mask_encoding=v.mask_encoding, mask_distance=v.mask_distance)
 
 
 def build_unet(models: ModelsConfig, context_dim: int) -> ReportConditionedUNet3D:
@@ -54,7 +55,8 @@ def build_unet(models: ModelsConfig, context_dim: int) -> ReportConditionedUNet3
     u = models.unet
     channels = models.vae.latent_channels + models.vae.mask_channels
     return ReportConditionedUNet3D(in_channels=channels, out_channels=channels,
-                                   report_fields=len(LABEL_NAMES) if u.fields_token else 0,
+                                   report_fields=len(LABEL_NAMES) if u.fields_token else 0, fields_time=u.fields_time,
+                                   coordinates=u.coordinates,
                                    channels=u.channels, attention_levels=u.attention_levels, num_res_blocks=u.num_res_blocks,
                                    num_head_channels=u.num_head_channels, cross_attention_dim=context_dim,
                                    norm_num_groups=u.norm_num_groups, transformer_num_layers=u.transformer_num_layers)

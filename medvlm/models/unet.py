@@ -17,6 +17,7 @@ from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 - diffusers
 from medvlm.models.base import AlignedModelMixin
 from diffusers.utils import BaseOutput
 from monai.networks.nets import DiffusionModelUNet
+from monai.transforms import AddCoordinateChannels
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
@@ -35,17 +36,23 @@ class ReportConditionedUNet3D(AlignedModelMixin, ConfigMixin):
     ``null_context(batch)`` gives the learned "no report" context used for classifier-free guidance and
     for contouring without a report. With ``report_fields`` > 0 the report's parsed fields (a multi-hot
     vector, :func:`medvlm.text.parse.label_vector`) become one more context token (a linear embedding; all
-    zeros = nothing parsed), so side, stage and elective neck reach the UNet as directly as the tokens do.
+    zeros = nothing parsed), so side, stage and elective neck reach the UNet as directly as the tokens do;
+    with ``fields_time`` they are also added to the timestep embedding (as a class label is in class-conditional
+    diffusion), so every residual block sees them. With ``coordinates`` the input gets three coordinate channels
+    (MONAI ``AddCoordinateChannels``, -1..1 along x, y, z of the latent grid): a convolutional UNet is otherwise
+    blind to where it is, and a left-right symmetric anatomy under noise gives it no cue which side is left.
     """
 
     @register_to_config
     def __init__(self, in_channels: int = 4, out_channels: int = 4, channels: Sequence[int] = (32, 64, 64),
                  attention_levels: Sequence[bool] = (False, True, True), num_res_blocks: int | Sequence[int] = 1,
                  num_head_channels: int | Sequence[int] = 16, cross_attention_dim: int = 384, norm_num_groups: int = 16,
-                 transformer_num_layers: int = 1, null_tokens: int = 1, report_fields: int = 0):
+                 transformer_num_layers: int = 1, null_tokens: int = 1, report_fields: int = 0, fields_time: bool = False,
+                 coordinates: bool = False):
         super().__init__()
         self.network = DiffusionModelUNet(
-            spatial_dims=3, in_channels=in_channels, out_channels=out_channels, channels=tuple(channels),
+            spatial_dims=3, in_channels=in_channels + (3 if coordinates else 0), out_channels=out_channels,
+            channels=tuple(channels),
             attention_levels=tuple(attention_levels), num_res_blocks=num_res_blocks, num_head_channels=num_head_channels,
             with_conditioning=True, cross_attention_dim=cross_attention_dim, norm_num_groups=norm_num_groups,
             transformer_num_layers=transformer_num_layers,
@@ -53,6 +60,11 @@ class ReportConditionedUNet3D(AlignedModelMixin, ConfigMixin):
         self.null_text_embedding = nn.Parameter(torch.zeros(1, null_tokens, cross_attention_dim))
         nn.init.normal_(self.null_text_embedding, std=0.02)
         self.fields_embedding = nn.Linear(report_fields, cross_attention_dim) if report_fields else None
+        if fields_time and not report_fields:
+            raise ValueError("fields_time adds the parsed report fields to the timestep embedding: it needs report_fields > 0")
+        # class-conditional diffusion's path: a global condition added to the timestep embedding reaches every
+        # residual block (MONAI's class embedding takes one integer label; the fields are a multi-hot vector)
+        self.fields_time_embedding = nn.Linear(report_fields, int(channels[0]) * 4) if fields_time else None
 
     @property
     def feature_channels(self) -> int:
@@ -93,7 +105,12 @@ class ReportConditionedUNet3D(AlignedModelMixin, ConfigMixin):
             token = self.fields_embedding(report_fields.to(context.dtype))[:, None]
             context = torch.cat([context, token], dim=1)
 
+        if self.config.coordinates:
+            grid = AddCoordinateChannels(spatial_dims=(0, 1, 2))(sample.new_zeros(1, *sample.shape[2:]))[1:]
+            sample = torch.cat([sample, grid[None].expand(batch, -1, -1, -1, -1).to(sample.dtype)], dim=1)
         emb = net.time_embed(get_timestep_embedding(timesteps, net.block_out_channels[0]).to(sample.dtype))
+        if self.fields_time_embedding is not None:
+            emb = emb + self.fields_time_embedding(report_fields.to(emb.dtype))
         h = net.conv_in(sample)
         residuals: list[torch.Tensor] = [h]
         for block in net.down_blocks:

@@ -5,9 +5,8 @@ MONAI's 3D one; the wrapper adds ``save_pretrained``/``from_pretrained`` (safete
 factor, the encoder's multi-scale features for the segmentation decoder, and tiled encode/decode.
 
 With ``mask_channels`` > 0 the autoencoder is *paired*: a generation latent is the CT latent plus one
-channel per structure at latent resolution (the structure's voxel fraction in each latent cell, mapped to
-[-1, 1]; :meth:`CTAutoencoderKL.encode_masks`), and the decoder reads both and returns the CT *and* the
-structures' mask logits. A sampled latent therefore carries its contours, and the decoded image follows
+channel per structure at latent resolution (:meth:`CTAutoencoderKL.encode_masks`), and the decoder reads
+both and returns the CT *and* the structures' mask logits. A sampled latent therefore carries its contours, and the decoded image follows
 the mask channels (a tumour is drawn where the GTVp channel says), which report conditioning sets.
 """
 from __future__ import annotations
@@ -25,7 +24,10 @@ from diffusers.utils import BaseOutput
 from monai.inferers import sliding_window_inference
 from monai.networks.blocks import Convolution
 from monai.networks.nets import AutoencoderKL as MonaiAutoencoderKL
+from monai.transforms.utils import distance_transform_edt
 from torch import nn
+
+MASK_ENCODINGS = ("fraction", "distance")
 
 
 class CompactEncoder(nn.Module):
@@ -115,7 +117,10 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
     diffusion model (set from data after training, as in latent diffusion). ``mask_channels``: structures
     decoded with the CT from the paired latent (0: a CT-only autoencoder). ``backbone``: ``"compact"``
     (:class:`CompactEncoder`/:class:`CompactDecoder`, norm-free, fast to train) or ``"monai_kl"`` (MONAI's
-    ``AutoencoderKL`` with GroupNorm residual blocks and optional attention).
+    ``AutoencoderKL`` with GroupNorm residual blocks and optional attention). ``mask_encoding``: how a structure
+    becomes its latent channel (:meth:`encode_masks`); ``mask_distance``: the decay length of the ``"distance"``
+    encoding in latent cells. ``mask_shift``/``mask_scale``: per structure channel, what the generation latent
+    subtracts and divides by (set from data like ``scaling_factor``, so each channel has unit variance).
     """
 
     @register_to_config
@@ -123,10 +128,20 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
                  channels: Sequence[int] = (32, 64, 64), num_res_blocks: int | Sequence[int] = 1,
                  attention_levels: Sequence[bool] | None = None, norm_num_groups: int = 16,
                  with_nonlocal_attn: bool = False, scaling_factor: float = 1.0, mask_channels: int = 0,
-                 backbone: str = "monai_kl"):
+                 backbone: str = "monai_kl", mask_encoding: str = "fraction", mask_distance: float = 4.0,
+                 mask_shift: Sequence[float] | None = None, mask_scale: Sequence[float] | None = None):
         super().__init__()
         if mask_channels < 0:
             raise ValueError(f"mask_channels must be >= 0, got {mask_channels}")
+        if mask_encoding not in MASK_ENCODINGS:
+            raise ValueError(f"mask_encoding must be one of {MASK_ENCODINGS}, got {mask_encoding!r}")
+        if not mask_distance > 0:
+            raise ValueError(f"mask_distance must be > 0 latent cells, got {mask_distance}")
+        for name, values in (("mask_shift", mask_shift), ("mask_scale", mask_scale)):
+            if values is not None and len(values) != mask_channels:
+                raise ValueError(f"{name} needs one value per structure channel ({mask_channels}), got {len(values)}")
+        if mask_scale is not None and not all(float(v) > 0 for v in mask_scale):
+            raise ValueError(f"mask_scale values must be > 0, got {list(mask_scale)}")
         if backbone not in ("compact", "monai_kl"):
             raise ValueError(f"backbone must be 'compact' or 'monai_kl', got {backbone!r}")
         levels = _as_levels(num_res_blocks, len(channels))
@@ -162,18 +177,57 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
         return int(self.config.latent_channels) + int(self.config.mask_channels)
 
     def encode_masks(self, masks: torch.Tensor) -> torch.Tensor:
-        """Structure channels of the paired latent for masks (B, mask_channels, X, Y, Z) in {0, 1}: each latent
-        cell's voxel fraction, mapped to [-1, 1] (-1 = none of the structure)."""
+        """Structure channels of the paired latent for masks (B, mask_channels, X, Y, Z) in {0, 1}.
+
+        ``"fraction"``: each latent cell's voxel fraction mapped to [-1, 1] (-1 = none of the structure).
+        ``"distance"``: the voxel fraction f in (0, 1] in cells the structure touches, and -tanh(d / mask_distance)
+        elsewhere, d the distance in latent cells to the nearest touched cell (-1 everywhere for an absent
+        structure). A small tumour then shapes the whole channel, not 0.5 % of its cells: its side and size are
+        visible to the diffusion model at high noise levels, where the layout of a sample is decided.
+        """
         if masks.shape[1] != self.config.mask_channels:
             raise ValueError(f"masks have {masks.shape[1]} channels, the autoencoder pairs {self.config.mask_channels}")
-        pooled = torch.nn.functional.avg_pool3d(masks.float(), kernel_size=self.compression)
-        return pooled.to(masks.dtype if masks.is_floating_point() else torch.float32) * 2.0 - 1.0
+        dtype = masks.dtype if masks.is_floating_point() else torch.float32
+        fraction = torch.nn.functional.avg_pool3d(masks.float(), kernel_size=self.compression)
+        if self.config.mask_encoding == "fraction":
+            return (fraction * 2.0 - 1.0).to(dtype)
+        touched = fraction > 0
+        outside = torch.full_like(fraction, -1.0)
+        for b, k in zip(*torch.nonzero(touched.flatten(2).any(-1), as_tuple=True)):
+            # MONAI's Euclidean distance transform (scipy on CPU, cuCIM on a GPU): distance to the nearest touched cell
+            distance = distance_transform_edt((~touched[b, k])[None].float())[0]
+            outside[b, k] = -torch.tanh(torch.as_tensor(distance, device=fraction.device, dtype=fraction.dtype)
+                                        / float(self.config.mask_distance))
+        return torch.where(touched, fraction, outside).to(dtype)
+
+    def generation_latents(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """What a generative model learns: the scaled CT latent (posterior mode) of ``images`` and, for a paired
+        autoencoder, the structure channels of ``masks`` standardised by ``mask_shift``/``mask_scale``."""
+        latents = self.encode(images).latent_dist.mode() * float(self.config.scaling_factor)
+        if not self.config.mask_channels:
+            return latents
+        if masks is None:
+            raise ValueError(f"this paired autoencoder generates {self.config.mask_channels} structures with the CT: "
+                             "pass their masks")
+        shift, scale = self._mask_affine(latents)
+        return torch.cat([latents, (self.encode_masks(masks.to(latents.device, latents.dtype)) - shift) / scale], dim=1)
 
     def split_latents(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A (scaled) generation latent -> (CT latent divided by ``scaling_factor``, structure channels or None)."""
+        """A generation latent -> (CT latent divided by ``scaling_factor``, structure channels or None)."""
         c = int(self.config.latent_channels)
         ct = latents[:, :c] / float(self.config.scaling_factor)
-        return ct, (latents[:, c:].clamp(-1.0, 1.0) if self.config.mask_channels else None)
+        if not self.config.mask_channels:
+            return ct, None
+        shift, scale = self._mask_affine(latents)
+        return ct, (latents[:, c:] * scale + shift).clamp(-1.0, 1.0)
+
+    def _mask_affine(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = int(self.config.mask_channels)
+        shift = self.config.mask_shift if self.config.mask_shift is not None else [0.0] * k
+        scale = self.config.mask_scale if self.config.mask_scale is not None else [1.0] * k
+        view = (1, k) + (1,) * (like.ndim - 2)
+        return (torch.as_tensor(shift, device=like.device, dtype=like.dtype).view(view),
+                torch.as_tensor(scale, device=like.device, dtype=like.dtype).view(view))
 
     def _encode_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run MONAI's encoder block by block, keeping the last map at each resolution."""
