@@ -67,7 +67,7 @@ def zero_shot_accuracy(pipeline: str | Path, items: list[dict]) -> dict[str, tup
     out = pipe(reports=[item["text"] for item in items], labels=ZERO_SHOT_SETS)
     scores = {}
     for name, classes in ZERO_SHOT_SETS.items():
-        probabilities = out.report_probs[name]
+        probabilities = out.report_probabilities[name]
         keep = [k for k, item in enumerate(items) if item["labels"].get(name) in classes]
         correct = [classes[int(probabilities[k].argmax())] == items[k]["labels"][name] for k in keep]
         scores[name] = (float(np.mean(correct)) if correct else float("nan"), len(correct))

@@ -393,6 +393,16 @@ def test_zero_shot_reports_and_ct_with_labels_never_seen(pipes, case, saved):
         loaded(reports=["x"], labels={"one": ["only"]})
 
 
+def test_zero_shot_accuracy_on_the_labelled_real_reports(saved):
+    from eval.extraction_eval import ZERO_SHOT_SETS, load_real_reports, zero_shot_accuracy
+
+    items = load_real_reports(split="heldout")[:6]
+    scores = zero_shot_accuracy(saved["zero_shot"], items)
+    assert set(scores) == set(ZERO_SHOT_SETS)
+    stated = sum(item["labels"]["laterality"] in ZERO_SHOT_SETS["laterality"] for item in items)
+    assert scores["laterality"][1] == stated and 0.0 <= scores["laterality"][0] <= 1.0
+
+
 def test_report_drafting_greedy_and_seeded_sampling(pipes, case, saved):
     pipe = pipes["report_generation"]
     greedy = pipe(case.image_hu, affine=case.affine, max_new_tokens=6)
