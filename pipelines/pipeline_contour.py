@@ -77,6 +77,16 @@ class ContourPipelineOutput(BaseOutput):
         return written
 
 
+def _flat_body(image: torch.Tensor, config: PreprocessConfig, tolerance_hu: float = 10.0) -> bool:
+    """Whether the voxels above the foreground threshold vary by less than ``tolerance_hu`` (standard deviation)."""
+    from medvlm.data.transforms import from_hu, to_hu
+
+    body = image[image > float(from_hu(np.float32(config.foreground_threshold_hu), config))]
+    if body.numel() < 2:
+        return True
+    return float(to_hu(body, config).std()) < tolerance_hu
+
+
 def _reads_any_field(report: str) -> bool:
     """Whether the parser reads any clinical field from ``report`` (after de-identification)."""
     from medvlm.text.deid import Deidentifier
@@ -224,6 +234,9 @@ class ContourPipeline(MedVLMPipeline):
         # 4. sliding-window inference per CT
         all_masks, all_probs, affines, used = [], [], [], []
         for i, case in enumerate(self.progress_bar(prepared)):
+            if _flat_body(case.image, config):
+                warnings[i].append("the CT's body shows no contrast (its voxels are nearly constant): contours of such a "
+                                   "volume mean nothing; check that it is a CT in Hounsfield units")
             fields = None
             if texts[i] is not None:
                 states, mask, clean = self.encode_reports([texts[i]], device, self.config.max_report_tokens,

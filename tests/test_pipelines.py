@@ -175,6 +175,8 @@ def test_contour_output_types_hold_the_same_masks_and_save_alike(pipes, case, tm
     (np.full((16, 16, 16), np.nan), "NaN"),
     (np.full((16, 16, 16), -1000.0), "all-air"),
     (np.zeros((16, 16, 1)), "one voxel thick"),
+    (np.zeros((16, 16, 16), dtype=bool), "real-valued"),
+    (np.zeros((16, 16, 16), dtype=np.complex64), "real-valued"),
 ])
 def test_contour_rejects_bad_volumes(pipes, bad, message):
     with pytest.raises(InputError, match=message):
@@ -195,6 +197,20 @@ def test_contour_rejects_mismatched_batches_and_bad_settings(pipes, case):
         pipes["contour"](case.image_hu, report="x")
     with pytest.raises(InputError, match="not found"):
         pipes["contour"]("/nonexistent/ct.nii.gz", report="x")
+    for spacing in ((0.01, 0.01, 0.01), (1000.0, 1000.0, 1000.0)):  # metres or microns, not millimetres
+        with pytest.raises(InputError, match="outside 0.1-20 mm"):
+            pipes["contour"](case.image_hu, report="x", spacing_mm=spacing)
+    with pytest.raises(InputError, match="disagrees with the affine"):
+        pipes["contour"](case.image_hu, report="x", affine=case.affine, spacing_mm=(1.0, 1.0, 1.0))
+    with pytest.raises(InputError, match="invertible"):
+        pipes["contour"](case.image_hu, report="x", affine=np.zeros((4, 4)))
+
+
+def test_a_ct_without_contrast_is_contoured_with_a_warning(pipes, case):
+    flat = pipes["contour"](np.full(case.image_hu.shape, 40.0, np.float32), report="left tonsil", affine=case.affine)
+    assert any("no contrast" in w for w in flat.warnings[0])
+    real = pipes["contour"](case.image_hu, report="left tonsil", affine=case.affine)
+    assert not any("no contrast" in w for w in real.warnings[0])
 
 
 # ------------------------------------------------------------------------------------------ loading safety

@@ -16,7 +16,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose
 
 from medvlm.config import PreprocessConfig
-from medvlm.data.io import load_nifti, validate_volume
+from medvlm.data.io import check_spacing, load_nifti, spacing_from_affine, validate_volume
 from medvlm.data.transforms import as_metatensor, invert_to_input, preprocessing_transforms
 from medvlm.errors import InputError
 
@@ -47,7 +47,13 @@ class PreparedCT:
 
 def _affine_from(spacing_mm: Sequence[float] | None, affine: np.ndarray | None, what: str) -> np.ndarray:
     if affine is not None:
-        return np.asarray(affine, dtype=np.float64)
+        affine = np.asarray(affine, dtype=np.float64)
+        if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+            raise InputError(f"{what}: affine must be a finite, invertible 4 x 4 matrix, got shape {affine.shape}")
+        if spacing_mm is not None and not np.allclose(spacing_from_affine(affine), np.asarray(spacing_mm, float), rtol=1e-3):
+            raise InputError(f"{what}: spacing_mm {tuple(spacing_mm)} disagrees with the affine's voxel size "
+                             f"{tuple(round(v, 4) for v in spacing_from_affine(affine))}; pass one of them")
+        return affine
     if spacing_mm is None:
         raise InputError(f"{what}: a numpy array needs `spacing_mm=(x, y, z)` or `affine=` to be placed in space")
     spacing = np.asarray(spacing_mm, dtype=np.float64)
@@ -83,6 +89,7 @@ def prepare_ct(ct: Any, config: PreprocessConfig, *, spacing_mm=None, affine=Non
         source = "array"
     else:
         raise InputError(f"{what}: expected a NIfTI path, a DICOM folder, a numpy array, a torch tensor or a MetaTensor, got {type(ct).__name__}")
+    check_spacing(spacing_from_affine(tensor.affine.numpy()), what)
     volume = tensor[0]
     if not bool((volume > config.foreground_threshold_hu).any()):
         raise InputError(f"{what}: no voxel above {config.foreground_threshold_hu:g} HU (an all-air volume, or not in "

@@ -55,13 +55,26 @@ def validate_volume(array: np.ndarray, *, name: str = "ct", allow_channel: bool 
         raise InputError(f"{name}: expected a 3D volume, got an array of shape {tuple(array.shape)} ({array.ndim}D)")
     if min(array.shape) < 2:
         raise InputError(f"{name}: volume of shape {tuple(array.shape)} is only one voxel thick along an axis")
-    if not np.issubdtype(array.dtype, np.number) and array.dtype != bool:
-        raise InputError(f"{name}: expected numeric voxels, got dtype {array.dtype}")
+    if array.dtype == bool or np.issubdtype(array.dtype, np.complexfloating) or not np.issubdtype(array.dtype, np.number):
+        raise InputError(f"{name}: expected real-valued voxels in Hounsfield units, got dtype {array.dtype}")
     if np.issubdtype(array.dtype, np.floating):
         bad = ~np.isfinite(array)
         if bad.any():
             raise InputError(f"{name}: {int(bad.sum())} voxel(s) are NaN or infinite; clean the volume before use")
     return array
+
+
+# voxel sizes a CT can have: below 0.1 mm or above 20 mm the numbers are not millimetres (or not a CT)
+SPACING_RANGE_MM = (0.1, 20.0)
+
+
+def check_spacing(spacing: Sequence[float], what: str) -> None:
+    """A clear error for voxel sizes outside :data:`SPACING_RANGE_MM` (resampling them would produce
+    empty masks or allocate terabytes)."""
+    low, high = SPACING_RANGE_MM
+    if not all(np.isfinite(v) and low <= float(v) <= high for v in spacing):
+        raise InputError(f"{what}: voxel size {tuple(round(float(v), 4) for v in spacing)} mm is outside "
+                         f"{low:g}-{high:g} mm; check the spacing or affine (metres or voxels instead of millimetres?)")
 
 
 def spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
