@@ -217,7 +217,8 @@ def cmd_contour(args: argparse.Namespace) -> int:
         raise MedVLMError(f"--format {args.format} references the input DICOM series; --ct {args.ct} is not a DICOM folder")
     _refuse_overwrite(Path(args.out), "*", args.overwrite)
     pipe = ContourPipeline.from_pretrained(args.pipeline)
-    out = pipe(ct, report=_text_or_file(args.report), overlap=args.overlap, sw_batch_size=args.sw_batch_size)
+    out = pipe(ct, report=_text_or_file(args.report), overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+               region=tuple(args.region_mm) if args.region_mm else ("head_neck" if not args.whole_volume else None))
     written = out.save(args.out, format=args.format)
     print(f"wrote {len(written)} file(s) ({args.format}) to {args.out} (report: {out.report_sources[0]})")
     for warning in out.warnings[0]:
@@ -374,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     contour.add_argument("--report", default=None, help="report text or a .txt file (default: draft or null report)")
     contour.add_argument("--out", required=True, help="output folder for the masks")
     contour.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in --out")
+    contour.add_argument("--region-mm", type=float, nargs=2, metavar=("INFERIOR", "SUPERIOR"), default=None,
+                         help="contour these axial millimetres (RAS superior coordinate) instead of the region found")
+    contour.add_argument("--whole-volume", action="store_true", help="contour the whole CT (no head-and-neck search)")
     contour.add_argument("--overlap", type=float, default=0.25)
     contour.add_argument("--sw-batch-size", type=int, default=1)
     contour.set_defaults(func=cmd_contour)

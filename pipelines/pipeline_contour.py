@@ -181,7 +181,8 @@ class ContourPipeline(MedVLMPipeline):
                  affine: np.ndarray | None = None, overlap: float = 0.25, sw_batch_size: int = 1,
                  thresholds: Sequence[float] | None = None, noise_timestep: int = 0,
                  generator: torch.Generator | None = None, return_probabilities: bool = False,
-                 draft_missing_reports: bool = True, output_type: str = "np", return_dict: bool = True):
+                 draft_missing_reports: bool = True, output_type: str = "np",
+                 region: str | Sequence[float] | None = "head_neck", return_dict: bool = True):
         """Contour one CT or a list of CTs.
 
         Args:
@@ -197,6 +198,10 @@ class ContourPipeline(MedVLMPipeline):
                 pipeline has one); ``False`` contours it with the learned null report instead.
             output_type: masks (and probabilities) as ``"np"`` arrays, ``"pt"`` tensors or ``"nifti"``
                 (``nibabel`` images in the input's grid, uint8 masks / float32 probabilities).
+            region: ``"head_neck"`` (default) finds the neck in a CT of any extent (the axial slices narrower than
+                220 mm from left to right above the shoulders, :func:`medvlm.data.inputs.head_neck_region`) and
+                contours the ROI's extent there, masks empty elsewhere; a CT with no such slice is an error.
+                ``(inferior, superior)``: those millimetres (RAS superior coordinate); ``None``: the whole volume.
         """
         # 1. check inputs
         cts = as_list(ct)
@@ -210,13 +215,14 @@ class ContourPipeline(MedVLMPipeline):
 
         # 2. preprocess with the MONAI chain (remembering how to invert it)
         config = self.preprocess_config
-        prepared = [prepare_ct(c, config, spacing_mm=spacing_mm, affine=affine, what=f"ct[{i}]" if len(cts) > 1 else "ct")
+        prepared = [prepare_ct(c, config, spacing_mm=spacing_mm, affine=affine, what=f"ct[{i}]" if len(cts) > 1 else "ct",
+                               region=region)
                     for i, c in enumerate(cts)]
 
         # 3. reports: given, drafted, or the null report
         texts: list[str | None] = list(reports) if reports is not None else [None] * len(cts)
         sources = ["given" if t is not None else "none" for t in texts]
-        warnings: list[list[str]] = [[] for _ in cts]
+        warnings: list[list[str]] = [[case.note] if case.note else [] for case in prepared]
         missing = [i for i, t in enumerate(texts) if t is None]
         if missing and draft_missing_reports and self.report_generator is not None and self.report_processor is not None:
             drafted = self._draft_reports([prepared[i] for i in missing])

@@ -206,6 +206,43 @@ def test_contour_rejects_mismatched_batches_and_bad_settings(pipes, case):
         pipes["contour"](case.image_hu, report="x", affine=np.zeros((4, 4)))
 
 
+def _neck_on_a_trunk(case):
+    """The phantom's neck (32 slices at 6 mm) on top of a 300 mm wide trunk (16 slices), in a 384 mm wide field."""
+    neck = case.image_hu
+    volume = np.full((64, 32, 48), -1000.0, np.float32)
+    volume[16:48, :, 16:] = neck
+    x, y = np.meshgrid((np.arange(64) - 31.5) * 6.0, (np.arange(32) - 15.5) * 6.0, indexing="ij")
+    trunk = (x / 150.0) ** 2 + (y / 90.0) ** 2 <= 1.0
+    volume[:, :, :16][trunk] = 40.0
+    return volume, np.diag([6.0, 6.0, 6.0, 1.0])
+
+
+def test_contour_finds_the_neck_in_a_longer_ct_and_leaves_the_rest_empty(pipes, case):
+    from medvlm.data.inputs import head_neck_region
+
+    volume, affine = _neck_on_a_trunk(case)
+    crop, note = head_neck_region(volume, affine, extent_mm=32 * 6.0)
+    assert crop[2] == slice(16, 48) and "head-and-neck region only" in note
+    # the same with the head towards index 0 (an LPI-stored CT): the region follows the patient, not the array
+    flipped = np.diag([6.0, 6.0, -6.0, 1.0])
+    assert head_neck_region(volume[:, :, ::-1], flipped, extent_mm=32 * 6.0)[0][2] == slice(0, 32)
+    kwargs = dict(report="left tonsil SCC cT2 N1", return_probabilities=True)
+    long = pipes["contour"](volume, affine=affine, **kwargs)
+    neck_affine = affine.copy()
+    neck_affine[2, 3] = 16 * 6.0  # the same field without the trunk slices
+    neck = pipes["contour"](volume[:, :, 16:], affine=neck_affine, **kwargs)
+    assert long.probabilities[0].shape == (9, 64, 32, 48) and any("head-and-neck" in w for w in long.warnings[0])
+    assert not long.probabilities[0][:, :, :, :16].any()  # nothing in the trunk
+    assert np.allclose(long.probabilities[0][:, :, :, 16:], neck.probabilities[0], atol=1e-5)
+    # a trunk alone is an error naming the problem; the user can still give the region, or ask for the whole CT
+    with pytest.raises(InputError, match="no head-and-neck region"):
+        pipes["contour"](volume[:, :, :16], affine=affine, **kwargs)
+    given = pipes["contour"](volume, affine=affine, region=(16 * 6.0, 47 * 6.0), **kwargs)
+    assert np.allclose(given.probabilities[0], long.probabilities[0], atol=1e-6)
+    whole = pipes["contour"](volume, affine=affine, region=None, **kwargs)
+    assert not any("head-and-neck" in w for w in whole.warnings[0])
+
+
 def test_a_ct_without_contrast_is_contoured_with_a_warning(pipes, case):
     flat = pipes["contour"](np.full(case.image_hu.shape, 40.0, np.float32), report="left tonsil", affine=case.affine)
     assert any("no contrast" in w for w in flat.warnings[0])

@@ -31,6 +31,8 @@ class PreparedCT:
     input_affine: np.ndarray
     source: str
     dicom: Any = None  # the DicomSeries when the CT came from a DICOM folder (outputs reference it)
+    crop: tuple[slice, slice, slice] | None = None  # the head-and-neck part of the input that was processed
+    note: str = ""  # how the processed region was chosen (for warnings)
 
     @property
     def image(self) -> MetaTensor:
@@ -42,7 +44,93 @@ class PreparedCT:
         meta = MetaTensor(prediction.detach().cpu().float(), affine=image.affine, meta=dict(image.meta))
         meta.applied_operations = list(image.applied_operations)
         restored = invert_to_input(self.transform, {"image": image, "pred": meta}, key="pred", nearest=nearest)
-        return np.asarray(restored.detach().cpu().numpy())
+        restored = np.asarray(restored.detach().cpu().numpy())
+        if self.crop is None:
+            return restored
+        full = np.zeros((restored.shape[0], *self.input_shape), dtype=restored.dtype)  # zeros outside the region
+        full[(slice(None), *self.crop)] = restored
+        return full
+
+
+# The head and neck, unlike the shoulders, chest, abdomen and pelvis, are narrower than this from left to right
+# (an adult neck is 100-150 mm wide, a head 140-180 mm; shoulders and trunk 300 mm or more).
+HEAD_NECK_MAX_WIDTH_MM = 220.0
+
+
+def head_neck_region(volume: np.ndarray, affine: np.ndarray, extent_mm: float, *, threshold_hu: float = -500.0,
+                     max_width_mm: float = HEAD_NECK_MAX_WIDTH_MM) -> tuple[tuple[slice, slice, slice] | None, str]:
+    """The part of a CT of any extent that holds the neck: ``(index slices, note)``, ``(None, note)`` when the
+    whole volume is head and neck within ``extent_mm``.
+
+    Per axial slice, the left-right width of the largest connected body region (voxels above ``threshold_hu``;
+    the couch and the arms are separate regions) is measured; slices narrower than ``max_width_mm`` are head and
+    neck. The region is the ``extent_mm`` above the lowest such slice of the longest narrow run (the neck sits
+    on the shoulders). Raises :class:`InputError` when no slice is narrow enough (a chest or abdomen CT).
+    Rule-based on purpose: it needs no model, and a user can pass the region instead (``region_mm``).
+    """
+    from nibabel.orientations import io_orientation
+    from scipy import ndimage
+
+    orientation = io_orientation(affine)  # per array axis: (RAS axis, direction)
+    axis_of = {int(ras): index for index, (ras, _) in enumerate(orientation)}
+    lr, si = axis_of[0], axis_of[2]
+    spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    body = volume > threshold_hu
+    widths = np.zeros(volume.shape[si])
+    for k in range(volume.shape[si]):
+        plane = np.take(body, k, axis=si)
+        labels, count = ndimage.label(plane)
+        if not count:
+            continue
+        largest = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+        plane_lr = lr if lr < si else lr - 1  # the left-right axis within the slice
+        columns = np.flatnonzero(largest.any(axis=1 - plane_lr))
+        widths[k] = (columns[-1] - columns[0] + 1) * spacing[lr]
+    narrow = (widths > 0) & (widths < max_width_mm)
+    if not narrow.any():
+        raise InputError(f"the CT holds no head-and-neck region: its body is at least {max_width_mm:g} mm wide in every "
+                         f"axial slice (widest {widths.max():.0f} mm); pass region_mm=(inferior, superior) to contour "
+                         "a region anyway")
+    runs, start = [], None
+    for k, value in enumerate(np.append(narrow, False)):
+        if value and start is None:
+            start = k
+        elif not value and start is not None:
+            runs.append((start, k))
+            start = None
+    first, last = max(runs, key=lambda r: r[1] - r[0])
+    superior = orientation[si][1] > 0  # array index grows towards the head
+    count = int(round(extent_mm / spacing[si]))
+    if last - first <= count and len(runs) == 1 and first == 0 and last == volume.shape[si]:
+        return None, ""
+    if superior:  # the lowest narrow slice is `first`; take the extent above it
+        low, high = first, min(first + count, volume.shape[si])
+    else:
+        low, high = max(last - count, 0), last
+    crop = [slice(None)] * 3
+    crop[si] = slice(low, high)
+    note = (f"contoured the head-and-neck region only: {high - low} of {volume.shape[si]} axial slices above the "
+            f"shoulders (body narrower than {max_width_mm:g} mm); masks are empty elsewhere")
+    return tuple(crop), note
+
+
+def region_from_mm(affine: np.ndarray, shape: Sequence[int], region_mm: Sequence[float]) -> tuple[slice, slice, slice]:
+    """Index slices of the axial slices whose superior coordinate (mm, RAS world) lies in ``region_mm``."""
+    from nibabel.orientations import io_orientation
+
+    low, high = sorted(float(v) for v in region_mm)
+    si = [int(ras) for ras, _ in io_orientation(affine)].index(2)
+    index = np.arange(shape[si])
+    points = np.zeros((len(index), 4))
+    points[:, si], points[:, 3] = index, 1.0
+    z = (np.asarray(affine) @ points.T)[2]
+    inside = np.flatnonzero((z >= low) & (z <= high))
+    if inside.size < 2:
+        raise InputError(f"region_mm {tuple(region_mm)} holds {inside.size} axial slice(s) of this CT "
+                         f"(it spans {z.min():.0f} to {z.max():.0f} mm superior)")
+    crop = [slice(None)] * 3
+    crop[si] = slice(int(inside[0]), int(inside[-1]) + 1)
+    return tuple(crop)
 
 
 def _affine_from(spacing_mm: Sequence[float] | None, affine: np.ndarray | None, what: str) -> np.ndarray:
@@ -62,9 +150,15 @@ def _affine_from(spacing_mm: Sequence[float] | None, affine: np.ndarray | None, 
     return np.diag([*spacing, 1.0])
 
 
-def prepare_ct(ct: Any, config: PreprocessConfig, *, spacing_mm=None, affine=None, what: str = "ct") -> PreparedCT:
+def prepare_ct(ct: Any, config: PreprocessConfig, *, spacing_mm=None, affine=None, what: str = "ct",
+               region: str | Sequence[float] | None = None) -> PreparedCT:
     """Preprocess one CT given as a NIfTI path, a DICOM folder or :class:`DicomSeries`, an array (+ spacing
-    or affine) or a MetaTensor."""
+    or affine) or a MetaTensor.
+
+    ``region``: ``None`` processes the whole volume; ``"head_neck"`` finds the neck in a CT of any extent
+    (:func:`head_neck_region`) and processes the ROI's extent above the shoulders; ``(inferior, superior)`` in
+    millimetres (RAS world coordinate) processes those axial slices. Predictions return to the whole input grid.
+    """
     from medvlm.data.dicom import DicomSeries, read_dicom_series
 
     dicom = None
@@ -89,15 +183,35 @@ def prepare_ct(ct: Any, config: PreprocessConfig, *, spacing_mm=None, affine=Non
         source = "array"
     else:
         raise InputError(f"{what}: expected a NIfTI path, a DICOM folder, a numpy array, a torch tensor or a MetaTensor, got {type(ct).__name__}")
-    check_spacing(spacing_from_affine(tensor.affine.numpy()), what)
+    input_affine = tensor.affine.numpy().astype(np.float64)
+    check_spacing(spacing_from_affine(input_affine), what)
     volume = tensor[0]
     if not bool((volume > config.foreground_threshold_hu).any()):
         raise InputError(f"{what}: no voxel above {config.foreground_threshold_hu:g} HU (an all-air volume, or not in "
                          "Hounsfield units); nothing to contour")
+    crop, note = None, ""
+    if isinstance(region, str):
+        if region != "head_neck":
+            raise InputError(f"{what}: region must be None, 'head_neck' or (inferior_mm, superior_mm), got {region!r}")
+        extent = float(config.roi_size[2]) * float(config.spacing_mm[2])
+        try:
+            crop, note = head_neck_region(volume.numpy(), input_affine, extent, threshold_hu=config.foreground_threshold_hu)
+        except InputError as exc:
+            raise InputError(f"{what}: {exc}") from None
+    elif region is not None:
+        if len(region) != 2 or not all(np.isfinite(float(v)) for v in region):
+            raise InputError(f"{what}: region_mm must be two finite numbers (inferior, superior), got {region!r}")
+        crop = region_from_mm(input_affine, volume.shape, region)
+        note = f"contoured the region {tuple(float(v) for v in region)} mm only; masks are empty elsewhere"
+    if crop is not None:
+        offset = np.asarray(input_affine) @ np.array([c.start or 0 for c in crop] + [1.0])
+        cropped_affine = input_affine.copy()
+        cropped_affine[:3, 3] = offset[:3]
+        tensor = as_metatensor(volume.numpy()[crop], cropped_affine, name=what)
     chain = preprocessing_transforms(config, label_keys=(), load=False)
     data = chain({"image": tensor})
     return PreparedCT(data=data, transform=chain, input_shape=tuple(int(s) for s in volume.shape),
-                      input_affine=tensor.affine.numpy().astype(np.float64), source=source, dicom=dicom)
+                      input_affine=input_affine, source=source, dicom=dicom, crop=crop, note=note)
 
 
 def as_list(value: Any) -> list:
