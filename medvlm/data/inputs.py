@@ -101,12 +101,13 @@ def head_neck_region(volume: np.ndarray, affine: np.ndarray, extent_mm: float, *
     first, last = max(runs, key=lambda r: r[1] - r[0])
     superior = orientation[si][1] > 0  # array index grows towards the head
     count = int(round(extent_mm / spacing[si]))
-    if last - first <= count and len(runs) == 1 and first == 0 and last == volume.shape[si]:
-        return None, ""
     if superior:  # the lowest narrow slice is `first`; take the extent above it
         low, high = first, min(first + count, volume.shape[si])
     else:
         low, high = max(last - count, 0), last
+    occupied = np.flatnonzero(widths > 0)
+    if occupied[0] >= low and occupied[-1] < high:  # every slice with a body is inside: the whole CT
+        return None, ""
     crop = [slice(None)] * 3
     crop[si] = slice(low, high)
     note = (f"contoured the head-and-neck region only: {high - low} of {volume.shape[si]} axial slices above the "
