@@ -1,6 +1,6 @@
 """ReportGenerationPipeline: CT -> draft report with PaliGemma2 (greedy or sampled)."""
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from diffusers.utils import BaseOutput
@@ -43,15 +43,17 @@ class ReportGenerationPipeline(MedVLMPipeline):
 
     @torch.no_grad()
     def __call__(self, ct: Any, *, spacing_mm=None, affine=None, max_new_tokens: int | None = None, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int = 50, generator: torch.Generator | None = None, return_dict: bool = True):
-        """Draft one report per CT. With ``do_sample``, ``generator`` makes the draw reproducible."""
+                 temperature: float = 1.0, top_k: int = 50, generator: torch.Generator | None = None,
+                 region: str | Sequence[float] | None = "head_neck", return_dict: bool = True):
+        """Draft one report per CT. With ``do_sample``, ``generator`` makes the draw reproducible. ``region``: which
+        part of a CT of any extent is rendered (see ``ContourPipeline``; default the head and neck)."""
         max_new_tokens = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         self.check_inputs(max_new_tokens, temperature, do_sample)
         config = preprocess_from_dict(self.config.preprocess)
         size = self.report_processor.image_processor.size["height"]
         images = []
         for i, item in enumerate(self.progress_bar(as_list(ct))):
-            image = prepare_ct(item, config, spacing_mm=spacing_mm, affine=affine, what=f"ct[{i}]").image[0]
+            image = prepare_ct(item, config, spacing_mm=spacing_mm, affine=affine, what=f"ct[{i}]", region=region).image[0]
             images.append(render_ct(image, image_size=size, input_is_hu=False, value_range=config.hu_window))
         batch = drafting_batch(self.report_processor, images).to(self._execution_device)
         options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample)

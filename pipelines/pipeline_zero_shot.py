@@ -60,8 +60,9 @@ class ZeroShotClassificationPipeline(MedVLMPipeline):
     @torch.no_grad()
     def __call__(self, reports: str | Sequence[str] | None = None, ct: Any = None, *,
                  labels: Mapping[str, Sequence[str] | Mapping[str, Sequence[str]]], spacing_mm=None, affine=None,
-                 return_dict: bool = True):
-        """Probabilities per label set for ``reports`` (text) and/or ``ct`` (paths, arrays, MetaTensors)."""
+                 region: str | Sequence[float] | None = "head_neck", return_dict: bool = True):
+        """Probabilities per label set for ``reports`` (text) and/or ``ct`` (paths, arrays, MetaTensors).
+        ``region``: which part of a CT of any extent is read (see ``ContourPipeline``; default the head and neck)."""
         self.check_inputs(reports, ct, labels)
         classifier = ZeroShotClassifier(self.contrastive, self.tokenizer, max_length=self.config.max_report_tokens,
                                         report_format=getattr(self.config, "report_format", "structured"))
@@ -72,21 +73,22 @@ class ZeroShotClassificationPipeline(MedVLMPipeline):
             report_probs = {name: classifier.classify_reports(texts, classes, name)[1].float().cpu().numpy()
                             for name, classes in self.progress_bar(list(labels.items()))}
         if ct is not None:
-            batch = self.prepare_volumes(ct, spacing_mm=spacing_mm, affine=affine).to(self._execution_device)
+            batch = self.prepare_volumes(ct, spacing_mm=spacing_mm, affine=affine, region=region).to(self._execution_device)
             ct_probs = {name: classifier.classify_images(batch, classes, name)[1].float().cpu().numpy()
                         for name, classes in labels.items()}
         self.maybe_free_model_hooks()
         output = ZeroShotClassificationOutput(names, report_probs, ct_probs)
         return output if return_dict else output.to_tuple()
 
-    def prepare_volumes(self, ct: Any, *, spacing_mm=None, affine=None) -> torch.Tensor:
+    def prepare_volumes(self, ct: Any, *, spacing_mm=None, affine=None, region=None) -> torch.Tensor:
         """CT inputs (paths, HU arrays, MetaTensors) -> the image tower's input batch (N, 1, *roi_size):
         the pipeline's preprocessing, then a centre crop (the chain already padded) to the trained ROI."""
         from monai.transforms import CenterSpatialCrop
 
         config = preprocess_from_dict(self.config.preprocess)
         crop = CenterSpatialCrop(tuple(config.roi_size))
-        return torch.stack([crop(prepare_ct(item, config, spacing_mm=spacing_mm, affine=affine, what=f"ct[{i}]").image.as_tensor())
+        return torch.stack([crop(prepare_ct(item, config, spacing_mm=spacing_mm, affine=affine, what=f"ct[{i}]",
+                                            region=region).image.as_tensor())
                             for i, item in enumerate(as_list(ct))])
 
     def embed_ct(self, ct: Any, *, spacing_mm=None, affine=None, batch_size: int = 8) -> np.ndarray:

@@ -241,6 +241,15 @@ def test_contour_finds_the_neck_in_a_longer_ct_and_leaves_the_rest_empty(pipes, 
     assert np.allclose(given.probabilities[0], long.probabilities[0], atol=1e-6)
     whole = pipes["contour"](volume, affine=affine, region=None, **kwargs)
     assert not any("head-and-neck" in w for w in whole.warnings[0])
+    # zero-shot and drafting read the same region, and refuse a trunk alone in the same words
+    labels = {"laterality": ["left", "right"]}
+    found = pipes["zero_shot"](ct=volume, affine=affine, labels=labels).ct_probabilities["laterality"]
+    alone = pipes["zero_shot"](ct=volume[:, :, 16:], affine=neck_affine, labels=labels).ct_probabilities["laterality"]
+    assert np.allclose(found, alone, atol=1e-5)
+    for call in (lambda: pipes["zero_shot"](ct=volume[:, :, :16], affine=affine, labels=labels),
+                 lambda: pipes["report_generation"](volume[:, :, :16], affine=affine)):
+        with pytest.raises(InputError, match="no head-and-neck region"):
+            call()
 
 
 def test_a_ct_without_contrast_is_contoured_with_a_warning(pipes, case):
