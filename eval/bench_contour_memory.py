@@ -11,7 +11,8 @@ import json
 import subprocess
 import sys
 
-CASES = {"64x64x64 @ 3 mm": ((64, 64, 64), (3.0, 3.0, 3.0)), "64x352x352 @ 3x1x1 mm": ((352, 352, 64), (1.0, 1.0, 3.0))}
+CASES = {"64x64x64 @ 3 mm": ((64, 64, 64), (3.0, 3.0, 3.0)), "64x352x352 @ 3x1x1 mm": ((352, 352, 64), (1.0, 1.0, 3.0)),
+         "200x512x512 @ 2.5x0.98x0.98 mm": ((512, 512, 200), (0.98, 0.98, 2.5))}
 
 
 def _child(shape, spacing, config_name: str, network: str = "ours") -> dict:
@@ -53,6 +54,7 @@ def _child(shape, spacing, config_name: str, network: str = "ours") -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="demo")
+    parser.add_argument("--only", default=None, help="run the sizes whose label contains this text (e.g. 512)")
     parser.add_argument("--child", nargs=8, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -63,6 +65,8 @@ def main(argv=None) -> int:
     print("| volume (D x H x W) | medvlm latency | medvlm peak RSS | baseline latency | baseline peak RSS | latency ratio |")
     print("|---|---|---|---|---|---|")
     for label, (shape, spacing) in CASES.items():
+        if args.only and args.only not in label:
+            continue
         stats = {}
         for network in ("ours", "baseline"):
             command = [sys.executable, "-m", "eval.bench_contour_memory", "--child", *map(str, shape), *map(str, spacing),
