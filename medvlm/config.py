@@ -5,6 +5,7 @@ An unknown key or a value of the wrong type is an error that names the key and t
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -304,6 +305,26 @@ class TrainingConfig:
     segmentation: SegmentationStageConfig = field(default_factory=SegmentationStageConfig)
     report_generator: StageConfig = field(default_factory=StageConfig)
 
+    def __post_init__(self):
+        if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1:
+            raise ConfigError(f"training: checkpoint_every, keep_checkpoints and log_every must be >= 1, got "
+                              f"{self.checkpoint_every}, {self.keep_checkpoints} and {self.log_every}")
+        for name in ("contrastive", "vae", "diffusion", "segmentation", "report_generator"):
+            stage = getattr(self, name)
+            if not isinstance(stage, StageConfig):
+                continue
+            problems = [f"{key} must be {rule}, got {getattr(stage, key)!r}" for key, ok, rule in (
+                ("steps", stage.steps >= 0, ">= 0 (0: use the weights as they are)"),
+                ("batch_size", stage.batch_size >= 1, ">= 1"),
+                ("learning_rate", math.isfinite(stage.learning_rate) and stage.learning_rate > 0, "a finite number > 0"),
+                ("weight_decay", math.isfinite(stage.weight_decay) and stage.weight_decay >= 0, "a finite number >= 0"),
+                ("warmup_steps", stage.warmup_steps >= 0, ">= 0"),
+                ("gradient_accumulation_steps", stage.gradient_accumulation_steps >= 1, ">= 1"),
+                ("max_grad_norm", math.isfinite(stage.max_grad_norm) and stage.max_grad_norm > 0, "a finite number > 0"),
+            ) if not ok]
+            if problems:
+                raise ConfigError(f"training.{name}: " + "; ".join(problems))
+
 
 @dataclass
 class MedVLMConfig:
@@ -402,11 +423,13 @@ def load_config(path: str | os.PathLike) -> MedVLMConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        mapping = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        mapping = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
+    if mapping is None:  # an empty file would silently train every default
+        raise ConfigError(f"{path}: the config file is empty; start from a preset such as configs/demo.yaml")
     return config_from_dict(mapping, source=str(path))
 
 

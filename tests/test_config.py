@@ -58,3 +58,21 @@ def test_segmentation_settings_are_checked(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "the config file is empty"),
+    ("training:\n  diffusion: {steps: -5}\n", r"training\.diffusion: steps must be >= 0"),
+    ("training:\n  segmentation: {batch_size: 0}\n", r"training\.segmentation: batch_size must be >= 1, got 0"),
+    ("training:\n  contrastive: {learning_rate: .nan}\n", r"training\.contrastive: learning_rate must be a finite number > 0"),
+    ("training:\n  vae: {gradient_accumulation_steps: 0, max_grad_norm: -1.0}\n",
+     r"gradient_accumulation_steps must be >= 1, got 0; max_grad_norm must be a finite number > 0"),
+    ("training:\n  checkpoint_every: 0\n", "checkpoint_every, keep_checkpoints and log_every must be >= 1"),
+    ("models:\n  vae: {mask_encoding: sdf}\n", "mask_encoding must be 'fraction' or 'distance'"),
+    ("models:\n  unet: {fields_time: true, fields_token: false}\n", "fields_time needs models.unet.fields_token"),
+])
+def test_training_and_model_settings_out_of_range_are_errors_naming_the_setting(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
