@@ -115,9 +115,11 @@ def test_changed_settings_retrain_only_that_stage_when_asked(tiny_data, tmp_path
     assert changed.read_text() != text
     capsys.readouterr()
 
+    marker = (output / "run.json").read_bytes()
     assert train_main(["vae", "--config", str(changed), "--data", str(tiny_data), "--output", str(output)]) == 2
     err = capsys.readouterr().err
     assert "vae: training.vae" in err and "--retrain-changed" in err and weights.read_bytes() == first
+    assert (output / "run.json").read_bytes() == marker  # a refused run changes no file, its marker included
     # a stage built on the changed one is refused until that one is retrained
     assert train_main(["diffusion", "--config", str(changed), "--data", str(tiny_data), "--output", str(output)]) == 2
     assert "built on vae" in capsys.readouterr().err

@@ -41,7 +41,8 @@ def _trainer_class(stage: str):
 
 
 def _check_output(output: Path, identity: dict, *, overwrite: bool) -> None:
-    """Refuse (or, with ``overwrite``, replace) an output folder that holds another run; mark it as this run's."""
+    """Refuse (or, with ``overwrite``, replace) an output folder that holds another run. The folder is marked
+    as this run's (``run.json``) only once the plan is accepted, so a refused run changes no file."""
     marker = output / "run.json"
     if output.exists() and any(output.iterdir()):
         existing = json.loads(marker.read_text()) if marker.is_file() else None
@@ -54,7 +55,6 @@ def _check_output(output: Path, identity: dict, *, overwrite: bool) -> None:
                 raise MedVLMError(f"{output} holds files that are not a medvlm training run; refusing to delete them")
             shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(marker, json.dumps(identity, indent=1))
 
 
 def write_pipelines(config, output: Path) -> list[Path]:
@@ -158,6 +158,9 @@ def run(stage: str, config_path: str, data: str, output: str, *, resume: bool = 
         plan = {name: "retrain" if (output_dir / name).exists() else "train" for name in todo}
     else:
         plan = _plan(config, output_dir, summary, todo, retrain_changed=retrain_changed)
+    if state.is_main_process:
+        atomic_write_text(output_dir / "run.json", json.dumps(identity, indent=1))
+    state.wait_for_everyone()
     from train.data import shared_cases
 
     with shared_cases():  # the stages read the same cases: preprocessed once
