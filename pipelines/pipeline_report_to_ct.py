@@ -134,34 +134,39 @@ class ReportToCTPipeline(MedVLMPipeline):
         zeros, nothing parsed, for given embeddings and the null report). Each repeats
         ``num_images_per_prompt`` times. Pass them back to ``__call__`` to reuse one encoding.
         """
-        device = device or self._execution_device
-        report_fields = negative_report_fields = None
+        return self._conditioning(prompt, device or self._execution_device, num_images_per_prompt,
+                                  do_classifier_free_guidance, negative_prompt, prompt_embeds, negative_prompt_embeds)[:4]
+
+    def _conditioning(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
+                      prompt_embeds, negative_prompt_embeds):
+        """:meth:`encode_prompt`'s four tensors and the normalised texts of ``prompt`` (empty for embeddings)."""
+        size = int(getattr(self.unet.config, "report_fields", 0) or 0)
+
+        def encoded(texts):  # token states with padding zeroed, the UNet's fields (or None), the texts encoded
+            states, mask, used = self.encode_reports(texts, device, self.config.max_report_tokens, self.config.report_format)
+            return states * mask[..., None].to(states.dtype), self.report_fields(used, device, component="unet"), used
+
+        def repeated(tensor):
+            return None if tensor is None else tensor.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+
+        used: list[str] = []
         if prompt_embeds is None:
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            states, mask, used = self.encode_reports(prompts, device, self.config.max_report_tokens, self.config.report_format)
-            prompt_embeds = states * mask[..., None].to(states.dtype)  # padded tokens carry nothing
-            report_fields = self.report_fields(used, device, component="unet")
-        elif int(getattr(self.unet.config, "report_fields", 0) or 0):
-            report_fields = torch.zeros(prompt_embeds.shape[0], int(self.unet.config.report_fields), device=device)
-        prompt_embeds = prompt_embeds.to(device).repeat_interleave(num_images_per_prompt, dim=0)
-        report_fields = None if report_fields is None else report_fields.repeat_interleave(num_images_per_prompt, dim=0)
-        if do_classifier_free_guidance and negative_prompt_embeds is None:
-            if negative_prompt is not None:
-                negatives = [negative_prompt] * (prompt_embeds.shape[0] // num_images_per_prompt) \
-                    if isinstance(negative_prompt, str) else list(negative_prompt)
-                states, mask, used = self.encode_reports(negatives, device, self.config.max_report_tokens,
-                                                         self.config.report_format)
-                negative_prompt_embeds = (states * mask[..., None].to(states.dtype)).repeat_interleave(num_images_per_prompt, dim=0)
-                negative_report_fields = self.report_fields(used, device, component="unet")
-                if negative_report_fields is not None:
-                    negative_report_fields = negative_report_fields.repeat_interleave(num_images_per_prompt, dim=0)
-            else:  # the learned null report (report dropout in training); it parses nothing
-                negative_prompt_embeds = self.unet.null_context(prompt_embeds.shape[0]).to(device, prompt_embeds.dtype)
-        elif do_classifier_free_guidance:
-            negative_prompt_embeds = negative_prompt_embeds.to(device).repeat_interleave(num_images_per_prompt, dim=0)
-        if do_classifier_free_guidance and report_fields is not None and negative_report_fields is None:
-            negative_report_fields = torch.zeros_like(report_fields)
-        return prompt_embeds, negative_prompt_embeds, report_fields, negative_report_fields
+            prompt_embeds, report_fields, used = encoded([prompt] if isinstance(prompt, str) else list(prompt))
+        else:
+            report_fields = torch.zeros(prompt_embeds.shape[0], size, device=device) if size else None
+        count = prompt_embeds.shape[0]
+        prompt_embeds, report_fields = repeated(prompt_embeds), repeated(report_fields)
+        negative_report_fields = None
+        if do_classifier_free_guidance:
+            if negative_prompt_embeds is None and negative_prompt is not None:
+                negatives = [negative_prompt] * count if isinstance(negative_prompt, str) else list(negative_prompt)
+                negative_prompt_embeds, negative_report_fields, _ = encoded(negatives)
+            if negative_prompt_embeds is None:  # the learned null report (report dropout in training); it parses nothing
+                negative_prompt_embeds = self.unet.null_context(count).to(device, prompt_embeds.dtype)
+            negative_prompt_embeds, negative_report_fields = repeated(negative_prompt_embeds), repeated(negative_report_fields)
+            if report_fields is not None and negative_report_fields is None:
+                negative_report_fields = torch.zeros_like(report_fields)
+        return prompt_embeds, negative_prompt_embeds, report_fields, negative_report_fields, used
 
     @property
     def has_paired_masks(self) -> bool:
@@ -218,11 +223,10 @@ class ReportToCTPipeline(MedVLMPipeline):
         self._guidance_scale = float(guidance_scale)
         do_guidance = self.do_classifier_free_guidance
 
-        # 2. encode prompts (and the negative / null report)
-        # the texts the UNet saw (de-identified, normalised), for the output; none for given embeddings
-        used = self.normalised_reports(prompts, self.config.report_format) if prompts is not None else []
+        # 2. encode prompts (and the negative / null report); `used`: the texts the UNet saw (de-identified,
+        # normalised), for the output; none for given embeddings
         given_fields = report_fields
-        context, uncond, fields, uncond_fields = self.encode_prompt(
+        context, uncond, fields, uncond_fields, used = self._conditioning(
             prompts, device, num_images_per_prompt, do_guidance, negatives, prompt_embeds, negative_prompt_embeds)
         if given_fields is not None and fields is not None:
             fields = given_fields.to(device).float().repeat_interleave(num_images_per_prompt, dim=0)
