@@ -315,6 +315,28 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_command(program: str, command, *, verbose: bool = False,
+                interrupted: str = "interrupted") -> int:
+    """Run a command-line command and turn what goes wrong into one line on stderr and an exit code.
+
+    2: bad input (a :class:`MedVLMError`, or the ``ValueError`` a pipeline's argument check raises, as diffusers
+    pipelines do); 1: a file the command cannot read or write (permission, full disk, a path that is a file);
+    130: Ctrl-C. ``verbose`` also prints the traceback.
+    """
+    import traceback
+
+    try:
+        return int(command() or 0)
+    except KeyboardInterrupt:
+        print(f"{program}: {interrupted}", file=sys.stderr)
+        return 130
+    except (MedVLMError, ValueError, OSError) as exc:
+        if verbose:
+            traceback.print_exc()
+        print(f"{program}: error: {exc}", file=sys.stderr)
+        return 1 if isinstance(exc, OSError) and not isinstance(exc, MedVLMError) else 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medvlm", description="Report-conditioned CT generation and contouring for "
                                      "head-and-neck radiotherapy (research software, not for clinical use).")
@@ -434,14 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         for noisy in ("accelerate", "transformers", "diffusers"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        return int(args.func(args) or 0)
-    except MedVLMError as exc:
-        print(f"medvlm: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("medvlm: interrupted", file=sys.stderr)
-        return 130
+    return run_command("medvlm", lambda: args.func(args), verbose=args.verbose)
 
 
 if __name__ == "__main__":

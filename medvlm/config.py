@@ -18,6 +18,9 @@ import yaml
 from medvlm.errors import ConfigError
 
 
+MASK_DECODINGS = ("joint", "fields")  # how generated contours are read (models.vae.mask_decoding)
+
+
 @dataclass
 class PhantomDataConfig:
     """How the built-in phantom dataset is generated (sizes along x, y, z)."""
@@ -99,6 +102,10 @@ class VAEModelConfig:
     # (the fraction where the structure is, a decaying distance to it elsewhere; mask_distance latent cells)
     mask_encoding: str = "fraction"
     mask_distance: float = 4.0
+    # how a generated sample's contours are read: "joint" (the autoencoder's decoder, from the structure channels
+    # together with the CT latent) or "fields" (from the structure channels alone, interpolated to the CT grid
+    # and cut at each structure's level chosen on the validation split; needs mask_encoding: distance)
+    mask_decoding: str = "joint"
     # "compact" (norm-free MONAI convolutions and strided convolutions, fast to train) or "monai_kl" (MONAI's
     # AutoencoderKL: GroupNorm residual blocks, optional attention)
     backbone: str = "compact"
@@ -110,6 +117,11 @@ class VAEModelConfig:
             raise ConfigError(f"models.vae.backbone must be 'compact' or 'monai_kl', got {self.backbone!r}")
         if self.mask_encoding not in ("fraction", "distance"):
             raise ConfigError(f"models.vae.mask_encoding must be 'fraction' or 'distance', got {self.mask_encoding!r}")
+        if self.mask_decoding not in MASK_DECODINGS:
+            raise ConfigError(f"models.vae.mask_decoding must be one of {MASK_DECODINGS}, got {self.mask_decoding!r}")
+        if self.mask_decoding == "fields" and self.mask_encoding != "distance":
+            raise ConfigError("models.vae.mask_decoding: fields reads masks from distance-encoded structure channels; "
+                              "set models.vae.mask_encoding: distance")
         if not self.mask_distance > 0 or self.mask_channels < 0:
             raise ConfigError(f"models.vae: mask_distance must be > 0 and mask_channels >= 0, got "
                               f"{self.mask_distance} and {self.mask_channels}")
@@ -130,10 +142,19 @@ class UNetModelConfig:
     fields_time: bool = False
     # three coordinate channels (-1..1 along x, y, z) at the UNet's input: where left is, for a symmetric anatomy
     coordinates: bool = False
+    # "left" / "right": learn and generate every lateralised case in this side and mirror a report of the other
+    # side back (CT, structures and text together), so a generated primary lies on the report's side by
+    # construction; null: learn both sides (the side must then be learned from the report)
+    canonical_side: str | None = None
 
     def __post_init__(self):
         if self.fields_time and not self.fields_token:
             raise ConfigError("models.unet.fields_time needs models.unet.fields_token: true (both read the parsed fields)")
+        if self.canonical_side not in (None, "left", "right"):
+            raise ConfigError(f"models.unet.canonical_side must be null, 'left' or 'right', got {self.canonical_side!r}")
+        if self.canonical_side is not None and not self.fields_token:
+            raise ConfigError("models.unet.canonical_side needs models.unet.fields_token: true (the side is read from the "
+                              "parsed fields, also of given prompt embeddings)")
 
 
 @dataclass

@@ -16,3 +16,4 @@ class ConfigError(MedVLMError, ValueError):
 
 class DatalistError(InputError):
     """A datalist JSON or records CSV entry that is missing or malformed (names file, row and field)."""
+

@@ -55,7 +55,7 @@ def build_pipelines(config: MedVLMConfig, *, components: dict | None = None, tex
                                    max_new_tokens=config.models.report_generator.max_new_tokens),
         "report_to_ct": ReportToCTPipeline(vae=vae, unet=unet, segmentation=segmentation, text_encoder=text_encoder,
                                            tokenizer=tokenizer, scheduler=scheduler, preprocess=preprocess,
-                                           max_report_tokens=max_tokens),
+                                           max_report_tokens=max_tokens, mask_decoding=config.models.vae.mask_decoding),
         "zero_shot": ZeroShotClassificationPipeline(contrastive=contrastive, tokenizer=tokenizer, preprocess=preprocess,
                                                     max_report_tokens=max_tokens),
         "report_generation": ReportGenerationPipeline(report_generator=generator, report_processor=processor,

@@ -140,11 +140,16 @@ class MedVLMPipeline(DiffusionPipeline):
         ``report_format="structured"`` encodes :func:`medvlm.text.prompts.structured_prompt` of the parsed
         report (short, same layout for every report, as in training); ``"raw"`` the de-identified text.
         """
+        clean = self.normalised_reports(reports, report_format)
+        states, mask = self.encode_texts(clean, device, max_length)
+        return states, mask, clean
+
+    def encode_texts(self, texts: Sequence[str], device: torch.device, max_length: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states (B, L, d) and attention mask (B, L) of texts as given (already normalised)."""
         from medvlm.text.encoders import TextEncoder
 
-        clean = self.normalised_reports(reports, report_format)
         encoder = TextEncoder(self.text_encoder, self.tokenizer, max_length=max_length)
-        batch = encoder.tokenize(clean)
+        batch = encoder.tokenize(list(texts))
         batch = {k: v.to(device) for k, v in batch.items()}
         states = self.text_encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        return states, batch["attention_mask"], clean
+        return states, batch["attention_mask"]

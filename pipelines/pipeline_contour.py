@@ -167,13 +167,14 @@ class ContourPipeline(MedVLMPipeline):
             raise ValueError(f"`thresholds` must be probabilities in (0, 1), got {list(thresholds)}")
 
     def _draft_reports(self, prepared: list[PreparedCT]) -> list[str]:
-        from medvlm.models.report_generator import drafting_batch, render_ct
+        from medvlm.models.report_generator import check_max_new_tokens, drafting_batch, render_ct
 
         size = self.report_processor.image_processor.size["height"]
         images = [render_ct(p.image[0], image_size=size, input_is_hu=False,
                             value_range=tuple(self.config.preprocess["hu_window"])) for p in prepared]
         batch = drafting_batch(self.report_processor, images).to(self.report_generator.device)
-        generated = self.report_generator.generate(**batch, max_new_tokens=self.config.max_new_tokens, do_sample=False)
+        tokens = check_max_new_tokens(self.config.max_new_tokens, self.report_generator, batch["input_ids"].shape[1])
+        generated = self.report_generator.generate(**batch, max_new_tokens=tokens, do_sample=False)
         return self.report_processor.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
     @torch.no_grad()

@@ -2,12 +2,13 @@
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from diffusers.utils import BaseOutput
 
 from medvlm.config import preprocess_from_dict, preprocess_to_dict
 from medvlm.data.inputs import as_list, prepare_ct
-from medvlm.models.report_generator import drafting_batch, render_ct
+from medvlm.models.report_generator import check_max_new_tokens, drafting_batch, render_ct
 from pipelines.base import MedVLMPipeline
 
 
@@ -36,9 +37,8 @@ class ReportGenerationPipeline(MedVLMPipeline):
         self.register_to_config(preprocess=preprocess, max_new_tokens=max_new_tokens)
 
     def check_inputs(self, max_new_tokens: int, temperature: float, do_sample: bool) -> None:
-        if max_new_tokens < 1:
-            raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}")
-        if do_sample and temperature <= 0:
+        check_max_new_tokens(max_new_tokens)  # the ceiling; the model's positions are checked with the prompt
+        if do_sample and not (np.isfinite(temperature) and temperature > 0):
             raise ValueError(f"`temperature` must be > 0 when sampling, got {temperature}")
 
     @torch.no_grad()
@@ -56,6 +56,7 @@ class ReportGenerationPipeline(MedVLMPipeline):
             image = prepare_ct(item, config, spacing_mm=spacing_mm, affine=affine, what=f"ct[{i}]", region=region).image[0]
             images.append(render_ct(image, image_size=size, input_is_hu=False, value_range=config.hu_window))
         batch = drafting_batch(self.report_processor, images).to(self._execution_device)
+        max_new_tokens = check_max_new_tokens(max_new_tokens, self.report_generator, batch["input_ids"].shape[1])
         options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample)
         if do_sample:
             options.update(temperature=temperature, top_k=top_k)

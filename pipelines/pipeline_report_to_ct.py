@@ -9,6 +9,8 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from medvlm.config import PreprocessConfig, preprocess_from_dict, preprocess_to_dict
+from medvlm.data.laterality import (mirror_labels, mirror_volumes, mirrored_channels, other_side, side_of_labels,
+                                    swap_side_words)
 from medvlm.data.structures import STRUCTURE_NAMES
 from medvlm.data.transforms import to_hu
 from medvlm.models import CTAutoencoderKL, FusedSegmentationDecoder, ReportConditionedUNet3D
@@ -40,6 +42,11 @@ class ReportToCTPipeline(MedVLMPipeline):
     generated with the CT, not predicted from it afterwards. With a CT-only autoencoder the optional
     ``segmentation`` decoder contours the generated CT instead.
 
+    A UNet trained in a canonical side (``unet.config.canonical_side``) generates a report whose primary lies
+    on the other side as its mirror image and flips the CT and its contours back (``Parotid_L`` <-> ``Parotid_R``),
+    so the generated primary lies on the report's side by construction; midline and unread sides are generated
+    as they are.
+
     Components:
         vae ([`CTAutoencoderKL`]), unet ([`ReportConditionedUNet3D`]), segmentation ([`FusedSegmentationDecoder`],
         optional), text_encoder + tokenizer (report token states), scheduler (DDIM for diffusion, the
@@ -47,12 +54,16 @@ class ReportToCTPipeline(MedVLMPipeline):
         ``Scheduler.from_config(pipe.scheduler.config)``).
 
     Config: ``preprocess`` (spacing, HU window and ROI of the training data), ``structure_names``,
-    ``thresholds``, ``report_format``, ``max_report_tokens``, ``vae_tile_size`` (latent voxels per decode tile).
+    ``thresholds``, ``report_format``, ``max_report_tokens``, ``vae_tile_size`` (latent voxels per decode tile),
+    ``mask_decoding``: ``"joint"`` reads the paired masks with the autoencoder's decoder (from the structure
+    channels together with the CT latent), ``"fields"`` from the structure channels alone
+    (:meth:`CTAutoencoderKL.structure_field_logits`), so a sample's contours are exactly what was sampled.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae->segmentation"
     _optional_components = ["segmentation"]
-    _config_names = ("preprocess", "structure_names", "thresholds", "max_report_tokens", "report_format", "vae_tile_size")
+    _config_names = ("preprocess", "structure_names", "thresholds", "max_report_tokens", "report_format", "vae_tile_size",
+                     "mask_decoding")
     _callback_tensor_inputs = ["latents"]
     _guidance_scale, _num_timesteps = 1.0, 0  # of the running (or last) call
 
@@ -60,15 +71,18 @@ class ReportToCTPipeline(MedVLMPipeline):
                  scheduler: SchedulerMixin, segmentation: FusedSegmentationDecoder | None = None,
                  preprocess: dict | None = None, structure_names: list | tuple = STRUCTURE_NAMES,
                  thresholds: list | tuple | None = None, max_report_tokens: int = 128, report_format: str = "structured",
-                 vae_tile_size: list | tuple | None = None):
+                 vae_tile_size: list | tuple | None = None, mask_decoding: str = "joint"):
         super().__init__()
+        if mask_decoding not in ("joint", "fields"):
+            raise ValueError(f"mask_decoding must be 'joint' or 'fields', got {mask_decoding!r}")
         self.register_modules(vae=vae, unet=unet, segmentation=segmentation, text_encoder=text_encoder,
                               tokenizer=tokenizer, scheduler=scheduler)
         preprocess = dict(preprocess or preprocess_to_dict())
         thresholds = list(thresholds) if thresholds is not None else [0.5] * len(structure_names)
         self.register_to_config(preprocess=preprocess, structure_names=list(structure_names), thresholds=thresholds,
                                 max_report_tokens=max_report_tokens, report_format=report_format,
-                                vae_tile_size=list(vae_tile_size) if vae_tile_size is not None else None)
+                                vae_tile_size=list(vae_tile_size) if vae_tile_size is not None else None,
+                                mask_decoding=mask_decoding)
 
     @property
     def preprocess_config(self) -> PreprocessConfig:
@@ -132,26 +146,39 @@ class ReportToCTPipeline(MedVLMPipeline):
         with padded tokens zeroed (N, L, d); for guidance the negative report's or the learned null report's
         (None without guidance); the parsed fields' vectors for a UNet with a fields token (None otherwise;
         zeros, nothing parsed, for given embeddings and the null report). Each repeats
-        ``num_images_per_prompt`` times. Pass them back to ``__call__`` to reuse one encoding.
+        ``num_images_per_prompt`` times. Pass them back to ``__call__`` to reuse one encoding. With a UNet
+        trained in a canonical side (``unet.config.canonical_side``) the token states of a report of the other
+        side are those of its mirror image, and the fields (as the report reads) tell ``__call__`` to mirror
+        that sample back.
         """
         return self._conditioning(prompt, device or self._execution_device, num_images_per_prompt,
                                   do_classifier_free_guidance, negative_prompt, prompt_embeds, negative_prompt_embeds)[:4]
 
     def _conditioning(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
                       prompt_embeds, negative_prompt_embeds):
-        """:meth:`encode_prompt`'s four tensors and the normalised texts of ``prompt`` (empty for embeddings)."""
+        """:meth:`encode_prompt`'s four tensors and the normalised texts of ``prompt`` (empty for embeddings).
+
+        With a UNet trained in a canonical side the token states are those of the report mirrored into that side
+        (left and right swapped, with its negative prompt) where the report's primary lies on the other side; the
+        fields stay as the report reads, so :meth:`__call__` knows which samples to mirror back.
+        """
         size = int(getattr(self.unet.config, "report_fields", 0) or 0)
 
-        def encoded(texts):  # token states with padding zeroed, the UNet's fields (or None), the texts encoded
-            states, mask, used = self.encode_reports(texts, device, self.config.max_report_tokens, self.config.report_format)
-            return states * mask[..., None].to(states.dtype), self.report_fields(used, device, component="unet"), used
+        def encoded(texts, mirror=None):  # token states (padding zeroed), the UNet's fields (or None), texts, mirror
+            used = self.normalised_reports(texts, self.config.report_format)
+            fields = self.report_fields(used, device, component="unet")
+            mirror = self._mirrored_rows(fields, len(used)) if mirror is None else mirror
+            seen = [swap_side_words(text) if flip else text for text, flip in zip(used, mirror)]
+            states, mask = self.encode_texts(seen, device, self.config.max_report_tokens)
+            return states * mask[..., None].to(states.dtype), fields, used, mirror
 
         def repeated(tensor):
             return None if tensor is None else tensor.to(device).repeat_interleave(num_images_per_prompt, dim=0)
 
         used: list[str] = []
+        mirror = None
         if prompt_embeds is None:
-            prompt_embeds, report_fields, used = encoded([prompt] if isinstance(prompt, str) else list(prompt))
+            prompt_embeds, report_fields, used, mirror = encoded([prompt] if isinstance(prompt, str) else list(prompt))
         else:
             report_fields = torch.zeros(prompt_embeds.shape[0], size, device=device) if size else None
         count = prompt_embeds.shape[0]
@@ -160,13 +187,25 @@ class ReportToCTPipeline(MedVLMPipeline):
         if do_classifier_free_guidance:
             if negative_prompt_embeds is None and negative_prompt is not None:
                 negatives = [negative_prompt] * count if isinstance(negative_prompt, str) else list(negative_prompt)
-                negative_prompt_embeds, negative_report_fields, _ = encoded(negatives)
+                negative_prompt_embeds, negative_report_fields, _, _ = encoded(negatives, mirror or [False] * count)
             if negative_prompt_embeds is None:  # the learned null report (report dropout in training); it parses nothing
                 negative_prompt_embeds = self.unet.null_context(count).to(device, prompt_embeds.dtype)
             negative_prompt_embeds, negative_report_fields = repeated(negative_prompt_embeds), repeated(negative_report_fields)
             if report_fields is not None and negative_report_fields is None:
                 negative_report_fields = torch.zeros_like(report_fields)
         return prompt_embeds, negative_prompt_embeds, report_fields, negative_report_fields, used
+
+    @property
+    def canonical_side(self) -> str | None:
+        """The side the UNet generates every lateralised primary in ("left"/"right"), or None (both sides)."""
+        return getattr(self.unet.config, "canonical_side", None)
+
+    def _mirrored_rows(self, fields: torch.Tensor | None, count: int) -> list[bool]:
+        """Which samples are generated mirrored: those whose parsed side is not the UNet's canonical side."""
+        if self.canonical_side is None or fields is None:
+            return [False] * count
+        other = other_side(self.canonical_side)
+        return [side == other for side in side_of_labels(fields)]
 
     @property
     def has_paired_masks(self) -> bool:
@@ -232,6 +271,12 @@ class ReportToCTPipeline(MedVLMPipeline):
             fields = given_fields.to(device).float().repeat_interleave(num_images_per_prompt, dim=0)
         if negative_report_fields is not None and uncond_fields is not None:
             uncond_fields = negative_report_fields.to(device).float().repeat_interleave(num_images_per_prompt, dim=0)
+        # a UNet trained in a canonical side generates a report of the other side mirrored (its token states
+        # already are, see _conditioning); the sample is mirrored back after decoding
+        mirror = self._mirrored_rows(fields, batch)
+        if any(mirror):
+            fields = mirror_labels(fields, mirror)
+            uncond_fields = mirror_labels(uncond_fields, mirror) if uncond_fields is not None else None
         report_context = context  # before guidance padding: what the decoder contours with
         report_mask = (context.abs().sum(-1) > 0).long()
         if do_guidance:
@@ -272,6 +317,7 @@ class ReportToCTPipeline(MedVLMPipeline):
 
         if output_type == "latent":
             self.maybe_free_model_hooks()
+            latents = self._mirrored_back(latents, mirror, latent=True)
             return ReportToCTPipelineOutput(latents, None, self._affine(volume_shape), tuple(self.config.structure_names), used) \
                 if return_dict else (latents, None)
 
@@ -283,6 +329,9 @@ class ReportToCTPipeline(MedVLMPipeline):
         else:
             decoded = self.vae.decode(z, mask_latents)
             image, mask_logits = decoded.sample, decoded.mask_logits
+        if mask_latents is not None and self.config.mask_decoding == "fields":
+            mask_logits = self.vae.structure_field_logits(mask_latents, image.shape[2:],
+                                                          getattr(self.unet.config, "structure_levels", None))
         low, high = config.output_range
         image = image.clamp(low, high)
 
@@ -296,6 +345,7 @@ class ReportToCTPipeline(MedVLMPipeline):
             fused = self.unet(latents, 0, report_context, return_features=True).features[-1]
             fields = self.report_fields(used, device) if used else None
             fields = fields.repeat_interleave(num_images_per_prompt, dim=0) if fields is not None else None
+            fields = mirror_labels(fields, mirror) if fields is not None and any(mirror) else fields
             if fields is None and int(getattr(self.segmentation.config, "report_fields", 0) or 0):
                 fields = torch.zeros(batch, int(self.segmentation.config.report_fields), device=device)
             # the decoder's cross-attention and presence pooling skip padded tokens, as in training
@@ -303,7 +353,9 @@ class ReportToCTPipeline(MedVLMPipeline):
                                                             image=image, report_fields=fields))
             masks = probabilities >= thresholds
 
-        # 7. post-process to Hounsfield units
+        # 7. mirror back what was generated in the canonical side; post-process to Hounsfield units
+        image = self._mirrored_back(image, mirror)
+        masks = self._mirrored_back(masks, mirror, structures=True) if masks is not None else None
         ct = to_hu(image[:, 0].float(), config)
         affine = self._affine(volume_shape)
         if output_type == "np":
@@ -317,6 +369,20 @@ class ReportToCTPipeline(MedVLMPipeline):
         self.maybe_free_model_hooks()
         output = ReportToCTPipelineOutput(ct, masks, affine, tuple(self.config.structure_names), used)
         return output if return_dict else (ct, masks)
+
+    def _mirrored_back(self, volumes: torch.Tensor, mirror: Sequence[bool], structures: bool = False,
+                       latent: bool = False) -> torch.Tensor:
+        """``volumes`` (N, C, X, Y, Z) flipped left-right in the mirrored rows: CT as is, structures with
+        ``*_L`` <-> ``*_R``, a generation latent's structure channels likewise (its CT channels flip only)."""
+        if not any(mirror):
+            return volumes
+        order = None
+        if structures:
+            order = mirrored_channels(self.config.structure_names)
+        elif latent and self.has_paired_masks:
+            c = int(self.vae.config.latent_channels)
+            order = list(range(c)) + [c + i for i in mirrored_channels(self.config.structure_names)]
+        return mirror_volumes(volumes, mirror, channel_order=order)
 
     @staticmethod
     def _pad(states: torch.Tensor, length: int) -> torch.Tensor:

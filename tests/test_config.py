@@ -70,6 +70,10 @@ def test_segmentation_settings_are_checked(tmp_path, text, message):
     ("training:\n  checkpoint_every: 0\n", "checkpoint_every, keep_checkpoints and log_every must be >= 1"),
     ("models:\n  vae: {mask_encoding: sdf}\n", "mask_encoding must be 'fraction' or 'distance'"),
     ("models:\n  unet: {fields_time: true, fields_token: false}\n", "fields_time needs models.unet.fields_token"),
+    ("models:\n  unet: {canonical_side: upper}\n", "canonical_side must be null, 'left' or 'right'"),
+    ("models:\n  unet: {canonical_side: left, fields_token: false}\n", "canonical_side needs models.unet.fields_token"),
+    ("models:\n  vae: {mask_decoding: learned}\n", "mask_decoding must be one of"),
+    ("models:\n  vae: {mask_decoding: fields, mask_encoding: fraction}\n", "set models.vae.mask_encoding: distance"),
 ])
 def test_training_and_model_settings_out_of_range_are_errors_naming_the_setting(tmp_path, text, message):
     path = tmp_path / "bad.yaml"

@@ -365,6 +365,50 @@ def test_generated_ct_is_contoured_with_the_reports_padding_mask(ct_only_pipe, m
     assert seen["states"].shape[1] == mask.shape[1]
 
 
+def test_canonical_side_unet_generates_the_other_side_as_the_mirror_image(pipes):
+    """A UNet trained in one side: a right-sided report is the left-sided one's exact mirror image (CT flipped,
+    structures flipped with Parotid_L <-> Parotid_R), so the side follows the report, not the noise; left and
+    midline reports are generated as a UNet without a canonical side generates them."""
+    from medvlm.data.laterality import mirrored_channels
+    from medvlm.models.factory import build_unet
+
+    base = pipes["report_to_ct"]
+    config = load_config(CONFIGS / "tiny.yaml")
+    config.models.unet.canonical_side = "left"
+    unet = build_unet(config.models, base.unet.config.cross_attention_dim)
+    unet.load_state_dict(base.unet.state_dict())
+    pipe = ReportToCTPipeline(vae=base.vae, unet=unet, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                              scheduler=base.scheduler, preprocess=dict(base.config.preprocess))
+    assert pipe.canonical_side == "left" and base.canonical_side is None
+    left = "left oral tongue SCC, cT3 N2 M0, ipsilateral elective neck"
+    right = "right oral tongue SCC, cT3 N2 M0, ipsilateral elective neck"
+
+    def run(p, prompt, output_type="pt"):
+        return p(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type=output_type)
+
+    order = mirrored_channels(pipe.config.structure_names)
+    l, r = run(pipe, left), run(pipe, right)
+    assert torch.equal(r.ct, l.ct.flip(1)) and torch.equal(r.masks, l.masks.flip(2)[:, order])
+    assert "right" in r.prompts[0] and "left" not in r.prompts[0]  # the report as written
+    assert torch.equal(l.ct, run(base, left).ct)
+    assert not torch.allclose(r.ct, run(base, right).ct)  # without a canonical side nothing is mirrored
+    midline = "midline base of tongue SCC, cT2 N1 M0, bilateral elective neck"
+    assert torch.equal(run(pipe, midline).ct, run(base, midline).ct)
+    # the latent comes back in the report's frame too: CT channels flipped, structure channels flipped and swapped
+    c = pipe.vae.config.latent_channels
+    latent_l, latent_r = run(pipe, left, output_type="latent").ct, run(pipe, right, output_type="latent").ct
+    assert torch.equal(latent_r, latent_l.flip(2)[:, list(range(c)) + [c + i for i in order]])
+    # a mixed batch mirrors only its right-sided row; encode_prompt's tensors give the same volumes as the text
+    both = pipe([left, right], num_inference_steps=2, output_type="pt",
+                generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)])
+    assert torch.allclose(both.ct[1], both.ct[0].flip(0), atol=0.05) and torch.allclose(both.ct[1], r.ct[0], atol=0.05)
+    embeds, negative, fields, negative_fields = pipe.encode_prompt(right, torch.device("cpu"))
+    again = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, report_fields=fields,
+                 negative_report_fields=negative_fields, num_inference_steps=2, output_type="pt",
+                 generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again.ct, r.ct) and torch.equal(again.masks, r.masks)
+
+
 @pytest.mark.parametrize("scheduler_class", [DDIMScheduler, DPMSolverMultistepScheduler])
 def test_schedulers_are_swappable(pipes, scheduler_class):
     pipe = pipes["report_to_ct"]
@@ -516,3 +560,50 @@ def test_cli_contour_generate_classify_draft(saved, case, tmp_path, capsys):
     assert main(contour) == 2 and "already holds" in capsys.readouterr().err
     for bad in (["--n", "0"], ["--steps", "0"]):
         assert main(generate[:-2] + ["--out", str(tmp_path / "gen2")] + bad) == 2
+
+
+def test_cli_errors_are_one_line_with_an_exit_code_and_verbose_shows_the_traceback(saved, small_dataset, tmp_path, capsys):
+    """Routine mistakes of each kind: an argument a pipeline refuses (ValueError), a missing datalist section,
+    an output path that cannot be written; one line on stderr, exit 2 (bad input) or 1 (file system)."""
+    from medvlm.cli import main
+
+    def one_line(code, *argv):
+        assert main(list(argv)) == code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "Traceback" not in "\n".join(err) and err[-1].startswith("medvlm: error: ")
+        return err[-1]
+
+    classify = ["classify", "--pipeline", str(saved["zero_shot"]), "--report", "left tonsil", "--labels", "laterality=left"]
+    assert "at least two classes" in one_line(2, *classify)
+    assert main(["-v", *classify]) == 2 and "Traceback" in capsys.readouterr().err
+    assert "no section 'bogus'" in one_line(2, "eval", "segmentation", "--pipeline", str(saved["contour"]), "--data",
+                                            str(small_dataset), "--split", "bogus", "--out", str(tmp_path / "seg"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    message = one_line(1, "generate", "--pipeline", str(saved["report_to_ct"]), "--prompt", "left tonsil", "--n", "1",
+                       "--steps", "2", "--out", str(blocker / "gen"))
+    assert "a_file" in message and blocker.read_text() == "not a folder"
+
+
+def test_resource_ceilings_refuse_before_allocating(pipes, case, tmp_path, monkeypatch):
+    """Inputs beyond the documented ceilings are refused by size, naming the limit: a NIfTI by its header, a
+    region larger than the contouring limit at the model's spacing, a drafted report's token budget."""
+    import medvlm.data.inputs as inputs
+    import medvlm.data.io as io
+    from medvlm.data.io import save_nifti
+    from medvlm.models.report_generator import MAX_NEW_TOKENS
+
+    path = save_nifti(tmp_path / "ct.nii.gz", case.image_hu, case.affine)
+    monkeypatch.setattr(io, "MAX_INPUT_VOXELS", 1000)
+    with pytest.raises(InputError, match=r"32 x 32 x 32 = 32,768 voxels is more than the 1,000"):
+        io.load_nifti(path)
+    with pytest.raises(InputError, match=r"32,768 voxels is more than the 1,000"):
+        pipes["contour"](case.image_hu, "left tonsil", spacing_mm=(6.0, 6.0, 6.0), region=None)
+    monkeypatch.undo()
+    monkeypatch.setattr(inputs, "MAX_PROCESSED_VOXELS", 4096)
+    with pytest.raises(InputError, match=r"4,096 medvlm processes; pass region="):
+        pipes["contour"](path, "left tonsil", region=None)
+    monkeypatch.undo()
+    for bad in (MAX_NEW_TOKENS + 1, 0, 2.5):
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            pipes["report_generation"](path, max_new_tokens=bad, region=None)

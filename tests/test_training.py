@@ -399,6 +399,46 @@ def test_cached_diffusion_latents_hold_each_cases_mirror_image_drawn_per_step(tr
     assert rows & mirrors and rows - mirrors  # both the cases and their mirror images are drawn
 
 
+def test_canonical_side_diffusion_learns_every_lateralised_case_in_one_side(trained, tiny_data, tmp_path):
+    """models.unet.canonical_side: a right-sided case is cached as its mirror image (CT, structures, words and
+    fields), left-sided cases as they are, and the lateral mirror draws only cases without a side."""
+    from medvlm.data.laterality import side_of_labels
+    from train.data import has_side, mirror_case
+    from train.stage_diffusion import DiffusionTrainer, generation_latents
+
+    for stage in ("contrastive", "vae"):
+        shutil.copytree(trained / stage / "final", tmp_path / stage / "final")
+    config = load_config(TINY)
+    config.models.unet.canonical_side = "left"
+    config.training.diffusion.lateral_mirror = 0.5
+    original = load_config(TINY)
+    reference = DiffusionTrainer(original, tiny_data, tmp_path / "reference")
+    for stage in ("contrastive", "vae"):
+        shutil.copytree(trained / stage / "final", tmp_path / "reference" / stage / "final")
+    reference.setup()
+    sides = [side_of_labels(c.labels)[0] for c in reference.cases]
+    assert "left" in sides and "right" in sides, "the check needs cases of both sides"
+    trainer = DiffusionTrainer(config, tiny_data, tmp_path)
+    trainer.setup()
+    assert trainer.unet.config.canonical_side == "left"
+    n = len(trainer.cases)
+    cached_sides = side_of_labels(trainer.cache["fields"][:n])
+    assert "right" not in cached_sides and cached_sides.count("left") == sides.count("left") + sides.count("right")
+    assert all("right" not in c.prompt.lower() or not has_side(c) for c in trainer.cases)
+    first_right = sides.index("right")
+    with torch.no_grad():
+        flipped = mirror_case(reference.cases[first_right])
+        expected = generation_latents(trainer.vae, flipped.image[None], flipped.label[None])[0]
+    assert torch.allclose(trainer.cache["latents"][first_right], expected, atol=1e-5)
+    drawn = {int(i) for step in range(16) for i in trainer.batcher.indices(step)}
+    assert drawn  # the batches index cases; a mirror row (>= n) is only ever drawn for a case without a side
+    for step in range(16):
+        rows = trainer.make_inputs(step)["latents"]
+        for row in rows:
+            matches = [j for j in range(2 * n) if torch.equal(trainer.cache["latents"][j], row)]
+            assert matches and all(j < n or not has_side(trainer.cases[j - n]) for j in matches)
+
+
 def test_data_efficiency_sweep_trains_per_fraction_reuses_finished_ones_and_reports_relative_dice(trained, tiny_data, tmp_path):
     from eval.data_efficiency import plot, sweep, table
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from medvlm.config import config_hash, load_config
 from medvlm.data.io import atomic_write_text
+from medvlm.cli import run_command
 from medvlm.errors import MedVLMError
 
 STAGES = ("contrastive", "vae", "diffusion", "segmentation", "baseline", "report_generator")
@@ -217,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--retrain-changed", action="store_true",
                         help="retrain the stages whose settings changed since they were trained (and those built on them)")
     parser.add_argument("--train-fraction", type=float, default=1.0, help="seeded fixed subset of the training split")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the traceback of an error")
     return parser
 
 
@@ -225,16 +227,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("accelerate", "transformers", "diffusers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        run(args.stage, args.config, args.data, args.output, resume=args.resume, overwrite=args.overwrite,
-            train_fraction=args.train_fraction, retrain_changed=args.retrain_changed)
-    except MedVLMError as exc:
-        print(f"train: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("train: interrupted; a checkpoint was written, continue with --resume", file=sys.stderr)
-        return 130
-    return 0
+    return run_command("train", lambda: run(args.stage, args.config, args.data, args.output, resume=args.resume,
+                                            overwrite=args.overwrite, train_fraction=args.train_fraction,
+                                            retrain_changed=args.retrain_changed) and 0,
+                       verbose=args.verbose, interrupted="interrupted; a checkpoint was written, continue with --resume")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -18,11 +17,13 @@ from monai.transforms import Compose, RandAffined, RandGaussianNoised, RandScale
 
 from medvlm.config import MedVLMConfig
 from medvlm.data.datalist import load_datalist
+from medvlm.data.laterality import (mirrored_channels, mirrored_label_index, other_side, side_of_labels,
+                                    swap_side_words)
 from medvlm.data.transforms import preprocessing_transforms
 from medvlm.data.structures import STRUCTURE_NAMES
 from medvlm.errors import DatalistError
 from medvlm.models.windows import coordinate_channels, midline_distance
-from medvlm.text.parse import LABEL_SPACE, label_vector, parse_report
+from medvlm.text.parse import label_vector, parse_report
 from medvlm.text.prompts import structured_prompt
 
 logger = logging.getLogger(__name__)
@@ -152,37 +153,6 @@ class DeterministicBatches:
         return step // self.batches_per_epoch
 
 
-_SIDE_WORD = re.compile(r"\b(left|right)\b", re.IGNORECASE)
-
-
-def _swap_sides(text: str) -> str:
-    """'left' <-> 'right' (whole words, case kept); 'ipsilateral'/'bilateral' are relative and stay."""
-    def swap(match: re.Match) -> str:
-        word = match.group(0)
-        other = "right" if word.lower() == "left" else "left"
-        return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
-    return _SIDE_WORD.sub(swap, text)
-
-
-def _mirrored_label_index() -> list[int]:
-    """Label-vector positions after mirroring: the laterality group's left and right entries trade places."""
-    order, offset = [], 0
-    for field_name, values in LABEL_SPACE.items():
-        for value in values:
-            if field_name == "laterality" and value in ("left", "right"):
-                value = "right" if value == "left" else "left"
-            order.append(offset + values.index(value))
-        offset += len(values)
-    return order
-
-
-def _mirrored_channels(names: Sequence[str] = STRUCTURE_NAMES) -> list[int]:
-    """Structure channel order after mirroring: every ``*_L`` trades places with its ``*_R``."""
-    def partner(name: str) -> str:
-        return name[:-2] + {"_L": "_R", "_R": "_L"}[name[-2:]] if name[-2:] in ("_L", "_R") else name
-    return [list(names).index(partner(n)) if partner(n) in names else i for i, n in enumerate(names)]
-
-
 def mirror_case(case: Case) -> Case:
     """The patient's mirror image: CT flipped left-right (RAS axis 0), left/right swapped in the prompt,
     report, label vector and paired structures (Parotid_L <-> Parotid_R).
@@ -195,33 +165,51 @@ def mirror_case(case: Case) -> Case:
     if case.label is not None:
         label = case.label.flip(1)
         if label.shape[0] == len(STRUCTURE_NAMES):
-            label = label[_mirrored_channels()]
-    order = _mirrored_label_index()
+            label = label[mirrored_channels()]
+    order = mirrored_label_index()
     labels = case.labels[order] if case.labels.shape[0] == len(order) else case.labels  # no label vector: kept
-    return replace(case, image=case.image.flip(1), label=label, prompt=_swap_sides(case.prompt),
-                   report=_swap_sides(case.report), labels=labels)
+    return replace(case, image=case.image.flip(1), label=label, prompt=swap_side_words(case.prompt),
+                   report=swap_side_words(case.report), labels=labels)
 
 
-def mirrored(case: Case, mirror_prob: float, seed: int, epoch: int, index: int) -> Case:
-    """``case`` or its mirror image, drawn from (seed, epoch, case) like every other augmentation."""
-    if mirror_prob > 0 and np.random.default_rng([seed, epoch, index, 17]).random() < mirror_prob:
+def canonical_case(case: Case, side: str) -> Case:
+    """``case`` in the canonical ``side``: mirrored when its report puts the primary on the other side; a
+    midline primary or an unread side stays as it is."""
+    return mirror_case(case) if side_of_labels(case.labels)[0] == other_side(side) else case
+
+
+def has_side(case: Case) -> bool:
+    """Whether the case's report puts the primary on the left or the right."""
+    return side_of_labels(case.labels)[0] is not None
+
+
+def mirror_drawn(mirror_prob: float, seed: int, epoch: int, index: int) -> bool:
+    """Whether case ``index`` is mirrored in ``epoch``: a function of (seed, epoch, case) only."""
+    return mirror_prob > 0 and np.random.default_rng([seed, epoch, index, 17]).random() < mirror_prob
+
+
+def mirrored(case: Case, mirror_prob: float, seed: int, epoch: int, index: int, keep_side: bool = False) -> Case:
+    """``case`` or its mirror image, drawn from (seed, epoch, case) like every other augmentation;
+    ``keep_side``: a case whose report has a side is never mirrored (training in a canonical side)."""
+    if mirror_drawn(mirror_prob, seed, epoch, index) and not (keep_side and has_side(case)):
         return mirror_case(case)
     return case
 
 
 def collate(cases: list[Case], indices: list[int], transform: Compose | None, seed: int, epoch: int,
             mirror_prob: float = 0.0, side_margin: float | None = None, config: MedVLMConfig | None = None,
-            coordinates: bool = False) -> dict:
+            coordinates: bool = False, keep_side: bool = False) -> dict:
     """Stack the cases of one batch, augmenting each with a state derived from (seed, epoch, case).
 
-    ``mirror_prob``: probability of the laterality-aware mirror image (:func:`mirror_case`).
+    ``mirror_prob``: probability of the laterality-aware mirror image (:func:`mirror_case`); with ``keep_side``
+    only of cases whose report has no side (a midline primary).
     ``side_margin`` (needs ``config`` and a ``transform`` built ``with_side``): adds ``side_map``, the whole
     volume's midline distance of each (cropped, augmented) sample.
     ``coordinates`` (needs a ``transform`` built ``with_coordinates``): adds ``coordinates``, the whole volume's
     voxel coordinates (:func:`medvlm.models.windows.coordinate_channels`) of each sample.
     """
     images, labels, sides, grids = [], [], [], []
-    chosen = [mirrored(cases[i], mirror_prob, seed, epoch, i) for i in indices]
+    chosen = [mirrored(cases[i], mirror_prob, seed, epoch, i, keep_side) for i in indices]
     for index, case in zip(indices, chosen):
         sample = {"image": case.image}
         side = None

@@ -15,10 +15,11 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from torch import nn
 
+from medvlm.config import preprocess_to_dict
 from medvlm.models import CTAutoencoderKL
 from medvlm.models.factory import PREDICTION_TYPES, build_unet, is_flow_matching, noised_latents, training_scheduler
 from train.common import StageTrainer, TrainingError
-from train.data import augmentation, collate, load_cases, report_fields
+from train.data import augmentation, collate, has_side, load_cases, mirror_drawn, report_fields
 
 
 def load_upstream(output_dir: Path, stage: str, component: str) -> Path:
@@ -90,6 +91,11 @@ class DiffusionTrainer(StageTrainer):
         if c.prediction_type not in PREDICTION_TYPES:
             raise TrainingError(f"training.diffusion.prediction_type must be one of {PREDICTION_TYPES}, got {c.prediction_type!r}")
         self.cases = load_cases(self.data_dir, self.config, train_fraction=self.train_fraction, seed=self.config.training.seed)
+        self.canonical_side = self.config.models.unet.canonical_side
+        if self.canonical_side is not None:  # every lateralised case in the canonical side (mirrored once, here)
+            from train.data import canonical_case
+
+            self.cases = [canonical_case(case, self.canonical_side) for case in self.cases]
         self.batcher = self.batches(len(self.cases))
         self.paired = bool(self.config.models.vae.mask_channels)
         if self.paired and any(case.label is None for case in self.cases):
@@ -112,7 +118,7 @@ class DiffusionTrainer(StageTrainer):
     def _precompute(self) -> dict:
         """Latents (VAE posterior mode, scaled) and report token states of every training case, once; with
         ``lateral_mirror`` also of every case's mirror image (rows N..2N-1), drawn per step like the
-        augmentation of uncached training."""
+        augmentation of uncached training (with ``canonical_side`` only for cases without a side)."""
         from tqdm.auto import tqdm
 
         from train.data import mirror_case
@@ -147,8 +153,9 @@ class DiffusionTrainer(StageTrainer):
             indices = self.batcher.indices(index)
             if self.mirror:  # the cached mirror image of a case, drawn as train.data.mirrored draws it
                 n, seed, epoch = len(self.cases), self.config.training.seed, self.batcher.epoch(index)
-                indices = [i + n if np.random.default_rng([seed, epoch, int(i), 17]).random() < self.mirror else i
-                           for i in indices]
+                keep = self.canonical_side is not None
+                indices = [i + n if mirror_drawn(self.mirror, seed, epoch, int(i)) and not (keep and has_side(self.cases[i]))
+                           else i for i in indices]
             latents = self.cache["latents"][indices]
             inputs = {"latents": latents, "states": self.cache["states"][indices],
                       "attention_mask": self.cache["mask"][indices], **self._noise(index, latents.shape)}
@@ -156,7 +163,7 @@ class DiffusionTrainer(StageTrainer):
                 inputs["fields"] = self.cache["fields"][indices]
             return inputs
         batch = collate(self.cases, self.batcher.indices(index), self.augment, self.config.training.seed, self.batcher.epoch(index),
-                        mirror_prob=self.mirror)
+                        mirror_prob=self.mirror, keep_side=self.canonical_side is not None)
         images = batch["image"]
         factor = self.vae.compression
         shape = (images.shape[0], self.vae.generation_channels, *(s // factor for s in images.shape[2:]))
@@ -171,6 +178,28 @@ class DiffusionTrainer(StageTrainer):
             inputs["fields"] = fields
         return inputs
 
+    @torch.no_grad()
+    def _structure_levels(self, unet, count: int = 8, steps: int = 25) -> list[float]:
+        """Levels at which this model's structure channels read as the training cases' mean structure volumes:
+        ``count`` samples of the first training reports (seeds 0..count-1, DDIM ``steps`` steps)."""
+        from medvlm.models.factory import sampling_scheduler
+        from pipelines.pipeline_report_to_ct import ReportToCTPipeline
+
+        c = self.stage_config
+        cases = self.cases[:count]
+        pipe = ReportToCTPipeline(vae=self.vae, unet=unet.eval(), text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                                  scheduler=sampling_scheduler(c.num_train_timesteps, c.prediction_type),
+                                  preprocess=preprocess_to_dict(self.config.data.preprocess),
+                                  max_report_tokens=self.config.text.max_length)
+        pipe.set_progress_bar_config(disable=True)
+        latents = pipe([case.prompt for case in cases], num_inference_steps=steps, output_type="latent",
+                       generator=[torch.Generator().manual_seed(i) for i in range(len(cases))]).ct
+        volumes = torch.stack([case.label.float().flatten(1).sum(1) for case in cases]).mean(0)
+        levels = self.vae.levels_matching_volumes(self.vae.split_latents(latents.cpu())[1], cases[0].label.shape[1:],
+                                                  volumes.tolist())
+        unet.train()
+        return levels
+
     def after_optimizer_step(self, step: int) -> None:
         self.ema.to(self.device)
         self.ema.step(self.unwrap(self.unet).parameters())
@@ -178,5 +207,7 @@ class DiffusionTrainer(StageTrainer):
     def export(self, folder: Path) -> None:
         unet = self.unwrap(self.unet)
         self.ema.copy_to(unet.parameters())  # the EMA weights are the ones that sample well
+        if self.paired and self.vae.config.mask_encoding == "distance":
+            unet.register_to_config(structure_levels=self._structure_levels(unet))
         unet.save_pretrained(folder / "unet")
         self.scheduler.save_pretrained(folder / "scheduler")

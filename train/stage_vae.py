@@ -129,6 +129,11 @@ class VAETrainer(StageTrainer):
             channels = torch.cat([vae.encode_masks(c.label[None].to(self.device)) for c in cases]).transpose(0, 1).flatten(1)
             vae.register_to_config(mask_shift=[float(v) for v in channels.mean(1)],
                                    mask_scale=[max(float(v), 0.05) for v in channels.std(1)])
+            # the level at which a structure channel alone reads as inside, decided on the validation split
+            # (the training cases when there is none)
+            held_out = load_cases(self.data_dir, self.config, "validation") or cases
+            vae.register_to_config(mask_field_thresholds=vae.fit_field_thresholds(
+                [c.label[None].to(self.device) for c in held_out]))
         vae.save_pretrained(folder / "vae")
 
     @torch.no_grad()

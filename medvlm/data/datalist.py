@@ -47,6 +47,18 @@ def _report(base: Path, value: Any, where: str) -> str:
     return text
 
 
+class Datalist(dict):
+    """``{section: [item, ...]}``; asking for a section that is not one of :data:`SECTIONS` (a mistyped
+    ``--split``) is a :class:`DatalistError` naming the file and the sections, not a ``KeyError``."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    def __missing__(self, key):
+        raise DatalistError(f"{self.path}: no section {key!r}; a datalist has the sections {', '.join(SECTIONS)}")
+
+
 def load_datalist(path: str | os.PathLike, *, records_csv: str | os.PathLike | None = None,
                   require_labels: bool = False, read_reports: bool = True,
                   deidentify_reports: bool = True) -> dict[str, list[dict]]:
@@ -82,7 +94,7 @@ def load_datalist(path: str | os.PathLike, *, records_csv: str | os.PathLike | N
         csv_path = Path(csv_path)
         records = {r.number: r for r in read_records_csv(csv_path if csv_path.is_absolute() else base / csv_path)}
 
-    out: dict[str, list[dict]] = {}
+    out = Datalist(path)
     for section in SECTIONS:
         items = payload.get(section, [])
         if not isinstance(items, list):

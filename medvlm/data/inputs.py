@@ -16,7 +16,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose
 
 from medvlm.config import PreprocessConfig
-from medvlm.data.io import check_spacing, load_nifti, spacing_from_affine, validate_volume
+from medvlm.data.io import check_spacing, check_voxel_count, load_nifti, spacing_from_affine, validate_volume
 from medvlm.data.transforms import as_metatensor, invert_to_input, preprocessing_transforms
 from medvlm.errors import InputError
 
@@ -55,6 +55,10 @@ class PreparedCT:
 # The head and neck, unlike the shoulders, chest, abdomen and pelvis, are narrower than this from left to right
 # (an adult neck is 100-150 mm wide, a head 140-180 mm; shoulders and trunk 300 mm or more).
 HEAD_NECK_MAX_WIDTH_MM = 220.0
+# voxels of the region a pipeline processes, at the model's spacing: 2^25 (a 320^3 grid; 960 mm a side at the
+# demo's 3 mm). Contouring holds a few float copies of it plus the sliding-window outputs, so this bounds its
+# memory; a larger region is refused with its size (choose a region, or a coarser spacing)
+MAX_PROCESSED_VOXELS = 2 ** 25
 
 
 def head_neck_region(volume: np.ndarray, affine: np.ndarray, extent_mm: float, *, threshold_hu: float = -500.0,
@@ -209,6 +213,10 @@ def prepare_ct(ct: Any, config: PreprocessConfig, *, spacing_mm=None, affine=Non
         cropped_affine = input_affine.copy()
         cropped_affine[:3, 3] = offset[:3]
         tensor = as_metatensor(volume.numpy()[crop], cropped_affine, name=what)
+    spacing = spacing_from_affine(np.asarray(tensor.affine, dtype=np.float64))
+    resampled = [int(np.ceil(n * s / t)) for n, s, t in zip(tensor.shape[1:], spacing, config.spacing_mm)]
+    check_voxel_count(resampled, f"{what} at {tuple(float(t) for t in config.spacing_mm)} mm", MAX_PROCESSED_VOXELS,
+                      "pass region=(inferior_mm, superior_mm) (CLI --region-mm) to process part of it")
     chain = preprocessing_transforms(config, label_keys=(), load=False)
     data = chain({"image": tensor})
     return PreparedCT(data=data, transform=chain, input_shape=tuple(int(s) for s in volume.shape),

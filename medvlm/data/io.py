@@ -46,8 +46,24 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 
+# voxels of one input volume: 2^29 (2 GiB as float32, e.g. 1024 x 1024 x 512); a whole-body thin-slice CT of
+# 512 x 512 x 2000 fits, a header or array larger than that is refused before it is read
+MAX_INPUT_VOXELS = 2 ** 29
+
+
+def check_voxel_count(shape: Sequence[int], name: str, limit: int | None = None, hint: str = "") -> None:
+    """A clear error for a volume of more than ``limit`` (default :data:`MAX_INPUT_VOXELS`) voxels, before
+    anything of that size is allocated."""
+    limit = MAX_INPUT_VOXELS if limit is None else limit
+    count = int(np.prod([int(s) for s in shape], dtype=np.float64))
+    if count > limit:
+        raise InputError(f"{name}: {' x '.join(str(int(s)) for s in shape)} = {count:,} voxels is more than the "
+                         f"{limit:,} medvlm processes{'; ' + hint if hint else ''}")
+
+
 def validate_volume(array: np.ndarray, *, name: str = "ct", allow_channel: bool = False) -> np.ndarray:
-    """Check that ``array`` is a finite 3D volume (or 1 x 3D with ``allow_channel``); return it as 3D."""
+    """Check that ``array`` is a finite 3D volume (or 1 x 3D with ``allow_channel``) of at most
+    :data:`MAX_INPUT_VOXELS` voxels; return it as 3D."""
     array = np.asarray(array)
     if allow_channel and array.ndim == 4 and array.shape[0] == 1:
         array = array[0]
@@ -55,6 +71,7 @@ def validate_volume(array: np.ndarray, *, name: str = "ct", allow_channel: bool 
         raise InputError(f"{name}: expected a 3D volume, got an array of shape {tuple(array.shape)} ({array.ndim}D)")
     if min(array.shape) < 2:
         raise InputError(f"{name}: volume of shape {tuple(array.shape)} is only one voxel thick along an axis")
+    check_voxel_count(array.shape, name)
     if array.dtype == bool or np.issubdtype(array.dtype, np.complexfloating) or not np.issubdtype(array.dtype, np.number):
         raise InputError(f"{name}: expected real-valued voxels in Hounsfield units, got dtype {array.dtype}")
     if np.issubdtype(array.dtype, np.floating):
@@ -99,6 +116,7 @@ def _load_image(path: str | os.PathLike, what: str) -> nib.Nifti1Image:
 def load_nifti(path: str | os.PathLike, *, what: str = "CT image") -> tuple[np.ndarray, np.ndarray]:
     """Read a 3D NIfTI volume as float32 with its 4x4 affine; bad files raise :class:`InputError`."""
     image = _load_image(path, what)
+    check_voxel_count(image.shape[:3], f"{what} {path}")  # from the header, before the data are read
     try:
         data = np.asarray(image.dataobj, dtype=np.float32)
     except Exception as exc:  # truncated gzip streams fail only when the data are read

@@ -56,7 +56,7 @@ def build_unet(models: ModelsConfig, context_dim: int) -> ReportConditionedUNet3
     channels = models.vae.latent_channels + models.vae.mask_channels
     return ReportConditionedUNet3D(in_channels=channels, out_channels=channels,
                                    report_fields=len(LABEL_NAMES) if u.fields_token else 0, fields_time=u.fields_time,
-                                   coordinates=u.coordinates,
+                                   coordinates=u.coordinates, canonical_side=u.canonical_side,
                                    channels=u.channels, attention_levels=u.attention_levels, num_res_blocks=u.num_res_blocks,
                                    num_head_channels=u.num_head_channels, cross_attention_dim=context_dim,
                                    norm_num_groups=u.norm_num_groups, transformer_num_layers=u.transformer_num_layers)

@@ -126,6 +126,26 @@ def render_ct(volume: np.ndarray | torch.Tensor, *, image_size: int = 64, num_sl
     return np.repeat((canvas * 255).round().astype(np.uint8)[..., None], 3, axis=2)
 
 
+# tokens one drafted report may have: a CT neck report is a few hundred tokens; more is a runaway loop
+MAX_NEW_TOKENS = 1024
+
+
+def check_max_new_tokens(value, model=None, prompt_length: int = 0) -> int:
+    """``max_new_tokens`` as an int in 1..:data:`MAX_NEW_TOKENS` that also fits the model's positions after a
+    prompt of ``prompt_length`` tokens; otherwise a ``ValueError`` naming the limit."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"`max_new_tokens` must be an integer, got {value!r}")
+    limit = MAX_NEW_TOKENS
+    text_config = getattr(getattr(model, "config", None), "text_config", None)
+    positions = getattr(text_config, "max_position_embeddings", None)
+    if positions is not None:
+        limit = min(limit, int(positions) - int(prompt_length))
+    if not 1 <= int(value) <= limit:
+        raise ValueError(f"`max_new_tokens` must be in 1..{limit} (the ceiling of a drafted report"
+                         f"{', within the model positions after the prompt' if limit < MAX_NEW_TOKENS else ''}), got {value}")
+    return int(value)
+
+
 def drafting_batch(processor, images: Sequence[np.ndarray], reports: Sequence[str] | None = None, *,
                    max_length: int | None = None):
     """Processor inputs for training (with ``reports`` as suffix -> ``labels``) or generation."""

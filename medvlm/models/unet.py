@@ -41,6 +41,11 @@ class ReportConditionedUNet3D(AlignedModelMixin, ConfigMixin):
     diffusion), so every residual block sees them. With ``coordinates`` the input gets three coordinate channels
     (MONAI ``AddCoordinateChannels``, -1..1 along x, y, z of the latent grid): a convolutional UNet is otherwise
     blind to where it is, and a left-right symmetric anatomy under noise gives it no cue which side is left.
+    With ``canonical_side`` ("left"/"right") the UNet was trained on every lateralised case mirrored into that
+    side (:mod:`medvlm.data.laterality`); a pipeline generates a report of the other side in the canonical frame
+    and mirrors the result back. ``structure_levels``: per structure channel of a paired latent, the level at
+    which this model's samples read as structures of the training cases' mean volume (set at export,
+    :meth:`CTAutoencoderKL.levels_matching_volumes`), used when contours are read from the structure channels.
     """
 
     @register_to_config
@@ -48,8 +53,13 @@ class ReportConditionedUNet3D(AlignedModelMixin, ConfigMixin):
                  attention_levels: Sequence[bool] = (False, True, True), num_res_blocks: int | Sequence[int] = 1,
                  num_head_channels: int | Sequence[int] = 16, cross_attention_dim: int = 384, norm_num_groups: int = 16,
                  transformer_num_layers: int = 1, null_tokens: int = 1, report_fields: int = 0, fields_time: bool = False,
-                 coordinates: bool = False):
+                 coordinates: bool = False, canonical_side: str | None = None,
+                 structure_levels: Sequence[float] | None = None):
         super().__init__()
+        if canonical_side not in (None, "left", "right"):
+            raise ValueError(f"canonical_side must be None, 'left' or 'right', got {canonical_side!r}")
+        if canonical_side is not None and not report_fields:
+            raise ValueError("canonical_side reads the primary's side from the parsed report fields: it needs report_fields > 0")
         self.network = DiffusionModelUNet(
             spatial_dims=3, in_channels=in_channels + (3 if coordinates else 0), out_channels=out_channels,
             channels=tuple(channels),

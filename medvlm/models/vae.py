@@ -121,6 +121,9 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
     becomes its latent channel (:meth:`encode_masks`); ``mask_distance``: the decay length of the ``"distance"``
     encoding in latent cells. ``mask_shift``/``mask_scale``: per structure channel, what the generation latent
     subtracts and divides by (set from data like ``scaling_factor``, so each channel has unit variance).
+    ``mask_field_thresholds``: per structure channel, the level of its interpolated channel that separates inside
+    from outside when masks are read from the structure channels alone (:meth:`structure_field_logits`; set from
+    data at export).
     """
 
     @register_to_config
@@ -129,7 +132,8 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
                  attention_levels: Sequence[bool] | None = None, norm_num_groups: int = 16,
                  with_nonlocal_attn: bool = False, scaling_factor: float = 1.0, mask_channels: int = 0,
                  backbone: str = "monai_kl", mask_encoding: str = "fraction", mask_distance: float = 4.0,
-                 mask_shift: Sequence[float] | None = None, mask_scale: Sequence[float] | None = None):
+                 mask_shift: Sequence[float] | None = None, mask_scale: Sequence[float] | None = None,
+                 mask_field_thresholds: Sequence[float] | None = None):
         super().__init__()
         if mask_channels < 0:
             raise ValueError(f"mask_channels must be >= 0, got {mask_channels}")
@@ -137,7 +141,8 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
             raise ValueError(f"mask_encoding must be one of {MASK_ENCODINGS}, got {mask_encoding!r}")
         if not mask_distance > 0:
             raise ValueError(f"mask_distance must be > 0 latent cells, got {mask_distance}")
-        for name, values in (("mask_shift", mask_shift), ("mask_scale", mask_scale)):
+        for name, values in (("mask_shift", mask_shift), ("mask_scale", mask_scale),
+                             ("mask_field_thresholds", mask_field_thresholds)):
             if values is not None and len(values) != mask_channels:
                 raise ValueError(f"{name} needs one value per structure channel ({mask_channels}), got {len(values)}")
         if mask_scale is not None and not all(float(v) > 0 for v in mask_scale):
@@ -211,6 +216,64 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
                              "pass their masks")
         shift, scale = self._mask_affine(latents)
         return torch.cat([latents, (self.encode_masks(masks.to(latents.device, latents.dtype)) - shift) / scale], dim=1)
+
+    def structure_field_logits(self, mask_latents: torch.Tensor, spatial_size: Sequence[int],
+                               levels: Sequence[float] | None = None) -> torch.Tensor:
+        """Mask logits read from the structure channels alone (unstandardised, :meth:`split_latents`): each channel
+        interpolated (trilinear) to ``spatial_size`` minus its level (``levels``, else ``mask_field_thresholds``,
+        else 0, the encoding's boundary between touched and untouched cells), scaled so that sigmoid 0.5 is that level.
+
+        The joint decoder (:meth:`decode`) reads the structures together with the CT latent, so a generated CT
+        latent that is off also moves its masks; read this way a sample's contours are exactly its structure
+        channels, at latent resolution (torch's ``interpolate``: MONAI's ``Resize`` works per sample, unbatched).
+        """
+        k = int(self.config.mask_channels)
+        if mask_latents.shape[1] != k:
+            raise ValueError(f"mask_latents have {mask_latents.shape[1]} channels, the autoencoder pairs {k}")
+        levels = levels or self.config.mask_field_thresholds or [0.0] * k
+        if len(levels) != k:
+            raise ValueError(f"levels needs one value per structure channel ({k}), got {len(levels)}")
+        fields = torch.nn.functional.interpolate(mask_latents.float(), size=tuple(int(s) for s in spatial_size),
+                                                 mode="trilinear", align_corners=False)
+        return (fields - torch.tensor(levels, device=fields.device, dtype=fields.dtype).view(1, -1, 1, 1, 1)) * 20.0
+
+    @torch.no_grad()
+    def fit_field_thresholds(self, masks: Sequence[torch.Tensor],
+                             candidates: Sequence[float] = tuple(round(-0.2 + 0.05 * i, 2) for i in range(21))) -> list[float]:
+        """Per structure, the level of :meth:`structure_field_logits` with the highest Dice against ``masks``
+        (each (1 or B, mask_channels, X, Y, Z)) over all of them: what ``mask_field_thresholds`` is set to."""
+        k = int(self.config.mask_channels)
+        overlap = torch.zeros(len(candidates), k, dtype=torch.float64)
+        total = torch.zeros(len(candidates), k, dtype=torch.float64)
+        for batch in masks:
+            truth = batch.float()
+            fields = torch.nn.functional.interpolate(self.encode_masks(truth), size=truth.shape[2:], mode="trilinear",
+                                                     align_corners=False)
+            for i, level in enumerate(candidates):
+                inside = (fields > level).float()
+                overlap[i] += (inside * truth).sum((0, 2, 3, 4)).double()
+                total[i] += (inside.sum((0, 2, 3, 4)) + truth.sum((0, 2, 3, 4))).double()
+        dice = 2 * overlap / total.clamp_min(1.0)
+        return [float(candidates[int(i)]) for i in dice.argmax(0)]
+
+    @torch.no_grad()
+    def levels_matching_volumes(self, mask_latents: torch.Tensor, spatial_size: Sequence[int], volumes: Sequence[float],
+                                candidates: Sequence[float] = tuple(round(-0.3 + 0.025 * i, 3) for i in range(45))) -> list[float]:
+        """Per structure, the level at which the structure channels ``mask_latents`` (N, K, x, y, z, unstandardised)
+        of generated samples read as structures of mean volume ``volumes`` (voxels of ``spatial_size``, the
+        training cases' mean): a generator's channels are smoother than encoded masks, so levels fitted on
+        encoded masks read its small structures as absent."""
+        k = int(self.config.mask_channels)
+        if mask_latents.shape[1] != k or len(volumes) != k:
+            raise ValueError(f"need {k} structure channels and {k} volumes, got {mask_latents.shape[1]} and {len(volumes)}")
+        fields = torch.nn.functional.interpolate(mask_latents.float(), size=tuple(int(s) for s in spatial_size),
+                                                 mode="trilinear", align_corners=False)
+        grid = torch.tensor(candidates, dtype=fields.dtype).view(-1, 1, 1)
+        flat = fields.transpose(0, 1).flatten(1)  # (K, N * voxels)
+        mean_volume = torch.stack([(flat > level).sum(1) for level in grid.flatten()]).double() / fields.shape[0]  # (levels, K)
+        target = torch.as_tensor(list(volumes), dtype=torch.float64)
+        error = (torch.log1p(mean_volume) - torch.log1p(target)).abs()
+        return [float(candidates[int(i)]) for i in error.argmin(0)]
 
     def split_latents(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A generation latent -> (CT latent divided by ``scaling_factor``, structure channels or None)."""
