@@ -62,10 +62,9 @@ def score_decoder(base, decoder_dir: Path, data: str | Path, out: Path, *, per_s
 
 
 def load_settings(config: str | Path, steps: int | None):
-    from medvlm.cli import _config_path
     from medvlm.config import load_config
 
-    settings = load_config(_config_path(str(config)))
+    settings = load_config(str(config))
     if steps is not None:
         settings.training.segmentation.steps = int(steps)
     return settings

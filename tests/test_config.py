@@ -80,3 +80,15 @@ def test_training_and_model_settings_out_of_range_are_errors_naming_the_setting(
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def test_presets_resolve_by_name_for_every_command():
+    from medvlm.config import preset_names, resolve_config_path
+
+    assert {"demo", "tiny", "hnc_gpu"} <= set(preset_names())
+    assert load_config("tiny") == load_config(resolve_config_path("tiny"))
+    assert resolve_config_path("tiny").name == "tiny.yaml"
+    with pytest.raises(ConfigError, match=r"no config file or preset named 'tinny'; presets: .*tiny"):
+        load_config("tinny")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("missing/file.yaml")

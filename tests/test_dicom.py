@@ -311,3 +311,82 @@ def test_pyradiomics_and_pydicom_examples_are_readable():
     ct = pydicom.dcmread(pydicom_test_file("CT_small.dcm"))
     assert ct.Modality == "CT" and ct.pixel_array.shape == (128, 128)
     assert pydicom.dcmread(pydicom_test_file("rtstruct.dcm"), force=True).Modality == "RTSTRUCT"  # stored without file meta
+
+
+# ------------------------------------------------------------------------------------------ cohort import
+def _cohort(root: Path):
+    """Three phantom patients as a planning system exports them: P1 with its own ROI names (CTVn in two halves,
+    an unmapped PTV) and a report naming the patient, P2 with TG-263 names, P3 with no RTSTRUCT of its own but one
+    drawn on a series that is not in the cohort; plus a damaged .dcm file."""
+    phantom = HNCPhantom(PhantomConfig(shape=(24, 48, 40), spacing_mm=(4.0, 2.0, 2.5)), seed=0)
+    with_primary = (c for c in (phantom.case(i) for i in range(12)) if c.labels[c.label_names.index("GTVp")].any())
+    cases = {f"MRN-00{i + 1}": next(with_primary) for i in range(3)}
+    source, reports = root / "export", root / "reports"
+    reports.mkdir(parents=True)
+    for patient, case in cases.items():
+        series = write_dicom_series(case.image_hu, case.affine, source / patient / "ct", patient_id=patient)
+        masks = {name: case.labels[case.label_names.index(name)].astype(bool) for name in case.label_names}
+        if patient == "MRN-001":
+            ctvn = masks.pop("CTVn")
+            half = ctvn.shape[0] // 2
+            left, right = ctvn.copy(), ctvn.copy()
+            left[:half], right[half:] = False, False
+            masks.update({"CTV_Neck_L": left, "CTV_Neck_R": right, "GTV_primary": masks.pop("GTVp"),
+                          "Parotid L": masks.pop("Parotid_L"), "PTV70": ctvn})
+        if patient != "MRN-003":
+            write_rtstruct(masks, series, source / patient / "rtstruct.dcm")
+        (reports / f"{patient}.txt").write_text(f"Patient John Doe, MRN {patient}. {case.report.text}")
+    stray = write_dicom_series(cases["MRN-003"].image_hu[:, :, :6], cases["MRN-003"].affine, root / "elsewhere",
+                               patient_id="MRN-003")
+    write_rtstruct({"GTVp": np.ones(stray.volume.shape, bool)}, stray, source / "MRN-003" / "rtstruct.dcm")
+    (source / "MRN-002" / "broken.dcm").write_bytes(b"DICM not really")
+    return source, reports, cases
+
+
+def test_cohort_import_maps_names_joins_reports_and_reports_each_bad_item(tmp_path, capsys):
+    from medvlm.cli import main
+    from medvlm.data.datalist import load_datalist
+    from medvlm.data.import_dicom import import_dicom_cohort, load_synonyms
+    from medvlm.data.io import load_labels
+
+    source, reports, cases = _cohort(tmp_path)
+    out = tmp_path / "data"
+    summary = import_dicom_cohort(source, out, reports_dir=reports, validation_fraction=0.0, test_fraction=0.34)
+    assert summary.cases == 3
+    datalist = load_datalist(out)
+    items = [i for section in datalist.values() for i in section]
+    assert len(items) == 3 and len(datalist["test"]) == 1
+    problems = "\n".join(summary.problems)
+    assert "broken.dcm: not a readable DICOM file" in problems
+    assert "rtstruct.dcm: the RTSTRUCT references no CT series" in problems
+    assert "no RTSTRUCT drawn on its CT series; imported without labels" in problems
+    from medvlm.text.dicom_deid import DicomDeidentifier
+
+    ids = {patient: DicomDeidentifier("medvlm").pseudonym(patient) for patient in cases}
+    by_id = {item["id"]: item for item in items}
+    assert set(by_id) == set(ids.values()) and "label" not in by_id[ids["MRN-003"]]
+    assert summary.unmapped[ids["MRN-001"]] == ["PTV70"]
+    labels, _, names = load_labels(by_id[ids["MRN-001"]]["label"])
+    case = cases["MRN-001"]
+    for name in ("CTVn", "GTVp", "Parotid_L", "Parotid_R"):  # halves merged, planning-system names mapped
+        assert dice(labels[names.index(name)], case.labels[case.label_names.index(name)]) > 0.9, name
+    # identifiers never reach the dataset: not in file names, datalist, reports or the import report
+    for path in out.rglob("*"):
+        assert "MRN" not in path.name
+        if path.suffix in (".json", ".txt"):
+            text = path.read_text()
+            assert "MRN-00" not in text and "John Doe" not in text, path
+    assert str(by_id[ids["MRN-002"]]["report_path"]).endswith(".txt") and "[NAME]" in by_id[ids["MRN-002"]]["report"]
+    # a second import into the same folder is refused and changes nothing; the CLI says the same in one line
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
+    with pytest.raises(InputError, match="not empty"):
+        import_dicom_cohort(source, out)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+    assert main(["data", "import-dicom", str(source), "--out", str(tmp_path / "cli"), "--reports", str(reports)]) == 0
+    assert "imported 3 case(s)" in capsys.readouterr().out
+    extra = tmp_path / "synonyms.yaml"
+    extra.write_text("CTVn: [PTV70]\n")
+    assert "PTV70" in load_synonyms(extra)["CTVn"]
+    extra.write_text("Cochlea_L: [cochlea]\n")
+    with pytest.raises(InputError, match="unknown structure"):
+        load_synonyms(extra)

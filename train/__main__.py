@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from medvlm.config import config_hash, load_config
+from medvlm.config import config_hash, load_config, resolve_config_path
 from medvlm.data.io import atomic_write_text
 from medvlm.cli import run_command
 from medvlm.errors import MedVLMError
@@ -142,6 +142,7 @@ def _plan(config, output_dir: Path, summary: dict, todo: tuple[str, ...], *, ret
 
 def run(stage: str, config_path: str, data: str, output: str, *, resume: bool = False, overwrite: bool = False,
         train_fraction: float = 1.0, retrain_changed: bool = False) -> dict:
+    config_path = resolve_config_path(config_path)  # a preset name or a path: the run records the file
     config = load_config(config_path)
     output_dir = Path(output)
     identity = {"config": str(config_path), "data": str(Path(data).resolve()), "train_fraction": train_fraction}
@@ -210,7 +211,7 @@ def _run_stages(config, data: str, output_dir: Path, todo, plan: dict, summary: 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="train", description="staged training of medvlm on accelerate")
     parser.add_argument("stage", choices=(*STAGES, "all"))
-    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--config", default="demo", help="a YAML config or a preset name (demo, tiny, hnc_gpu, ...)")
     parser.add_argument("--data", required=True, help="dataset folder with datalist.json")
     parser.add_argument("--output", required=True, help="run folder")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of each stage")

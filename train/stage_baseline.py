@@ -43,7 +43,8 @@ class BaselineTrainer(BestDiceMixin, StageTrainer):
         self.mirror = self.mirror_prob("the segmentation stage it mirrors trains on cached features" if cached else None)
         self.model = build_baseline(self.config.models, self.config.data.preprocess)
         try:
-            self.validation_cases = load_cases(self.data_dir, self.config, "validation")
+            # cases without contours cannot be scored: validation uses the labelled ones
+            self.validation_cases = [c for c in load_cases(self.data_dir, self.config, "validation") if c.label is not None]
         except Exception:  # a datalist without validation split
             self.validation_cases = []
         self.best = (-1.0, None)

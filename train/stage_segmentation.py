@@ -161,7 +161,8 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
                       for case in self.cases]
         self.best = (-1.0, None)
         try:
-            self.validation_cases = load_cases(self.data_dir, self.config, "validation")
+            # cases without contours cannot be scored: validation uses the labelled ones
+            self.validation_cases = [c for c in load_cases(self.data_dir, self.config, "validation") if c.label is not None]
         except Exception:  # a datalist without validation split: validate on nothing
             self.validation_cases = []
         self.presence_pool = self._presence_pool()

@@ -131,9 +131,9 @@ class VAETrainer(StageTrainer):
                                    mask_scale=[max(float(v), 0.05) for v in channels.std(1)])
             # the level at which a structure channel alone reads as inside, decided on the validation split
             # (the training cases when there is none)
-            held_out = load_cases(self.data_dir, self.config, "validation") or cases
+            held_out = [c for c in load_cases(self.data_dir, self.config, "validation") if c.label is not None] or cases
             vae.register_to_config(mask_field_thresholds=vae.fit_field_thresholds(
-                [c.label[None].to(self.device) for c in held_out]))
+                [c.label[None].to(self.device) for c in held_out if c.label is not None]))
         vae.save_pretrained(folder / "vae")
 
     @torch.no_grad()
