@@ -223,6 +223,10 @@ def test_contour_finds_the_neck_in_a_longer_ct_and_leaves_the_rest_empty(pipes, 
     volume, affine = _neck_on_a_trunk(case)
     crop, note = head_neck_region(volume, affine, extent_mm=32 * 6.0)
     assert crop[2] == slice(16, 48) and "head-and-neck region only" in note
+    # narrow down to its inferior end and longer than the ROI (a head-only scan): said, not hidden
+    head_only = volume[:, :, 16:]
+    crop, note = head_neck_region(head_only, affine, extent_mm=16 * 6.0)
+    assert crop[2] == slice(0, 16) and "no shoulders in this CT" in note and "neck is not in it" in note
     # the same with the head towards index 0 (an LPI-stored CT): the region follows the patient, not the array
     flipped = np.diag([6.0, 6.0, -6.0, 1.0])
     assert head_neck_region(volume[:, :, ::-1], flipped, extent_mm=32 * 6.0)[0][2] == slice(0, 32)

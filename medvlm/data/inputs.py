@@ -114,8 +114,14 @@ def head_neck_region(volume: np.ndarray, affine: np.ndarray, extent_mm: float, *
         return None, ""
     crop = [slice(None)] * 3
     crop[si] = slice(low, high)
-    note = (f"contoured the head-and-neck region only: {high - low} of {volume.shape[si]} axial slices above the "
-            f"shoulders (body narrower than {max_width_mm:g} mm); masks are empty elsewhere")
+    shoulders = first > occupied[0] if superior else last - 1 < occupied[-1]  # a wider body below the narrow run
+    if shoulders:
+        note = (f"contoured the head-and-neck region only: {high - low} of {volume.shape[si]} axial slices above the "
+                f"shoulders (body narrower than {max_width_mm:g} mm); masks are empty elsewhere")
+    else:  # narrow down to the CT's inferior end: a head-only scan, or a neck scan that stops above the shoulders
+        note = (f"no shoulders in this CT (the body is narrower than {max_width_mm:g} mm down to its inferior end): "
+                f"contoured its inferior {high - low} of {volume.shape[si]} axial slices; if the scan stops above the "
+                "neck, the neck is not in it (pass region_mm to choose the slices); masks are empty elsewhere")
     return tuple(crop), note
 
 
