@@ -12,6 +12,7 @@ from medvlm.models.factory import build_contrastive
 from medvlm.text.prompts import label_phrases
 from train.common import StageTrainer
 from train.data import augmentation, collate, load_cases
+from medvlm.text.encoders import tokenize_reports
 
 
 class ContrastiveLoss(nn.Module):
@@ -59,8 +60,7 @@ class ContrastiveTrainer(StageTrainer):
         indices = self.batcher.indices(index)
         batch = collate(self.cases, indices, self.augment, self.config.training.seed, self.batcher.epoch(index),
                         mirror_prob=self.mirror)
-        tokens = self.tokenizer(batch["prompt"], padding=True, truncation=True, max_length=self.config.text.max_length,
-                                return_tensors="pt")
+        tokens = tokenize_reports(self.tokenizer, batch["prompt"], self.config.text.max_length)
         inputs = {"images": batch["image"], "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
                   "labels": batch["labels"]}
         c = self.stage_config

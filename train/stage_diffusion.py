@@ -20,6 +20,7 @@ from medvlm.models import CTAutoencoderKL
 from medvlm.models.factory import PREDICTION_TYPES, build_unet, is_flow_matching, noised_latents, training_scheduler
 from train.common import StageTrainer, TrainingError
 from train.data import augmentation, collate, has_side, load_cases, mirror_drawn, report_fields
+from medvlm.text.encoders import tokenize_reports
 
 
 def load_upstream(output_dir: Path, stage: str, component: str) -> Path:
@@ -125,8 +126,7 @@ class DiffusionTrainer(StageTrainer):
 
         cases = self.cases + ([mirror_case(c) for c in self.cases] if self.mirror else [])
         # one padding length for all cases (the longest prompt), so cached token states stack into batches
-        tokens = self.tokenizer([c.prompt for c in cases], padding=True, truncation=True,
-                                max_length=self.config.text.max_length, return_tensors="pt")
+        tokens = tokenize_reports(self.tokenizer, [c.prompt for c in cases], self.config.text.max_length)
         latents, states = [], []
         for number, case in enumerate(tqdm(cases, desc="diffusion: caching latents",
                                            disable=not self.accelerator.is_local_main_process)):
@@ -167,8 +167,7 @@ class DiffusionTrainer(StageTrainer):
         images = batch["image"]
         factor = self.vae.compression
         shape = (images.shape[0], self.vae.generation_channels, *(s // factor for s in images.shape[2:]))
-        tokens = self.tokenizer(batch["prompt"], padding=True, truncation=True, max_length=self.config.text.max_length,
-                                return_tensors="pt")
+        tokens = tokenize_reports(self.tokenizer, batch["prompt"], self.config.text.max_length)
         inputs = {"images": images, "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
                   **self._noise(index, shape)}
         if self.paired:

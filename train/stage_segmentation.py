@@ -20,6 +20,7 @@ from train.common import BestDiceMixin, StageTrainer
 from train.data import (aligned_corner, augmentation, case_side_map, collate, cut_patch, load_cases, report_fields,
                         structure_presence)
 from train.stage_diffusion import load_upstream
+from medvlm.text.encoders import tokenize_reports
 
 
 def segmentation_loss(settings) -> nn.Module:
@@ -211,8 +212,7 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
 
         cache = []
         # one padding length for all cases (the longest prompt), so cached token states stack into batches
-        everything = self.tokenizer([c.prompt for c in self.cases], padding=True, truncation=True,
-                                    max_length=self.config.text.max_length, return_tensors="pt")
+        everything = tokenize_reports(self.tokenizer, [c.prompt for c in self.cases], self.config.text.max_length)
         starts = range(0, len(self.cases), self.cache_batch)
         for start in tqdm(starts, desc="segmentation: caching frozen features", unit="batch",
                           disable=not self.accelerator.is_local_main_process):
@@ -252,8 +252,7 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
         batch = collate(self.cases, self.batcher.indices(index), self.augment, self.config.training.seed, self.batcher.epoch(index),
                         mirror_prob=self.mirror, side_margin=self.side_margin, config=self.config,
                         coordinates=bool(self.patch))
-        tokens = self.tokenizer(batch["prompt"], padding=True, truncation=True, max_length=self.config.text.max_length,
-                                return_tensors="pt")
+        tokens = tokenize_reports(self.tokenizer, batch["prompt"], self.config.text.max_length)
         generator = self.step_generator(index)
         return {"images": batch["image"], "labels": batch["label"], "input_ids": tokens["input_ids"],
                 "attention_mask": tokens["attention_mask"], **self._presence_rows(index),
@@ -272,8 +271,7 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
             return None
         if self.stage_config.presence_batch_size < 1:
             raise ConfigError(f"training.segmentation.presence_batch_size must be >= 1, got {self.stage_config.presence_batch_size}")
-        tokens = self.tokenizer([case.prompt for case in self.cases], padding=True, truncation=True,
-                                max_length=self.config.text.max_length, return_tensors="pt").to(self.device)
+        tokens = tokenize_reports(self.tokenizer, [case.prompt for case in self.cases], self.config.text.max_length).to(self.device)
         states = self.text_encoder(**tokens).last_hidden_state.cpu()
         present = [structure_presence(case.label, side, self.side_margin or 0.0)
                    for case, side in zip(self.cases, self.sides)]
@@ -298,8 +296,7 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
     @torch.no_grad()
     def _validation_features(self, case) -> tuple:
         """:func:`fused_features` of one validation case with its report, and the report's states, mask and fields."""
-        tokens = self.tokenizer([case.prompt], padding=True, truncation=True, max_length=self.config.text.max_length,
-                                return_tensors="pt").to(self.device)
+        tokens = tokenize_reports(self.tokenizer, [case.prompt], self.config.text.max_length).to(self.device)
         states = self.text_encoder(**tokens).last_hidden_state
         fields = self._fields([case])
         features, _, fused = fused_features(self.vae, self.unwrap(self.unet), case.image[None].to(self.device), states,

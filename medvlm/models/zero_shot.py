@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from medvlm.models.contrastive import MedCLIPModel
 from medvlm.text.deid import Deidentifier, check_text
 from medvlm.text.prompts import class_prompts
+from medvlm.text.encoders import tokenize_reports
 
 
 class ZeroShotClassifier:
@@ -36,7 +37,7 @@ class ZeroShotClassifier:
         return next(self.model.parameters()).device
 
     def _encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        batch = tokenize_reports(self.tokenizer, list(texts), self.max_length)
         return self.model.encode_text(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
 
     @torch.no_grad()

