@@ -183,17 +183,16 @@ def has_side(case: Case) -> bool:
     return side_of_labels(case.labels)[0] is not None
 
 
-def mirror_drawn(mirror_prob: float, seed: int, epoch: int, index: int) -> bool:
-    """Whether case ``index`` is mirrored in ``epoch``: a function of (seed, epoch, case) only."""
-    return mirror_prob > 0 and np.random.default_rng([seed, epoch, index, 17]).random() < mirror_prob
+def is_mirrored(case: Case, mirror_prob: float, seed: int, epoch: int, index: int, keep_side: bool = False) -> bool:
+    """Whether case ``index`` is mirrored in ``epoch``: drawn from (seed, epoch, case) only; ``keep_side``: a case
+    whose report has a side is never mirrored (training in a canonical side)."""
+    drawn = mirror_prob > 0 and np.random.default_rng([seed, epoch, index, 17]).random() < mirror_prob
+    return drawn and not (keep_side and has_side(case))
 
 
 def mirrored(case: Case, mirror_prob: float, seed: int, epoch: int, index: int, keep_side: bool = False) -> Case:
-    """``case`` or its mirror image, drawn from (seed, epoch, case) like every other augmentation;
-    ``keep_side``: a case whose report has a side is never mirrored (training in a canonical side)."""
-    if mirror_drawn(mirror_prob, seed, epoch, index) and not (keep_side and has_side(case)):
-        return mirror_case(case)
-    return case
+    """``case`` or its mirror image (:func:`is_mirrored`), like every other augmentation."""
+    return mirror_case(case) if is_mirrored(case, mirror_prob, seed, epoch, index, keep_side) else case
 
 
 def collate(cases: list[Case], indices: list[int], transform: Compose | None, seed: int, epoch: int,

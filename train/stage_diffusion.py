@@ -19,7 +19,7 @@ from medvlm.config import preprocess_to_dict
 from medvlm.models import CTAutoencoderKL
 from medvlm.models.factory import PREDICTION_TYPES, build_unet, is_flow_matching, noised_latents, training_scheduler
 from train.common import StageTrainer, TrainingError
-from train.data import augmentation, collate, has_side, load_cases, mirror_drawn, report_fields
+from train.data import augmentation, collate, is_mirrored, load_cases, report_fields
 from medvlm.text.encoders import tokenize_reports
 
 
@@ -154,8 +154,7 @@ class DiffusionTrainer(StageTrainer):
             if self.mirror:  # the cached mirror image of a case, drawn as train.data.mirrored draws it
                 n, seed, epoch = len(self.cases), self.config.training.seed, self.batcher.epoch(index)
                 keep = self.canonical_side is not None
-                indices = [i + n if mirror_drawn(self.mirror, seed, epoch, int(i)) and not (keep and has_side(self.cases[i]))
-                           else i for i in indices]
+                indices = [i + n if is_mirrored(self.cases[i], self.mirror, seed, epoch, int(i), keep) else i for i in indices]
             latents = self.cache["latents"][indices]
             inputs = {"latents": latents, "states": self.cache["states"][indices],
                       "attention_mask": self.cache["mask"][indices], **self._noise(index, latents.shape)}
