@@ -19,6 +19,7 @@ from medvlm.errors import ConfigError
 
 
 MASK_DECODINGS = ("joint", "fields")  # how generated contours are read (models.vae.mask_decoding)
+BACKBONES = ("compact", "monai_kl", "maisi")  # models.vae.backbone
 
 
 @dataclass
@@ -106,15 +107,26 @@ class VAEModelConfig:
     # together with the CT latent) or "fields" (from the structure channels alone, interpolated to the CT grid
     # and cut at each structure's level chosen on the validation split; needs mask_encoding: distance)
     mask_decoding: str = "joint"
-    # "compact" (norm-free MONAI convolutions and strided convolutions, fast to train) or "monai_kl" (MONAI's
-    # AutoencoderKL: GroupNorm residual blocks, optional attention)
+    # "compact" (norm-free MONAI convolutions and strided convolutions, fast to train), "monai_kl" (MONAI's
+    # AutoencoderKL: GroupNorm residual blocks, optional attention) or "maisi" (MONAI's MAISI autoencoder, to load
+    # its published weights: channels [64, 128, 256], num_res_blocks 2, norm_num_groups 32, latent_channels 4)
     backbone: str = "compact"
-    # start from these weights (a save_pretrained folder, or the name of weights shipped in medvlm/weights)
+    # the HU window the network reads, scaled to [0, 1] and clipped; empty: MAISI's -1000..1000 for backbone maisi,
+    # the preprocessing's model range as it is for the others
+    network_hu_window: tuple[float, ...] = ()
+    # start from these weights: a save_pretrained folder, the name of weights shipped in medvlm/weights, or (backbone
+    # maisi) MAISI's .pt state dict
     pretrained_path: str = ""
 
     def __post_init__(self):
-        if self.backbone not in ("compact", "monai_kl"):
-            raise ConfigError(f"models.vae.backbone must be 'compact' or 'monai_kl', got {self.backbone!r}")
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"models.vae.backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if self.network_hu_window and (len(self.network_hu_window) != 2
+                                       or not self.network_hu_window[0] < self.network_hu_window[1]):
+            raise ConfigError(f"models.vae.network_hu_window must be [low, high] HU, got {list(self.network_hu_window)}")
+        if self.backbone == "maisi" and self.mask_channels and self.mask_decoding != "fields":
+            raise ConfigError("models.vae.backbone: maisi keeps MAISI's decoder, which decodes the CT only: paired "
+                              "structures are read from their channels; set models.vae.mask_decoding: fields")
         if self.mask_encoding not in ("fraction", "distance"):
             raise ConfigError(f"models.vae.mask_encoding must be 'fraction' or 'distance', got {self.mask_encoding!r}")
         if self.mask_decoding not in MASK_DECODINGS:

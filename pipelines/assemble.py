@@ -32,7 +32,7 @@ def build_pipelines(config: MedVLMConfig, *, components: dict | None = None, tex
         text_encoder = text_encoder or AutoModel.from_pretrained(path, local_files_only=True)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, local_files_only=True)
     context_dim = int(text_encoder.config.hidden_size)
-    vae = components.get("vae") or build_vae(config.models)
+    vae = components.get("vae") or build_vae(config.models, config.data.preprocess)
     unet = components.get("unet") or build_unet(config.models, context_dim)
     segmentation = components.get("segmentation") or build_segmentation(config.models, context_dim, config.data.preprocess)
     contrastive = components.get("contrastive") or build_contrastive(config.models, config.text, preprocess=config.data.preprocess)

@@ -96,7 +96,7 @@ class VAETrainer(StageTrainer):
         self.patch = tuple(c.patch_size)
         self.augment = augmentation(self.config, with_label=paired or bool(c.lesion_weight), patch_size=self.patch)
         self.mirror = self.mirror_prob()
-        self.vae = build_vae(self.config.models)
+        self.vae = build_vae(self.config.models, self.config.data.preprocess)
         pretrained = self.config.models.vae.pretrained_path
         if pretrained:
             self.vae.load_state_dict(load_pretrained_vae(pretrained, self.config).state_dict())
@@ -149,20 +149,30 @@ class VAETrainer(StageTrainer):
 
 
 def load_pretrained_vae(path: str | Path, config) -> CTAutoencoderKL:
-    """Shipped or user-trained autoencoder weights (a ``save_pretrained`` folder, safetensors), checked
-    against ``models.vae``: another shape is a clear error, not a partial load."""
-    from medvlm.errors import ConfigError
+    """Autoencoder weights to start from, checked against ``models.vae``: a ``save_pretrained`` folder (shipped or
+    user-trained, safetensors) or, for ``backbone: maisi``, MONAI MAISI's ``.pt``/``.safetensors`` state dict.
+    Another shape is a clear error, not a partial load."""
+    from medvlm.errors import ConfigError, InputError
     from medvlm.models.factory import resolve_weights_path
 
+    expected = build_vae(config.models, config.data.preprocess)
+    file = Path(str(path)).expanduser()
+    if file.is_file():
+        if config.models.vae.backbone != "maisi":
+            raise ConfigError(f"models.vae.pretrained_path {path} is a file: weights files are MAISI autoencoder state "
+                              "dicts (set models.vae.backbone: maisi); other autoencoders load from a save_pretrained folder")
+        try:
+            return expected.load_maisi_checkpoint(file)
+        except InputError as exc:
+            raise ConfigError(f"models.vae.pretrained_path: {exc}") from None
     folder = resolve_weights_path(path)
     try:
         vae = CTAutoencoderKL.from_pretrained(folder)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"models.vae.pretrained_path {path}: not a loadable CTAutoencoderKL folder ({exc})") from None
-    expected = build_vae(config.models).config
-    differ = [k for k in ("latent_channels", "channels", "num_res_blocks", "mask_channels", "norm_num_groups",
+    differ = [k for k in ("backbone", "latent_channels", "channels", "num_res_blocks", "mask_channels", "norm_num_groups",
                         "mask_encoding", "mask_distance")
-              if list(_listed(vae.config[k])) != list(_listed(expected[k]))]
+              if list(_listed(vae.config[k])) != list(_listed(expected.config[k]))]
     if differ:
         raise ConfigError(f"models.vae.pretrained_path {path} was built with other {', '.join(differ)} than models.vae "
                           f"({', '.join(f'{k}={vae.config[k]}' for k in differ)})")

@@ -40,12 +40,20 @@ def resolve_weights_path(path: str | Path) -> Path:
     raise ConfigError(f"weights folder {path} not found (neither a folder nor shipped weights; shipped: {names or 'none'})")
 
 
-def build_vae(models: ModelsConfig) -> CTAutoencoderKL:
+def build_vae(models: ModelsConfig, preprocess: PreprocessConfig | None = None) -> CTAutoencoderKL:
+    """The autoencoder of ``models.vae``; ``preprocess`` (``data.preprocess``) fixes the model range it is given
+    (a network that reads its own HU window, as MAISI's, converts from it)."""
+    from medvlm.models.vae import MAISI_HU_WINDOW
+
     v = models.vae
+    preprocess = preprocess or PreprocessConfig()
+    window = tuple(v.network_hu_window) or (MAISI_HU_WINDOW if v.backbone == "maisi" else None)
     return CTAutoencoderKL(latent_channels=v.latent_channels, channels=v.channels, num_res_blocks=v.num_res_blocks,
                            norm_num_groups=v.norm_num_groups, with_nonlocal_attn=v.with_nonlocal_attn,
                            mask_channels=v.mask_channels, backbone=v.backbone,
-                           mask_encoding=v.mask_encoding, mask_distance=v.mask_distance)
+                           mask_encoding=v.mask_encoding, mask_distance=v.mask_distance,
+                           network_hu_window=window, input_hu_window=tuple(preprocess.hu_window),
+                           input_range=tuple(preprocess.output_range))
 
 
 def build_unet(models: ModelsConfig, context_dim: int) -> ReportConditionedUNet3D:
@@ -172,7 +180,7 @@ def build_all(config: MedVLMConfig, *, pretrained_text: bool = True, tokenizer=N
     models = config.models
     components: dict[str, torch.nn.Module] = {
         "contrastive": build_contrastive(models, config.text, pretrained_text=pretrained_text, preprocess=config.data.preprocess),
-        "vae": build_vae(models),
+        "vae": build_vae(models, config.data.preprocess),
         "unet": build_unet(models, context_dim),
         "segmentation": build_segmentation(models, context_dim, config.data.preprocess),
     }

@@ -12,6 +12,7 @@ the mask channels (a tumour is drawn where the GTVp channel says), which report 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -19,6 +20,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 - diffusers finds the base class in this module when loading
 
+from medvlm.config import BACKBONES
+from medvlm.errors import InputError
 from medvlm.models.base import AlignedModelMixin
 from diffusers.utils import BaseOutput
 from monai.inferers import sliding_window_inference
@@ -28,6 +31,9 @@ from monai.transforms.utils import distance_transform_edt
 from torch import nn
 
 MASK_ENCODINGS = ("fraction", "distance")
+# what MAISI's autoencoder reads: HU -1000..1000 scaled to [0, 1] and clipped (MONAI's MAISI recipe,
+# ScaleIntensityRange a_min=-1000, a_max=1000, b_min=0, b_max=1, clip=True)
+MAISI_HU_WINDOW = (-1000.0, 1000.0)
 
 
 class CompactEncoder(nn.Module):
@@ -124,6 +130,14 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
     ``mask_field_thresholds``: per structure channel, the level of its interpolated channel that separates inside
     from outside when masks are read from the structure channels alone (:meth:`structure_field_logits`; set from
     data at export).
+
+    ``backbone="maisi"`` is MONAI's MAISI autoencoder (``AutoencoderKlMaisi``; its published configuration is
+    ``channels=(64, 128, 256)``, ``num_res_blocks=2``, ``norm_num_groups=32``, ``latent_channels=4``), loaded from
+    its ``.pt`` state dict with :meth:`load_maisi_checkpoint`. Its decoder is kept as published, so the structures
+    of a paired MAISI autoencoder are read from their channels alone (:meth:`structure_field_logits`).
+    ``network_hu_window``: the HU window the network reads, scaled to [0, 1] and clipped (MAISI: -1000..1000); the
+    caller passes and receives the model range given by ``input_hu_window``/``input_range`` (the preprocessing's),
+    converted at the network's input and output. ``None`` (the other backbones): the network reads the model range.
     """
 
     @register_to_config
@@ -133,7 +147,9 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
                  with_nonlocal_attn: bool = False, scaling_factor: float = 1.0, mask_channels: int = 0,
                  backbone: str = "monai_kl", mask_encoding: str = "fraction", mask_distance: float = 4.0,
                  mask_shift: Sequence[float] | None = None, mask_scale: Sequence[float] | None = None,
-                 mask_field_thresholds: Sequence[float] | None = None):
+                 mask_field_thresholds: Sequence[float] | None = None,
+                 network_hu_window: Sequence[float] | None = None,
+                 input_hu_window: Sequence[float] = (-1000.0, 1500.0), input_range: Sequence[float] = (-1.0, 1.0)):
         super().__init__()
         if mask_channels < 0:
             raise ValueError(f"mask_channels must be >= 0, got {mask_channels}")
@@ -147,14 +163,30 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
                 raise ValueError(f"{name} needs one value per structure channel ({mask_channels}), got {len(values)}")
         if mask_scale is not None and not all(float(v) > 0 for v in mask_scale):
             raise ValueError(f"mask_scale values must be > 0, got {list(mask_scale)}")
-        if backbone not in ("compact", "monai_kl"):
-            raise ValueError(f"backbone must be 'compact' or 'monai_kl', got {backbone!r}")
+        if backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+        for name, pair in (("network_hu_window", network_hu_window), ("input_hu_window", input_hu_window),
+                           ("input_range", input_range)):
+            if pair is not None and (len(pair) != 2 or not float(pair[0]) < float(pair[1])):
+                raise ValueError(f"{name} must be (low, high) with low < high, got {pair}")
         levels = _as_levels(num_res_blocks, len(channels))
         if backbone == "compact":
             self.encoder = CompactEncoder(in_channels, channels, latent_channels, levels)
             self.decoder = CompactDecoder(latent_channels + mask_channels, channels, out_channels + mask_channels, levels)
             return
         attention_levels = tuple(attention_levels) if attention_levels is not None else (False,) * len(channels)
+        if backbone == "maisi":
+            from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+
+            # the published decoder reads the CT latent only; splitting convolutions (num_splits) and float16
+            # norms are MAISI's GPU memory savers, replaced here by tiled encode/decode (same weights either way)
+            self.network = AutoencoderKlMaisi(
+                spatial_dims=3, in_channels=in_channels, out_channels=out_channels, num_res_blocks=levels,
+                num_channels=tuple(channels), attention_levels=attention_levels, latent_channels=latent_channels,
+                norm_num_groups=norm_num_groups, norm_eps=1e-6, with_encoder_nonlocal_attn=with_nonlocal_attn,
+                with_decoder_nonlocal_attn=with_nonlocal_attn, use_convtranspose=False, num_splits=1, dim_split=0,
+                norm_float16=False, save_mem=False)
+            return
         self.network = MonaiAutoencoderKL(
             spatial_dims=3, in_channels=in_channels, out_channels=out_channels, latent_channels=latent_channels,
             channels=tuple(channels), num_res_blocks=num_res_blocks, attention_levels=attention_levels,
@@ -292,6 +324,26 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
         return (torch.as_tensor(shift, device=like.device, dtype=like.dtype).view(view),
                 torch.as_tensor(scale, device=like.device, dtype=like.dtype).view(view))
 
+    def _to_network(self, x: torch.Tensor) -> torch.Tensor:
+        """The model range (``input_hu_window`` <-> ``input_range``) -> what the network reads."""
+        window = self.config.network_hu_window
+        if window is None:
+            return x
+        (h0, h1), (r0, r1), (w0, w1) = (tuple(map(float, v)) for v in (self.config.input_hu_window,
+                                                                      self.config.input_range, window))
+        hu = (x - r0) / (r1 - r0) * (h1 - h0) + h0
+        return ((hu - w0) / (w1 - w0)).clamp(0.0, 1.0)
+
+    def _from_network(self, y: torch.Tensor) -> torch.Tensor:
+        """What the network decodes -> the model range (the inverse of :meth:`_to_network` inside its window)."""
+        window = self.config.network_hu_window
+        if window is None:
+            return y
+        (h0, h1), (r0, r1), (w0, w1) = (tuple(map(float, v)) for v in (self.config.input_hu_window,
+                                                                      self.config.input_range, window))
+        hu = y.float() * (w1 - w0) + w0
+        return ((hu - h0) / (h1 - h0) * (r1 - r0) + r0).to(y.dtype)
+
     def _encode_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run MONAI's encoder block by block, keeping the last map at each resolution."""
         if self.config.backbone == "compact":
@@ -309,7 +361,7 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
 
     def encode(self, x: torch.Tensor, return_dict: bool = True, return_features: bool = False):
         """Encode ``x`` (B, C, X, Y, Z) to a latent distribution (and multi-scale features on request)."""
-        h, features = self._encode_with_features(x)
+        h, features = self._encode_with_features(self._to_network(x))
         if self.config.backbone == "compact":
             mu, log_var = h.chunk(2, dim=1)
             log_var = torch.clamp(log_var, -30.0, 20.0)
@@ -327,17 +379,23 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
         takes the structure channels ``mask_latents`` (:meth:`encode_masks`) and returns their mask logits."""
         mask_channels = int(self.config.mask_channels)
         compact = self.config.backbone == "compact"
-        if not mask_channels:
+        maisi = self.config.backbone == "maisi"  # its decoder reads the CT latent alone: structures are optional
+        if mask_channels and not (maisi and mask_latents is None) and (
+                mask_latents is None or mask_latents.shape[1] != mask_channels or mask_latents.shape[2:] != z.shape[2:]):
+            got = None if mask_latents is None else tuple(mask_latents.shape)
+            raise ValueError(f"this paired autoencoder decodes {mask_channels} structure channels at the latent's "
+                             f"grid {tuple(z.shape[2:])} with the CT latent; got mask_latents {got}")
+        if not mask_channels or (maisi and mask_latents is None):
             sample, logits = (self.decoder(z) if compact else self.network.decode(z)), None
+        elif maisi:  # the published decoder: the CT only; masks from their channels
+            sample = self.network.decode(z)
+            logits = self.structure_field_logits(mask_latents, sample.shape[2:])
         else:
-            if mask_latents is None or mask_latents.shape[1] != mask_channels or mask_latents.shape[2:] != z.shape[2:]:
-                got = None if mask_latents is None else tuple(mask_latents.shape)
-                raise ValueError(f"this paired autoencoder decodes {mask_channels} structure channels at the latent's "
-                                 f"grid {tuple(z.shape[2:])} with the CT latent; got mask_latents {got}")
             h = z if compact else self.network.post_quant_conv(z)
             joint = torch.cat([h, mask_latents.to(z.dtype)], dim=1)
             out = self.decoder(joint) if compact else self.network.decoder(joint)
             sample, logits = out[:, : self.config.out_channels], out[:, self.config.out_channels:]
+        sample = self._from_network(sample)
         return CTDecoderOutput(sample=sample, mask_logits=logits) if return_dict else (sample, logits)
 
     def forward(self, sample: torch.Tensor, masks: torch.Tensor | None = None, sample_posterior: bool = False,
@@ -349,6 +407,40 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
             raise ValueError(f"this paired autoencoder needs the {self.config.mask_channels} structure masks to decode")
         decoded = self.decode(z, self.encode_masks(masks) if self.config.mask_channels else None)
         return decoded if return_dict else (decoded.sample, decoded.mask_logits)
+
+    # ------------------------------------------------------------------ MAISI weights
+    def load_maisi_checkpoint(self, path: str | Path) -> "CTAutoencoderKL":
+        """Load MONAI MAISI autoencoder weights into this ``backbone="maisi"`` model (in place; returns self).
+
+        ``path``: the ``.pt`` state dict MONAI publishes (``torch.load(..., weights_only=True)``: a file holding
+        anything but tensors is refused, never unpickled; a ``{"unet_state_dict": ...}`` wrapper and a DDP
+        ``module.`` prefix are unwrapped) or a ``.safetensors`` file. Loading is strict: keys or shapes that do not
+        match this model's MAISI configuration raise :class:`~medvlm.errors.InputError` listing them.
+        """
+        if self.config.backbone != "maisi":
+            raise InputError(f"MAISI weights load into an autoencoder with backbone 'maisi', not {self.config.backbone!r}")
+        state = read_state_dict(path)
+        if "unet_state_dict" in state and isinstance(state["unet_state_dict"], dict):
+            state = state["unet_state_dict"]
+        if state and all(k.startswith("module.") for k in state):
+            state = {k[len("module."):]: v for k, v in state.items()}
+        if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise InputError(f"{path} is not a state dict of tensors (MAISI publishes the autoencoder's state_dict)")
+        expected = self.network.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        shapes = sorted(f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
+                        for k in set(expected) & set(state) if state[k].shape != expected[k].shape)
+        if missing or unexpected or shapes:
+            def listed(names):
+                return ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+            problems = [f"{label}: {listed(names)}" for label, names in
+                        (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if names]
+            raise InputError(f"{path} does not match the MAISI autoencoder of this configuration (channels "
+                             f"{list(self.config.channels)}, num_res_blocks {self.config.num_res_blocks}, latent_channels "
+                             f"{self.config.latent_channels}); " + "; ".join(problems))
+        self.network.load_state_dict(state, strict=True)
+        return self
 
     # ------------------------------------------------------------------ tiles (bounded memory)
     def tiled_encode_mean(self, x: torch.Tensor, tile_size: Sequence[int], overlap: float = 0.25,
@@ -378,6 +470,31 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
     def _check_tile(self, tile_size: Sequence[int]) -> None:
         if any(int(s) % self.compression for s in tile_size):
             raise ValueError(f"tile_size {tuple(tile_size)} must be a multiple of the compression {self.compression}")
+
+
+def read_state_dict(path: str | Path) -> dict:
+    """A weights file as a dict without running code: ``.safetensors``, or a torch checkpoint read with
+    ``weights_only=True`` (pickled objects other than tensors and containers are refused)."""
+    import pickle
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"weights file {path} not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return dict(load_file(str(path)))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path} was refused: it holds pickled objects other than tensors, which could run code "
+                         f"when loaded ({first})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise InputError(f"{path} is not a readable weights file (corrupted or truncated?): {exc}") from None
+    if not isinstance(state, dict):
+        raise InputError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return state
 
 
 def _as_levels(value: int | Sequence[int], levels: int) -> tuple[int, ...]:
