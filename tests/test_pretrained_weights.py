@@ -178,3 +178,133 @@ def test_a_frozen_maisi_autoencoder_carries_report_to_ct_and_contouring(maisi_fi
     assert set(masks) == set(again) and len(masks) == 9
     for name in masks:
         assert masks[name].shape == case.image_hu.shape and np.array_equal(masks[name], again[name]), name
+
+
+# ------------------------------------------------------------------------------------------ text towers
+def _word_tokenizer(bos: str, eos: str):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    corpus = ["left right tonsil base of tongue carcinoma cT1 cT2 cT3 cT4 cN0 cN1 cN2 cN3 elective neck levels",
+              "no nodes bilateral ipsilateral parotid spinal cord mandible larynx . ,"]
+    tokenizer.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", bos, eos]))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                   bos_token=bos, eos_token=eos, cls_token=bos, sep_token=eos)
+
+
+def _tiny_text_folder(folder: Path, architecture: str) -> Path:
+    """A BERT-like encoder or a Llama-architecture decoder LM written with ``save_pretrained``, as on the Hub."""
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
+
+    tokenizer = _word_tokenizer("[CLS]", "[SEP]") if architecture == "bert" else _word_tokenizer("<s>", "</s>")
+    torch.manual_seed(0)
+    if architecture == "bert":
+        model = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=128))
+    else:
+        model = LlamaModel(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("architecture", ["bert", "llama"])
+def test_a_local_text_encoder_folder_is_the_report_tower_of_every_model(architecture, tmp_path):
+    """``text.encoder: /path``: the contrastive report tower is the folder's model with its weights, and the
+    diffusion UNet and the segmentation decoder attend to its hidden states (their context width is its width)."""
+    from medvlm.data.phantom import HNCPhantom, PhantomConfig
+    from medvlm.models.factory import build_all
+    from medvlm.text.encoders import TextEncoder
+    from pipelines.assemble import build_pipelines
+
+    folder = _tiny_text_folder(tmp_path / architecture, architecture)
+    config = load_config(CONFIGS / "tiny.yaml")
+    config.text.encoder = str(folder)
+    components = build_all(config)
+    assert components["unet"].config.cross_attention_dim == 32
+    loaded = TextEncoder.from_pretrained(folder)
+    assert loaded.pooling == ("last_token" if architecture == "llama" else "mean")
+    tower = components["contrastive"].text_model
+    for name, value in loaded.model.state_dict().items():  # the tower starts from the folder's weights
+        assert torch.equal(tower.state_dict()[name], value), name
+    # tiny.yaml freezes the token embeddings and the lowest 5 layers: here every layer of either architecture
+    assert not tower.get_input_embeddings().weight.requires_grad
+    layers = tower.encoder.layer if architecture == "bert" else tower.layers
+    assert len(layers) == 2 and not any(p.requires_grad for p in layers.parameters())
+
+    torch.manual_seed(0)
+    pipes = build_pipelines(config, report_texts=["left tonsil carcinoma"] * 4)
+    report = "Left tonsil carcinoma cT2 cN1, ipsilateral elective neck."
+    out = pipes["report_to_ct"](report, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.ct.shape[-3:] == (32, 32, 32) and np.isfinite(out.ct).all()
+    case = HNCPhantom(PhantomConfig(shape=(32, 32, 32), spacing_mm=(6.0, 6.0, 6.0)), seed=0).case(1)
+    masks = pipes["contour"](case.image_hu, report, spacing_mm=case.spacing_mm).masks[0]
+    assert len(masks) == 9
+    probabilities = pipes["zero_shot"](reports=[report], labels={"side": ["left", "right"]}).report_probabilities["side"]
+    assert probabilities.shape == (1, 2) and np.isclose(probabilities.sum(), 1.0, atol=1e-5)
+
+
+def test_text_folders_of_another_kind_or_with_custom_code_are_refused(tmp_path):
+    import json
+
+    from medvlm.text.encoders import TextEncoder
+
+    custom = _tiny_text_folder(tmp_path / "custom", "bert")
+    config = json.loads((custom / "config.json").read_text())
+    config.update(model_type="my_clinical_bert", auto_map={"AutoModel": "modeling_mine.MyModel"})
+    (custom / "config.json").write_text(json.dumps(config))
+    (custom / "modeling_mine.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('code ran')\n")
+    with pytest.raises(InputError, match="could not load a text encoder"):
+        TextEncoder.from_pretrained(custom)
+    assert not (tmp_path / "ran").exists()
+    # a model folder without a tokenizer (a vision model) is not a text encoder
+    from transformers import ViTConfig, ViTModel
+
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                       image_size=32, patch_size=16)).save_pretrained(tmp_path / "vit")
+    with pytest.raises(InputError, match="could not load a text encoder"):
+        TextEncoder.from_pretrained(tmp_path / "vit")
+
+
+# ------------------------------------------------------------------------------------------ PaliGemma drafter
+def test_a_local_paligemma_folder_drafts_through_the_pipeline_and_other_models_are_refused(tmp_path):
+    from transformers import PaliGemmaProcessor
+
+    from medvlm.config import ReportGeneratorModelConfig
+    from medvlm.data.phantom import HNCPhantom, PhantomConfig
+    from medvlm.models.report_generator import build_tiny_paligemma, load_report_generator, train_report_tokenizer
+    from pipelines import ReportGenerationPipeline
+    from pipelines.assemble import build_pipelines
+
+    # a PaliGemma 2-architecture folder as save_pretrained writes it: model, processor (SigLIP image processor at
+    # the model's image size, tokenizer with the <image> token)
+    tokenizer = train_report_tokenizer(["left tonsil carcinoma cT2 cN1", "right larynx cT1 cN0"], vocab_size=300)
+    model, processor = build_tiny_paligemma(tokenizer, ReportGeneratorModelConfig(
+        image_size=48, patch_size=16, vision_hidden_size=32, vision_layers=1, text_hidden_size=32, text_layers=1))
+    model.save_pretrained(tmp_path / "paligemma2-tiny")
+    processor.save_pretrained(tmp_path / "paligemma2-tiny")
+    config = load_config(CONFIGS / "tiny.yaml")
+    config.models.report_generator.pretrained_path = str(tmp_path / "paligemma2-tiny")
+    generator, loaded_processor = load_report_generator(config.models.report_generator.pretrained_path)
+    assert isinstance(loaded_processor, PaliGemmaProcessor)
+    pipes = build_pipelines(config, components={"report_generator": generator, "report_processor": loaded_processor})
+    case = HNCPhantom(PhantomConfig(shape=(32, 32, 32), spacing_mm=(6.0, 6.0, 6.0)), seed=0).case(1)
+    drafting = pipes["report_generation"]
+    first = drafting(case.image_hu, spacing_mm=case.spacing_mm, max_new_tokens=5).reports
+    drafting.save_pretrained(tmp_path / "drafting")
+    again = ReportGenerationPipeline.from_pretrained(tmp_path / "drafting")
+    # the CT is rendered at the folder's image size (48 here; 224 or 448 for PaliGemma 2)
+    assert again.report_processor.image_processor.size["height"] == 48
+    assert again(case.image_hu, spacing_mm=case.spacing_mm, max_new_tokens=5).reports == first
+
+    _tiny_text_folder(tmp_path / "bert", "bert")
+    with pytest.raises(InputError, match="'bert' model"):
+        load_report_generator(tmp_path / "bert")
+    gemma3 = tmp_path / "medgemma"
+    gemma3.mkdir()
+    (gemma3 / "config.json").write_text('{"model_type": "gemma3"}')
+    with pytest.raises(InputError, match="MedGemma"):
+        load_report_generator(gemma3)

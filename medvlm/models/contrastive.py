@@ -108,19 +108,26 @@ class MedCLIPModel(AlignedModelMixin, ConfigMixin):
 
     def freeze_text_layers(self, count: int, embeddings: bool = False) -> None:
         """Freeze the embeddings and the lowest ``count`` transformer layers (0: all trainable, or all but
-        the embeddings when ``embeddings``)."""
+        the embeddings when ``embeddings``). Works on BERT-like encoders (``embeddings``, ``encoder.layer``) and on
+        decoder LMs (the input token embeddings, ``layers`` as in Llama/Mistral/Gemma or ``h`` as in GPT-2)."""
         if count <= 0 and not embeddings:
             return
-        module = getattr(self.text_model, "embeddings", None)
-        if module is None and embeddings:
-            raise ValueError("freeze_text_embeddings needs a text model with .embeddings (BERT family)")
-        if module is not None:
-            module.requires_grad_(False)
+        # BERT-like: word, position and type embeddings; others: the token embeddings
+        module = getattr(self.text_model, "embeddings", None) or self.text_model.get_input_embeddings()
+        module.requires_grad_(False)
         if count <= 0:
             return
-        layers = getattr(getattr(self.text_model, "encoder", None), "layer", None)
+        layers = None
+        for path in ("encoder.layer", "layers", "h", "encoder.layers", "transformer.layer"):
+            layers = self.text_model
+            for name in path.split("."):
+                layers = getattr(layers, name, None)
+            if isinstance(layers, torch.nn.ModuleList):
+                break
+            layers = None
         if layers is None:
-            raise ValueError("frozen_text_layers needs an encoder with .encoder.layer (BERT family)")
+            raise ValueError(f"frozen_text_layers: no transformer layer list found in {type(self.text_model).__name__} "
+                             "(looked for encoder.layer, layers, h); set models.contrastive.frozen_text_layers: 0")
         for layer in list(layers)[:count]:
             layer.requires_grad_(False)
 

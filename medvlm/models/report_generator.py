@@ -78,10 +78,21 @@ def load_report_generator(folder: str | os.PathLike):
     """Model and processor from a local folder (ours or real ``paligemma2-*`` weights); never downloads."""
     from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
-    folder = Path(folder)
+    import json
+
+    folder = Path(folder).expanduser()
     if not folder.is_dir() or not (folder / "config.json").is_file():
         raise InputError(f"report generator folder {folder} not found or has no config.json; medvlm loads "
                          "PaliGemma2 only from local folders (download the weights yourself, then pass the path)")
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise InputError(f"report generator folder {folder}: config.json is not a JSON object ({exc})") from None
+    if model_type != "paligemma":
+        hint = (" (MedGemma and Gemma 3 use another prompt format and processor, not supported as the drafter)"
+                if str(model_type).startswith("gemma3") else "")
+        raise InputError(f"report generator folder {folder} holds a {model_type!r} model; the drafter loads "
+                         f"PaliGemma-architecture folders (model_type 'paligemma': PaliGemma, PaliGemma 2){hint}")
     try:
         model = PaliGemmaForConditionalGeneration.from_pretrained(folder, local_files_only=True)
         processor = PaliGemmaProcessor.from_pretrained(folder, local_files_only=True)
