@@ -11,7 +11,7 @@ from medvlm.errors import ConfigError
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["tiny", "demo", "hnc_gpu"])
+@pytest.mark.parametrize("name", ["tiny", "demo", "hnc_gpu", "hnc_gpu_maisi"])
 def test_presets_load(name):
     config = load_config(CONFIGS / f"{name}.yaml")
     assert config.name == name
@@ -21,6 +21,28 @@ def test_presets_load(name):
 def test_gpu_preset_uses_the_seed_roi():
     config = load_config(CONFIGS / "hnc_gpu.yaml")
     assert sorted(config.data.preprocess.roi_size) == [64, 352, 352]
+
+
+def test_maisi_preset_builds_the_published_maisi_autoencoder():
+    """hnc_gpu_maisi's autoencoder has the parameter names and shapes of MONAI's MAISI autoencoder as MAISI
+    configures it (channels 64, 128, 256; 2 residual blocks per level; 32 groups; 4 latent channels), so the
+    published state dict loads strictly; it stays frozen and reads MAISI's HU window."""
+    import torch
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+
+    from medvlm.models.factory import build_vae
+
+    config = load_config(CONFIGS / "hnc_gpu_maisi.yaml")
+    with torch.device("meta"):
+        ours = build_vae(config.models, config.data.preprocess).network.state_dict()
+        published = AutoencoderKlMaisi(spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4,
+                                       num_channels=[64, 128, 256], num_res_blocks=[2, 2, 2], norm_num_groups=32,
+                                       norm_eps=1e-6, attention_levels=[False, False, False],
+                                       with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False,
+                                       use_convtranspose=False, num_splits=8, dim_split=1, norm_float16=True).state_dict()
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in published.items()}
+    assert config.training.vae.steps == 0 and config.models.vae.pretrained_path.endswith(".pt")
+    assert list(build_vae(config.models, config.data.preprocess).config.network_hu_window) == [-1000.0, 1000.0]
 
 
 def test_unknown_key_names_key_and_file(tmp_path):

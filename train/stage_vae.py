@@ -165,6 +165,8 @@ def load_pretrained_vae(path: str | Path, config) -> CTAutoencoderKL:
             return expected.load_maisi_checkpoint(file)
         except InputError as exc:
             raise ConfigError(f"models.vae.pretrained_path: {exc}") from None
+    if file.suffix in (".pt", ".pth", ".ckpt", ".safetensors") and not file.exists():
+        raise ConfigError(f"models.vae.pretrained_path {path}: weights file not found")
     folder = resolve_weights_path(path)
     try:
         vae = CTAutoencoderKL.from_pretrained(folder)

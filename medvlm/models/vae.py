@@ -34,6 +34,8 @@ MASK_ENCODINGS = ("fraction", "distance")
 # what MAISI's autoencoder reads: HU -1000..1000 scaled to [0, 1] and clipped (MONAI's MAISI recipe,
 # ScaleIntensityRange a_min=-1000, a_max=1000, b_min=0, b_max=1, clip=True)
 MAISI_HU_WINDOW = (-1000.0, 1000.0)
+# the keys under which MAISI's scripts (and forks of them) store the autoencoder's state dict in a checkpoint
+MAISI_CHECKPOINT_KEYS = ("unet_state_dict", "autoencoder_state_dict", "autoencoder", "state_dict", "model")
 
 
 class CompactEncoder(nn.Module):
@@ -413,15 +415,17 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
         """Load MONAI MAISI autoencoder weights into this ``backbone="maisi"`` model (in place; returns self).
 
         ``path``: the ``.pt`` state dict MONAI publishes (``torch.load(..., weights_only=True)``: a file holding
-        anything but tensors is refused, never unpickled; a ``{"unet_state_dict": ...}`` wrapper and a DDP
-        ``module.`` prefix are unwrapped) or a ``.safetensors`` file. Loading is strict: keys or shapes that do not
+        anything but tensors is refused, never unpickled; a wrapper dict such as MAISI's ``{"unet_state_dict": ...}``
+        (:data:`MAISI_CHECKPOINT_KEYS`) and a DDP ``module.`` prefix are unwrapped) or a ``.safetensors`` file. Loading is strict: keys or shapes that do not
         match this model's MAISI configuration raise :class:`~medvlm.errors.InputError` listing them.
         """
         if self.config.backbone != "maisi":
             raise InputError(f"MAISI weights load into an autoencoder with backbone 'maisi', not {self.config.backbone!r}")
         state = read_state_dict(path)
-        if "unet_state_dict" in state and isinstance(state["unet_state_dict"], dict):
-            state = state["unet_state_dict"]
+        for wrapper in MAISI_CHECKPOINT_KEYS:
+            if isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+                break
         if state and all(k.startswith("module.") for k in state):
             state = {k[len("module."):]: v for k, v in state.items()}
         if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
