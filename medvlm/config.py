@@ -107,6 +107,9 @@ class VAEModelConfig:
     # together with the CT latent) or "fields" (from the structure channels alone, interpolated to the CT grid
     # and cut at each structure's level chosen on the validation split; needs mask_encoding: distance)
     mask_decoding: str = "joint"
+    # the decoder also reads the structures' masks at full resolution (a generated sample's own paired masks), so
+    # the CT is drawn along its contours (compact backbone, paired structures)
+    mask_guidance: bool = False
     # "compact" (norm-free MONAI convolutions and strided convolutions, fast to train), "monai_kl" (MONAI's
     # AutoencoderKL: GroupNorm residual blocks, optional attention) or "maisi" (MONAI's MAISI autoencoder, to load
     # its published weights: channels [64, 128, 256], num_res_blocks 2, norm_num_groups 32, latent_channels 4)
@@ -124,6 +127,8 @@ class VAEModelConfig:
         if self.network_hu_window and (len(self.network_hu_window) != 2
                                        or not self.network_hu_window[0] < self.network_hu_window[1]):
             raise ConfigError(f"models.vae.network_hu_window must be [low, high] HU, got {list(self.network_hu_window)}")
+        if self.mask_guidance and (self.backbone != "compact" or not self.mask_channels):
+            raise ConfigError("models.vae.mask_guidance needs backbone: compact and paired structures (mask_channels > 0)")
         if self.backbone == "maisi" and self.mask_channels and self.mask_decoding != "fields":
             raise ConfigError("models.vae.backbone: maisi keeps MAISI's decoder, which decodes the CT only: paired "
                               "structures are read from their channels; set models.vae.mask_decoding: fields")
@@ -158,6 +163,9 @@ class UNetModelConfig:
     # side back (CT, structures and text together), so a generated primary lies on the report's side by
     # construction; null: learn both sides (the side must then be learned from the report)
     canonical_side: str | None = None
+    # the UNet models each latent voxel's deviation from the training cases' mean latent, in units of their spread
+    # (a template measured on the training split)
+    latent_template: bool = False
 
     def __post_init__(self):
         if self.fields_time and not self.fields_token:
@@ -270,6 +278,8 @@ class VAEStageConfig(StageConfig):
     lesion_weight: float = 0.0  # extra L1 weight on GTVp/GTVn voxels (1 + lesion_weight)
     mask_weight: float = 1.0  # Dice + BCE of the paired structure logits
     sample_posterior: bool = False  # decode a posterior sample (else the mean) while training
+    # train the decoder only: the encoder (and so every latent a diffusion model learned) stays as loaded
+    freeze_encoder: bool = False
 
 
 @dataclass

@@ -14,6 +14,7 @@ from medvlm.data.laterality import (mirror_labels, mirror_volumes, mirrored_chan
 from medvlm.data.structures import STRUCTURE_NAMES
 from medvlm.data.transforms import to_hu
 from medvlm.models import CTAutoencoderKL, FusedSegmentationDecoder, ReportConditionedUNet3D
+from medvlm.models.factory import noised_latents
 from pipelines.base import MedVLMPipeline
 
 OUTPUT_TYPES = ("np", "pt", "nifti", "latent")
@@ -220,8 +221,9 @@ class ReportToCTPipeline(MedVLMPipeline):
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                  report_fields: torch.Tensor | None = None, negative_report_fields: torch.Tensor | None = None,
                  callback_on_step_end: Callable | None = None, callback_on_step_end_tensor_inputs: list[str] = ("latents",),
-                 return_dict: bool = True):
-        """Generate CT volumes from report text.
+                 image: Any = None, masks: Any = None, strength: float = 1.0,
+                 keep_structures: Sequence[str] | None = None, return_dict: bool = True):
+        """Generate CT volumes from report text, from noise or (``image``, ``strength``) from a source CT.
 
         Args:
             prompt: report text(s); de-identified and normalised like the training reports.
@@ -238,6 +240,21 @@ class ReportToCTPipeline(MedVLMPipeline):
                 nothing parsed).
             callback_on_step_end: ``f(pipe, step, timestep, {"latents": ...}) -> dict`` after each step; it may
                 set ``pipe._guidance_scale`` (read back by the ``guidance_scale`` property each step).
+            image, masks, strength: image-to-image generation (as diffusers' img2img pipelines): the source CT(s)
+                in HU on the model grid ((X, Y, Z) or (N, X, Y, Z), one per prompt or one for all; this pipeline's
+                ``ct`` output is such a volume, and so is a case preprocessed with ``data.preprocess``) and, for a
+                paired autoencoder, its structure masks ((K, X, Y, Z) or (N, K, X, Y, Z), ``structure_names``
+                order) are encoded, noised to ``strength`` (0 < strength <= 1; 1: pure noise) and denoised with the
+                report for the last ``round(num_inference_steps * strength)`` steps: the sample keeps the source's
+                anatomy as far as the report and the noise leave it. A report of the other side than the canonical
+                one mirrors the source too.
+            keep_structures: with a source, the structures kept as they are (e.g. the organs at risk): their
+                channels and the CT latent are held to the source's at every step (inpainting in channel space,
+                as RePaint), so only the other structures (e.g. GTVp, GTVn, CTVn) are generated for the report; the
+                returned CT is the source outside the regenerated structures (theirs in the source and in the
+                sample, a few voxels wider, blended) and the decoded CT inside; the kept masks are the source's.
+                The decoded CT inside follows the source's CT latent (and, with a mask-guided autoencoder, the
+                sample's masks): a lesion moved by the report may not show in the image where its mask lies.
         """
         # 1. check inputs
         if (prompt is None) == (prompt_embeds is None):
@@ -247,7 +264,9 @@ class ReportToCTPipeline(MedVLMPipeline):
         prompts = None if prompt is None else ([prompt] if isinstance(prompt, str) else list(prompt))
         negatives = None if negative_prompt is None else ([negative_prompt] * len(prompts or [0]) if isinstance(negative_prompt, str) else list(negative_prompt))
         config = self.preprocess_config
-        volume_shape = tuple(int(s) for s in (volume_shape or config.roi_size))
+        source = self._source_volumes(image, masks, strength, volume_shape)
+        kept = self._kept_channels(keep_structures, source)
+        volume_shape = tuple(int(s) for s in (source[0].shape[2:] if source is not None else (volume_shape or config.roi_size)))
         if prompt_embeds is not None and (prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != self.unet.config.cross_attention_dim):
             raise ValueError(f"`prompt_embeds` must be (N, tokens, {self.unet.config.cross_attention_dim}), got {tuple(prompt_embeds.shape)}")
         batch = (len(prompts) if prompts is not None else prompt_embeds.shape[0]) * num_images_per_prompt
@@ -291,29 +310,53 @@ class ReportToCTPipeline(MedVLMPipeline):
         else:
             latents = latents.to(device=device, dtype=self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)  # flow matching starts from N(0, I)
+        timesteps = self.scheduler.timesteps
+        if source is None:
+            latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)  # flow matching starts from N(0, I)
+        else:  # the source's latent noised to the first of the last `strength` of the steps (diffusers' img2img)
+            start = len(timesteps) - max(1, int(round(num_inference_steps * float(strength))))
+            timesteps = timesteps[start:]
+            if hasattr(self.scheduler, "set_begin_index"):
+                self.scheduler.set_begin_index(start)
+            latents, clean = self._source_latents(source, batch, num_images_per_prompt, mirror, latents, timesteps[:1])
         extra = {"generator": generator} if "generator" in __import__("inspect").signature(self.scheduler.step).parameters else {}
 
-        # 4. denoising loop
-        timesteps = self.scheduler.timesteps
+        # 4. denoising loop; with kept structures, `known` (1: held to the source) marks what is not generated
+        def denoise(latents: torch.Tensor, clean: torch.Tensor | None = None, known: torch.Tensor | None = None):
+            with self.progress_bar(total=len(timesteps)) as progress:
+                for i, t in enumerate(timesteps):
+                    model_input = torch.cat([latents, latents]) if do_guidance else latents
+                    if hasattr(self.scheduler, "scale_model_input"):  # the flow-matching sampler scales nothing
+                        model_input = self.scheduler.scale_model_input(model_input, t)
+                    model_context = torch.cat([uncond, context]) if do_guidance else context
+                    model_fields = None if fields is None else (torch.cat([uncond_fields, fields]) if do_guidance else fields)
+                    prediction = self.unet(model_input, t, model_context, report_fields=model_fields).sample
+                    if do_guidance:
+                        unconditional, conditional = prediction.chunk(2)
+                        prediction = unconditional + self.guidance_scale * (conditional - unconditional)
+                    latents = self.scheduler.step(prediction, t, latents, **extra).prev_sample
+                    if known is not None:  # the source's, noised to the next step's level (RePaint)
+                        following = timesteps[i + 1] if i + 1 < len(timesteps) else None
+                        held = clean if following is None else noised_latents(
+                            self.scheduler, clean, randn_tensor(clean.shape, generator=generator, device=device,
+                                                                dtype=clean.dtype), following.expand(batch))
+                        latents = known * held + (1.0 - known) * latents
+                    if callback_on_step_end is not None:
+                        available = {"latents": latents}
+                        outputs = callback_on_step_end(self, i, t, {k: available[k] for k in callback_on_step_end_tensor_inputs})
+                        latents = (outputs or {}).get("latents", latents)
+                    progress.update()
+            return latents
+
         self._num_timesteps = len(timesteps)
-        with self.progress_bar(total=len(timesteps)) as progress:
-            for i, t in enumerate(timesteps):
-                model_input = torch.cat([latents, latents]) if do_guidance else latents
-                if hasattr(self.scheduler, "scale_model_input"):  # the flow-matching sampler scales nothing
-                    model_input = self.scheduler.scale_model_input(model_input, t)
-                model_context = torch.cat([uncond, context]) if do_guidance else context
-                model_fields = None if fields is None else (torch.cat([uncond_fields, fields]) if do_guidance else fields)
-                prediction = self.unet(model_input, t, model_context, report_fields=model_fields).sample
-                if do_guidance:
-                    unconditional, conditional = prediction.chunk(2)
-                    prediction = unconditional + self.guidance_scale * (conditional - unconditional)
-                latents = self.scheduler.step(prediction, t, latents, **extra).prev_sample
-                if callback_on_step_end is not None:
-                    available = {"latents": latents}
-                    outputs = callback_on_step_end(self, i, t, {k: available[k] for k in callback_on_step_end_tensor_inputs})
-                    latents = (outputs or {}).get("latents", latents)
-                progress.update()
+        if kept is None:
+            latents = denoise(latents)
+        else:  # the regenerated structures sampled with the CT latent and the kept structures held to the source's
+            known = torch.zeros_like(clean)
+            known[:, kept] = 1.0
+            latents = denoise(latents, clean, known)
+
+        latents = self.unet.denormalize_latents(latents)  # generation latents (identity without a template)
 
         if output_type == "latent":
             self.maybe_free_model_hooks()
@@ -323,15 +366,17 @@ class ReportToCTPipeline(MedVLMPipeline):
 
         # 5. decode the CT and, from a paired latent, its structures (in tiles when larger than the configured tile)
         z, mask_latents = self.vae.split_latents(latents)
+        # the levels at which a structure channel reads as inside: the contours of "fields" decoding, and the
+        # masks a mask-guided decoder draws the CT's structures along
+        levels = getattr(self.unet.config, "structure_levels", None)
         tile = self.config.vae_tile_size
         if tile is not None and any(s > t for s, t in zip(z.shape[2:], tile)):
-            image, mask_logits = self.vae.tiled_decode(z, tile_size=tile, mask_latents=mask_latents)
+            image, mask_logits = self.vae.tiled_decode(z, tile_size=tile, mask_latents=mask_latents, levels=levels)
         else:
-            decoded = self.vae.decode(z, mask_latents)
+            decoded = self.vae.decode(z, mask_latents, levels=levels)
             image, mask_logits = decoded.sample, decoded.mask_logits
         if mask_latents is not None and self.config.mask_decoding == "fields":
-            mask_logits = self.vae.structure_field_logits(mask_latents, image.shape[2:],
-                                                          getattr(self.unet.config, "structure_levels", None))
+            mask_logits = self.vae.structure_field_logits(mask_latents, image.shape[2:], levels)
         low, high = config.output_range
         image = image.clamp(low, high)
 
@@ -342,7 +387,7 @@ class ReportToCTPipeline(MedVLMPipeline):
             masks = torch.sigmoid(mask_logits.float()) >= thresholds
         elif return_masks:
             encoded = self.vae.encode(image, return_features=True)
-            fused = self.unet(latents, 0, report_context, return_features=True).features[-1]
+            fused = self.unet(self.unet.normalize_latents(latents), 0, report_context, return_features=True).features[-1]
             fields = self.report_fields(used, device) if used else None
             fields = fields.repeat_interleave(num_images_per_prompt, dim=0) if fields is not None else None
             fields = mirror_labels(fields, mirror) if fields is not None and any(mirror) else fields
@@ -357,6 +402,8 @@ class ReportToCTPipeline(MedVLMPipeline):
         image = self._mirrored_back(image, mirror)
         masks = self._mirrored_back(masks, mirror, structures=True) if masks is not None else None
         ct = to_hu(image[:, 0].float(), config)
+        if kept is not None:  # the source outside what was regenerated, its kept structures as they were
+            ct, masks = self._pasted(source, ct, masks, kept, batch, num_images_per_prompt)
         affine = self._affine(volume_shape)
         if output_type == "np":
             ct = ct.cpu().numpy()
@@ -369,6 +416,97 @@ class ReportToCTPipeline(MedVLMPipeline):
         self.maybe_free_model_hooks()
         output = ReportToCTPipelineOutput(ct, masks, affine, tuple(self.config.structure_names), used)
         return output if return_dict else (ct, masks)
+
+    def _source_volumes(self, image, masks, strength, volume_shape) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Checked source CT(s) (N, 1, X, Y, Z, model range) and masks (N, K, X, Y, Z) of image-to-image generation."""
+        if image is None:
+            if masks is not None:
+                raise ValueError("`masks` belong to a source `image`; pass the image too")
+            if strength != 1.0:
+                raise ValueError("`strength` applies to image-to-image generation: pass a source `image`")
+            return None
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < float(strength) <= 1.0:
+            raise ValueError(f"`strength` must be in (0, 1], got {strength!r}")
+        if volume_shape is not None:
+            raise ValueError("pass either `volume_shape` or a source `image` (its grid is the volume's)")
+        ct = torch.as_tensor(np.asarray(image, dtype=np.float32)) if not isinstance(image, torch.Tensor) else image.float()
+        ct = ct[None] if ct.ndim == 3 else ct
+        if ct.ndim != 4 or not torch.isfinite(ct).all():
+            raise ValueError(f"`image` must be finite HU volume(s) (X, Y, Z) or (N, X, Y, Z), got shape {tuple(ct.shape)}")
+        from medvlm.data.transforms import from_hu
+
+        ct = torch.as_tensor(from_hu(ct.cpu().numpy(), self.preprocess_config))[:, None]
+        labels = None
+        if self.has_paired_masks:
+            if masks is None:
+                raise ValueError(f"this pipeline generates the CT with its {len(self.config.structure_names)} structures: "
+                                 "pass the source's `masks` too")
+            labels = torch.as_tensor(np.asarray(masks)).float() if not isinstance(masks, torch.Tensor) else masks.float()
+            labels = labels[None] if labels.ndim == 4 else labels
+            expected = (ct.shape[0], len(self.config.structure_names), *ct.shape[2:])
+            if tuple(labels.shape) != expected:
+                raise ValueError(f"`masks` must have shape {expected} (the image's volumes, structure_names order), "
+                                 f"got {tuple(labels.shape)}")
+        return ct, labels
+
+    def _kept_channels(self, keep_structures, source) -> list[int] | None:
+        """Generation-latent channels held to the source: the CT latent and the kept structures' channels."""
+        if keep_structures is None:
+            return None
+        if source is None or source[1] is None:
+            raise ValueError("`keep_structures` keeps structures of a source: pass `image` and `masks` "
+                             "(a paired autoencoder)")
+        names = list(self.config.structure_names)
+        unknown = [n for n in keep_structures if n not in names]
+        if unknown or not list(keep_structures):
+            raise ValueError(f"`keep_structures` must name structures of {names}, got {list(keep_structures)}")
+        c = int(self.vae.config.latent_channels)
+        return list(range(c)) + [c + names.index(n) for n in keep_structures]
+
+    @staticmethod
+    def _source_rows(count: int, batch: int, per_prompt: int) -> torch.Tensor:
+        prompts = batch // per_prompt
+        if count not in (1, prompts):
+            raise ValueError(f"`image` holds {count} volumes for {prompts} prompts (give one, or one per prompt)")
+        return torch.arange(batch) // per_prompt if count > 1 else torch.zeros(batch, dtype=torch.long)
+
+    def _pasted(self, source, ct: torch.Tensor, masks: torch.Tensor | None, kept: list[int], batch: int,
+                per_prompt: int, margin: int = 2) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The source CT outside the regenerated structures (in the source and in the sample, ``margin`` voxels
+        wider, blended over as many) and the sample inside; the kept structures' masks taken from the source."""
+        rows = self._source_rows(source[0].shape[0], batch, per_prompt)
+        source_hu = to_hu(source[0][rows, 0].to(ct.device, torch.float32), self.preprocess_config)
+        labels = source[1][rows].to(ct.device) > 0.5
+        c = int(self.vae.config.latent_channels)
+        kept_structures = [k - c for k in kept if k >= c]
+        regenerated = [k for k in range(labels.shape[1]) if k not in kept_structures]
+        region = labels[:, regenerated].any(1)
+        if masks is not None:
+            region = region | masks[:, regenerated].to(region.device).any(1)
+        wide = torch.nn.functional.max_pool3d(region[:, None].float(), 2 * margin + 1, stride=1, padding=margin)
+        weight = torch.nn.functional.avg_pool3d(wide, 2 * margin + 1, stride=1, padding=margin, count_include_pad=False)[:, 0]
+        weight = torch.maximum(weight, region.float())  # the regenerated structures themselves wholly from the sample
+        pasted = weight * ct + (1.0 - weight) * source_hu
+        if masks is not None:
+            masks = masks.clone()
+            masks[:, kept_structures] = labels[:, kept_structures].to(masks.device, masks.dtype)
+        return pasted, masks
+
+    def _source_latents(self, source, batch: int, per_prompt: int, mirror: Sequence[bool], noise: torch.Tensor,
+                        timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generation latents of the source volumes (one per prompt, repeated per image), mirrored where the
+        report is generated in the canonical side: (noised to ``timestep``, clean)."""
+        ct, labels = source
+        rows = self._source_rows(ct.shape[0], batch, per_prompt)
+        device, dtype = noise.device, noise.dtype
+        ct = ct[rows].to(device, dtype)
+        labels = labels[rows].to(device, dtype) if labels is not None else None
+        if any(mirror):
+            ct = mirror_volumes(ct, mirror)
+            labels = mirror_volumes(labels, mirror, channel_order=mirrored_channels(self.config.structure_names)) \
+                if labels is not None else None
+        clean = self.unet.normalize_latents(self.vae.generation_latents(ct, labels).to(dtype))
+        return noised_latents(self.scheduler, clean, noise, timestep.expand(batch)), clean
 
     def _mirrored_back(self, volumes: torch.Tensor, mirror: Sequence[bool], structures: bool = False,
                        latent: bool = False) -> torch.Tensor:

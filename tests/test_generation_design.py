@@ -217,3 +217,68 @@ def test_fields_decoding_reads_a_samples_contours_from_its_structure_channels_al
     with pytest.raises(ValueError, match="mask_decoding must be 'joint' or 'fields'"):
         ReportToCTPipeline(vae=base.vae, unet=base.unet, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
                            scheduler=base.scheduler, mask_decoding="learned")
+
+
+def test_mask_guided_decoder_starts_as_the_unguided_one_and_draws_along_the_masks_it_is_given():
+    """``mask_guidance``: the guide's last convolution starts at zero, so unguided weights load into a guided
+    decoder and decode exactly as before; once trained, the masks passed (or read from the structure channels)
+    change the CT; ``freeze_encoder`` leaves every latent as it was."""
+    from medvlm.models import CTAutoencoderKL
+
+    kwargs = dict(channels=(8, 8, 8), backbone="compact", mask_channels=2, mask_encoding="distance", mask_distance=2.0)
+    torch.manual_seed(0)
+    plain = CTAutoencoderKL(**kwargs).eval()
+    guided = CTAutoencoderKL(**kwargs, mask_guidance=True).eval()
+    missing, unexpected = guided.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("decoder.guide.") for k in missing)
+    image = torch.rand(1, 1, 16, 16, 16) * 2 - 1
+    masks = torch.zeros(1, 2, 16, 16, 16)
+    masks[:, 0, 4:10, 4:10, 4:10] = 1
+    z = guided.encode(image).latent_dist.mode()
+    with torch.no_grad():
+        assert torch.equal(guided.decode(z, guided.encode_masks(masks), masks=masks).sample,
+                           plain.decode(z, plain.encode_masks(masks)).sample)
+        torch.nn.init.normal_(guided.decoder.guide[1].conv.weight, std=0.1)  # as after training
+        with_masks = guided.decode(z, guided.encode_masks(masks), masks=masks).sample
+        without = guided.decode(z, guided.encode_masks(masks), masks=torch.zeros_like(masks)).sample
+        channels = guided.encode_masks(masks)
+        from_channels = guided.decode(z, channels, levels=[0.1, 0.1]).sample  # the masks read from the channels
+        read = (guided.structure_field_logits(channels, (16, 16, 16), [0.1, 0.1]) > 0).float()
+        assert torch.equal(from_channels, guided.decode(z, channels, masks=read).sample)
+    assert not torch.allclose(with_masks, without)
+    encoder = [p.detach().clone() for p in guided.encoder.parameters()]
+    guided.freeze_encoder()
+    assert not any(p.requires_grad for p in guided.encoder.parameters())
+    assert all(p.requires_grad for p in guided.decoder.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(encoder, guided.encoder.parameters()))
+    with pytest.raises(ValueError, match="compact backbone"):
+        CTAutoencoderKL(channels=(8, 8, 8), backbone="monai_kl", norm_num_groups=4, mask_channels=2, mask_guidance=True)
+
+
+def test_latent_template_normalises_ct_channels_per_voxel_and_round_trips():
+    """``latent_template``: the UNet models each CT-latent voxel's deviation from the training cases' mean in
+    units of their spread; structure channels stay as they are; the template is saved with the weights and
+    resampled to another latent grid."""
+    from medvlm.models import ReportConditionedUNet3D
+
+    unet = ReportConditionedUNet3D(in_channels=6, out_channels=6, channels=(8, 16, 16), num_head_channels=8,
+                                   norm_num_groups=8, cross_attention_dim=16, template_size=(4, 4, 4))
+    torch.manual_seed(0)
+    training = torch.randn(10, 6, 4, 4, 4) * torch.linspace(0.5, 2.0, 64).view(1, 1, 4, 4, 4) + 3.0
+    unet.set_template(training, channels=4)
+    normalised = unet.normalize_latents(training)
+    assert torch.allclose(normalised[:, :4].mean(0), torch.zeros(4, 4, 4, 4), atol=1e-5)
+    assert torch.allclose(normalised[:, :4].std(0), torch.ones(4, 4, 4, 4), atol=1e-4)
+    assert torch.equal(normalised[:, 4:], training[:, 4:])  # structure channels untouched
+    assert torch.allclose(unet.denormalize_latents(normalised), training, atol=1e-5)
+    other_grid = torch.randn(1, 6, 8, 8, 8)
+    assert torch.allclose(unet.denormalize_latents(unet.normalize_latents(other_grid)), other_grid, atol=1e-5)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        unet.save_pretrained(folder)
+        again = ReportConditionedUNet3D.from_pretrained(folder)
+    assert torch.equal(again.template_mean, unet.template_mean) and torch.equal(again.template_std, unet.template_std)
+    plain = ReportConditionedUNet3D(in_channels=6, out_channels=6, channels=(8, 16, 16), num_head_channels=8,
+                                    norm_num_groups=8, cross_attention_dim=16)
+    assert plain.normalize_latents(training) is training

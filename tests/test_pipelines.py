@@ -322,6 +322,93 @@ def test_batch_with_one_generator_each_equals_single_calls(pipes):
     assert np.abs(batch.ct[1] - single.ct[0]).max() < 0.05
 
 
+def _source(pipe, case):
+    """A phantom case on the pipeline's model grid: its CT in HU and its nine structure masks."""
+    labels = np.stack([case.labels[case.label_names.index(n)] for n in pipe.config.structure_names])
+    return case.image_hu.astype(np.float32), labels.astype(np.uint8)
+
+
+def test_image_to_image_keeps_more_of_the_source_the_lower_the_strength(pipes, case):
+    """diffusers' img2img contract: the source is encoded, noised to ``strength`` and denoised for that share of
+    the steps; at a low strength the sample stays near the autoencoder's reconstruction of the source."""
+    pipe = pipes["report_to_ct"]
+    ct, masks = _source(pipe, case)
+    with torch.no_grad():
+        config = pipe.preprocess_config
+        from medvlm.data.transforms import from_hu
+
+        image = torch.as_tensor(from_hu(ct, config))[None, None]
+        latents = pipe.vae.generation_latents(image, torch.as_tensor(masks)[None].float())
+        z, structures = pipe.vae.split_latents(latents)
+        reconstruction = to_hu_array(pipe.vae.decode(z, structures).sample.clamp(-1, 1)[0, 0], config)
+    runs = {}
+    for strength in (0.1, 1.0):
+        runs[strength] = pipe(PROMPT, image=ct, masks=masks, strength=strength, num_inference_steps=10,
+                              generator=torch.Generator().manual_seed(0))
+    again = pipe(PROMPT, image=ct, masks=masks, strength=0.1, num_inference_steps=10, generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(runs[0.1].ct, again.ct) and runs[0.1].ct.shape == (1, *ct.shape)
+    assert np.abs(runs[0.1].ct[0] - reconstruction).mean() < np.abs(runs[1.0].ct[0] - reconstruction).mean()
+    # one source for two prompts; one per prompt
+    two = pipe([PROMPT, PROMPT], image=ct, masks=masks, strength=0.5, num_inference_steps=4,
+               generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)])
+    assert two.ct.shape[0] == 2 and np.abs(two.ct[0] - two.ct[1]).max() < 0.05
+
+
+def to_hu_array(image, config):
+    from medvlm.data.transforms import to_hu
+
+    return to_hu(image, config).numpy()
+
+
+def test_kept_structures_are_the_sources_and_the_ct_outside_what_was_regenerated_too(pipes, case):
+    pipe = pipes["report_to_ct"]
+    ct, masks = _source(pipe, case)
+    kept = ["CTVn", "SpinalCord", "Brainstem", "Parotid_L", "Parotid_R", "Bone_Mandible", "Larynx"]
+    out = pipe(PROMPT, image=ct, masks=masks, keep_structures=kept, num_inference_steps=4,
+               generator=torch.Generator().manual_seed(0))
+    names = list(pipe.config.structure_names)
+    for name in kept:
+        assert np.array_equal(out.masks[0, names.index(name)], masks[names.index(name)] > 0), name
+    again = pipe(PROMPT, image=ct, masks=masks, keep_structures=kept, num_inference_steps=4,
+                 generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(out.ct, again.ct) and np.array_equal(out.masks, again.masks)
+    # the paste: the source outside the regenerated structures (source's and sample's, 2 voxels wider), the
+    # sample inside; the kept structures' masks from the source
+    gtvp, gtvn = names.index("GTVp"), names.index("GTVn")
+    source_masks = np.zeros((9, 32, 32, 32), np.uint8)
+    source_masks[gtvp, 4:8, 4:8, 4:8] = 1
+    source_masks[names.index("Larynx"), 20:24, 20:24, 20:24] = 1
+    sample_masks = torch.zeros(1, 9, 32, 32, 32, dtype=torch.bool)
+    sample_masks[0, gtvn, 24:28, 4:8, 4:8] = True
+    sample_masks[0, names.index("Larynx"), 0:2, 0:2, 0:2] = True  # a kept structure: replaced by the source's
+    source = pipe._source_volumes(np.full((32, 32, 32), 40.0, np.float32), source_masks, 1.0, None)
+    generated = torch.full((1, 32, 32, 32), 300.0)
+    kept_channels = pipe._kept_channels([n for n in names if n not in ("GTVp", "GTVn")], source)
+    pasted, pasted_masks = pipe._pasted(source, generated, sample_masks, kept_channels, 1, 1)
+    assert torch.equal(pasted_masks[0, names.index("Larynx")], torch.as_tensor(source_masks[names.index("Larynx")] > 0))
+    assert torch.equal(pasted_masks[0, gtvn], sample_masks[0, gtvn])
+    assert torch.allclose(pasted[0, 4:8, 4:8, 4:8], torch.tensor(300.0)) and torch.allclose(pasted[0, 24:28, 4:8, 4:8], torch.tensor(300.0))
+    assert torch.allclose(pasted[0, 12:20, 12:32, 12:32], torch.tensor(40.0), atol=1e-3)  # far from both lesions
+    rim = pasted[0, 9, 4:8, 4:8]  # one voxel outside the source's GTVp: blended
+    assert (rim > 40.0).all() and (rim < 300.0).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"strength": 0.5}, "source `image`"),
+    ({"masks": np.zeros((9, 32, 32, 32))}, "pass the image too"),
+    ({"image": np.zeros((32, 32, 32)), "strength": 0.5}, "masks"),
+    ({"image": np.zeros((32, 32, 32)), "masks": np.zeros((9, 32, 32, 32)), "strength": 0.0}, "strength"),
+    ({"image": np.zeros((32, 32, 32)), "masks": np.zeros((8, 32, 32, 32))}, "`masks` must have shape"),
+    ({"image": np.full((32, 32, 32), np.nan), "masks": np.zeros((9, 32, 32, 32))}, "finite"),
+    ({"image": np.zeros((32, 32, 32)), "masks": np.zeros((9, 32, 32, 32)), "keep_structures": ["Heart"]}, "keep_structures"),
+    ({"keep_structures": ["Larynx"]}, "keep_structures"),
+    ({"image": np.zeros((32, 32, 32)), "masks": np.zeros((9, 32, 32, 32)), "volume_shape": (32, 32, 32)}, "volume_shape"),
+])
+def test_image_to_image_inputs_are_checked(pipes, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipes["report_to_ct"](PROMPT, num_inference_steps=2, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def ct_only_pipe():
     """A report-to-CT pipeline over a CT-only autoencoder: its contours come from the segmentation decoder."""

@@ -660,3 +660,37 @@ def test_shared_cases_preprocess_once_per_settings_only_inside_the_block(tiny_da
         assert load_cases(tiny_data, other)[0] is not first[0]  # other preprocessing: its own cases
         assert not torch.equal(load_cases(tiny_data, other)[0].image, first[0].image)
     assert load_cases(tiny_data, config)[0] is not first[0]  # the block's cache is gone after it
+
+
+def test_latent_template_is_measured_on_the_cached_training_latents(trained, tiny_data, tmp_path):
+    """models.unet.latent_template: the UNet's template is the per-voxel mean and spread of the cached training
+    latents' CT channels (structure channels untouched), and the loss noises normalised latents."""
+    from train.stage_diffusion import DiffusionTrainer
+
+    for stage in ("contrastive", "vae"):
+        shutil.copytree(trained / stage / "final", tmp_path / stage / "final")
+    config = load_config(TINY)
+    config.models.unet.latent_template = True
+    trainer = DiffusionTrainer(config, tiny_data, tmp_path)
+    loss_fn = trainer.setup()
+    c = trainer.vae.config.latent_channels
+    cached = trainer.cache["latents"]
+    assert tuple(trainer.unet.config.template_size) == tuple(cached.shape[2:])
+    assert torch.allclose(trainer.unet.template_mean[:c], cached[:, :c].mean(0), atol=1e-5)
+    assert torch.equal(trainer.unet.template_mean[c:], torch.zeros_like(trainer.unet.template_mean[c:]))
+    inputs = trainer.make_inputs(0)
+    seen = {}
+    original = trainer.unet.forward
+
+    def spy(sample, *args, **kwargs):
+        seen["sample"] = sample
+        return original(sample, *args, **kwargs)
+
+    trainer.unet.forward = spy
+    with torch.no_grad():
+        loss_fn(**inputs)
+    from medvlm.models.factory import noised_latents
+
+    expected = noised_latents(trainer.scheduler, trainer.unet.normalize_latents(inputs["latents"]), inputs["noise"],
+                              inputs["timesteps"])
+    assert torch.allclose(seen["sample"], expected, atol=1e-5)

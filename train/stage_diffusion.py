@@ -66,6 +66,7 @@ class DiffusionLoss(nn.Module):
         with torch.no_grad():
             if latents is None:
                 latents = generation_latents(self.vae, images, labels)
+            latents = getattr(self.unet, "module", self.unet).normalize_latents(latents)
             if states is None:
                 states = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         context, mask = with_null_report(self.unet, states, attention_mask, drop)
@@ -106,13 +107,20 @@ class DiffusionTrainer(StageTrainer):
         self.text_encoder = self.frozen_upstream(AutoModel.from_pretrained(
             load_upstream(self.output_dir, "contrastive", "text_encoder"), local_files_only=True))
         self.tokenizer = AutoTokenizer.from_pretrained(load_upstream(self.output_dir, "contrastive", "tokenizer"), local_files_only=True)
-        self.unet = build_unet(self.config.models, int(self.text_encoder.config.hidden_size))
+        roi = self.config.data.preprocess.roi_size
+        self.unet = build_unet(self.config.models, int(self.text_encoder.config.hidden_size),
+                               template_size=[int(v) // self.vae.compression for v in roi])
         self.fields = int(self.unet.config.report_fields)
         self.scheduler = training_scheduler(c.num_train_timesteps, c.prediction_type)
         self.ema = EMAModel(self.unet.parameters(), decay=c.ema_decay)
         self.checkpoint_objects.append(self.ema)
         self.mirror = self.mirror_prob()
         self.cache = self._precompute() if c.cache_latents else None
+        if self.unet.config.template_size is not None:  # the training cases (and their mirror images) as learned
+            latents = self.cache["latents"] if self.cache is not None else self._precompute()["latents"]
+            # the CT latent only: a structure channel is standardised per channel already, and per voxel its rare
+            # lesions would be outliers of a near-zero spread
+            self.unet.set_template(latents, channels=self.vae.config.latent_channels)
         return DiffusionLoss(self.unet, self.vae, self.text_encoder, self.scheduler)
 
     @torch.no_grad()

@@ -54,7 +54,7 @@ class VAELoss(nn.Module):
         paired = bool(self.vae.config.mask_channels)
         if paired and labels is None:
             raise TrainingError("a paired autoencoder (models.vae.mask_channels > 0) trains on cases with labels")
-        decoded = self.vae.decode(z, self.vae.encode_masks(labels) if paired else None)
+        decoded = self.vae.decode(z, self.vae.encode_masks(labels) if paired else None, masks=labels)
         reconstruction = decoded.sample
         weight = torch.ones_like(images)
         if labels is not None and self.lesion_weight and self.lesion_channels:
@@ -99,7 +99,14 @@ class VAETrainer(StageTrainer):
         self.vae = build_vae(self.config.models, self.config.data.preprocess)
         pretrained = self.config.models.vae.pretrained_path
         if pretrained:
-            self.vae.load_state_dict(load_pretrained_vae(pretrained, self.config).state_dict())
+            # an unguided autoencoder starts a mask-guided one: its guide starts at zero (decodes as loaded)
+            missing, unexpected = self.vae.load_state_dict(load_pretrained_vae(pretrained, self.config).state_dict(),
+                                                           strict=False)
+            if unexpected or any(not k.startswith("decoder.guide.") for k in missing):
+                raise TrainingError(f"models.vae.pretrained_path {pretrained} does not fit models.vae: missing "
+                                    f"{missing[:5]}, unexpected {unexpected[:5]}")
+        if c.freeze_encoder:
+            self.vae.freeze_encoder()
         lesions = [STRUCTURE_NAMES.index(n) for n in ("GTVp", "GTVn")]
         return VAELoss(self.vae, c.kl_weight, windows=c.windows, preprocess=self.config.data.preprocess,
                        lesion_channels=lesions, lesion_weight=c.lesion_weight, mask_weight=c.mask_weight,

@@ -53,10 +53,10 @@ def build_vae(models: ModelsConfig, preprocess: PreprocessConfig | None = None) 
                            mask_channels=v.mask_channels, backbone=v.backbone,
                            mask_encoding=v.mask_encoding, mask_distance=v.mask_distance,
                            network_hu_window=window, input_hu_window=tuple(preprocess.hu_window),
-                           input_range=tuple(preprocess.output_range))
+                           input_range=tuple(preprocess.output_range), mask_guidance=v.mask_guidance)
 
 
-def build_unet(models: ModelsConfig, context_dim: int) -> ReportConditionedUNet3D:
+def build_unet(models: ModelsConfig, context_dim: int, template_size=None) -> ReportConditionedUNet3D:
     """The diffusion UNet over generation latents: the CT latent plus the paired structure channels."""
     from medvlm.text.parse import LABEL_NAMES
 
@@ -67,7 +67,8 @@ def build_unet(models: ModelsConfig, context_dim: int) -> ReportConditionedUNet3
                                    coordinates=u.coordinates, canonical_side=u.canonical_side,
                                    channels=u.channels, attention_levels=u.attention_levels, num_res_blocks=u.num_res_blocks,
                                    num_head_channels=u.num_head_channels, cross_attention_dim=context_dim,
-                                   norm_num_groups=u.norm_num_groups, transformer_num_layers=u.transformer_num_layers)
+                                   norm_num_groups=u.norm_num_groups, transformer_num_layers=u.transformer_num_layers,
+                                   template_size=tuple(template_size) if u.latent_template and template_size else None)
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow_matching")

@@ -67,7 +67,10 @@ def fused_features(vae, unet, images: torch.Tensor, states: torch.Tensor | None 
         # a paired UNet reads generation latents (CT + structure channels); contouring does not know the
         # structures, so their channels read 0, half-way between "none" (-1) and "all" (+1)
         latents = torch.cat([latents, latents.new_zeros(latents.shape[0], vae.config.mask_channels, *latents.shape[2:])], 1)
-    seen = latents
+    seen = unet.normalize_latents(latents)
+    if vae.config.mask_channels and getattr(unet.config, "template_size", None) is not None:
+        seen = seen.clone()
+        seen[:, vae.config.latent_channels:] = 0.0  # unknown structures: the typical case's, in the UNet's units
     if timestep > 0:
         from diffusers.utils.torch_utils import randn_tensor
 

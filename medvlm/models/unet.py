@@ -54,7 +54,7 @@ class ReportConditionedUNet3D(AlignedModelMixin, ConfigMixin):
                  num_head_channels: int | Sequence[int] = 16, cross_attention_dim: int = 384, norm_num_groups: int = 16,
                  transformer_num_layers: int = 1, null_tokens: int = 1, report_fields: int = 0, fields_time: bool = False,
                  coordinates: bool = False, canonical_side: str | None = None,
-                 structure_levels: Sequence[float] | None = None):
+                 structure_levels: Sequence[float] | None = None, template_size: Sequence[int] | None = None):
         super().__init__()
         if canonical_side not in (None, "left", "right"):
             raise ValueError(f"canonical_side must be None, 'left' or 'right', got {canonical_side!r}")
@@ -75,6 +75,44 @@ class ReportConditionedUNet3D(AlignedModelMixin, ConfigMixin):
         # class-conditional diffusion's path: a global condition added to the timestep embedding reaches every
         # residual block (MONAI's class embedding takes one integer label; the fields are a multi-hot vector)
         self.fields_time_embedding = nn.Linear(report_fields, int(channels[0]) * 4) if fields_time else None
+        if template_size is not None:  # per latent voxel mean and spread of the training latents (set from data)
+            grid = tuple(int(v) for v in template_size)
+            self.register_buffer("template_mean", torch.zeros(in_channels, *grid))
+            self.register_buffer("template_std", torch.ones(in_channels, *grid))
+
+    def set_template(self, latents: torch.Tensor, channels: int | None = None) -> None:
+        """Per-voxel mean and standard deviation (floored at 0.05) of training latents (N, C, x, y, z), for the
+        first ``channels`` channels (default all; the others stay as they are: mean 0, spread 1)."""
+        if self.config.template_size is None:
+            raise ValueError("this UNet has no latent template (template_size)")
+        channels = latents.shape[1] if channels is None else int(channels)
+        with torch.no_grad():
+            self.template_mean.zero_()
+            self.template_std.fill_(1.0)
+            self.template_mean[:channels] = latents[:, :channels].mean(0)
+            self.template_std[:channels] = latents[:, :channels].std(0).clamp_min(0.05)
+
+    def _template(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, std = self.template_mean[None], self.template_std[None]
+        if mean.shape[2:] != like.shape[2:]:  # another grid: the template resampled to it
+            mean = torch.nn.functional.interpolate(mean, size=like.shape[2:], mode="trilinear", align_corners=False)
+            std = torch.nn.functional.interpolate(std, size=like.shape[2:], mode="trilinear", align_corners=False)
+        return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
+
+    def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Generation latents -> what this UNet models: with a template, each voxel's deviation from the training
+        cases' mean latent in units of their spread (the model learns how a case differs from the typical one)."""
+        if self.config.template_size is None:
+            return latents
+        mean, std = self._template(latents)
+        return (latents - mean) / std
+
+    def denormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`normalize_latents`."""
+        if self.config.template_size is None:
+            return latents
+        mean, std = self._template(latents)
+        return latents * std + mean
 
     @property
     def feature_channels(self) -> int:

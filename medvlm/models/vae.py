@@ -78,7 +78,8 @@ class CompactEncoder(nn.Module):
 class CompactDecoder(nn.Module):
     """The mirror of :class:`CompactEncoder`: 3^3 convolutions and stride-2 (kernel 4) transposed convolutions."""
 
-    def __init__(self, in_channels: int, channels: Sequence[int], out_channels: int, num_res_blocks: Sequence[int]):
+    def __init__(self, in_channels: int, channels: Sequence[int], out_channels: int, num_res_blocks: Sequence[int],
+                 guide_channels: int = 0):
         super().__init__()
         widths = list(channels)[::-1]
         self.conv_in = Convolution(3, in_channels, widths[0], kernel_size=3, act="SWISH", norm=None)
@@ -90,14 +91,29 @@ class CompactDecoder(nn.Module):
                                                for _ in range(num_res_blocks[::-1][i] if coarse else 0)]))
             if i + 1 < len(widths):
                 self.ups.append(nn.Sequential(nn.ConvTranspose3d(width, widths[i + 1], 4, stride=2, padding=1), nn.SiLU()))
+        # full-resolution guide maps (the structures' masks) read with the last map before the output convolution,
+        # as a residual whose last convolution starts at zero: an unguided decoder's weights load and decode as
+        # they did, and fine-tuning learns what the masks add (as ControlNet's zero convolutions)
+        self.guide = None
+        if guide_channels:
+            self.guide = nn.Sequential(
+                Convolution(3, widths[-1] + guide_channels, widths[-1], kernel_size=3, act="SWISH", norm=None),
+                Convolution(3, widths[-1], widths[-1], kernel_size=3, conv_only=True))
+            nn.init.zeros_(self.guide[1].conv.weight)
+            nn.init.zeros_(self.guide[1].conv.bias)
         self.conv_out = Convolution(3, widths[-1], out_channels, kernel_size=3, conv_only=True)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv_in(z)
         for i, level in enumerate(self.levels):
             h = level(h)
             if i < len(self.ups):
                 h = self.ups[i](h)
+        if self.guide is not None:
+            if guide is None or guide.shape[2:] != h.shape[2:]:
+                raise ValueError(f"this decoder draws along the structures' masks: pass them at {tuple(h.shape[2:])}, "
+                                 f"got {None if guide is None else tuple(guide.shape[2:])}")
+            h = h + self.guide(torch.cat([h, guide.to(h.dtype)], dim=1))
         return self.conv_out(h)
 
 
@@ -137,6 +153,9 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
     ``channels=(64, 128, 256)``, ``num_res_blocks=2``, ``norm_num_groups=32``, ``latent_channels=4``), loaded from
     its ``.pt`` state dict with :meth:`load_maisi_checkpoint`. Its decoder is kept as published, so the structures
     of a paired MAISI autoencoder are read from their channels alone (:meth:`structure_field_logits`).
+    ``mask_guidance`` (compact, paired): the decoder also reads the structures' masks at full resolution (a
+    sample's own paired masks when generating), so the CT's edges are drawn where its contours are; without
+    masks (:meth:`decode` with ``masks=None``) they are read from the structure channels.
     ``network_hu_window``: the HU window the network reads, scaled to [0, 1] and clipped (MAISI: -1000..1000); the
     caller passes and receives the model range given by ``input_hu_window``/``input_range`` (the preprocessing's),
     converted at the network's input and output. ``None`` (the other backbones): the network reads the model range.
@@ -151,7 +170,8 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
                  mask_shift: Sequence[float] | None = None, mask_scale: Sequence[float] | None = None,
                  mask_field_thresholds: Sequence[float] | None = None,
                  network_hu_window: Sequence[float] | None = None,
-                 input_hu_window: Sequence[float] = (-1000.0, 1500.0), input_range: Sequence[float] = (-1.0, 1.0)):
+                 input_hu_window: Sequence[float] = (-1000.0, 1500.0), input_range: Sequence[float] = (-1.0, 1.0),
+                 mask_guidance: bool = False):
         super().__init__()
         if mask_channels < 0:
             raise ValueError(f"mask_channels must be >= 0, got {mask_channels}")
@@ -171,10 +191,13 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
                            ("input_range", input_range)):
             if pair is not None and (len(pair) != 2 or not float(pair[0]) < float(pair[1])):
                 raise ValueError(f"{name} must be (low, high) with low < high, got {pair}")
+        if mask_guidance and (backbone != "compact" or not mask_channels):
+            raise ValueError("mask_guidance needs the compact backbone and paired structures (mask_channels > 0)")
         levels = _as_levels(num_res_blocks, len(channels))
         if backbone == "compact":
             self.encoder = CompactEncoder(in_channels, channels, latent_channels, levels)
-            self.decoder = CompactDecoder(latent_channels + mask_channels, channels, out_channels + mask_channels, levels)
+            self.decoder = CompactDecoder(latent_channels + mask_channels, channels, out_channels + mask_channels, levels,
+                                          guide_channels=mask_channels if mask_guidance else 0)
             return
         attention_levels = tuple(attention_levels) if attention_levels is not None else (False,) * len(channels)
         if backbone == "maisi":
@@ -326,6 +349,14 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
         return (torch.as_tensor(shift, device=like.device, dtype=like.dtype).view(view),
                 torch.as_tensor(scale, device=like.device, dtype=like.dtype).view(view))
 
+    def freeze_encoder(self) -> None:
+        """Stop gradients to everything that makes a latent (encoder and latent heads): only the decoder trains."""
+        if self.config.backbone == "compact":
+            self.encoder.requires_grad_(False)
+            return
+        for module in (self.network.encoder, self.network.quant_conv_mu, self.network.quant_conv_log_sigma):
+            module.requires_grad_(False)
+
     def _to_network(self, x: torch.Tensor) -> torch.Tensor:
         """The model range (``input_hu_window`` <-> ``input_range``) -> what the network reads."""
         window = self.config.network_hu_window
@@ -376,9 +407,12 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
             return (distribution, feats)
         return CTEncoderOutput(latent_dist=distribution, features=feats)
 
-    def decode(self, z: torch.Tensor, mask_latents: torch.Tensor | None = None, return_dict: bool = True):
+    def decode(self, z: torch.Tensor, mask_latents: torch.Tensor | None = None, return_dict: bool = True,
+               masks: torch.Tensor | None = None, levels: Sequence[float] | None = None):
         """Decode latents (already divided by ``scaling_factor``) to the image space; a paired autoencoder also
-        takes the structure channels ``mask_latents`` (:meth:`encode_masks`) and returns their mask logits."""
+        takes the structure channels ``mask_latents`` (:meth:`encode_masks`) and returns their mask logits.
+        ``masks`` (B, K, X, Y, Z in [0, 1]): the guide of a ``mask_guidance`` decoder (default: read from
+        ``mask_latents`` by :meth:`structure_field_logits` at ``levels``); ignored by other decoders."""
         mask_channels = int(self.config.mask_channels)
         compact = self.config.backbone == "compact"
         maisi = self.config.backbone == "maisi"  # its decoder reads the CT latent alone: structures are optional
@@ -395,7 +429,13 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
         else:
             h = z if compact else self.network.post_quant_conv(z)
             joint = torch.cat([h, mask_latents.to(z.dtype)], dim=1)
-            out = self.decoder(joint) if compact else self.network.decoder(joint)
+            if compact and self.config.mask_guidance:
+                if masks is None:
+                    size = [int(n) * self.compression for n in z.shape[2:]]
+                    masks = (self.structure_field_logits(mask_latents, size, levels) > 0).to(z.dtype)
+                out = self.decoder(joint, masks)
+            else:
+                out = self.decoder(joint) if compact else self.network.decoder(joint)
             sample, logits = out[:, : self.config.out_channels], out[:, self.config.out_channels:]
         sample = self._from_network(sample)
         return CTDecoderOutput(sample=sample, mask_logits=logits) if return_dict else (sample, logits)
@@ -407,7 +447,7 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
         z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
         if self.config.mask_channels and masks is None:
             raise ValueError(f"this paired autoencoder needs the {self.config.mask_channels} structure masks to decode")
-        decoded = self.decode(z, self.encode_masks(masks) if self.config.mask_channels else None)
+        decoded = self.decode(z, self.encode_masks(masks) if self.config.mask_channels else None, masks=masks)
         return decoded if return_dict else (decoded.sample, decoded.mask_logits)
 
     # ------------------------------------------------------------------ MAISI weights
@@ -456,14 +496,16 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
                                         mode="gaussian")
 
     def tiled_decode(self, z: torch.Tensor, tile_size: Sequence[int], overlap: float = 0.25,
-                     sw_batch_size: int = 1, mask_latents: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     sw_batch_size: int = 1, mask_latents: torch.Tensor | None = None,
+                     levels: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decode a large latent tile by tile (``tile_size`` in latent voxels) with Gaussian blending:
-        (CT, mask logits or None)."""
+        (CT, mask logits or None). A ``mask_guidance`` decoder reads each tile's masks from its structure channels
+        at ``levels``."""
         c = int(self.config.latent_channels)
         joint = z if mask_latents is None else torch.cat([z, mask_latents.to(z.dtype)], dim=1)
 
         def predictor(tile: torch.Tensor) -> torch.Tensor:
-            out = self.decode(tile[:, :c], tile[:, c:] if mask_latents is not None else None)
+            out = self.decode(tile[:, :c], tile[:, c:] if mask_latents is not None else None, levels=levels)
             return out.sample if out.mask_logits is None else torch.cat([out.sample, out.mask_logits], dim=1)
 
         decoded = sliding_window_inference(joint, roi_size=tuple(tile_size), sw_batch_size=sw_batch_size,
