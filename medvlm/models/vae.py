@@ -357,23 +357,28 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
         for module in (self.network.encoder, self.network.quant_conv_mu, self.network.quant_conv_log_sigma):
             module.requires_grad_(False)
 
+    def _intensity_windows(self) -> tuple[tuple[float, float], ...] | None:
+        """(input HU window, input range, network HU window) as floats, or None when the network reads the input."""
+        if self.config.network_hu_window is None:
+            return None
+        return tuple(tuple(map(float, v)) for v in (self.config.input_hu_window, self.config.input_range,
+                                                    self.config.network_hu_window))
+
     def _to_network(self, x: torch.Tensor) -> torch.Tensor:
         """The model range (``input_hu_window`` <-> ``input_range``) -> what the network reads."""
-        window = self.config.network_hu_window
-        if window is None:
+        windows = self._intensity_windows()
+        if windows is None:
             return x
-        (h0, h1), (r0, r1), (w0, w1) = (tuple(map(float, v)) for v in (self.config.input_hu_window,
-                                                                      self.config.input_range, window))
+        (h0, h1), (r0, r1), (w0, w1) = windows
         hu = (x - r0) / (r1 - r0) * (h1 - h0) + h0
         return ((hu - w0) / (w1 - w0)).clamp(0.0, 1.0)
 
     def _from_network(self, y: torch.Tensor) -> torch.Tensor:
         """What the network decodes -> the model range (the inverse of :meth:`_to_network` inside its window)."""
-        window = self.config.network_hu_window
-        if window is None:
+        windows = self._intensity_windows()
+        if windows is None:
             return y
-        (h0, h1), (r0, r1), (w0, w1) = (tuple(map(float, v)) for v in (self.config.input_hu_window,
-                                                                      self.config.input_range, window))
+        (h0, h1), (r0, r1), (w0, w1) = windows
         hu = y.float() * (w1 - w0) + w0
         return ((hu - h0) / (h1 - h0) * (r1 - r0) + r0).to(y.dtype)
 
