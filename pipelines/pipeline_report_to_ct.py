@@ -501,10 +501,9 @@ class ReportToCTPipeline(MedVLMPipeline):
         device, dtype = noise.device, noise.dtype
         ct = ct[rows].to(device, dtype)
         labels = labels[rows].to(device, dtype) if labels is not None else None
-        if any(mirror):
-            ct = mirror_volumes(ct, mirror)
-            labels = mirror_volumes(labels, mirror, channel_order=mirrored_channels(self.config.structure_names)) \
-                if labels is not None else None
+        if any(mirror):  # into the canonical side: the same flip as the one back
+            ct = self._mirrored_back(ct, mirror)
+            labels = self._mirrored_back(labels, mirror, structures=True) if labels is not None else None
         clean = self.unet.normalize_latents(self.vae.generation_latents(ct, labels).to(dtype))
         return noised_latents(self.scheduler, clean, noise, timestep.expand(batch)), clean
 
