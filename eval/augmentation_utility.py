@@ -100,7 +100,7 @@ def summary(runs: dict[int, list[dict]]) -> tuple[str, list[dict]]:
     """Per number of real cases, over seeds: the gain in mean Dice over the nine structures (mean and spread)
     and the largest organ-at-risk loss, with the targets (+0.03 at 10 cases, +0.01 at 20 or more; no organ at
     risk lower by more than 0.01)."""
-    from medvlm.data.structures import OAR_NAMES
+    from medvlm.vocabulary import OAR_NAMES
 
     lines = ["| real cases | seeds | mean Dice, real | mean Dice, real + synthetic | gain (mean +- sd) | worst OAR change |",
              "|---|---|---|---|---|---|"]

@@ -27,7 +27,7 @@ def _child(shape, spacing, config_name: str, network: str = "ours") -> dict:
     from medvlm.data.phantom import HNCPhantom, PhantomConfig
     from pipelines.assemble import build_pipelines
 
-    config = load_config(f"configs/{config_name}.yaml")
+    config = load_config(config_name)
     case = HNCPhantom(PhantomConfig(shape=shape, spacing_mm=spacing), seed=0).case(0)
     if network == "ours":
         pipe = build_pipelines(config, report_texts=["x"] * 3)["contour"]
@@ -38,7 +38,7 @@ def _child(shape, spacing, config_name: str, network: str = "ours") -> dict:
     else:
         from eval.segmentation import baseline_masks
         from medvlm.data.inputs import prepare_ct
-        from medvlm.data.structures import STRUCTURE_NAMES
+        from medvlm.vocabulary import STRUCTURE_NAMES
         from medvlm.models.factory import build_baseline
 
         model = build_baseline(config.models, config.data.preprocess).eval()

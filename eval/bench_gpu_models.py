@@ -1,4 +1,4 @@
-"""Benchmark: memory and time of the hnc_gpu networks at the seed's ROI (352 x 352 x 64) on one GPU.
+"""Benchmark: memory and time of the hnc_gpu networks at the reference study's ROI (352 x 352 x 64) on one GPU.
 
 For each network, one training step (forward + backward, bf16 autocast) at the shapes the preset
 trains with: the VAE on a 160 x 160 x 64 patch, the UNet on the full ROI's latents, the segmentation

@@ -1,6 +1,6 @@
 """Benchmark: phantom generation speed (cases/s on one core) at a given grid, with and without writing.
 
-Run: ``python -m eval.bench_phantom [--n 40] [--shape D H W] [--spacing-mm Z Y X]``. The PHANTOM.md
+Run: ``python -m eval.bench_phantom [--n 40] [--shape D H W] [--spacing-mm Z Y X]``. The phantom's
 target is at least 2 cases/s at 64^3 on one core.
 """
 from __future__ import annotations
@@ -11,12 +11,12 @@ import tempfile
 import time
 
 
-def main() -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=40)
     parser.add_argument("--shape", type=int, nargs=3, default=[64, 64, 64], metavar=("D", "H", "W"))
     parser.add_argument("--spacing-mm", type=float, nargs=3, default=[3.0, 3.0, 3.0], metavar=("Z", "Y", "X"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
@@ -37,7 +37,8 @@ def main() -> None:
     print(f"phantom {d}x{h}x{w} voxels, {args.n} cases, one process, one thread")
     print(f"  generation only             {generate:6.1f} cases/s   (target >= 2)")
     print(f"  generation + NIfTI/CSV/text {stats.cases_per_second_total:6.1f} cases/s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -30,7 +30,7 @@ def generation_seconds(config_name: str, steps: list[tuple[str, int]]) -> list[t
     from pipelines.assemble import build_pipelines
 
     torch.set_num_threads(2)
-    pipe = build_pipelines(load_config(f"configs/{config_name}.yaml"), report_texts=["x"] * 3)["report_to_ct"]
+    pipe = build_pipelines(load_config(config_name), report_texts=["x"] * 3)["report_to_ct"]
     pipe.set_progress_bar_config(disable=True)
     pipe.enable_channels_last()
     prompt = "Left tonsil squamous cell carcinoma, T2 N1 M0. Elective neck: ipsilateral (left)."
@@ -47,7 +47,7 @@ def schedules(config_name: str, skip_ddpm: bool) -> list[tuple[str, int]]:
     """The sampling schedules of the preset's model family (diffusion or rectified flow)."""
     from medvlm.config import load_config
 
-    if load_config(f"configs/{config_name}.yaml").training.diffusion.prediction_type == "flow_matching":
+    if load_config(config_name).training.diffusion.prediction_type == "flow_matching":
         return [("FlowMatchEulerDiscrete", n) for n in (50, 25, 10)]
     return ([] if skip_ddpm else [("DDPM", 1000)]) + [("DDIM", 50), ("DDIM", 25), ("DDIM", 10)]
 

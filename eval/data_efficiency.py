@@ -7,7 +7,7 @@ For each fraction the segmentation stage is trained again from scratch (same con
 seed; the frozen contrastive, VAE and diffusion stages of ``RUN`` are shared, linked, not copied) on the
 first part of a seeded shuffle of the training cases (``train_fraction``), and the run's ContourPipeline
 with that decoder swapped in contours the test split with the correct reports. Dice per structure group is
-reported absolute and relative to the largest fraction (the seed reports 83 % of its performance at 90 %
+reported absolute and relative to the largest fraction (the reference study reports 83 % of its performance at 90 %
 of the data). Each fraction trains for minutes on a CPU: a demo-size sweep of five takes about half an hour.
 """
 from __future__ import annotations

@@ -184,7 +184,7 @@ def write_results(run: Path, data: Path, results: Path, config_name: str, progre
     examples = pipeline_examples(run, data, results / "examples")
     plots = make_plots(run, results, segmentation["dice"])
     dice = segmentation["dice"]["report: correct"]
-    from medvlm.data.structures import OAR_NAMES
+    from medvlm.vocabulary import OAR_NAMES
 
     measured = {"OAR mean": float(np.mean([dice[n] for n in OAR_NAMES])), "GTVp": dice["GTVp"], "GTVn": dice["GTVn"],
                 "CTVn": dice["CTVn"]}
@@ -216,7 +216,7 @@ def write_results(run: Path, data: Path, results: Path, config_name: str, progre
         f"{time.perf_counter() - started:.0f} s. Research software, not for clinical use.", "",
         "## Targets against measured values", "", generation_eval.targets_table(rows), "",
         segmentation["summary"], "", segmentation["follows_line"], "", *plots, "",
-        f"Full tables (every metric, the seed's per-case layout for 2/5/10/all cases): `{Path(segmentation['tables']).name}`.", "",
+        f"Full tables (every metric, the reference study's per-case layout for 2/5/10/all cases): `{Path(segmentation['tables']).name}`.", "",
         "## Zero-shot classification and linear probe", "",
         f"Laterality on the {zero_shot['n']} test cases (held-out report templates): reports {zero_shot['reports']:.2f}, "
         f"CT {zero_shot['ct']:.2f}. Every label set (`medvlm eval zero-shot --pipeline RUN/zero_shot --data DATA`):", "",

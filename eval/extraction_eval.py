@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from medvlm.text.deid import Deidentifier
-from medvlm.text.parse import FIELDS, ParsedReport, field_accuracy, parse_report, parsed_from_record
+from medvlm.text.parse import FIELDS, field_accuracy, parsed_from_record
+from medvlm.text.prompts import process_report
 
 REAL_REPORTS = Path(__file__).resolve().parent / "data" / "real_reports" / "reports.jsonl"
 # field -> the ParsedReport attributes compared (all must match); a report counts for a field when its truth
@@ -44,8 +45,7 @@ def real_accuracy(items: list[dict], deidentify: bool = True) -> tuple[dict[str,
     hits: dict[str, list[bool]] = {name: [] for name in REAL_FIELDS}
     mistakes = []
     for item in items:
-        text = deid.deidentify(item["text"]).text if deidentify else item["text"]
-        parsed = parse_report(text)
+        parsed = process_report(item["text"], deidentifier=deid if deidentify else None).parsed
         truth = item["labels"]
         for name, attributes in REAL_FIELDS.items():
             stated = any(truth.get(a) for a in attributes)
@@ -82,9 +82,8 @@ def evaluate(n_reports: int = 400, seed: int = 0, family: str = "heldout", deide
     truth, predicted = [], []
     for index in range(n_reports):
         record, report = phantom.record_and_report(index, report_family=family)
-        text = deid.deidentify(report.text).text if deidentify else report.text
         truth.append(parsed_from_record(record))
-        predicted.append(parse_report(text))
+        predicted.append(process_report(report.text, deidentifier=deid if deidentify else None).parsed)
     return field_accuracy(truth, predicted)
 
 

@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medvlm.data.transforms import BODY_HU, body_midline
+
 # HU ranges of the tissues compared (inside the body, > BODY_HU); air and lung are left out because the
 # ROI's amount of outside air depends on the crop, not on the generator
-BODY_HU = -500.0
 TISSUES = {"fat": (-150.0, -30.0), "soft tissue": (-30.0, 150.0), "bone": (300.0, 1500.0)}
 # three MS-SSIM scales (the first three of MONAI's five default weights): five scales would need volumes
 # larger than 160 voxels per side with the default 11-voxel kernel
@@ -112,7 +113,7 @@ def _oar_dice(first: np.ndarray, second: np.ndarray, names: Sequence[str]) -> fl
     """Mean Dice over the organs at risk between two (C, X, Y, Z) mask sets (MONAI ``compute_dice``)."""
     from monai.metrics import compute_dice
 
-    from medvlm.data.structures import OAR_NAMES
+    from medvlm.vocabulary import OAR_NAMES
 
     channels = [list(names).index(n) for n in OAR_NAMES]
     a = torch.from_numpy(np.asarray(first)[channels].astype(np.float32))[None]
@@ -128,7 +129,6 @@ def laterality_fidelity(run: str | Path, *, n_per_side: int = 16, steps: int = 2
     ``scheduler``: a diffusers scheduler class name swapped in with ``from_config``; default the pipeline's own.
     ``return_samples``: also ``"samples"`` (HU volumes), ``"affine"`` and ``"groups"`` (sample indices per
     prompt), e.g. for :func:`realism_and_diversity`."""
-    from eval.segmentation import body_midline_mm
 
     run = Path(run)
     pipe = _generator_pipe(run, scheduler)
@@ -144,7 +144,7 @@ def laterality_fidelity(run: str | Path, *, n_per_side: int = 16, steps: int = 2
         for i in range(n_per_side):
             volume, paired = np.asarray(out.ct[i]), np.asarray(out.masks[i])
             samples.append(volume)
-            midline = body_midline_mm(volume, out.affine)
+            midline = body_midline(volume, out.affine)
             contours = judge(volume)
             judged[JUDGES[0]].append(lesion_side(contours, names, out.affine, midline) == side)
             judged[JUDGES[1]].append(lesion_side(paired, names, out.affine, midline) == side)
@@ -388,7 +388,7 @@ def autoencoder_ceiling(run: str | Path, items: Sequence[dict], *, vae=None, con
     """The autoencoder (the run's, or ``vae`` with its preprocessing ``config``) alone on real CTs (``items``, e.g. the validation split): mean absolute error inside the
     body (HU), bone share (> 300 HU) of the reconstructions against the inputs', and the GTVp's contrast to its
     surroundings (inputs vs reconstructions, mean over cases with a GTVp; the same surroundings for both)."""
-    from medvlm.data.structures import STRUCTURE_NAMES
+    from medvlm.vocabulary import STRUCTURE_NAMES
 
     errors, bone_in, bone_out, contrast_in, contrast_out = [], 0, 0, [], []
     body_voxels = 0

@@ -1,4 +1,4 @@
-"""Segmentation metrics with MONAI (voxel spacing always passed) and the seed's per-structure tables.
+"""Segmentation metrics with MONAI (voxel spacing always passed) and the reference study's per-structure tables.
 
 Conventions for empty masks (never a silently optimistic 0 mm):
 
@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from monai.metrics import DiceMetric, MeanIoU
 from monai.metrics.utils import get_edge_surface_distance
+
+from medvlm.data.transforms import body_midline
 
 METRICS = ("dice", "iou", "hd95_mm", "asd_mm", "surface_dice_2mm")
 SURFACE_TOLERANCE_MM = 2.0
@@ -105,14 +107,14 @@ GROUPS = ("OAR mean", "GTVp", "GTVn", "CTVn")
 
 def group_means(dice: dict[str, float]) -> dict[str, float]:
     """Per-structure Dice -> the groups the sweeps report: organs-at-risk mean, GTVp, GTVn, CTVn."""
-    from medvlm.data.structures import OAR_NAMES
+    from medvlm.vocabulary import OAR_NAMES
 
     return {"OAR mean": float(np.mean([dice[n] for n in OAR_NAMES])), "GTVp": float(dice["GTVp"]),
             "GTVn": float(dice["GTVn"]), "CTVn": float(dice["CTVn"])}
 
 
 def seed_table(rows: Sequence[CaseStructureScore], structure: str, n_cases: int | None = None) -> str:
-    """The seed's layout for one structure: ``no, ID, Dice, IoU, HD`` per case, then ``Avr`` and ``Std``."""
+    """The reference study's layout for one structure: ``no, ID, Dice, IoU, HD`` per case, then ``Avr`` and ``Std``."""
     chosen = [r for r in rows if r.structure == structure][: n_cases or None]
     lines = [f"**{structure}** ({len(chosen)} cases; HD = HD95 in mm)", "", "| no | ID | Dice | IoU | HD |", "|---|---|---|---|---|"]
     for i, r in enumerate(chosen, start=1):
@@ -154,12 +156,6 @@ def counterfactual_prompt(record) -> tuple[str, str]:
         flipped.elective_neck = "bilateral" if record.elective_neck == "ipsilateral" else "ipsilateral"
     sides = elective_levels(flipped)
     return structured_prompt(flipped), "both" if len(sides) == 2 else next(iter(sides))
-
-
-def body_midline_mm(volume_hu: np.ndarray, affine: np.ndarray) -> float:
-    """World x (mm) of the body's centre: the mean over voxels above -300 HU (the affine's origin if none)."""
-    body = np.argwhere(np.asarray(volume_hu) > -300)
-    return float((body @ affine[0, :3] + affine[0, 3]).mean()) if len(body) else float(affine[0, 3])
 
 
 def predicted_sides(mask: np.ndarray, affine: np.ndarray, midline_x_mm: float, min_ml: float = 5.0) -> str:
@@ -251,7 +247,7 @@ def evaluate(pipeline, data: str | Path, out: str | Path, *, split: str = "test"
         record = item.get("record")
         record = record if not isinstance(record, int) else records.get(record)
         sides_correct, contra_correct = None, None
-        midline = body_midline_mm(np.asarray(nib.load(item["image"]).dataobj), affine)
+        midline = body_midline(np.asarray(nib.load(item["image"]).dataobj), affine)
         for mode in modes:
             report, expected, draft = item.get("report"), None, False
             if mode == "none":
@@ -294,7 +290,7 @@ def evaluate(pipeline, data: str | Path, out: str | Path, *, split: str = "test"
              "|---|" + "---|" * len(variants)]
     for n in names:
         lines.append(f"| {n} | " + " | ".join(f"{dice[v][n]:.3f}" for v in variants) + " |")
-    from medvlm.data.structures import OAR_NAMES
+    from medvlm.vocabulary import OAR_NAMES
 
     lines.append("| **OAR mean** | " + " | ".join(f"{np.mean([dice[v][n] for n in OAR_NAMES]):.3f}" for v in variants) + " |")
     parts = ["\n".join(lines)]
@@ -319,7 +315,7 @@ def evaluate(pipeline, data: str | Path, out: str | Path, *, split: str = "test"
         parts.append(summary_table(rows[v], names, f"{v}: every metric"))
     main_rows = rows[variants[0]]
     n_total = len({r.case_id for r in main_rows})
-    parts.append(f"### Per-case tables ({variants[0]}), the seed's layout")
+    parts.append(f"### Per-case tables ({variants[0]}), the reference study's layout")
     for n in (2, 5, 10, None):
         if n is None or n < n_total:
             parts += [seed_table(main_rows, name, n) for name in names]

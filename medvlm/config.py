@@ -157,7 +157,7 @@ class UNetModelConfig:
     fields_token: bool = False
     # the parsed fields also added to the timestep embedding (every residual block sees them; needs fields_token)
     fields_time: bool = False
-    # three coordinate channels (-1..1 along x, y, z) at the UNet's input: where left is, for a symmetric anatomy
+    # three coordinate channels (-0.5..0.5 along x, y, z) at the UNet's input: where left is, for a symmetric anatomy
     coordinates: bool = False
     # "left" / "right": learn and generate every lateralised case in this side and mirror a report of the other
     # side back (CT, structures and text together), so a generated primary lies on the report's side by
@@ -191,8 +191,7 @@ class SegmentationModelConfig:
     # voxel probabilities (medvlm.models.segmentation)
     presence_head: bool = True
     # what the presence head reads: "fields" (the report's parsed fields: side, N stage, elective neck, ...),
-    # "tokens" (its pooled token states) or "both". With structured prompts the token states encode the same
-    # parse; on 300 fresh phantom reports the fields alone put the elective neck on the wrong side least often
+    # "tokens" (its pooled token states) or "both"
     presence_input: str = "fields"
     # structures whose presence is judged per side of the patient's midline (an ipsilateral elective neck
     # rules out the contralateral CTVn); the band of side_margin_mm around the midline keeps the overall presence
@@ -200,7 +199,7 @@ class SegmentationModelConfig:
     side_margin_mm: float = 6.0
 
     def __post_init__(self):
-        from medvlm.data.structures import STRUCTURE_NAMES
+        from medvlm.vocabulary import STRUCTURE_NAMES
 
         unknown = [name for name in self.side_structures if name not in STRUCTURE_NAMES]
         if unknown:
@@ -288,16 +287,14 @@ class DiffusionStageConfig(StageConfig):
     report_dropout: float = 0.1  # null report for classifier-free guidance
     num_train_timesteps: int = 1000
     ema_decay: float = 0.999
-    # Encode every training case once (VAE latents, report token states) instead of every step; no
-    # augmentation then. Measured on the demo (2 CPU cores): 0.66 s per step of 4 instead of 1.6 s.
+    # encode every training case once (VAE latents, report token states) instead of every step: faster steps,
+    # no augmentation
     cache_latents: bool = False
 
 
 @dataclass
 class SegmentationStageConfig(StageConfig):
-    # "dice_ce" (MONAI DiceCELoss, sigmoid BCE) or "dice_focal" (DiceFocalLoss). Measured on the demo phantom:
-    # with focal, the small organs (cord, brainstem, parotids) stay at Dice 0 for 300 steps; with BCE they
-    # pass 0.8 by step 200 (eval/README figures).
+    # "dice_ce" (MONAI DiceCELoss, sigmoid BCE) or "dice_focal" (DiceFocalLoss)
     loss: str = "dice_ce"
     lambda_dice: float = 1.0
     lambda_ce: float = 1.0  # dice_ce only
@@ -334,9 +331,7 @@ class TrainingConfig:
     seed: int = 0
     mixed_precision: str = "auto"  # "auto": bf16 on GPU, no on CPU; or "no", "bf16", "fp16"
     # train with 3D convolution weights in channels-last layout (PyTorch's channels_last_3d; checkpoints and
-    # exports are written contiguous). Measured on 2 CPU cores, one training step: VAE (4 x 32^3) 1.42 ->
-    # 0.93 s, diffusion UNet (4 x 16^3 latents) 1.05 -> 0.78 s, baseline UNet (2 x 32^3) 0.12 -> 0.10 s;
-    # the segmentation stage the same either way (200 steps: 115 s, 117 s). Not measured on a GPU.
+    # exports are written contiguous)
     channels_last: bool = True
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
@@ -460,11 +455,13 @@ def config_from_dict(mapping: dict, *, source: str = "<dict>", cls: type = MedVL
         raise ConfigError(f"{source}: {str(exc).lstrip(': ')}") from None
 
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The presets ship as package data: ``medvlm/presets`` is the repository's ``configs/`` folder (a link in the
+# source tree, copied into wheels), so an installed medvlm resolves ``--config demo`` without a checkout.
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
 
 def preset_names() -> list[str]:
-    """Names of the shipped presets (``configs/<name>.yaml``)."""
+    """Names of the shipped presets (``configs/<name>.yaml``, installed as ``medvlm/presets``)."""
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")) if PRESETS_DIR.is_dir() else []
 
 

@@ -17,6 +17,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from medvlm.errors import InputError
+from medvlm.text.prompts import ProcessedReport, process_report
 
 ALLOWED_LIBRARIES = ("medvlm", "diffusers", "transformers")
 
@@ -102,47 +103,36 @@ class MedVLMPipeline(DiffusionPipeline):
         finally:
             self._set_layout(True)
 
-    def report_fields(self, texts: Sequence[str], device: torch.device, component: str = "segmentation") -> torch.Tensor | None:
-        """Parsed fields (:func:`medvlm.text.parse.label_vector`) of de-identified report texts, for the
-        ``component`` (the segmentation decoder's presence head, the UNet's fields token) that reads them;
-        ``None`` when it reads none."""
+    def report_fields(self, reports: Sequence[ProcessedReport], device: torch.device,
+                      component: str = "segmentation") -> torch.Tensor | None:
+        """Parsed fields (:attr:`ProcessedReport.fields`) of processed reports, for the ``component`` (the
+        segmentation decoder's presence head, the UNet's fields token) that reads them; ``None`` when it reads none."""
         module = getattr(self, component, None)
         size = int(getattr(getattr(module, "config", None), "report_fields", 0) or 0)
         if not size:
             return None
-        from medvlm.text.parse import label_vector, parse_report
-
-        vectors = np.stack([label_vector(parse_report(text)) for text in texts])
+        vectors = np.stack([report.fields for report in reports])
         if vectors.shape[1] != size:
             raise InputError(f"the {component} reads {size} report fields, this medvlm parses {vectors.shape[1]}; "
                              "use the medvlm version that trained it")
         return torch.as_tensor(vectors, device=device, dtype=torch.float32)
 
     @staticmethod
-    def normalised_reports(reports: Sequence[str], report_format: str = "structured") -> list[str]:
-        """The texts a text tower encodes: de-identified, and for ``"structured"`` the structured prompt of
-        the parsed report."""
-        from medvlm.text.deid import Deidentifier
-        from medvlm.text.parse import parse_report
-        from medvlm.text.prompts import structured_prompt
+    def process_reports(reports: Sequence[str | ProcessedReport]) -> list[ProcessedReport]:
+        """Each report de-identified and parsed once (:func:`medvlm.text.prompts.process_report`); reports already
+        processed pass through."""
+        return [r if isinstance(r, ProcessedReport) else process_report(r) for r in reports]
 
-        if report_format not in ("structured", "raw"):
-            raise ValueError(f"report_format must be 'structured' or 'raw', got {report_format!r}")
-        deid = Deidentifier()
-        clean = [deid.deidentify(text).text for text in reports]
-        return [structured_prompt(parse_report(text)) for text in clean] if report_format == "structured" else clean
+    def encode_reports(self, reports: Sequence[str | ProcessedReport], device: torch.device, max_length: int = 128,
+                       report_format: str = "structured") -> tuple[torch.Tensor, torch.Tensor, list[ProcessedReport]]:
+        """Token states (B, L, d) and attention mask (B, L) of reports, and the processed reports.
 
-    def encode_reports(self, reports: Sequence[str], device: torch.device, max_length: int = 128,
-                       report_format: str = "structured") -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """De-identify, (optionally) normalise into the structured prompt, tokenise and encode reports.
-
-        Returns token states (B, L, d), attention mask (B, L) and the texts actually encoded.
-        ``report_format="structured"`` encodes :func:`medvlm.text.prompts.structured_prompt` of the parsed
-        report (short, same layout for every report, as in training); ``"raw"`` the de-identified text.
+        ``report_format="structured"`` encodes the structured prompt of the parsed report (short, the same layout
+        for every report, as in training); ``"raw"`` the de-identified text.
         """
-        clean = self.normalised_reports(reports, report_format)
-        states, mask = self.encode_texts(clean, device, max_length)
-        return states, mask, clean
+        processed = self.process_reports(reports)
+        states, mask = self.encode_texts([r.model_text(report_format) for r in processed], device, max_length)
+        return states, mask, processed
 
     def encode_texts(self, texts: Sequence[str], device: torch.device, max_length: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
         """Token states (B, L, d) and attention mask (B, L) of texts as given (already normalised)."""

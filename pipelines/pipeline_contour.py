@@ -12,9 +12,11 @@ from monai.inferers import sliding_window_inference
 
 from medvlm.config import PreprocessConfig, preprocess_from_dict, preprocess_to_dict
 from medvlm.data.inputs import PreparedCT, as_list, prepare_ct
-from medvlm.data.structures import STRUCTURE_NAMES
+from medvlm.data.transforms import BODY_HU, body_midline, map_intensity
+from medvlm.vocabulary import STRUCTURE_NAMES
 from medvlm.models import CTAutoencoderKL, FusedSegmentationDecoder, ReportConditionedUNet3D
 from medvlm.models.segmentation import fused_features
+from medvlm.text.prompts import ProcessedReport
 from pipelines.base import MedVLMPipeline
 
 logger = logging.getLogger(__name__)
@@ -85,15 +87,6 @@ def _flat_body(image: torch.Tensor, config: PreprocessConfig, tolerance_hu: floa
     if body.numel() < 2:
         return True
     return float(to_hu(body, config).std()) < tolerance_hu
-
-
-def _reads_any_field(report: str) -> bool:
-    """Whether the parser reads any clinical field from ``report`` (after de-identification)."""
-    from medvlm.text.deid import Deidentifier
-    from medvlm.text.parse import FIELDS, parse_report
-
-    parsed = parse_report(Deidentifier().deidentify(report).text)
-    return any(getattr(parsed, name) for name in FIELDS)
 
 
 def _as_bool_array(mask) -> np.ndarray:
@@ -171,7 +164,8 @@ class ContourPipeline(MedVLMPipeline):
 
         size = self.report_processor.image_processor.size["height"]
         images = [render_ct(p.image[0], image_size=size, input_is_hu=False,
-                            value_range=tuple(self.config.preprocess["hu_window"])) for p in prepared]
+                            value_range=tuple(self.config.preprocess["hu_window"]),
+                            model_range=tuple(self.config.preprocess["output_range"])) for p in prepared]
         batch = drafting_batch(self.report_processor, images).to(self.report_generator.device)
         tokens = check_max_new_tokens(self.config.max_new_tokens, self.report_generator, batch["input_ids"].shape[1])
         generated = self.report_generator.generate(**batch, max_new_tokens=tokens, do_sample=False)
@@ -244,13 +238,13 @@ class ContourPipeline(MedVLMPipeline):
             if _flat_body(case.image, config):
                 warnings[i].append("the CT's body shows no contrast (its voxels are nearly constant): contours of such a "
                                    "volume mean nothing; check that it is a CT in Hounsfield units")
-            fields = None
-            if texts[i] is not None:
-                states, mask, clean = self.encode_reports([texts[i]], device, self.config.max_report_tokens,
-                                                          self.config.report_format)
-                fields = self.report_fields(clean, device)
-                used.append(clean[0])
-                if not _reads_any_field(texts[i]):
+            fields, processed = None, None
+            if texts[i] is not None:  # de-identified and parsed once: prompt, token states, fields and checks
+                states, mask, (processed,) = self.encode_reports([texts[i]], device, self.config.max_report_tokens,
+                                                                 self.config.report_format)
+                fields = self.report_fields([processed], device)
+                used.append(processed.model_text(self.config.report_format))
+                if not processed.reads_any_field:
                     warnings[i].append("no clinical field (site, side, stage, neck) could be read from the report (another "
                                        "language, or identifiers only?): contoured as with an empty report")
             else:
@@ -261,7 +255,7 @@ class ContourPipeline(MedVLMPipeline):
             # 5. back to the input grid, threshold per structure
             restored = case.to_input_grid(probabilities[0])
             masks = {name: restored[c] >= thresholds[c] for c, name in enumerate(names)}
-            warnings[i].extend(self._consistency_warnings(masks, case, used[i]))
+            warnings[i].extend(self._consistency_warnings(masks, case, processed, config))
             all_masks.append(masks)
             all_probs.append(restored.astype(np.float32))
             affines.append(case.input_affine)
@@ -309,20 +303,19 @@ class ContourPipeline(MedVLMPipeline):
                                         predictor=predictor, overlap=overlap, mode="gaussian")
 
     @staticmethod
-    def _consistency_warnings(masks: dict[str, np.ndarray], case: PreparedCT, report: str | None) -> list[str]:
+    def _consistency_warnings(masks: dict[str, np.ndarray], case: PreparedCT, report: ProcessedReport | None,
+                              config: PreprocessConfig) -> list[str]:
         """E.g. "GTVp found on the right, report says left": the report and the contours disagree."""
         if report is None or "GTVp" not in masks or not masks["GTVp"].any():
             return []
-        from medvlm.text.parse import parse_report
-
-        stated = parse_report(report).laterality
+        stated = report.parsed.laterality
         if stated not in ("left", "right"):
             return []
         affine = case.input_affine
         centroid = affine[:3, :3] @ np.argwhere(masks["GTVp"]).mean(axis=0) + affine[:3, 3]
-        volume = case.image  # processed grid, RAS: its foreground centre is the patient's midline
-        body = np.argwhere(volume[0].numpy() > -0.5)
-        midline = (volume.affine.numpy()[:3, :3] @ body.mean(axis=0) + volume.affine.numpy()[:3, 3])[0]
+        volume = case.image  # processed grid (RAS), in the model range
+        body_threshold = float(map_intensity(BODY_HU, config.hu_window, config.output_range))
+        midline = body_midline(volume[0], volume.affine.numpy(), threshold=body_threshold)
         side = "right" if centroid[0] > midline else "left"  # RAS: +x is the patient's right
         if side != stated:
             return [f"GTVp found on the {side}, report says {stated}"]

@@ -54,7 +54,8 @@ class ReportGenerationPipeline(MedVLMPipeline):
         images = []
         for i, item in enumerate(self.progress_bar(as_list(ct))):
             image = prepare_ct(item, config, spacing_mm=spacing_mm, affine=affine, what=f"ct[{i}]", region=region).image[0]
-            images.append(render_ct(image, image_size=size, input_is_hu=False, value_range=config.hu_window))
+            images.append(render_ct(image, image_size=size, input_is_hu=False, value_range=config.hu_window,
+                                     model_range=config.output_range))
         batch = drafting_batch(self.report_processor, images).to(self._execution_device)
         max_new_tokens = check_max_new_tokens(max_new_tokens, self.report_generator, batch["input_ids"].shape[1])
         options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample)

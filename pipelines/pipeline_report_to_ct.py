@@ -11,10 +11,11 @@ from diffusers.utils.torch_utils import randn_tensor
 from medvlm.config import PreprocessConfig, preprocess_from_dict, preprocess_to_dict
 from medvlm.data.laterality import (mirror_labels, mirror_volumes, mirrored_channels, other_side, side_of_labels,
                                     swap_side_words)
-from medvlm.data.structures import STRUCTURE_NAMES
+from medvlm.vocabulary import STRUCTURE_NAMES
 from medvlm.data.transforms import to_hu
 from medvlm.models import CTAutoencoderKL, FusedSegmentationDecoder, ReportConditionedUNet3D
 from medvlm.models.factory import noised_latents
+from medvlm.text.prompts import ProcessedReport
 from pipelines.base import MedVLMPipeline
 
 OUTPUT_TYPES = ("np", "pt", "nifti", "latent")
@@ -157,7 +158,7 @@ class ReportToCTPipeline(MedVLMPipeline):
 
     def _conditioning(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
                       prompt_embeds, negative_prompt_embeds):
-        """:meth:`encode_prompt`'s four tensors and the normalised texts of ``prompt`` (empty for embeddings).
+        """:meth:`encode_prompt`'s four tensors and the processed reports of ``prompt`` (empty for embeddings).
 
         With a UNet trained in a canonical side the token states are those of the report mirrored into that side
         (left and right swapped, with its negative prompt) where the report's primary lies on the other side; the
@@ -165,18 +166,19 @@ class ReportToCTPipeline(MedVLMPipeline):
         """
         size = int(getattr(self.unet.config, "report_fields", 0) or 0)
 
-        def encoded(texts, mirror=None):  # token states (padding zeroed), the UNet's fields (or None), texts, mirror
-            used = self.normalised_reports(texts, self.config.report_format)
-            fields = self.report_fields(used, device, component="unet")
-            mirror = self._mirrored_rows(fields, len(used)) if mirror is None else mirror
-            seen = [swap_side_words(text) if flip else text for text, flip in zip(used, mirror)]
+        def encoded(texts, mirror=None):  # token states (padding zeroed), the UNet's fields (or None), reports, mirror
+            processed = self.process_reports(texts)  # de-identified and parsed once
+            fields = self.report_fields(processed, device, component="unet")
+            mirror = self._mirrored_rows(fields, len(processed)) if mirror is None else mirror
+            seen = [swap_side_words(text) if flip else text
+                    for text, flip in zip((r.model_text(self.config.report_format) for r in processed), mirror)]
             states, mask = self.encode_texts(seen, device, self.config.max_report_tokens)
-            return states * mask[..., None].to(states.dtype), fields, used, mirror
+            return states * mask[..., None].to(states.dtype), fields, processed, mirror
 
         def repeated(tensor):
             return None if tensor is None else tensor.to(device).repeat_interleave(num_images_per_prompt, dim=0)
 
-        used: list[str] = []
+        used: list[ProcessedReport] = []
         mirror = None
         if prompt_embeds is None:
             prompt_embeds, report_fields, used, mirror = encoded([prompt] if isinstance(prompt, str) else list(prompt))
@@ -281,10 +283,10 @@ class ReportToCTPipeline(MedVLMPipeline):
         self._guidance_scale = float(guidance_scale)
         do_guidance = self.do_classifier_free_guidance
 
-        # 2. encode prompts (and the negative / null report); `used`: the texts the UNet saw (de-identified,
-        # normalised), for the output; none for given embeddings
+        # 2. encode prompts (and the negative / null report); `processed`: the reports, de-identified and parsed
+        # once, whose texts the UNet saw (for the output); none for given embeddings
         given_fields = report_fields
-        context, uncond, fields, uncond_fields, used = self._conditioning(
+        context, uncond, fields, uncond_fields, processed = self._conditioning(
             prompts, device, num_images_per_prompt, do_guidance, negatives, prompt_embeds, negative_prompt_embeds)
         if given_fields is not None and fields is not None:
             fields = given_fields.to(device).float().repeat_interleave(num_images_per_prompt, dim=0)
@@ -293,6 +295,7 @@ class ReportToCTPipeline(MedVLMPipeline):
         # a UNet trained in a canonical side generates a report of the other side mirrored (its token states
         # already are, see _conditioning); the sample is mirrored back after decoding
         mirror = self._mirrored_rows(fields, batch)
+        used = [report.model_text(self.config.report_format) for report in processed]
         if any(mirror):
             fields = mirror_labels(fields, mirror)
             uncond_fields = mirror_labels(uncond_fields, mirror) if uncond_fields is not None else None
@@ -388,7 +391,7 @@ class ReportToCTPipeline(MedVLMPipeline):
         elif return_masks:
             encoded = self.vae.encode(image, return_features=True)
             fused = self.unet(self.unet.normalize_latents(latents), 0, report_context, return_features=True).features[-1]
-            fields = self.report_fields(used, device) if used else None
+            fields = self.report_fields(processed, device) if processed else None
             fields = fields.repeat_interleave(num_images_per_prompt, dim=0) if fields is not None else None
             fields = mirror_labels(fields, mirror) if fields is not None and any(mirror) else fields
             if fields is None and int(getattr(self.segmentation.config, "report_fields", 0) or 0):

@@ -12,7 +12,7 @@ import numpy as np
 from medvlm.cli import main
 from medvlm.data.clinical import read_records_csv
 from medvlm.data.io import load_labels
-from medvlm.data.structures import STRUCTURE_NAMES
+from medvlm.vocabulary import STRUCTURE_NAMES
 
 ARGS = ["--n", "8", "--seed", "1", "--shape", "16", "24", "24", "--spacing-mm", "8", "5", "5", "--previews", "1"]
 

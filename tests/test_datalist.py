@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from medvlm.data.clinical import CSV_COLUMNS, ClinicalRecord, read_records_csv
+from medvlm.data.clinical import read_records_csv
+from medvlm.vocabulary import CSV_COLUMNS, ClinicalRecord
 from medvlm.data.datalist import load_datalist
 from medvlm.errors import DatalistError
 

@@ -10,7 +10,7 @@ from pydicom.data import get_testdata_file
 
 from medvlm.cli import main
 from medvlm.errors import InputError
-from medvlm.text.dicom_deid import DicomDeidentifier, deidentify_dicom_file, deidentify_dicom_folder
+from medvlm.data.dicom_deid import DicomDeidentifier, deidentify_dicom_file, deidentify_dicom_folder
 
 
 @pytest.fixture()

@@ -16,7 +16,7 @@ from medvlm.data.dicom import read_dicom_series, read_rtstruct, read_seg, write_
 from medvlm.data.inputs import prepare_ct
 from medvlm.data.io import save_nifti
 from medvlm.data.phantom import HNCPhantom, PhantomConfig
-from medvlm.data.structures import STRUCTURE_NAMES
+from medvlm.vocabulary import STRUCTURE_NAMES
 from medvlm.errors import InputError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -360,7 +360,7 @@ def test_cohort_import_maps_names_joins_reports_and_reports_each_bad_item(tmp_pa
     assert "broken.dcm: not a readable DICOM file" in problems
     assert "rtstruct.dcm: the RTSTRUCT references no CT series" in problems
     assert "no RTSTRUCT drawn on its CT series; imported without labels" in problems
-    from medvlm.text.dicom_deid import DicomDeidentifier
+    from medvlm.data.dicom_deid import DicomDeidentifier
 
     ids = {patient: DicomDeidentifier("medvlm").pseudonym(patient) for patient in cases}
     by_id = {item["id"]: item for item in items}

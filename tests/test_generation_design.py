@@ -170,7 +170,7 @@ def test_structure_channels_read_alone_give_back_the_structures_at_the_fitted_le
     encoding's boundary (0) for every structure, and large structures come back at Dice >= 0.6."""
     from monai.metrics import compute_dice
 
-    from medvlm.data.structures import STRUCTURE_NAMES
+    from medvlm.vocabulary import STRUCTURE_NAMES
     from medvlm.models import CTAutoencoderKL
 
     _, labels = _phantom_crop(32)

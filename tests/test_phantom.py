@@ -1,20 +1,14 @@
-"""The phantom follows PHANTOM.md: determinism, anatomy, disease from the record, the elective-neck rule."""
+"""The phantom follows its specification (docs/data.md): determinism, anatomy, disease from the record, the elective-neck rule."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from medvlm.data.clinical import (
-    LATERAL_SUBSITES,
-    MIDLINE_SUBSITES,
-    ajcc8_stage,
-    elective_levels,
-    required_elective_side,
-    sample_record,
-)
+from medvlm.data.clinical import MIDLINE_SUBSITES, ajcc8_stage, elective_levels, required_elective_side, sample_record
+from medvlm.vocabulary import LATERAL_SUBSITES
 from medvlm.data.phantom import HNCPhantom, PhantomConfig, greatest_dimension_mm
-from medvlm.data.structures import STRUCTURE_NAMES
+from medvlm.vocabulary import STRUCTURE_NAMES
 
 
 @pytest.fixture(scope="module")

@@ -109,6 +109,38 @@ def test_a_report_with_no_readable_field_is_contoured_with_a_warning(pipes, case
     assert not any("no clinical field" in w for w in out.warnings[2])
 
 
+def _counting_parser(monkeypatch):
+    """Count the report parses of every route (the parse behind :func:`medvlm.text.prompts.process_report`)."""
+    import medvlm.text.parse as parse_module
+    import medvlm.text.prompts as prompts_module
+
+    calls = []
+    original = parse_module.parse_report
+
+    def counting(text):
+        calls.append(text)
+        return original(text)
+
+    monkeypatch.setattr(parse_module, "parse_report", counting)
+    monkeypatch.setattr(prompts_module, "parse_report", counting)
+    return calls
+
+
+def test_each_report_is_deidentified_and_parsed_once_per_call(pipes, case, monkeypatch):
+    """One report path: the structured prompt, the token states, the fields and every check come from one parse of
+    the de-identified text, in contouring and in generation alike."""
+    calls = _counting_parser(monkeypatch)
+    report = "Patient John Smith, MRN 1234567. Right tonsil SCC cT2 N1 M0, p16 positive. Plan: ipsilateral neck."
+    out = pipes["contour"]([case.image_hu] * 2, report=[report, "left larynx cT3 N0"], affine=case.affine)
+    assert len(calls) == 2 and "John Smith" not in calls[0] and "1234567" not in calls[0]
+    assert out.reports[0].startswith("head and neck cancer. primary: right tonsil")
+    calls.clear()
+    generated = pipes["report_to_ct"]([report], num_inference_steps=2, negative_prompt="left tonsil",
+                                      generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 2  # the prompt and the negative prompt, once each
+    assert generated.prompts == [out.reports[0]]
+
+
 def test_contour_drafts_within_the_configured_length(pipes, case, saved, monkeypatch):
     loaded = ContourPipeline.from_pretrained(saved["contour"])
     assert loaded.config.max_new_tokens == pipes["report_generation"].config.max_new_tokens  # from the training config

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from medvlm.config import load_config
-from train.__main__ import main as train_main
-from train.__main__ import run
+from train.cli import main as train_main
+from train.cli import run
 from train.common import TrainingError, stage_fingerprint
 from train.stage_vae import VAETrainer
 
@@ -342,7 +342,7 @@ def test_segmentation_loss_is_chosen_by_name_and_a_wrong_name_is_a_config_error(
 
     from medvlm.config import SegmentationStageConfig
     from medvlm.errors import ConfigError
-    from train.stage_segmentation import segmentation_loss
+    from train.common import segmentation_loss
 
     assert isinstance(segmentation_loss(SegmentationStageConfig()), DiceCELoss)
     assert isinstance(segmentation_loss(SegmentationStageConfig(loss="dice_focal")), DiceFocalLoss)
@@ -548,7 +548,7 @@ def test_lateral_mirror_swaps_sides_in_the_ct_the_report_and_the_paired_structur
     """The mirrored case is a consistent patient of the other side: tumour, words, labels and parotids move together."""
     import numpy as np
 
-    from medvlm.data.structures import STRUCTURE_NAMES
+    from medvlm.vocabulary import STRUCTURE_NAMES
     from medvlm.text.parse import LABEL_NAMES, parse_report
     from train.data import collate, load_cases, mirror_case
 
@@ -608,7 +608,7 @@ def test_presence_targets_count_the_whole_case_and_side_maps_follow_the_crop(tin
     teach that the report rules the tumour out; and a patch keeps the whole volume's midline distances."""
     from monai.transforms import Compose, SpatialCropd
 
-    from medvlm.data.structures import STRUCTURE_NAMES
+    from medvlm.vocabulary import STRUCTURE_NAMES
     from medvlm.models.windows import coordinate_channels, midline_distance
     from train.data import collate, load_cases, structure_presence
 

@@ -97,3 +97,29 @@ def test_as_metatensor_rejects_nan_and_missing_or_singular_affine():
         as_metatensor(np.zeros((8, 8, 8)), None)
     with pytest.raises(InputError, match="invertible"):
         as_metatensor(np.zeros((8, 8, 8)), np.zeros((4, 4)))
+
+
+def test_one_intensity_mapping_round_trips_and_clips():
+    from medvlm.data.transforms import map_intensity
+
+    hu = np.array([-1500.0, -1000.0, 0.0, 1500.0, 3000.0])
+    scaled = map_intensity(hu, (-1000.0, 1500.0), (-1.0, 1.0), clip=True)
+    assert np.allclose(scaled, [-1.0, -1.0, -0.2, 1.0, 1.0])
+    assert np.allclose(map_intensity(scaled, (-1.0, 1.0), (-1000.0, 1500.0)), [-1000.0, -1000.0, 0.0, 1500.0, 1500.0])
+    assert torch.allclose(map_intensity(torch.tensor([0.5]), (0.0, 1.0), (-1000.0, 1000.0)), torch.tensor([0.0]))
+    assert map_intensity(2.0, (0.0, 1.0), (0.0, 10.0), clip=True) == 10.0
+
+
+def test_body_midline_in_voxels_and_millimetres_for_arrays_and_tensors():
+    from medvlm.data.transforms import BODY_HU, body_midline
+
+    volume = np.full((20, 8, 8), -1000.0, dtype=np.float32)
+    volume[4:10] = 40.0  # body over x 4..9: centre 6.5
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[0, 3] = -30.0
+    assert body_midline(volume) == pytest.approx(6.5)
+    assert body_midline(torch.from_numpy(volume)[None]) == pytest.approx(6.5)  # (1, X, Y, Z) tensor
+    assert body_midline(volume, affine) == pytest.approx(-30.0 + 2.0 * 6.5)
+    assert body_midline(np.full((20, 8, 8), -1000.0)) == pytest.approx(9.5)  # no body: the volume's centre
+    scaled = (volume + 1000.0) / 1250.0 - 1.0  # the model range of a -1000..1500 HU window
+    assert body_midline(scaled, threshold=(BODY_HU + 1000.0) / 1250.0 - 1.0) == pytest.approx(6.5)

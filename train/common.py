@@ -18,6 +18,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_cosine_schedule_with_warmup
+from monai.losses import DiceCELoss, DiceFocalLoss
+from torch import nn
 
 from medvlm.config import MedVLMConfig, StageConfig, config_hash, config_to_dict
 from medvlm.errors import ConfigError, MedVLMError
@@ -210,6 +212,11 @@ class StageTrainer:
             self._memory_format(self.trained, training=True)
 
     def _write_checkpoint(self, step: int, losses: dict) -> None:
+        # accelerate saves the state; the naming and rotation are written here rather than with
+        # ProjectConfiguration(automatic_checkpoint_naming=True, total_limit=K): that writes straight into
+        # checkpoints/checkpoint_<n> (n counts saves, not steps) and deletes the oldest before the new one is
+        # complete, so a crash mid-save could leave a partial checkpoint to resume from. Here a checkpoint is
+        # staged, marked complete with its step and settings, swapped in atomically, and only then the oldest go.
         self.accelerator.wait_for_everyone()
         folder = self.stage_dir / "checkpoints"
         staging = folder / f".partial-{CHECKPOINT_PREFIX}{step:07d}"
@@ -383,7 +390,7 @@ class BestDiceMixin:
         """Scores per structure and their mean; keeps ``module``'s weights when the mean is the best so far."""
         import copy
 
-        from medvlm.data.structures import STRUCTURE_NAMES
+        from medvlm.vocabulary import STRUCTURE_NAMES
 
         scores = {f"dice_{name}": float(value) for name, value in zip(STRUCTURE_NAMES, dice)}
         scores["dice_mean"] = float(sum(dice) / len(dice))
@@ -396,3 +403,23 @@ class BestDiceMixin:
         if self.best[1] is not None:
             module.load_state_dict(self.best[1])  # the best validation checkpoint, not the last
         return module
+
+
+# ----------------------------------------------------------------------------- helpers of several stages
+def load_upstream(output_dir: Path, stage: str, component: str) -> Path:
+    folder = output_dir / stage / "final" / component
+    if not folder.is_dir():
+        raise TrainingError(f"stage needs the {stage!r} stage's {component!r}, not found at {folder}; train {stage} first")
+    return folder
+
+
+def segmentation_loss(settings) -> nn.Module:
+    """The multi-label loss of ``training.segmentation`` (sigmoid per structure; structures overlap).
+
+    batch=True: Dice per structure over the whole batch, so a patch without the structure does not floor the loss.
+    """
+    if settings.loss == "dice_ce":
+        return DiceCELoss(sigmoid=True, batch=True, lambda_dice=settings.lambda_dice, lambda_ce=settings.lambda_ce)
+    if settings.loss == "dice_focal":
+        return DiceFocalLoss(sigmoid=True, batch=True, lambda_dice=settings.lambda_dice, lambda_focal=settings.lambda_focal)
+    raise ConfigError(f"training.segmentation.loss must be 'dice_ce' or 'dice_focal', got {settings.loss!r}")

@@ -20,11 +20,10 @@ from medvlm.data.datalist import load_datalist
 from medvlm.data.laterality import (mirrored_channels, mirrored_label_index, other_side, side_of_labels,
                                     swap_side_words)
 from medvlm.data.transforms import preprocessing_transforms
-from medvlm.data.structures import STRUCTURE_NAMES
+from medvlm.vocabulary import STRUCTURE_NAMES
 from medvlm.errors import DatalistError
 from medvlm.models.windows import coordinate_channels, midline_distance
-from medvlm.text.parse import label_vector, parse_report
-from medvlm.text.prompts import structured_prompt
+from medvlm.text.prompts import process_report
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +90,13 @@ def _load_cases(data_dir: Path, config: MedVLMConfig, section: str, train_fracti
     for item in items:
         data = chain({k: item[k] for k in ("image", "label") if k in item})
         report = item.get("report") or ""
-        parsed = parse_report(report) if report.strip() else None
-        prompt = structured_prompt(parsed) if parsed is not None else ""
+        processed = process_report(report, deidentifier=None) if report.strip() else None  # de-identified on loading
         label = data.get("label")
         cases.append(Case(
             image=data["image"].as_tensor().float(),
             label=(label.as_tensor() > 0.5).float() if label is not None else None,
-            prompt=prompt, report=report, labels=label_vector(parsed) if parsed is not None else np.zeros(1, np.float32),
+            prompt=processed.prompt if processed else "", report=report,
+            labels=processed.fields if processed else np.zeros(1, np.float32),
             case_id=item.get("id", Path(item["image"]).name),
         ))
     if not cases:
@@ -131,7 +130,12 @@ def augmentation(config: MedVLMConfig, *, with_label: bool, patch_size: Sequence
 
 class DeterministicBatches:
     """Global batch ``step`` -> case indices: reshuffled each epoch from (seed, epoch); with several
-    processes each takes its contiguous share of the global batch."""
+    processes each takes its contiguous share of the global batch.
+
+    Written here rather than a MONAI ``DataLoader`` prepared by accelerate with ``skip_first_batches``: the batch
+    (and, through :func:`collate`, its augmentation) of a step is a pure function of (seed, step), so a resumed
+    run continues bit-identically at any step without replaying the loader's sampler and random transforms, and
+    a run on 1 or N processes draws the same global batches."""
 
     def __init__(self, num_cases: int, batch_size: int, seed: int, *, rank: int = 0, world_size: int = 1):
         if batch_size % world_size:

@@ -12,9 +12,8 @@ import torch
 from torch import nn
 
 from medvlm.models.factory import build_baseline
-from train.common import BestDiceMixin, StageTrainer
+from train.common import BestDiceMixin, StageTrainer, segmentation_loss
 from train.data import aligned_corner, augmentation, collate, cut_patch, load_cases
-from train.stage_segmentation import segmentation_loss
 
 
 class BaselineLoss(nn.Module):

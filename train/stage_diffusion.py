@@ -18,16 +18,9 @@ from torch import nn
 from medvlm.config import preprocess_to_dict
 from medvlm.models import CTAutoencoderKL
 from medvlm.models.factory import PREDICTION_TYPES, build_unet, is_flow_matching, noised_latents, training_scheduler
-from train.common import StageTrainer, TrainingError
+from train.common import StageTrainer, TrainingError, load_upstream
 from train.data import augmentation, collate, is_mirrored, load_cases, report_fields
 from medvlm.text.encoders import tokenize_reports
-
-
-def load_upstream(output_dir: Path, stage: str, component: str) -> Path:
-    folder = output_dir / stage / "final" / component
-    if not folder.is_dir():
-        raise TrainingError(f"stage needs the {stage!r} stage's {component!r}, not found at {folder}; train {stage} first")
-    return folder
 
 
 def with_null_report(unet, states: torch.Tensor, attention_mask: torch.Tensor, drop: torch.Tensor):

@@ -39,8 +39,9 @@ class ReportGeneratorTrainer(StageTrainer):
             tokenizer = train_report_tokenizer([c.prompt for c in self.cases], rg.tokenizer_vocab_size)
             self.model, self.processor = build_tiny_paligemma(tokenizer, rg, seed=self.config.training.seed)
         size = self.processor.image_processor.size["height"]
-        window = tuple(self.config.data.preprocess.hu_window)
-        self.images = [render_ct(c.image[0], image_size=size, input_is_hu=False, value_range=window) for c in self.cases]
+        preprocess = self.config.data.preprocess
+        self.images = [render_ct(c.image[0], image_size=size, input_is_hu=False, value_range=tuple(preprocess.hu_window),
+                                 model_range=tuple(preprocess.output_range)) for c in self.cases]
         return DraftingLoss(self.model)
 
     def make_inputs(self, index: int) -> dict:

@@ -7,32 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss, DiceFocalLoss
 from torch import nn
 
-from medvlm.data.structures import STRUCTURE_NAMES
+from medvlm.vocabulary import STRUCTURE_NAMES
 from medvlm.errors import ConfigError
 from medvlm.models import CTAutoencoderKL, ReportConditionedUNet3D
 from medvlm.models.factory import build_segmentation
 from medvlm.models.segmentation import fused_features
 from medvlm.models.windows import coordinate_channels
-from train.common import BestDiceMixin, StageTrainer
+from train.common import BestDiceMixin, StageTrainer, load_upstream, segmentation_loss
 from train.data import (aligned_corner, augmentation, case_side_map, collate, cut_patch, load_cases, report_fields,
                         structure_presence)
-from train.stage_diffusion import load_upstream
 from medvlm.text.encoders import tokenize_reports
-
-
-def segmentation_loss(settings) -> nn.Module:
-    """The multi-label loss of ``training.segmentation`` (sigmoid per structure; structures overlap).
-
-    batch=True: Dice per structure over the whole batch, so a patch without the structure does not floor the loss.
-    """
-    if settings.loss == "dice_ce":
-        return DiceCELoss(sigmoid=True, batch=True, lambda_dice=settings.lambda_dice, lambda_ce=settings.lambda_ce)
-    if settings.loss == "dice_focal":
-        return DiceFocalLoss(sigmoid=True, batch=True, lambda_dice=settings.lambda_dice, lambda_focal=settings.lambda_focal)
-    raise ConfigError(f"training.segmentation.loss must be 'dice_ce' or 'dice_focal', got {settings.loss!r}")
 
 
 def _moved(value, device):

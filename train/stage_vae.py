@@ -85,7 +85,7 @@ class VAETrainer(StageTrainer):
     name = "vae"
 
     def setup(self) -> nn.Module:
-        from medvlm.data.structures import STRUCTURE_NAMES
+        from medvlm.vocabulary import STRUCTURE_NAMES
 
         c = self.stage_config
         self.cases = load_cases(self.data_dir, self.config, train_fraction=self.train_fraction, seed=self.config.training.seed)

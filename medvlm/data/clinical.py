@@ -1,39 +1,34 @@
-"""Clinical records of head-and-neck cancer cases: vocabulary, AJCC staging, the elective-neck rule, CSV I/O.
+"""The phantom's clinical rules (AJCC staging, the elective-neck rule, record sampling) and records CSV I/O.
 
-A record is one row of the seed's table (``Number, Unit No, Subsite, ... Remark``) followed by
-``Laterality, HPV, Elective neck``. The rules here are shared by the phantom, the reports and evaluation.
+A record (:class:`medvlm.vocabulary.ClinicalRecord`) is one row of the records table (``Number, Unit No,
+Subsite, ... Remark, Laterality, HPV, Elective neck``). The rules here make the phantom's cases and its
+evaluation's expectations; reports are never read with them (:mod:`medvlm.text.parse` reads what the text says).
 """
 from __future__ import annotations
 
 import csv
 import io
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from medvlm.errors import DatalistError
+from medvlm.vocabulary import (
+    CSV_COLUMNS,
+    LATERAL_SUBSITES,
+    N_STAGES,
+    ORAL_CAVITY_SUBSITES,
+    OROPHARYNX_SUBSITES,
+    SUBSITES,
+    T_STAGES,
+    ClinicalRecord,
+)
 
-SUBSITES = ("oral tongue", "tonsil", "base of tongue", "larynx", "hypopharynx", "nasopharynx")
-LATERAL_SUBSITES = ("oral tongue", "tonsil", "hypopharynx")
-MIDLINE_SUBSITES = ("base of tongue", "larynx", "nasopharynx")
-OROPHARYNX_SUBSITES = ("tonsil", "base of tongue")
-ORAL_CAVITY_SUBSITES = ("oral tongue",)
+MIDLINE_SUBSITES = ("base of tongue", "larynx", "nasopharynx")  # the phantom draws these primaries midline
 SURGICAL_SUBSITES = ("oral tongue", "larynx", "hypopharynx")  # sites where adjuvant (postoperative) RT occurs
-
-LATERALITIES = ("left", "right", "midline")
-T_STAGES = ("T1", "T2", "T3", "T4")
-N_STAGES = ("N0", "N1", "N2", "N3")
-M_STAGES = ("M0", "M1")
-HPV_STATUSES = ("positive", "negative", "unknown")
-RT_AIMS = ("definitive", "adjuvant", "palliative")
-CHEMOTHERAPIES = ("none", "concurrent cisplatin", "concurrent cetuximab", "induction + concurrent cisplatin")
-ELECTIVE_NECK = ("ipsilateral", "bilateral")
-PATHOLOGIES = ("squamous cell carcinoma", "basaloid squamous cell carcinoma", "non-keratinizing carcinoma")
-STAGE_GROUPS = ("I", "II", "III", "IV", "IVA", "IVB", "IVC")
-NECK_LEVELS = ("Ib", "II", "III", "IV")
 
 # Greatest tumour dimension (mm) drawn per T stage. AJCC uses 2 and 4 cm cut-offs; T4 is defined by
 # invasion of a neighbour, not by size, so its range overlaps T3.
@@ -41,91 +36,10 @@ T_SIZE_RANGE_MM = {"T1": (10.0, 19.0), "T2": (22.0, 38.0), "T3": (42.0, 54.0), "
 # Greatest node dimension (mm). N1 <= 3 cm, N2 nodes <= 6 cm, N3 > 6 cm.
 N_NODE_SIZE_RANGE_MM = {"N1": (12.0, 28.0), "N2": (12.0, 34.0), "N3": (62.0, 70.0)}
 
-CSV_COLUMNS = (
-    "Number", "Unit No", "Subsite", "Pathology", "icT", "icN", "icM", "pT", "pN", "pM", "Stage",
-    "Chemotherapy", "RT aim", "Remark", "Laterality", "HPV", "Elective neck",
-)
-_ATTR_OF_COLUMN = {
-    "Number": "number", "Unit No": "unit_no", "Subsite": "subsite", "Pathology": "pathology",
-    "icT": "ict", "icN": "icn", "icM": "icm", "pT": "pt", "pN": "pn", "pM": "pm", "Stage": "stage",
-    "Chemotherapy": "chemotherapy", "RT aim": "rt_aim", "Remark": "remark", "Laterality": "laterality",
-    "HPV": "hpv", "Elective neck": "elective_neck",
-}
-# Allowed values per column; empty means free text. Postoperative columns may also be blank.
-_VOCABULARY = {
-    "Subsite": SUBSITES, "icT": T_STAGES, "icN": N_STAGES, "icM": M_STAGES, "pT": T_STAGES + ("",),
-    "pN": N_STAGES + ("",), "pM": M_STAGES + ("",), "Stage": STAGE_GROUPS, "RT aim": RT_AIMS,
-    "Laterality": LATERALITIES, "HPV": HPV_STATUSES, "Elective neck": ELECTIVE_NECK,
-}
-
-
-@dataclass
-class ClinicalRecord:
-    """One case of the clinical table. ``unit_no`` is a (synthetic) identifier and must be de-identified
-    before any text derived from the record reaches a model."""
-
-    number: int
-    unit_no: str
-    subsite: str
-    pathology: str
-    ict: str
-    icn: str
-    icm: str
-    pt: str = ""
-    pn: str = ""
-    pm: str = ""
-    stage: str = ""
-    chemotherapy: str = "none"
-    rt_aim: str = "definitive"
-    remark: str = ""
-    laterality: str = "midline"
-    hpv: str = "unknown"
-    elective_neck: str = "bilateral"
-
-    @property
-    def postoperative(self) -> bool:
-        return self.rt_aim == "adjuvant"
-
-    def to_row(self) -> dict[str, str]:
-        values = asdict(self)
-        return {column: str(values[_ATTR_OF_COLUMN[column]]) for column in CSV_COLUMNS}
-
-    @classmethod
-    def from_row(cls, row: dict[str, str], *, source: str = "<record>", row_number: int = 0) -> "ClinicalRecord":
-        """Build a record from a CSV row, raising :class:`DatalistError` naming source, row and field."""
-        where = f"{source}, row {row_number}"
-        missing = [column for column in CSV_COLUMNS if column not in row]
-        if missing:
-            raise DatalistError(f"{where}: missing column(s) {missing}; expected columns {list(CSV_COLUMNS)}")
-        clean = {column: (row[column] or "").strip() for column in CSV_COLUMNS}
-        for column, allowed in _VOCABULARY.items():
-            if clean[column] not in allowed:
-                raise DatalistError(
-                    f"{where}, field {column!r}: unknown value {clean[column]!r}; allowed: {[a for a in allowed if a]}"
-                )
-        try:
-            number = int(clean["Number"])
-        except ValueError:
-            raise DatalistError(f"{where}, field 'Number': {clean['Number']!r} is not an integer") from None
-        kwargs = {_ATTR_OF_COLUMN[c]: clean[c] for c in CSV_COLUMNS if c != "Number"}
-        record = cls(number=number, **kwargs)
-        if record.subsite in LATERAL_SUBSITES and record.laterality == "midline":
-            raise DatalistError(f"{where}, field 'Laterality': a {record.subsite} case must be left or right")
-        return record
-
-
-def validate_record_fields(values: dict, *, where: str) -> None:
-    """Check the fields present in a (possibly partial) record against the vocabulary."""
-    for column, value in values.items():
-        allowed = _VOCABULARY.get(column)
-        if allowed is not None and str(value).strip() not in allowed:
-            raise DatalistError(f"{where}, field {column!r}: unknown value {value!r}; allowed: {[a for a in allowed if a]}")
-
-
 def ajcc8_stage(subsite: str, t: str, n: str, m: str, hpv: str) -> str:
     """AJCC 8th edition clinical stage group, simplified.
 
-    Simplifications (documented in PHANTOM.md): T4a/T4b and N2a-c are not distinguished; p16-positive
+    Simplifications (documented in docs/data.md): T4a/T4b and N2a-c are not distinguished; p16-positive
     oropharynx uses the HPV-mediated table (I-IV); nasopharynx its own table; other sites the common
     oral cavity/larynx/hypopharynx table (N3 -> IVB, M1 -> IVC).
     """
@@ -291,7 +205,7 @@ def sample_record(rng: np.random.Generator, number: int, unit_no: str) -> tuple[
 
 
 def write_records_csv(records: Iterable[ClinicalRecord], path: str | os.PathLike) -> None:
-    """Write records atomically (temporary file, then rename) with the seed's column order."""
+    """Write records atomically (temporary file, then rename) with the reference study's column order."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(CSV_COLUMNS))
     writer.writeheader()

@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from medvlm.data.clinical import CSV_COLUMNS, ClinicalRecord, read_records_csv, validate_record_fields
+from medvlm.data.clinical import read_records_csv
+from medvlm.vocabulary import CSV_COLUMNS, ClinicalRecord, validate_record_fields
 from medvlm.errors import DatalistError
 
 SECTIONS = ("training", "validation", "test")

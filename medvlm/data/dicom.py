@@ -129,7 +129,7 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None, 
     """
     import pydicom
 
-    from medvlm.text.dicom_deid import DicomDeidentifier
+    from medvlm.data.dicom_deid import DicomDeidentifier
 
     folder = Path(folder)
     if not folder.exists():
@@ -309,7 +309,7 @@ def _draw_outline(plane: np.ndarray, polygon: np.ndarray) -> None:
 
 
 def _rgb(name: str, colours: Mapping[str, Sequence[int]] | None) -> list[int]:
-    from medvlm.data.structures import STRUCTURE_COLOURS
+    from medvlm.vocabulary import STRUCTURE_COLOURS
 
     colour = (colours or {}).get(name) or STRUCTURE_COLOURS.get(name) or (255, 255, 0)
     return [int(c) for c in colour]

@@ -3,7 +3,7 @@
 ``medvlm data import-dicom SRC --out DATA [--reports DIR] [--synonyms FILE]``: every CT series under SRC with
 the RTSTRUCT(s) drawn on it becomes one case: the CT in HU (``images/``), the structures mapped to this
 project's TG-263 names and rasterised on the CT grid (``labels/``, one channel per structure of
-:data:`~medvlm.data.structures.STRUCTURE_NAMES`), and the patient's report, de-identified (``reports/``).
+:data:`~medvlm.vocabulary.STRUCTURE_NAMES`), and the patient's report, de-identified (``reports/``).
 Cases are named by keyed pseudonyms of the PatientID (the ``medvlm deid dicom`` pseudonyms), never by an
 identifier; the DICOM headers are de-identified on reading (:func:`~medvlm.data.dicom.read_dicom_series`).
 
@@ -28,7 +28,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from medvlm.data.structures import STRUCTURE_NAMES
+from medvlm.vocabulary import STRUCTURE_NAMES
 from medvlm.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ def import_dicom_cohort(source: str | os.PathLike, out_dir: str | os.PathLike, *
     from medvlm.data.io import atomic_write_text, save_labels, save_nifti
     from medvlm.data.writer import split_indices
     from medvlm.text.deid import Deidentifier
-    from medvlm.text.dicom_deid import DicomDeidentifier
+    from medvlm.data.dicom_deid import DicomDeidentifier
 
     source, out_dir = Path(source), Path(out_dir)
     if not source.is_dir():

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from medvlm.data.structures import STRUCTURE_NAMES
+from medvlm.vocabulary import STRUCTURE_NAMES
 
 SIDES = ("left", "right")
 _SIDE_WORD = re.compile(r"\b(left|right)\b", re.IGNORECASE)

@@ -14,17 +14,11 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from medvlm.data.clinical import (
-    LATERAL_SUBSITES,
-    ClinicalRecord,
-    DiseasePlan,
-    NodePlan,
-    elective_levels,
-    sample_record,
-)
+from medvlm.data.clinical import DiseasePlan, NodePlan, elective_levels, sample_record
+from medvlm.vocabulary import LATERAL_SUBSITES, ClinicalRecord
 from medvlm.data.identifiers import SyntheticIdentity, sample_identity
 from medvlm.data.reports import Report, render_report
-from medvlm.data.structures import STRUCTURE_NAMES
+from medvlm.vocabulary import STRUCTURE_NAMES
 
 HU_AIR, HU_FAT, HU_MUSCLE, HU_CSF, HU_CORD, HU_BRAIN = -1000.0, -100.0, 40.0, 8.0, 35.0, 37.0
 HU_PAROTID, HU_THYROID, HU_CARTILAGE, HU_VESSEL, HU_VEIN = 10.0, 95.0, 200.0, 165.0, 145.0

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from medvlm.data.structures import STRUCTURE_COLOURS
+from medvlm.vocabulary import STRUCTURE_COLOURS
 
 SOFT_TISSUE_WINDOW_HU = (40.0, 400.0)  # level, width
 

@@ -12,7 +12,8 @@ from typing import Callable
 
 import numpy as np
 
-from medvlm.data.clinical import ClinicalRecord, DiseasePlan, elective_levels
+from medvlm.data.clinical import DiseasePlan, elective_levels
+from medvlm.vocabulary import ClinicalRecord
 from medvlm.data.identifiers import SyntheticIdentity
 
 REPORT_FAMILIES = ("train", "heldout")

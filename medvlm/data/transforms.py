@@ -1,4 +1,4 @@
-"""The MONAI preprocessing chain (the seed's): RAS orientation, resampling, body crop, ROI padding, HU window.
+"""The MONAI preprocessing chain (the reference study's): RAS orientation, resampling, body crop, ROI padding, HU window.
 
 One visible ``Compose`` of dictionary transforms. It is invertible: predictions made on the processed
 grid return to the input's own grid with :func:`invert_to_input`.
@@ -73,19 +73,49 @@ def preprocessing_transforms(config: PreprocessConfig | None = None, *, image_ke
     return Compose(chain)
 
 
+BODY_HU = -500.0  # the body of a CT: every tissue lies above, air and lung below (the one body threshold of medvlm)
+
+
+def map_intensity(values, source: Sequence[float], target: Sequence[float], *, clip: bool = False):
+    """The one linear intensity mapping of medvlm: the window ``source`` (low, high) onto ``target`` (low, high),
+    for tensors, arrays and numbers; ``clip`` keeps the result inside ``target``. HU <-> the model range
+    (:func:`to_hu`, :func:`from_hu`), the CT windows of the networks, a pretrained network's own range and the
+    report generator's rendering all go through it. Written here: MONAI's ``ScaleIntensityRange`` is a transform
+    over dictionaries and has no inverse for volumes a model makes."""
+    (s0, s1), (t0, t1) = (float(v) for v in source), (float(v) for v in target)
+    mapped = (values - s0) / (s1 - s0) * (t1 - t0) + t0
+    if clip:
+        low, high = min(t0, t1), max(t0, t1)
+        mapped = mapped.clip(low, high) if hasattr(mapped, "clip") else min(max(mapped, low), high)
+    return mapped
+
+
 def to_hu(values, config: PreprocessConfig):
     """Inverse of the chain's intensity scaling: ``output_range`` back to HU over ``hu_window`` (tensors or
     arrays; values the chain clipped stay at the window's ends)."""
-    (hu_low, hu_high), (low, high) = config.hu_window, config.output_range
-    return (values - low) / (high - low) * (hu_high - hu_low) + hu_low
+    return map_intensity(values, config.output_range, config.hu_window)
 
 
 def from_hu(values, config: PreprocessConfig):
     """The chain's intensity scaling, HU over ``hu_window`` to ``output_range`` (clipped at the window's ends),
     for volumes already on the model grid (e.g. generated CTs)."""
-    (hu_low, hu_high), (low, high) = config.hu_window, config.output_range
-    scaled = (values - hu_low) / (hu_high - hu_low) * (high - low) + low
-    return scaled.clip(low, high) if hasattr(scaled, "clip") else scaled
+    return map_intensity(values, config.hu_window, config.output_range, clip=True)
+
+
+def body_midline(volume, affine=None, *, threshold: float = BODY_HU) -> float:
+    """The patient's midline: x of the centroid of the body (voxels above ``threshold``, in the volume's units)
+    of one (X, Y, Z) volume or tensor, as a voxel index, or in world millimetres with ``affine`` (4x4). A volume
+    without body voxels gives its centre. The one midline of medvlm: the segmentation decoder's side map, the
+    contour pipeline's report-consistency check and the evaluation's sides all use it. Written here: MONAI has
+    no midline estimate."""
+    volume = torch.as_tensor(volume)
+    shape = torch.tensor(volume.shape[-3:], dtype=torch.float64)
+    body = (volume.reshape(volume.shape[-3:]) > threshold).nonzero().to(torch.float64)
+    centroid = body.mean(dim=0) if len(body) else (shape - 1) / 2
+    if affine is None:
+        return float(centroid[0])
+    affine = torch.as_tensor(np.asarray(affine), dtype=torch.float64)
+    return float(affine[0, :3] @ centroid + affine[0, 3])
 
 
 def as_metatensor(volume: np.ndarray | torch.Tensor, affine: np.ndarray | None = None, *, name: str = "ct") -> MetaTensor:

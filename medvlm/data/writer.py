@@ -23,7 +23,7 @@ from medvlm.data.clinical import write_records_csv
 from medvlm.data.io import atomic_write_text, save_labels, save_nifti
 from medvlm.data.phantom import HNCPhantom, PhantomConfig
 from medvlm.data.preview import save_preview
-from medvlm.data.structures import STRUCTURE_NAMES
+from medvlm.vocabulary import STRUCTURE_NAMES
 from medvlm.errors import InputError
 
 logger = logging.getLogger(__name__)

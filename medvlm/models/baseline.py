@@ -14,7 +14,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 - diffusers finds the base class in this module
 from monai.networks.nets import UNet
 
-from medvlm.data.structures import STRUCTURE_NAMES
+from medvlm.vocabulary import STRUCTURE_NAMES
 from medvlm.models.base import AlignedModelMixin
 from medvlm.models.windows import DEFAULT_CT_WINDOWS, CTWindows
 

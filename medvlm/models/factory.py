@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from medvlm.config import MedVLMConfig, ModelsConfig, PreprocessConfig, TextConfig
-from medvlm.data.structures import STRUCTURE_NAMES
+from medvlm.vocabulary import STRUCTURE_NAMES
 from medvlm.models.baseline import ImageOnlySegmenter
 from medvlm.models.contrastive import MedCLIPModel, buildable_text_config
 from medvlm.models.report_generator import SPECIAL_TOKENS, build_tiny_paligemma

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from medvlm.config import ReportGeneratorModelConfig
+from medvlm.data.transforms import map_intensity
 from medvlm.errors import InputError
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<image>")
@@ -103,20 +104,20 @@ def load_report_generator(folder: str | os.PathLike):
 
 def render_ct(volume: np.ndarray | torch.Tensor, *, image_size: int = 64, num_slices: int = 9,
               window_hu: tuple[float, float] = (40.0, 400.0), input_is_hu: bool = True,
-              value_range: tuple[float, float] = (-1000.0, 1500.0)) -> np.ndarray:
+              value_range: tuple[float, float] = (-1000.0, 1500.0),
+              model_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
     """CT (X, Y, Z) -> RGB uint8 montage (image_size x image_size) of ``num_slices`` axial slices.
 
     Slices are evenly spaced through the volume, shown in radiological convention with a soft-tissue
     window (level, width). Preprocessed volumes (``input_is_hu=False``) are mapped back from
-    ``value_range`` ([-1, 1] <-> HU window of the preprocessing) first.
+    ``model_range`` (the preprocessing's ``output_range``) to ``value_range`` (its ``hu_window``) first.
     """
     array = volume.detach().cpu().float().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume, dtype=np.float32)
     array = np.squeeze(array)
     if array.ndim != 3:
         raise InputError(f"render_ct needs a 3D volume, got shape {array.shape}")
     if not input_is_hu:
-        lo, hi = value_range
-        array = (array + 1.0) / 2.0 * (hi - lo) + lo
+        array = map_intensity(array, model_range, value_range)
     level, width = window_hu
     shown = np.clip((array - (level - width / 2)) / width, 0.0, 1.0)
     grid = int(np.ceil(np.sqrt(num_slices)))

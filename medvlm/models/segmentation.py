@@ -1,4 +1,4 @@
-"""Segmentation decoder sharing the fused latent (the seed's cross-modal attention fusion).
+"""Segmentation decoder sharing the fused latent (the reference study's cross-modal attention fusion).
 
 Two paths, summed as logits (one channel per structure, multi-label, sigmoid):
 
@@ -9,7 +9,7 @@ Two paths, summed as logits (one channel per structure, multi-label, sigmoid):
 * the **image path** is MONAI's ``UNet`` on the CT (plus fixed CT windows), the architecture of the
   image-only baseline, for voxel-accurate boundaries. The frozen VAE and diffusion UNet are trained for
   reconstruction and denoising; their features alone gave a decoder that learned the small organs several
-  times slower than a UNet on the CT (demo phantom, eval/README figures).
+  times slower than a UNet on the CT (demo phantom, docs/evaluation.md).
 
 The report path's output layer starts near zero, so training starts from the image path.
 
@@ -45,7 +45,7 @@ from monai.networks.blocks import UnetOutBlock, UnetResBlock
 from monai.networks.nets import UNet
 from torch import nn
 
-from medvlm.data.structures import STRUCTURE_NAMES
+from medvlm.vocabulary import STRUCTURE_NAMES
 from medvlm.models.base import AlignedModelMixin
 from medvlm.models.windows import DEFAULT_CT_WINDOWS, CTWindows, coordinate_channels, midline_distance
 from medvlm.text.encoders import masked_mean

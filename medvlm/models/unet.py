@@ -39,7 +39,7 @@ class ReportConditionedUNet3D(AlignedModelMixin, ConfigMixin):
     zeros = nothing parsed), so side, stage and elective neck reach the UNet as directly as the tokens do;
     with ``fields_time`` they are also added to the timestep embedding (as a class label is in class-conditional
     diffusion), so every residual block sees them. With ``coordinates`` the input gets three coordinate channels
-    (MONAI ``AddCoordinateChannels``, -1..1 along x, y, z of the latent grid): a convolutional UNet is otherwise
+    (MONAI ``AddCoordinateChannels``, -0.5..0.5 along x, y, z of the latent grid): a convolutional UNet is otherwise
     blind to where it is, and a left-right symmetric anatomy under noise gives it no cue which side is left.
     With ``canonical_side`` ("left"/"right") the UNet was trained on every lateralised case mirrored into that
     side (:mod:`medvlm.data.laterality`); a pipeline generates a report of the other side in the canonical frame

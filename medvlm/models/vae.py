@@ -21,6 +21,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 - diffusers finds the base class in this module when loading
 
 from medvlm.config import BACKBONES
+from medvlm.data.transforms import map_intensity
 from medvlm.errors import InputError
 from medvlm.models.base import AlignedModelMixin
 from diffusers.utils import BaseOutput
@@ -369,18 +370,16 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
         windows = self._intensity_windows()
         if windows is None:
             return x
-        (h0, h1), (r0, r1), (w0, w1) = windows
-        hu = (x - r0) / (r1 - r0) * (h1 - h0) + h0
-        return ((hu - w0) / (w1 - w0)).clamp(0.0, 1.0)
+        hu_window, model_range, network_window = windows
+        return map_intensity(map_intensity(x, model_range, hu_window), network_window, (0.0, 1.0), clip=True)
 
     def _from_network(self, y: torch.Tensor) -> torch.Tensor:
         """What the network decodes -> the model range (the inverse of :meth:`_to_network` inside its window)."""
         windows = self._intensity_windows()
         if windows is None:
             return y
-        (h0, h1), (r0, r1), (w0, w1) = windows
-        hu = y.float() * (w1 - w0) + w0
-        return ((hu - h0) / (h1 - h0) * (r1 - r0) + r0).to(y.dtype)
+        hu_window, model_range, network_window = windows
+        return map_intensity(map_intensity(y.float(), (0.0, 1.0), network_window), hu_window, model_range).to(y.dtype)
 
     def _encode_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run MONAI's encoder block by block, keeping the last map at each resolution."""

@@ -6,6 +6,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from medvlm.data.transforms import BODY_HU, body_midline, map_intensity
+
 DEFAULT_CT_WINDOWS = ((40.0, 400.0), (400.0, 1800.0))  # (level, width) in HU: soft tissue, bone
 
 
@@ -32,8 +34,7 @@ class CTWindows(nn.Module):
         return 1 + len(self.windows)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        (lo, hi), (a, b) = self.hu_window, self.output_range
-        hu = lo + (image - a) * (hi - lo) / (b - a)
+        hu = map_intensity(image, self.output_range, self.hu_window)
         channels = [image] + [((hu - level) / (width / 2)).clamp(-1.0, 1.0) for level, width in self.windows]
         return torch.cat(channels, dim=1)
 
@@ -44,7 +45,8 @@ def coordinate_channels(reference: torch.Tensor) -> torch.Tensor:
     Reports say *left*, *right*, *ipsilateral* or *bilateral*; convolutions are translation equivariant,
     global pooling discards position and the neck is nearly symmetric, so without its position (RAS grid,
     ROI around the body) a CT network could not tell the patient's left half from the right. Written
-    here: MONAI has no coordinate-channel block.
+    here: MONAI's ``AddCoordinateChannels`` is a per-sample array transform with coordinates in [-0.5, 0.5];
+    these are part of the network's forward pass, batched on the model's device.
     """
     axes = [torch.linspace(-1.0, 1.0, n, device=reference.device, dtype=reference.dtype) for n in reference.shape[2:]]
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
@@ -52,19 +54,15 @@ def coordinate_channels(reference: torch.Tensor) -> torch.Tensor:
 
 
 def midline_distance(image: torch.Tensor, hu_window: Sequence[float] = (-1000.0, 1500.0),
-                     output_range: Sequence[float] = (-1.0, 1.0), body_hu: float = -500.0) -> torch.Tensor:
+                     output_range: Sequence[float] = (-1.0, 1.0), body_hu: float = BODY_HU) -> torch.Tensor:
     """Signed distance in voxels along x from the patient's midline, (B, 1, X, Y, Z), positive on the right.
 
-    The midline is the x centroid of the body (voxels above ``body_hu``) of each preprocessed CT (RAS grid:
-    index 0 grows towards the patient's right); a volume without body voxels uses its centre. Computed on the
-    whole volume: a patch of it has its own centroid, so patch-wise callers compute this once and crop it
-    with the image. Written here: MONAI has no midline estimate.
+    The midline is :func:`medvlm.data.transforms.body_midline` of each preprocessed CT (RAS grid: index 0 grows
+    towards the patient's right). Computed on the whole volume: a patch of it has its own centroid, so patch-wise
+    callers compute this once and crop it with the image.
     """
-    (lo, hi), (a, b) = hu_window, output_range
-    threshold = a + (body_hu - lo) * (b - a) / (hi - lo)
-    body = (image[:, :1] > threshold).to(torch.float32)
+    threshold = float(map_intensity(float(body_hu), hu_window, output_range))
     x = torch.arange(image.shape[2], device=image.device, dtype=torch.float32).view(1, 1, -1, 1, 1)
-    count = body.sum(dim=(1, 2, 3, 4))
-    centre = torch.where(count > 0, (body * x).sum(dim=(1, 2, 3, 4)) / count.clamp_min(1.0),
-                         torch.full_like(count, (image.shape[2] - 1) / 2))
+    centre = torch.tensor([body_midline(volume[0], threshold=threshold) for volume in image.detach()],
+                          device=image.device, dtype=torch.float32)
     return (x - centre.view(-1, 1, 1, 1, 1)).expand(image.shape[0], 1, *image.shape[2:]).to(image.dtype)

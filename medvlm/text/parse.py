@@ -13,20 +13,7 @@ from typing import Mapping
 
 import numpy as np
 
-from medvlm.data.clinical import (
-    CHEMOTHERAPIES,
-    ELECTIVE_NECK,
-    HPV_STATUSES,
-    LATERALITIES,
-    M_STAGES,
-    N_STAGES,
-    PATHOLOGIES,
-    RT_AIMS,
-    STAGE_GROUPS,
-    SUBSITES,
-    T_STAGES,
-    ClinicalRecord,
-)
+from medvlm.vocabulary import CHEMOTHERAPIES, ELECTIVE_NECK, HPV_STATUSES, LATERALITIES, M_STAGES, N_STAGES, PATHOLOGIES, RT_AIMS, STAGE_GROUPS, SUBSITES, T_STAGES, ClinicalRecord
 from medvlm.text.deid import check_text
 
 # Longest, most specific wording first within each subsite; the earliest mention in the text wins.
@@ -279,9 +266,9 @@ def parse_report(text: str) -> ParsedReport:
 def parsed_from_record(record: ClinicalRecord | Mapping) -> ParsedReport:
     """The same structure from a records row (``ClinicalRecord`` or a CSV-style mapping)."""
     if isinstance(record, Mapping):
-        from medvlm.data.clinical import _ATTR_OF_COLUMN
+        from medvlm.vocabulary import COLUMN_ATTRIBUTES
 
-        values = {(_ATTR_OF_COLUMN.get(k, k)): (v or None) for k, v in record.items()}
+        values = {(COLUMN_ATTRIBUTES.get(k, k)): (v or None) for k, v in record.items()}
     else:
         values = {f.name: (getattr(record, f.name) or None) for f in fields(record)}
     return ParsedReport(**{name: values.get(name) for name in FIELDS})

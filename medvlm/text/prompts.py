@@ -6,18 +6,22 @@ Format (fields in this order, ``unknown`` where not stated)::
     stage: c<T> c<N> c<M>, ajcc8 <group>. treatment: <aim> radiotherapy, <chemotherapy>.
     elective neck: <ipsilateral|bilateral> levels <first>-<last>.
 
-A record gives it directly; free text is normalised into it through :func:`medvlm.text.parse.parse_report`.
+A record gives it directly; free text goes through :func:`process_report`, the one path by which every model
+of medvlm (training, the pipelines, evaluation) reads a report: de-identified and parsed once, and the
+structured prompt, the text a text tower encodes and the parsed-field vector all come from that one parse.
 Zero-shot class prompts use the same vocabulary (see :func:`class_prompts`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Mapping
 
 import numpy as np
 
-from medvlm.data.clinical import ClinicalRecord
+from medvlm.vocabulary import ClinicalRecord
 from medvlm.text.deid import Deidentifier
-from medvlm.text.parse import ParsedReport, parse_report, parsed_from_record
+from medvlm.text.parse import FIELDS, ParsedReport, label_vector, parse_report, parsed_from_record
 
 UNKNOWN = "unknown"
 
@@ -42,10 +46,59 @@ def structured_prompt(source: ClinicalRecord | ParsedReport | Mapping) -> str:
             f"elective neck: {elective}.")
 
 
+REPORT_FORMATS = ("structured", "raw")
+
+
+@dataclass(frozen=True)
+class ProcessedReport:
+    """A report as the models read it, parsed once: ``text`` de-identified, ``parsed`` its fields.
+
+    ``prompt`` (the structured prompt), ``model_text(report_format)`` (what a text tower encodes) and ``fields``
+    (:func:`medvlm.text.parse.label_vector`, the parsed-field input of the UNet and the segmentation decoder) are
+    all derived from ``parsed``; no caller parses the text again.
+    """
+
+    text: str
+    parsed: ParsedReport
+
+    @property
+    def prompt(self) -> str:
+        return structured_prompt(self.parsed)
+
+    def model_text(self, report_format: str = "structured") -> str:
+        """The text a text tower encodes: the structured prompt, or (``"raw"``) the de-identified report."""
+        if report_format not in REPORT_FORMATS:
+            raise ValueError(f"report_format must be one of {REPORT_FORMATS}, got {report_format!r}")
+        return self.prompt if report_format == "structured" else self.text
+
+    @property
+    def fields(self) -> np.ndarray:
+        return label_vector(self.parsed)
+
+    @property
+    def reads_any_field(self) -> bool:
+        """Whether any clinical field could be read (not so for another language, or identifiers only)."""
+        return any(getattr(self.parsed, name) for name in FIELDS)
+
+
+@lru_cache(maxsize=1)
+def _default_deidentifier() -> Deidentifier:
+    return Deidentifier()
+
+
+def process_report(text: str, *, deidentifier: Deidentifier | bool | None = True) -> ProcessedReport:
+    """De-identify (``deidentifier``: ``True`` the default redaction, an instance, or ``None``/``False`` for text
+    that is already de-identified) and parse a report, once. De-identification comes first, so no identifier can
+    reach a field or a prompt."""
+    if deidentifier is True:
+        deidentifier = _default_deidentifier()
+    clean = deidentifier.deidentify(text).text if deidentifier else text
+    return ProcessedReport(text=clean, parsed=parse_report(clean))
+
+
 def normalise_report(text: str, *, deidentify: bool = True) -> str:
-    """Free-text report -> standard prompt. De-identifies first, so no identifier can leak into a field."""
-    clean = Deidentifier().deidentify(text).text if deidentify else text
-    return structured_prompt(parse_report(clean))
+    """Free-text report -> standard prompt (:func:`process_report`'s ``prompt``)."""
+    return process_report(text, deidentifier=deidentify).prompt
 
 
 CLASS_PROMPT_TEMPLATES: tuple[str, ...] = (
