@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from medvlm.cli import claim_output
 
 
 def synthesise(run: Path, items: list[dict], count: int, out: Path, *, steps: int = 25, guidance_scale: float = 3.0,
@@ -144,9 +145,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training and generation seeds")
     parser.add_argument("--steps", type=int, default=None, help="segmentation steps per training (default: the config's)")
     parser.add_argument("--out", default="results/augmentation", help="folder for synthetic cases, decoders and the table")
+    parser.add_argument("--overwrite", action="store_true", help="write into an --out that holds other files")
     args = parser.parse_args(argv)
     if min(args.real) < 1 or args.synthetic_per_real <= 0 or not args.seeds:
         parser.error("--real must be >= 1, --synthetic-per-real > 0, and at least one seed given")
+    claim_output(args, "eval augmentation")
     from medvlm.data.io import atomic_write_text
 
     runs: dict[int, list[dict]] = {}

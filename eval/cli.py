@@ -13,7 +13,8 @@ from medvlm.errors import MedVLMError
 EVAL_TASKS = {"segmentation": "segmentation", "zero-shot": "zero_shot_eval", "generation": "generation_eval",
               "drafting": "drafting_eval", "deid": "deid_eval", "extraction": "extraction_eval", "benchmark": "benchmark",
               "robustness": "robustness", "data-efficiency": "data_efficiency",
-              "augmentation": "augmentation_utility", "report": "report", "phantom-speed": "bench_phantom"}
+              "augmentation": "augmentation_utility", "report": "report", "phantom-speed": "bench_phantom",
+              "real-ct": "real_ct"}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

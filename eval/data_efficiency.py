@@ -16,6 +16,7 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from medvlm.cli import claim_output
 
 
 FRACTIONS = (0.1, 0.25, 0.5, 0.9, 1.0)
@@ -142,7 +143,9 @@ def main(argv=None) -> int:
     parser.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
     parser.add_argument("--steps", type=int, default=None, help="segmentation steps per fraction (default: the config's)")
     parser.add_argument("--out", default="results/data_efficiency", help="folder for decoders, tables and the curve")
+    parser.add_argument("--overwrite", action="store_true", help="write into an --out that holds other files")
     args = parser.parse_args(argv)
+    claim_output(args, "eval data-efficiency")
     results = sweep(args.run, args.data, args.out, config=args.config, fractions=args.fractions, steps=args.steps,
                     progress=True)
     from medvlm.data.io import atomic_write_text

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from medvlm.data.transforms import BODY_HU, body_midline
+from medvlm.cli import claim_output
 
 # HU ranges of the tissues compared (inside the body, > BODY_HU); air and lung are left out because the
 # ROI's amount of outside air depends on the crop, not on the generator
@@ -536,9 +537,12 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--scheduler", default=None, help="a diffusers scheduler class name (default: the pipeline's)")
     parser.add_argument("--out", default=None, help="also write generation.json and generation.md into this folder")
+    parser.add_argument("--overwrite", action="store_true", help="write into an --out that holds other files")
     args = parser.parse_args(argv)
     if args.n < 1 or args.stage_n < 0 or args.steps < 1:
         parser.error("--n and --steps must be >= 1, --stage-n >= 0")
+    if args.out:
+        claim_output(args, "eval generation")
     result = evaluate(args.run, args.data, n_per_side=args.n, stage_n=args.stage_n, steps=args.steps,
                       guidance_scale=args.guidance_scale, scheduler=args.scheduler)
     fidelity = result["fidelity"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from medvlm.cli import claim_output
 
 SWEEPS = (
     ("Robustness", "robustness", "robustness.md", "robustness.png",
@@ -58,7 +59,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data", required=True, help="dataset folder with datalist.json")
     parser.add_argument("--out", default="results", help="results folder (README.md, tables, plots, examples)")
     parser.add_argument("--config", default="demo", help="the run's configuration name, quoted on the page")
+    parser.add_argument("--overwrite", action="store_true", help="write into an --out that holds other files")
     args = parser.parse_args(argv)
+    claim_output(args, "eval report")
     print(f"written: {assemble(args.run, args.data, args.out, args.config)}")
     return 0
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from eval.segmentation import GROUPS
+from medvlm.cli import claim_output
 
 FAMILIES: dict[str, tuple[float, ...]] = {
     "scale": (0.85, 0.92, 1.0, 1.08, 1.15),
@@ -186,7 +187,9 @@ def main(argv=None) -> int:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--teeth-hu", type=float, default=1400.0, help="voxels at or above this are teeth (streak sources)")
     parser.add_argument("--out", default="results/robustness", help="folder for robustness.md and robustness.png")
+    parser.add_argument("--overwrite", action="store_true", help="write into an --out that holds other files")
     args = parser.parse_args(argv)
+    claim_output(args, "eval robustness")
     result = evaluate(args.pipeline, args.data, baseline=args.baseline, cases=args.cases, families=args.families,
                       teeth_hu=args.teeth_hu, progress=True)
     from medvlm.data.io import atomic_write_text

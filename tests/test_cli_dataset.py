@@ -8,10 +8,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from medvlm.cli import main
 from medvlm.data.clinical import read_records_csv
 from medvlm.data.io import load_labels
+from medvlm.errors import InputError
 from medvlm.vocabulary import STRUCTURE_NAMES
 
 ARGS = ["--n", "8", "--seed", "1", "--shape", "16", "24", "24", "--spacing-mm", "8", "5", "5", "--previews", "1"]
@@ -86,3 +88,38 @@ def test_the_four_packages_import():
     import medvlm  # noqa: F401
     import pipelines  # noqa: F401
     import train  # noqa: F401
+
+
+def test_output_folders_take_their_own_rerun_and_refuse_anything_else(tmp_path, capsys):
+    """No silent overwrite, one rule for every command with --out: its own earlier output of the same inputs is
+    rewritten; another run's output or files medvlm did not write are refused (nothing changes) unless --overwrite."""
+    from medvlm.data.io import OUTPUT_MANIFEST, claim_output_folder
+
+    out = tmp_path / "out"
+    claim_output_folder(out, "contour", {"ct": "a.nii.gz", "report": "Patient John Smith, left tonsil"})
+    (out / "GTVp.nii.gz").write_bytes(b"x")
+    assert "John Smith" not in (out / OUTPUT_MANIFEST).read_text()  # inputs are kept as a digest only
+    claim_output_folder(out, "contour", {"report": "Patient John Smith, left tonsil", "ct": "a.nii.gz"})  # a rerun
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    for command, inputs in (("contour", {"ct": "b.nii.gz"}), ("generate", {"ct": "a.nii.gz"})):
+        with pytest.raises(InputError, match="already holds the output of `contour` with other inputs"):
+            claim_output_folder(out, command, inputs)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    claim_output_folder(out, "generate", {}, overwrite=True)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="1 file\\(s\\) medvlm did not write \\(notes.txt"):
+        claim_output_folder(foreign, "eval segmentation", {})
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    # through the command line: deid text into a folder of other files, then its own rerun
+    report = tmp_path / "r1.txt"
+    report.write_text("Seen by Dr. Jane Doe on 03/04/2021.")
+    assert main(["deid", "text", str(report), "--out", str(foreign)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    clean = tmp_path / "clean"
+    assert main(["deid", "text", str(report), "--out", str(clean)]) == 0
+    assert main(["deid", "text", str(report), "--out", str(clean)]) == 0  # the same inputs again: its own output
+    other = tmp_path / "r2.txt"
+    other.write_text("Nothing to hide.")
+    assert main(["deid", "text", str(other), "--out", str(clean)]) == 2

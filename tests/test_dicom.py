@@ -390,3 +390,42 @@ def test_cohort_import_maps_names_joins_reports_and_reports_each_bad_item(tmp_pa
     extra.write_text("Cochlea_L: [cochlea]\n")
     with pytest.raises(InputError, match="unknown structure"):
         load_synonyms(extra)
+
+
+def test_cohort_import_joins_clinical_records_by_patient_and_lists_each_bad_field(tmp_path):
+    from medvlm.data.datalist import load_datalist
+    from medvlm.data.dicom_deid import DicomDeidentifier
+    from medvlm.data.import_dicom import import_dicom_cohort
+    from medvlm.text.prompts import process_record
+
+    source, reports, cases = _cohort(tmp_path)
+    records = tmp_path / "records.csv"
+    records.write_text("PatientID,Subsite,Laterality,icT,icN,HPV,Smoking,Remark\n"
+                       "MRN-001,Tonsil,Left,T2,N1,maybe,yes,seen by Dr John Doe on 03/04/2021\n"
+                       "MRN-002,larynx,,T3,N0,,no,\n"
+                       "MRN-002,larynx,right,T1,N0,,no,\n"
+                       "MRN-999,tonsil,right,T1,N0,,,\n", encoding="utf-8")
+    out = tmp_path / "data"
+    summary = import_dicom_cohort(source, out, reports_dir=reports, records_csv=records)
+    ids = {patient: DicomDeidentifier("medvlm").pseudonym(patient) for patient in cases}
+    items = {i["id"]: i for section in load_datalist(out).values() for i in section}
+    first = items[ids["MRN-001"]]["record"]
+    assert {k: first[k] for k in ("Subsite", "Laterality", "icT", "icN")} == {"Subsite": "tonsil", "Laterality": "left",
+                                                                          "icT": "T2", "icN": "N1"}
+    assert "HPV" not in first and "Smoking" not in first and "John Doe" not in first["Remark"]
+    assert items[ids["MRN-002"]]["record"] == {"Subsite": "larynx", "icT": "T3", "icN": "N0"}  # the first row kept
+    assert "record" not in items[ids["MRN-003"]]
+    problems = "\n".join(summary.problems)
+    for expected in ("field 'HPV': 'maybe' is not one of", "column(s) ['Smoking'] are not record fields",
+                     "row 4: a second row of the same patient", f"patient {ids['MRN-003']}: no row in the records CSV",
+                     "1 row(s) name no patient of the cohort"):
+        assert expected in problems, expected
+    for path in out.rglob("*"):
+        if path.suffix in (".json", ".txt"):
+            assert "MRN-" not in path.read_text() and "John Doe" not in path.read_text(), path
+    # a case known only by its record reads as a report of those fields
+    record_only = process_record(first)
+    assert record_only.parsed.laterality == "left" and record_only.parsed.ict == "T2"
+    assert record_only.prompt.startswith("head and neck cancer. primary: left tonsil") and "cT2 cN1" in record_only.prompt
+    with pytest.raises(InputError, match="no patient column"):
+        import_dicom_cohort(source, tmp_path / "other", records_csv=records, records_id_column="Hospital number")

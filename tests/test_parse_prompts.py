@@ -66,6 +66,21 @@ def test_a_side_given_for_any_subsite_is_kept_and_no_side_is_invented():
         assert (parsed.subsite, parsed.laterality) == expected, text
 
 
+def test_sides_in_clinicians_shorthand_and_across_decimal_points():
+    cases = {
+        "Hx: Rt BOT SCC, p16+.": ("base of tongue", "right"),
+        "FDG-avid lesion in the lt. palatine tonsil, 3.0 cm.": ("tonsil", "left"),
+        "(R) hemiglossectomy for SCC, pT3 pN2b.": ("oral tongue", "right"),
+        "Ulcerated lesion, L side of the oral tongue, 2.5 x 1.9 cm.": ("oral tongue", "left"),
+        "A 4.2 cm enhancing tonsillar mass on the left, extending into the soft palate.": ("tonsil", "left"),
+        "Glottic carcinoma, R0 resection planned. L4 vertebra normal.": ("larynx", None),  # not sides
+        "Tonsillar carcinoma. Parotid_L spared.": ("tonsil", None),
+    }
+    for text, expected in cases.items():
+        parsed = parse_report(text)
+        assert (parsed.subsite, parsed.laterality) == expected, text
+
+
 def test_tnm_in_compact_prefixed_and_edition_specific_forms():
     cases = {
         "Staging T2N1M0.": ("T2", "N1", "M0", None, None),

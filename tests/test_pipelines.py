@@ -288,6 +288,55 @@ def test_contour_finds_the_neck_in_a_longer_ct_and_leaves_the_rest_empty(pipes, 
             call()
 
 
+def test_a_head_that_ends_at_the_vertex_and_is_too_short_for_a_neck_is_said_to_hold_none():
+    from medvlm.data.inputs import head_neck_region
+
+    x, y, z = np.meshgrid((np.arange(80) - 39.5) * 2.0, (np.arange(80) - 39.5) * 2.0, np.arange(60) * 2.5, indexing="ij")
+    head = np.where((x / 75.0) ** 2 + (y / 90.0) ** 2 + ((z - 40.0) / 100.0) ** 2 <= 1.0, 40.0, -1000.0)  # vertex at 140 mm
+    affine = np.diag([2.0, 2.0, 2.5, 1.0])
+    crop, note = head_neck_region(head, affine, extent_mm=192.0)
+    assert crop is None and "holds no neck" in note and "140 mm below it" in note
+    # the phantom's neck (cut at the skull base, no vertex) and a head long enough to reach the neck: no such note
+    assert head_neck_region(HNCPhantom(PhantomConfig(), seed=0).case(0).image_hu, np.diag([3.0, 3.0, 3.0, 1.0]), 192.0)[1] == ""
+    long_head = np.concatenate([np.repeat(head[:, :, :1], 40, axis=2), head], axis=2)  # 250 mm below the vertex
+    assert "holds no neck" not in head_neck_region(long_head, affine, extent_mm=192.0)[1]
+
+
+def _real_ct(name: str) -> Path:
+    from medvlm.data.examples import FetchError, fetch_example
+
+    try:
+        folder = fetch_example(name)
+    except FetchError as exc:
+        pytest.skip(f"example data {name!r} could not be fetched: {exc}")
+    return next(folder.rglob("cranium_ct.nii.gz" if name == "invesalius" else "example_ct.nii.gz"))
+
+
+@pytest.mark.realdata
+def test_a_real_abdomen_ct_is_refused_by_every_ct_pipeline(pipes):
+    """TotalSegmentator's example CT (abdomen and pelvis) holds no head and neck: a clear error, no masks."""
+    path = _real_ct("totalsegmentator")
+    with pytest.raises(InputError, match="no head-and-neck region"):
+        pipes["contour"](str(path), report="left tonsil SCC cT2 N1")
+    with pytest.raises(InputError, match="no head-and-neck region"):
+        pipes["zero_shot"](ct=[str(path)], labels={"laterality": ["left", "right"]})
+    with pytest.raises(InputError, match="no head-and-neck region"):
+        pipes["report_generation"](str(path))
+
+
+@pytest.mark.realdata
+def test_a_real_head_only_ct_is_contoured_with_the_missing_neck_said(pipes):
+    """InVesalius' Cranium (skull vertex to maxilla, 0.96 x 0.96 x 1.5 mm): contoured in the input's own grid, with
+    the warning that the scan ends at the top of the head and is too short to hold a neck."""
+    import nibabel as nib
+
+    path = _real_ct("invesalius")
+    image = nib.load(path)
+    out = pipes["contour"](str(path), report="left tonsil SCC cT2 N1")
+    assert out.masks[0]["GTVp"].shape == image.shape and np.allclose(out.affines[0], image.affine)
+    assert any("it holds no neck" in w for w in out.warnings[0]), out.warnings[0]
+
+
 def test_a_ct_without_contrast_is_contoured_with_a_warning(pipes, case):
     flat = pipes["contour"](np.full(case.image_hu.shape, 40.0, np.float32), report="left tonsil", affine=case.affine)
     assert any("no contrast" in w for w in flat.warnings[0])

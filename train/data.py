@@ -23,7 +23,7 @@ from medvlm.data.transforms import preprocessing_transforms
 from medvlm.vocabulary import STRUCTURE_NAMES
 from medvlm.errors import DatalistError
 from medvlm.models.windows import coordinate_channels, midline_distance
-from medvlm.text.prompts import process_report
+from medvlm.text.prompts import process_record, process_report
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,13 @@ def _load_cases(data_dir: Path, config: MedVLMConfig, section: str, train_fracti
     for item in items:
         data = chain({k: item[k] for k in ("image", "label") if k in item})
         report = item.get("report") or ""
-        processed = process_report(report, deidentifier=None) if report.strip() else None  # de-identified on loading
+        if report.strip():
+            processed = process_report(report, deidentifier=None)  # de-identified on loading
+        elif item.get("record"):  # no report: the case's clinical record read as one
+            processed = process_record(item["record"])
+            report = processed.text
+        else:
+            processed = None
         label = data.get("label")
         cases.append(Case(
             image=data["image"].as_tensor().float(),

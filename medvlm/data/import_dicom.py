@@ -1,9 +1,10 @@
 """DICOM-RT cohorts in: CT series + RTSTRUCTs -> a medvlm dataset (NIfTI images and masks, reports, datalist).
 
-``medvlm data import-dicom SRC --out DATA [--reports DIR] [--synonyms FILE]``: every CT series under SRC with
-the RTSTRUCT(s) drawn on it becomes one case: the CT in HU (``images/``), the structures mapped to this
-project's TG-263 names and rasterised on the CT grid (``labels/``, one channel per structure of
-:data:`~medvlm.vocabulary.STRUCTURE_NAMES`), and the patient's report, de-identified (``reports/``).
+``medvlm data import-dicom SRC --out DATA [--reports DIR] [--records CSV] [--synonyms FILE]``: every CT series
+under SRC with the RTSTRUCT(s) drawn on it becomes one case: the CT in HU (``images/``), the structures mapped to
+this project's TG-263 names and rasterised on the CT grid (``labels/``, one channel per structure of
+:data:`~medvlm.vocabulary.STRUCTURE_NAMES`), the patient's report, de-identified (``reports/``), and the patient's
+row of a clinical records CSV as the item's ``record`` (fields of the records table; identifiers dropped).
 Cases are named by keyed pseudonyms of the PatientID (the ``medvlm deid dicom`` pseudonyms), never by an
 identifier; the DICOM headers are de-identified on reading (:func:`~medvlm.data.dicom.read_dicom_series`).
 
@@ -28,8 +29,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from medvlm.vocabulary import STRUCTURE_NAMES
 from medvlm.errors import InputError
+from medvlm.vocabulary import COLUMN_VOCABULARY, CSV_COLUMNS, STRUCTURE_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,72 @@ def structure_of(roi_name: str, synonyms: Mapping[str, Sequence[str]]) -> str | 
         if wanted in {normalise_name(n) for n in names}:
             return structure
     return None
+
+
+# Columns of a records CSV that name the patient, tried in this order (``--records-id-column`` names another).
+RECORD_ID_COLUMNS = ("PatientID", "Patient ID", "patient_id", "MRN", "Unit No")
+# Record fields a records CSV may give (the records table's columns but its row number and identifier);
+# free-text fields are de-identified on the way in.
+RECORD_FIELDS = tuple(c for c in CSV_COLUMNS if c not in ("Number", "Unit No"))
+FREE_TEXT_FIELDS = ("Remark", "Pathology", "Chemotherapy")
+
+
+def read_cohort_records(path: str | os.PathLike, id_column: str | None = None) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """``({PatientID: {field: value}}, problems)`` from a clinical records CSV joined to a cohort by patient.
+
+    Column names are matched case-insensitively to the records table's fields (``Subsite``, ``icT``, ``icN``,
+    ``icM``, ``Laterality``, ``HPV``, ``Elective neck``, ...); values to its vocabulary (``Left`` -> ``left``). An
+    unknown column, a value outside the vocabulary or a repeated patient is a problem line (with the CSV's row
+    number, never the patient's identifier) and that field or row is left out; empty cells are unknown fields.
+    """
+    import csv
+    import io
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"records CSV not found: {path}")
+    try:
+        reader = csv.DictReader(io.StringIO(path.read_text(encoding="utf-8-sig")))
+        header = list(reader.fieldnames or [])
+        rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{path}: not a readable UTF-8 CSV ({type(exc).__name__})") from None
+    candidates = (id_column,) if id_column else RECORD_ID_COLUMNS
+    id_name = next((c for c in candidates if c in header), None)
+    if id_name is None:
+        raise InputError(f"{path}: no patient column ({' or '.join(candidates)}) among the columns {header}; name it "
+                         "with --records-id-column")
+    by_lower = {name.lower(): name for name in RECORD_FIELDS}
+    columns = {column: by_lower.get(column.strip().lower()) for column in header if column != id_name}
+    problems = []
+    unknown = [c for c, name in columns.items() if name is None and c.strip().lower() not in ("number", "unit no")]
+    if unknown:
+        problems.append(f"records CSV: column(s) {unknown} are not record fields (known: {list(RECORD_FIELDS)}); left out")
+    records: dict[str, dict[str, str]] = {}
+    for row_number, row in enumerate(rows, start=2):  # row 1 is the header, as a spreadsheet shows it
+        patient = (row.get(id_name) or "").strip()
+        if not patient:
+            problems.append(f"records CSV, row {row_number}: no patient identifier; row left out")
+            continue
+        if patient in records:
+            problems.append(f"records CSV, row {row_number}: a second row of the same patient; left out")
+            continue
+        record: dict[str, str] = {}
+        for column, name in columns.items():
+            value = (row.get(column) or "").strip()
+            if name is None or not value:
+                continue
+            allowed = COLUMN_VOCABULARY.get(name)
+            if allowed is not None:
+                match = next((a for a in allowed if a and a.lower() == value.lower()), None)
+                if match is None:
+                    problems.append(f"records CSV, row {row_number}, field {name!r}: {value!r} is not one of "
+                                    f"{[a for a in allowed if a]}; left out")
+                    continue
+                value = match
+            record[name] = value
+        records[patient] = record
+    return records, problems
 
 
 @dataclass
@@ -174,10 +241,12 @@ def _common_folder(folders: set[Path]) -> Path:
 
 
 def import_dicom_cohort(source: str | os.PathLike, out_dir: str | os.PathLike, *, reports_dir: str | os.PathLike | None = None,
+                        records_csv: str | os.PathLike | None = None, records_id_column: str | None = None,
                         synonyms: Mapping[str, Sequence[str]] | None = None, secret: str = "medvlm",
                         validation_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
                         overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> ImportSummary:
-    """Import every CT series under ``source`` with its RTSTRUCT(s) (and ``reports_dir/<PatientID>.txt``).
+    """Import every CT series under ``source`` with its RTSTRUCT(s), ``reports_dir/<PatientID>.txt`` and the
+    patient's row of ``records_csv`` (:func:`read_cohort_records`).
 
     Returns an :class:`ImportSummary`; raises :class:`InputError` only when nothing can be imported (no source,
     no CT series, an output folder that holds other files without ``overwrite``).
@@ -201,12 +270,14 @@ def import_dicom_cohort(source: str | os.PathLike, out_dir: str | os.PathLike, *
     synonyms = dict(synonyms or DEFAULT_SYNONYMS)
     pseudonyms = DicomDeidentifier(secret)
     deidentifier = Deidentifier()
+    records, record_problems = read_cohort_records(records_csv, records_id_column) if records_csv else ({}, [])
     series, structures, unreadable, identities = _scan_cohort(source)
     if not series:
         raise InputError(f"{source}: no CT series found ({len(unreadable)} unreadable .dcm file(s))")
     scrub = _Scrubber(identities, pseudonyms)
     summary = ImportSummary(out_dir=str(out_dir))
     summary.problems += [f"{scrub.file(path)}: not a readable DICOM file" for path in unreadable]
+    summary.problems += [scrub(line) for line in record_problems]
     by_series: dict[str, list[tuple[Path, object]]] = {}
     for path, header in structures:
         targets = _referenced_series(header)
@@ -276,10 +347,21 @@ def import_dicom_cohort(source: str | os.PathLike, out_dir: str | os.PathLike, *
                         item["report"] = f"reports/{case_id}.txt"
                 else:
                     summary.problems.append(f"patient {patient}: no report file in the reports folder")
+            if records_csv is not None:
+                record = records.get(entry["patient"])
+                if record is None:
+                    summary.problems.append(f"patient {patient}: no row in the records CSV")
+                elif record:  # free text de-identified; identifier columns were never read
+                    item["record"] = {name: deidentifier.deidentify(value).text if name in FREE_TEXT_FIELDS else value
+                                      for name, value in record.items()}
             save_nifti(staging / "images" / f"{case_id}.nii.gz", ct.volume, ct.affine, description="medvlm import (HU)")
             written.append(item)
         if not written:
             raise InputError(f"{source}: no case could be imported: " + "; ".join(summary.problems[:5]))
+        imported_patients = {entry["patient"] for entry in series.values()}
+        strays = [patient for patient in records if patient not in imported_patients]
+        if strays:
+            summary.problems.append(f"records CSV: {len(strays)} row(s) name no patient of the cohort")
         splits = split_indices(len(written), seed, validation_fraction, test_fraction)
         datalist = {"description": f"imported from DICOM-RT ({len(written)} cases; patients named by keyed pseudonyms)",
                     "labels": list(STRUCTURE_NAMES)}

@@ -55,6 +55,11 @@ class PreparedCT:
 # The head and neck, unlike the shoulders, chest, abdomen and pelvis, are narrower than this from left to right
 # (an adult neck is 100-150 mm wide, a head 140-180 mm; shoulders and trunk 300 mm or more).
 HEAD_NECK_MAX_WIDTH_MM = 220.0
+# A CT whose body ends in the skull's vertex (its most superior slice under VERTEX_WIDTH_FRACTION of the widest)
+# and reaches less than this far below it holds no neck: in adults the mandible's angle and C2-C3 lie about
+# 200 mm below the vertex (the hard palate about 150-170 mm).
+VERTEX_WIDTH_FRACTION = 0.6
+NECK_BELOW_VERTEX_MM = 200.0
 # voxels of the region a pipeline processes, at the model's spacing: 2^25 (a 320^3 grid; 960 mm a side at the
 # demo's 3 mm). Contouring holds a few float copies of it plus the sliding-window outputs, so this bounds its
 # memory; a larger region is refused with its size (choose a region, or a coarser spacing)
@@ -69,7 +74,9 @@ def head_neck_region(volume: np.ndarray, affine: np.ndarray, extent_mm: float, *
     Per axial slice, the left-right width of the largest connected body region (voxels above ``threshold_hu``;
     the couch and the arms are separate regions) is measured; slices narrower than ``max_width_mm`` are head and
     neck. The region is the ``extent_mm`` above the lowest such slice of the longest narrow run (the neck sits
-    on the shoulders). Raises :class:`InputError` when no slice is narrow enough (a chest or abdomen CT).
+    on the shoulders). Raises :class:`InputError` when no slice is narrow enough (a chest or abdomen CT). A CT
+    that ends at the skull's vertex and reaches less than :data:`NECK_BELOW_VERTEX_MM` below it gets a note that
+    it holds no neck.
     Rule-based on purpose: it needs no model, and a user can pass the region instead (``region_mm``).
     """
     from nibabel.orientations import io_orientation
@@ -110,8 +117,15 @@ def head_neck_region(volume: np.ndarray, affine: np.ndarray, extent_mm: float, *
     else:
         low, high = max(last - count, 0), last
     occupied = np.flatnonzero(widths > 0)
+    top = occupied[-1] if superior else occupied[0]  # the body's most superior slice
+    reach_mm = (occupied[-1] - occupied[0] + 1) * spacing[si]
+    head_only = ""
+    if widths[top] < VERTEX_WIDTH_FRACTION * widths.max() and reach_mm < NECK_BELOW_VERTEX_MM:
+        head_only = (f"this CT ends at the top of the head and reaches only {reach_mm:.0f} mm below it (the neck begins "
+                     f"about {NECK_BELOW_VERTEX_MM:g} mm below the vertex): it holds no neck, and the contours are where "
+                     "a neck would be, not a neck; pass region_mm to choose the slices")
     if occupied[0] >= low and occupied[-1] < high:  # every slice with a body is inside: the whole CT
-        return None, ""
+        return None, head_only
     crop = [slice(None)] * 3
     crop[si] = slice(low, high)
     shoulders = first > occupied[0] if superior else last - 1 < occupied[-1]  # a wider body below the narrow run
@@ -122,7 +136,7 @@ def head_neck_region(volume: np.ndarray, affine: np.ndarray, extent_mm: float, *
         note = (f"no shoulders in this CT (the body is narrower than {max_width_mm:g} mm down to its inferior end): "
                 f"contoured its inferior {high - low} of {volume.shape[si]} axial slices; if the scan stops above the "
                 "neck, the neck is not in it (pass region_mm to choose the slices); masks are empty elsewhere")
-    return tuple(crop), note
+    return tuple(crop), f"{head_only}; {note}" if head_only else note
 
 
 def region_from_mm(affine: np.ndarray, shape: Sequence[int], region_mm: Sequence[float]) -> tuple[slice, slice, slice]:

@@ -46,6 +46,51 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 
+OUTPUT_MANIFEST = ".medvlm-output.json"  # in an output folder: which command wrote it, and a digest of its inputs
+
+
+def _plain(value):
+    """A command input as JSON: paths that exist resolved (``out/`` and ``./out`` are the same), the rest as is."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in sorted(value.items())}
+    if isinstance(value, os.PathLike) or (isinstance(value, str) and len(value) < 4096 and os.path.exists(value)):
+        return str(Path(value).resolve())
+    return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+
+
+def claim_output_folder(folder: str | os.PathLike, command: str, inputs: dict, *, overwrite: bool = False) -> Path:
+    """Make ``folder`` this command's output folder, or refuse before anything is written.
+
+    A missing or empty folder, or one holding this command's earlier output of the same ``inputs`` (a rerun), is
+    claimed: created, and marked with :data:`OUTPUT_MANIFEST` (the command and a sha256 of its inputs, never the
+    inputs themselves, which may hold a report's text). A folder holding anything else (another run's output, files
+    medvlm did not write) is refused with an :class:`InputError` unless ``overwrite``; a path that is a file always.
+    """
+    import hashlib
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--out {folder} is a file, not a folder")
+    digest = hashlib.sha256(json.dumps(_plain(inputs), sort_keys=True).encode("utf-8")).hexdigest()
+    identity = {"command": command, "inputs_sha256": digest}
+    manifest = folder / OUTPUT_MANIFEST
+    held = sorted(p.name for p in folder.iterdir() if p.name != OUTPUT_MANIFEST) if folder.is_dir() else []
+    if held and not overwrite:
+        try:
+            previous = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            previous = None
+        if previous != identity:
+            what = (f"the output of `{previous.get('command')}` with other inputs" if isinstance(previous, dict)
+                    else f"{len(held)} file(s) medvlm did not write ({held[0]}, ...)")
+            raise InputError(f"--out {folder} already holds {what}; choose another folder or pass --overwrite")
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(manifest, json.dumps(identity, indent=1) + "\n")
+    return folder
+
+
 # voxels of one input volume: 2^29 (2 GiB as float32, e.g. 1024 x 1024 x 512); a whole-body thin-slice CT of
 # 512 x 512 x 2000 fits, a header or array larger than that is refused before it is read
 MAX_INPUT_VOXELS = 2 ** 29

@@ -13,7 +13,21 @@ from typing import Mapping
 
 import numpy as np
 
-from medvlm.vocabulary import CHEMOTHERAPIES, ELECTIVE_NECK, HPV_STATUSES, LATERALITIES, M_STAGES, N_STAGES, PATHOLOGIES, RT_AIMS, STAGE_GROUPS, SUBSITES, T_STAGES, ClinicalRecord
+from medvlm.vocabulary import (
+    CHEMOTHERAPIES,
+    COLUMN_ATTRIBUTES,
+    ELECTIVE_NECK,
+    HPV_STATUSES,
+    LATERALITIES,
+    M_STAGES,
+    N_STAGES,
+    PATHOLOGIES,
+    RT_AIMS,
+    STAGE_GROUPS,
+    SUBSITES,
+    T_STAGES,
+    ClinicalRecord,
+)
 from medvlm.text.deid import check_text
 
 # Longest, most specific wording first within each subsite; the earliest mention in the text wins.
@@ -76,19 +90,25 @@ def _first_subsite(text: str) -> tuple[str | None, int, int]:
     return best[2], best[0], best[0] - best[1]
 
 
+_SENTENCE_END_RE = re.compile(r"\.(?!\d)|\n")  # a full stop that is not a decimal point ("3.1 cm"), or a line end
+
+
 def _sentence_around(text: str, start: int, end: int) -> tuple[str, int]:
-    left = max(text.rfind(".", 0, start), text.rfind("\n", 0, start)) + 1
-    stops = [i for i in (text.find(".", end), text.find("\n", end)) if i != -1]
-    right = min(stops) if stops else len(text)
+    ends_before = [m.end() for m in _SENTENCE_END_RE.finditer(text, 0, start)]
+    left = ends_before[-1] if ends_before else 0
+    after = _SENTENCE_END_RE.search(text, end)
+    right = after.start() if after else len(text)
     return text[left:right], left
 
 
-# a side as reports write it: "left", "right-sided", "on the left", "predominantly right"; "midline" only as the
-# tumour's position, not in "crossing the midline" / "not crossing midline" / "to the midline"
-_SIDE_WORD_RE = re.compile(r"\b(left|right)(?:-sided)?\b|(?<!cross )(?<!crosses )(?<!crossing )(?<!crossing the )"
+# a side as reports write it: "left", "right-sided", "on the left", "predominantly right", the abbreviations "Lt",
+# "rt.", and a capital "L" / "R" standing alone ("L tonsil", "(R) hemiglossectomy"; not "R0", "L4"); "midline"
+# only as the tumour's position, not in "crossing the midline" / "not crossing midline" / "to the midline"
+_SIDE_WORD_RE = re.compile(r"\b(left|right|lt|rt)(?:-sided)?\b\.?|(?-i:\b([LR])\b)(?!\.\w)|(?<!cross )(?<!crosses )(?<!crossing )(?<!crossing the )"
                            r"(?<!crosses the )(?<!cross the )(?<!beyond the )(?<!to the )(?<!past the )(?<!of the )"
                            r"(?<!beyond )(?<!across the )(?<!across )(?<!over the )\b(midline)\b", re.IGNORECASE)
 # the neck, its nodes and levels carry sides that are not the primary's
+_SIDE_OF = {"lt": "left", "l": "left", "rt": "right", "r": "right"}
 _NODAL_RE = re.compile(r"\b(?:node|nodes|nodal|adenopathy|lymphadenopathy|level|levels|neck|dissection)\b", re.IGNORECASE)
 _PRIMARY_WORDS = r"(?:mass|lesion|tumou?r|primary|carcinoma|cancer|ulcer|thickening)"
 
@@ -100,7 +120,8 @@ def _sides_in(sentence: str) -> list[tuple[int, str]]:
         after = sentence[m.end():m.end() + 25]
         if _NODAL_RE.match(after.strip()) or re.match(r"\s*(?:level|neck|node|retropharyngeal|cervical)", after, re.IGNORECASE):
             continue
-        found.append((m.start(), (m.group(1) or m.group(2)).lower()))
+        word = next(g for g in m.groups() if g).lower()
+        found.append((m.start(), _SIDE_OF.get(word, word)))
     return found
 
 
@@ -266,8 +287,6 @@ def parse_report(text: str) -> ParsedReport:
 def parsed_from_record(record: ClinicalRecord | Mapping) -> ParsedReport:
     """The same structure from a records row (``ClinicalRecord`` or a CSV-style mapping)."""
     if isinstance(record, Mapping):
-        from medvlm.vocabulary import COLUMN_ATTRIBUTES
-
         values = {(COLUMN_ATTRIBUTES.get(k, k)): (v or None) for k, v in record.items()}
     else:
         values = {f.name: (getattr(record, f.name) or None) for f in fields(record)}

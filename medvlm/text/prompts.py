@@ -96,6 +96,14 @@ def process_report(text: str, *, deidentifier: Deidentifier | bool | None = True
     return ProcessedReport(text=clean, parsed=parse_report(clean))
 
 
+def process_record(record: ClinicalRecord | Mapping) -> ProcessedReport:
+    """A case known only from its clinical record (a ``ClinicalRecord`` or a partial mapping of the records table's
+    columns, e.g. imported with ``medvlm data import-dicom --records``) read as a report: its fields as parsed
+    fields, its structured prompt as the text. Identifier columns (``Unit No``) never reach the prompt."""
+    parsed = parsed_from_record(record)
+    return ProcessedReport(text=structured_prompt(parsed), parsed=parsed)
+
+
 def normalise_report(text: str, *, deidentify: bool = True) -> str:
     """Free-text report -> standard prompt (:func:`process_report`'s ``prompt``)."""
     return process_report(text, deidentifier=deidentify).prompt
