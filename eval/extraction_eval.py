@@ -2,7 +2,7 @@
 
 ``medvlm eval extraction`` (or ``python -m eval.extraction_eval``) measures two sets:
 
-- **real wording** (``eval/data/real_reports/reports.jsonl``): 62 labelled reports written in the wording of
+- **real wording** (``eval/data/real_reports/reports.jsonl``): 86 labelled reports written in the wording of
   public teaching cases and guideline examples (see that folder's README), split into a ``tune`` half (the only
   one looked at while writing parser rules) and a ``heldout`` half. Fields: subsite, laterality, T, N, M (each
   over the reports that state it; T and N compare the clinical and the pathological category), HPV and

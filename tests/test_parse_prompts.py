@@ -66,7 +66,7 @@ def test_a_side_given_for_any_subsite_is_kept_and_no_side_is_invented():
         assert (parsed.subsite, parsed.laterality) == expected, text
 
 
-def test_sides_in_clinicians_shorthand_and_across_decimal_points():
+def test_sides_in_clinicians_shorthand_across_decimal_points_and_midline_extent():
     cases = {
         "Hx: Rt BOT SCC, p16+.": ("base of tongue", "right"),
         "FDG-avid lesion in the lt. palatine tonsil, 3.0 cm.": ("tonsil", "left"),
@@ -75,6 +75,9 @@ def test_sides_in_clinicians_shorthand_and_across_decimal_points():
         "A 4.2 cm enhancing tonsillar mass on the left, extending into the soft palate.": ("tonsil", "left"),
         "Glottic carcinoma, R0 resection planned. L4 vertebra normal.": ("larynx", None),  # not sides
         "Tonsillar carcinoma. Parotid_L spared.": ("tonsil", None),
+        "Supraglottic carcinoma centred on the epiglottis, crossing the midline.": ("larynx", "midline"),
+        "Nasopharyngeal tumour of the posterior wall, symmetric, without lateral predominance.": ("nasopharynx", "midline"),
+        "Tonsillar carcinoma with symmetric bilateral level II nodes.": ("tonsil", None),  # the nodes are symmetric
     }
     for text, expected in cases.items():
         parsed = parse_report(text)

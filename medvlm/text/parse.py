@@ -109,6 +109,10 @@ _SIDE_WORD_RE = re.compile(r"\b(left|right|lt|rt)(?:-sided)?\b\.?|(?-i:\b([LR])\
                            r"(?<!beyond )(?<!across the )(?<!across )(?<!over the )\b(midline)\b", re.IGNORECASE)
 # the neck, its nodes and levels carry sides that are not the primary's
 _SIDE_OF = {"lt": "left", "l": "left", "rt": "right", "r": "right"}
+# a primary without a side that spans both: "crossing the midline", "symmetric", "without lateral predominance"
+_MIDLINE_EXTENT_RE = re.compile(r"\b(?:cross(?:es|ing)?|across)\s+(?:the\s+)?midline\b|\bsymmetric(?:al|ally)?\b"
+                                r"(?!\s+(?:bilateral\s+)?(?:cervical\s+)?(?:level|node|nodes|nodal|adenopathy|lymph))|"
+                                r"\b(?:without|no)\s+(?:any\s+)?lateral\s+predominance\b", re.IGNORECASE)
 _NODAL_RE = re.compile(r"\b(?:node|nodes|nodal|adenopathy|lymphadenopathy|level|levels|neck|dissection)\b", re.IGNORECASE)
 _PRIMARY_WORDS = r"(?:mass|lesion|tumou?r|primary|carcinoma|cancer|ulcer|thickening)"
 
@@ -147,6 +151,12 @@ def _laterality(text: str, subsite: str | None, start: int, end: int) -> str | N
                  if abs(position + offset - m.start()) <= 60]
         if sides:
             return min(sides)[1]
+    # no side anywhere: a primary described as symmetric or crossing the midline is a midline primary
+    mentions = [(start, end)] if subsite is not None else []
+    mentions += [m.span() for m in re.finditer(rf"\b{_PRIMARY_WORDS}\b", text, re.IGNORECASE)]
+    for a, b in mentions:
+        if _MIDLINE_EXTENT_RE.search(_sentence_around(text, a, b)[0]):
+            return "midline"
     return None
 
 
