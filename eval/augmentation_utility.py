@@ -1,11 +1,14 @@
 """Augmentation utility of report-to-CT: is a decoder trained on N real + M synthetic cases better than on N real?
 
 ``medvlm eval augmentation --run RUN --data DATA [--config demo] [--real 10 20] [--seeds 0 1 2] [--steps N]
-[--out DIR]``
+[--synthesis text|lesions] [--out DIR]``
 
 1. The first ``real`` training cases of DATA form the real set.
 2. ``synthetic`` CTs with paired contours come from the run's ReportToCTPipeline, prompted with the real
    set's reports in turn (no report outside the real set is used), written as NIfTI under ``OUT/synthetic``.
+   ``--synthesis text`` (default) generates each case from its report alone; ``lesions`` regenerates only the
+   tumour and nodes (GTVp, GTVn) of a real case for its report, from noise, keeping its CT latent, its other
+   structures and its CT outside the new lesions (``keep_structures``): new lesions in real anatomy.
 3. The segmentation stage is trained twice with the same configuration, steps and seed, on a datalist of the
    real set and on one of the real set plus the synthetic cases (the run's frozen stages shared); each
    decoder, swapped into the run's ContourPipeline, contours the same held-out test split.
@@ -25,12 +28,18 @@ import torch
 from medvlm.cli import claim_output
 
 
+SYNTHESIS = ("text", "lesions")
+LESIONS = ("GTVp", "GTVn")  # what ``lesions`` synthesis regenerates; every other structure is the real case's
+
+
 def synthesise(run: Path, items: list[dict], count: int, out: Path, *, steps: int = 25, guidance_scale: float = 3.0,
-               seed: int = 0) -> list[dict]:
+               seed: int = 0, synthesis: str = "text") -> list[dict]:
     """``count`` generated cases prompted by ``items``' reports in turn; datalist items (absolute paths)."""
-    from medvlm.data.io import save_labels, save_nifti
+    from medvlm.data.io import load_labels, load_nifti, save_labels, save_nifti
     from pipelines import ReportToCTPipeline
 
+    if synthesis not in SYNTHESIS:
+        raise ValueError(f"synthesis must be one of {SYNTHESIS}, got {synthesis!r}")
     pipe = ReportToCTPipeline.from_pretrained(run / "report_to_ct")
     pipe.set_progress_bar_config(disable=True)
     if not pipe.has_paired_masks and pipe.segmentation is None:
@@ -42,8 +51,15 @@ def synthesise(run: Path, items: list[dict], count: int, out: Path, *, steps: in
         case_dir = out / f"synthetic_{number:03d}"
         ct_path, label_path = case_dir / "ct.nii.gz", case_dir / "labels.nii.gz"
         if not (ct_path.is_file() and label_path.is_file()):  # a finished case is reused
+            edit = {}
+            if synthesis == "lesions":
+                names = list(pipe.config.structure_names)
+                ct, _ = load_nifti(source["image"])
+                labels, _, stored = load_labels(source["label"], names)
+                labels = labels[[stored.index(n) for n in names]]  # the pipeline's structure order
+                edit = {"image": ct, "masks": labels, "keep_structures": [n for n in names if n not in LESIONS]}
             result = pipe(source["report"], num_inference_steps=steps, guidance_scale=guidance_scale,
-                          generator=torch.Generator().manual_seed(seed + number))
+                          generator=torch.Generator().manual_seed(seed + number), **edit)
             save_nifti(ct_path, result.ct[0], result.affine)
             save_labels(label_path, np.asarray(result.masks[0]).astype(np.uint8), result.affine, result.structure_names)
         written.append({"image": str(ct_path.resolve()), "label": str(label_path.resolve()), "report": source["report"],
@@ -65,7 +81,8 @@ def _write_datalist(folder: Path, training: list[dict], datalist: dict) -> Path:
 
 
 def evaluate(run: str | Path, data: str | Path, out: str | Path, *, config: str | Path = "demo", real: int = 20,
-             synthetic: int = 40, steps: int | None = None, progress: bool = False, seed: int = 0) -> dict:
+             synthetic: int = 40, steps: int | None = None, progress: bool = False, seed: int = 0,
+             synthesis: str = "text") -> dict:
     """``{"real": {...}, "real + synthetic": {...}}`` test Dice per group (``"dice"``) and per structure
     (``"structures"``), with the case counts. ``seed`` sets the decoder's training seed and the generator's."""
     from eval.data_efficiency import check_run, load_settings, score_decoder, train_decoder
@@ -84,7 +101,7 @@ def evaluate(run: str | Path, data: str | Path, out: str | Path, *, config: str 
     settings.training.seed = int(seed)
     if progress:
         print(f"[augmentation] generating {synthetic} synthetic cases from {len(real_items)} real reports", flush=True)
-    generated = synthesise(run, real_items, synthetic, out / "synthetic", seed=100_003 * int(seed))
+    generated = synthesise(run, real_items, synthetic, out / "synthetic", seed=100_003 * int(seed), synthesis=synthesis)
     base = ContourPipeline.from_pretrained(run / "contour")
     results: dict = {"steps": settings.training.segmentation.steps}
     for name, training in (("real", real_items), ("real + synthetic", real_items + generated)):
@@ -144,6 +161,8 @@ def main(argv=None) -> int:
     parser.add_argument("--synthetic-per-real", type=float, default=2.0, help="synthetic cases added per real case")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training and generation seeds")
     parser.add_argument("--steps", type=int, default=None, help="segmentation steps per training (default: the config's)")
+    parser.add_argument("--synthesis", choices=SYNTHESIS, default="text",
+                        help="text: whole cases from reports; lesions: new GTVp/GTVn in the real cases' anatomy")
     parser.add_argument("--out", default="results/augmentation", help="folder for synthetic cases, decoders and the table")
     parser.add_argument("--overwrite", action="store_true", help="write into an --out that holds other files")
     args = parser.parse_args(argv)
@@ -159,7 +178,7 @@ def main(argv=None) -> int:
             folder = Path(args.out) / f"real_{real}" / f"seed_{seed}"
             results = evaluate(args.run, args.data, folder, config=args.config, real=real,
                                synthetic=max(1, round(real * args.synthetic_per_real)), steps=args.steps, progress=True,
-                               seed=seed)
+                               seed=seed, synthesis=args.synthesis)
             runs.setdefault(real, []).append(results)
             texts += [f"### {real} real cases, seed {seed}", "", table(results), ""]
     overview, rows = summary(runs)

@@ -20,9 +20,10 @@ def cmd_contour(args: argparse.Namespace) -> int:
         ct = read_dicom_series(ct, args.series_uid)
     elif args.format != "nifti":
         raise MedVLMError(f"--format {args.format} references the input DICOM series; --ct {args.ct} is not a DICOM folder")
-    claim_output(args, "contour")
+    report = text_or_file(args.report)
     pipe = ContourPipeline.from_pretrained(args.pipeline)
-    out = pipe(ct, report=text_or_file(args.report), overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+    claim_output(args, "contour")  # once the inputs are read: a run refused for them leaves --out as it was
+    out = pipe(ct, report=report, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
                region=tuple(args.region_mm) if args.region_mm else ("head_neck" if not args.whole_volume else None))
     written = out.save(args.out, format=args.format)
     print(f"wrote {len(written)} file(s) ({args.format}) to {args.out} (report: {out.report_sources[0]})")
@@ -44,9 +45,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.n < 1 or args.steps < 1:
         raise InputError(f"--n and --steps must be >= 1, got {args.n} and {args.steps}")
     out_dir = Path(args.out)
-    claim_output(args, "generate")
     prompt = text_or_file(args.prompt)
     pipe = ReportToCTPipeline.from_pretrained(args.pipeline)
+    claim_output(args, "generate")  # once the inputs are read: a run refused for them leaves --out as it was
     for first in range(0, args.n, GENERATE_CHUNK):  # bounded memory for any --n; seed i makes volume i
         count = min(GENERATE_CHUNK, args.n - first)
         generators = [torch.Generator().manual_seed(args.seed + first + k) for k in range(count)]
