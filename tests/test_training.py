@@ -484,15 +484,15 @@ def test_augmentation_utility_trains_on_real_and_on_real_plus_synthetic_cases(tr
 
 def test_lesion_synthesis_keeps_the_real_case_but_its_tumour_and_nodes(trained, tiny_data, tmp_path):
     """``--synthesis lesions``: a synthetic case is a real one with GTVp and GTVn regenerated for its report; its
-    other structures are the real case's, and so is its CT away from the old and new lesions."""
-    from scipy import ndimage
-
+    other structures are the real case's (the CT pasted outside the lesions is tested with the pipeline's
+    ``keep_structures`` in tests/test_pipelines.py; the tiny untrained generator draws lesions everywhere)."""
     from eval.augmentation_utility import LESIONS, synthesise
     from medvlm.data.datalist import load_datalist
-    from medvlm.data.io import load_labels, load_nifti
+    from medvlm.data.io import load_labels
 
     items = load_datalist(tiny_data)["training"][:2]
     written = synthesise(Path(trained), items, 2, tmp_path / "synthetic", steps=3, synthesis="lesions")
+    regenerated = []
     for item, source in zip(written, items):
         masks, _, names = load_labels(item["label"])
         real, _, real_names = load_labels(source["label"])
@@ -500,14 +500,11 @@ def test_lesion_synthesis_keeps_the_real_case_but_its_tumour_and_nodes(trained, 
         for c, name in enumerate(names):
             if name not in LESIONS:
                 assert np.array_equal(masks[c], real[c]), name
-        lesions = np.zeros(masks.shape[1:], bool)
-        for name in LESIONS:
-            lesions |= (masks[names.index(name)] > 0) | (real[names.index(name)] > 0)
-        away = ~ndimage.binary_dilation(lesions, iterations=3)
-        ct, _ = load_nifti(item["image"])
-        source_ct, _ = load_nifti(source["image"])
-        low, high = load_config(TINY).data.preprocess.hu_window  # the model's HU window bounds what it returns
-        assert np.abs(ct[away] - np.clip(source_ct[away], low, high)).max() <= 1.0  # int16 NIfTI rounding
+        regenerated += [not np.array_equal(masks[names.index(n)], real[names.index(n)]) for n in LESIONS]
+        assert item["report"] == source["report"]
+    assert any(regenerated)  # the lesions are the generator's, not the real case's
+    text = synthesise(Path(trained), items, 1, tmp_path / "text", steps=3)  # whole cases: no structure is kept
+    assert not all(np.array_equal(a, b) for a, b in zip(load_labels(text[0]["label"])[0], load_labels(written[0]["label"])[0]))
     with pytest.raises(ValueError, match="synthesis must be one of"):
         synthesise(Path(trained), items, 1, tmp_path / "other", synthesis="mixup")
 
