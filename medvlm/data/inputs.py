@@ -17,7 +17,7 @@ from monai.transforms import Compose
 
 from medvlm.config import PreprocessConfig
 from medvlm.data.io import check_spacing, check_voxel_count, load_nifti, spacing_from_affine, validate_volume
-from medvlm.data.transforms import as_metatensor, invert_to_input, preprocessing_transforms
+from medvlm.data.transforms import BODY_HU, as_metatensor, invert_to_input, preprocessing_transforms
 from medvlm.errors import InputError
 
 
@@ -66,7 +66,7 @@ NECK_BELOW_VERTEX_MM = 200.0
 MAX_PROCESSED_VOXELS = 2 ** 25
 
 
-def head_neck_region(volume: np.ndarray, affine: np.ndarray, extent_mm: float, *, threshold_hu: float = -500.0,
+def head_neck_region(volume: np.ndarray, affine: np.ndarray, extent_mm: float, *, threshold_hu: float = BODY_HU,
                      max_width_mm: float = HEAD_NECK_MAX_WIDTH_MM) -> tuple[tuple[slice, slice, slice] | None, str]:
     """The part of a CT of any extent that holds the neck: ``(index slices, note)``, ``(None, note)`` when the
     whole volume is head and neck within ``extent_mm``.

@@ -73,7 +73,9 @@ def preprocessing_transforms(config: PreprocessConfig | None = None, *, image_ke
     return Compose(chain)
 
 
-BODY_HU = -500.0  # the body of a CT: every tissue lies above, air and lung below (the one body threshold of medvlm)
+# the body of a CT: every tissue lies above, air and lung below. The midline, the head-and-neck search and the
+# evaluation use it; the preprocessing's body crop reads PreprocessConfig.foreground_threshold_hu (default the same)
+BODY_HU = -500.0
 
 
 def map_intensity(values, source: Sequence[float], target: Sequence[float], *, clip: bool = False):
