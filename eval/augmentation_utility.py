@@ -1,17 +1,22 @@
 """Augmentation utility of report-to-CT: is a decoder trained on N real + M synthetic cases better than on N real?
 
 ``medvlm eval augmentation --run RUN --data DATA [--config demo] [--real 10 20] [--seeds 0 1 2] [--steps N]
-[--synthesis text|lesions] [--out DIR]``
+[--synthesis lesions [text]] [--score-on decision test] [--decision-cases 32] [--out DIR]``
 
 1. The first ``real`` training cases of DATA form the real set.
 2. ``synthetic`` CTs with paired contours come from the run's ReportToCTPipeline, prompted with the real
-   set's reports in turn (no report outside the real set is used), written as NIfTI under ``OUT/synthetic``.
-   ``--synthesis text`` (default) generates each case from its report alone; ``lesions`` regenerates only the
-   tumour and nodes (GTVp, GTVn) of a real case for its report, from noise, keeping its CT latent, its other
-   structures and its CT outside the new lesions (``keep_structures``): new lesions in real anatomy.
-3. The segmentation stage is trained twice with the same configuration, steps and seed, on a datalist of the
-   real set and on one of the real set plus the synthetic cases (the run's frozen stages shared); each
-   decoder, swapped into the run's ContourPipeline, contours the same held-out test split.
+   set's reports in turn (no report outside the real set is used), written as NIfTI under ``OUT/synthetic_<kind>``.
+   ``--synthesis lesions`` (default) regenerates only the tumour and nodes (GTVp, GTVn) of a real case for its
+   report, from noise, keeping its CT latent, its other structures and its CT outside the new lesions
+   (``keep_structures``): new lesions in real anatomy. ``text`` generates each case from its report alone.
+   Several kinds may be named; they share the real-only decoder.
+3. The segmentation stage is trained with the same configuration, steps and seed on a datalist of the real set
+   and on one of the real set plus each kind of synthetic case (the run's frozen stages shared); each decoder,
+   swapped into the run's ContourPipeline, contours the same cases of each scoring split:
+   ``decision``: training cases no decoder trained on (``--decision-cases`` of them, after the largest real
+   set; none of them is a real case or a prompt), for choosing a synthesis or a setting; ``test``: the held-out
+   test split, for reporting. The segmentation stage selects its checkpoints on the validation split, so
+   neither validation nor test can decide between syntheses.
 
 The synthetic cases' contours are the pipeline's paired masks (decoded from the same latent as the CT; with a
 CT-only autoencoder, the segmentation decoder's contours of the generated CT), so this measures what the
@@ -22,52 +27,34 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
-import torch
 from medvlm.cli import claim_output
+from pipelines.augment import LESIONS, SYNTHESES as SYNTHESIS
 
+__all__ = ["LESIONS", "SYNTHESIS", "SCORE_ON", "synthesise", "decision_cases", "evaluate", "summary", "table", "main"]
 
-SYNTHESIS = ("text", "lesions")
-LESIONS = ("GTVp", "GTVn")  # what ``lesions`` synthesis regenerates; every other structure is the real case's
+SCORE_ON = ("decision", "test")
 
 
 def synthesise(run: Path, items: list[dict], count: int, out: Path, *, steps: int = 25, guidance_scale: float = 3.0,
-               seed: int = 0, synthesis: str = "text") -> list[dict]:
-    """``count`` generated cases prompted by ``items``' reports in turn; datalist items (absolute paths)."""
-    from medvlm.data.io import load_labels, load_nifti, save_labels, save_nifti
+               seed: int = 0, synthesis: str = "lesions") -> list[dict]:
+    """``count`` generated cases prompted by ``items``' reports in turn (``medvlm augment``'s path:
+    :func:`pipelines.augment.synthesise` with the run's ReportToCTPipeline); datalist items (absolute paths)."""
     from pipelines import ReportToCTPipeline
+    from pipelines.augment import synthesise as synthesise_cases
 
     if synthesis not in SYNTHESIS:
         raise ValueError(f"synthesis must be one of {SYNTHESIS}, got {synthesis!r}")
     pipe = ReportToCTPipeline.from_pretrained(run / "report_to_ct")
     pipe.set_progress_bar_config(disable=True)
-    if not pipe.has_paired_masks and pipe.segmentation is None:
-        raise ValueError(f"{run / 'report_to_ct'} gives no contours (no paired autoencoder, no segmentation decoder): "
-                         "synthetic cases need paired contours")
-    written = []
-    for number in range(count):
-        source = items[number % len(items)]
-        case_dir = out / f"synthetic_{number:03d}"
-        ct_path, label_path = case_dir / "ct.nii.gz", case_dir / "labels.nii.gz"
-        if not (ct_path.is_file() and label_path.is_file()):  # a finished case is reused
-            edit = {}
-            if synthesis == "lesions":
-                names = list(pipe.config.structure_names)
-                ct, _ = load_nifti(source["image"])
-                labels, _, stored = load_labels(source["label"], names)
-                labels = labels[[stored.index(n) for n in names]]  # the pipeline's structure order
-                edit = {"image": ct, "masks": labels, "keep_structures": [n for n in names if n not in LESIONS]}
-            result = pipe(source["report"], num_inference_steps=steps, guidance_scale=guidance_scale,
-                          generator=torch.Generator().manual_seed(seed + number), **edit)
-            save_nifti(ct_path, result.ct[0], result.affine)
-            save_labels(label_path, np.asarray(result.masks[0]).astype(np.uint8), result.affine, result.structure_names)
-        written.append({"image": str(ct_path.resolve()), "label": str(label_path.resolve()), "report": source["report"],
-                        "id": f"synthetic_{number:03d}"})
-    return written
+    return synthesise_cases(pipe, items, count, out, synthesis=synthesis, steps=steps, guidance_scale=guidance_scale,
+                            seed=seed)
 
 
-def _write_datalist(folder: Path, training: list[dict], datalist: dict) -> Path:
+def _write_datalist(folder: Path, training: list[dict], datalist: dict, test: list[dict] | None = None) -> Path:
+    """A datalist of ``training`` with DATA's validation split and ``test`` (default: DATA's test split)."""
     from medvlm.data.io import atomic_write_text
 
     def plain(item: dict) -> dict:  # absolute paths and text only: the records stay with the source dataset
@@ -75,80 +62,124 @@ def _write_datalist(folder: Path, training: list[dict], datalist: dict) -> Path:
         return out | {k: str(Path(item[k]).resolve()) for k in ("image", "label") if k in item}
 
     content = {"training": [plain(i) for i in training], "validation": [plain(i) for i in datalist.get("validation", [])],
-               "test": [plain(i) for i in datalist["test"]]}
+               "test": [plain(i) for i in (datalist["test"] if test is None else test)]}
     atomic_write_text(folder / "datalist.json", json.dumps(content, indent=1) + "\n")
     return folder
 
 
+def decision_cases(datalist: dict, after: int, count: int = 32) -> list[dict]:
+    """The decision split: up to ``count`` labelled training cases from index ``after`` on (after the largest real
+    set, so no decoder trains on them and no prompt comes from them)."""
+    items = [item for item in datalist["training"][after:] if "label" in item][:count]
+    if not items:
+        raise ValueError(f"no labelled training case after the first {after} is left for the decision split: "
+                         "use fewer real cases or --score-on test")
+    return items
+
+
 def evaluate(run: str | Path, data: str | Path, out: str | Path, *, config: str | Path = "demo", real: int = 20,
              synthetic: int = 40, steps: int | None = None, progress: bool = False, seed: int = 0,
-             synthesis: str = "text") -> dict:
-    """``{"real": {...}, "real + synthetic": {...}}`` test Dice per group (``"dice"``) and per structure
-    (``"structures"``), with the case counts. ``seed`` sets the decoder's training seed and the generator's."""
+             synthesis: str | Sequence[str] = "lesions", score_on: Sequence[str] = ("test",),
+             decision: list[dict] | None = None) -> dict:
+    """``{"steps": n, "real": {...}, "real + <synthesis>": {...}}``: per decoder its training cases
+    (``"cases"``) and per scoring split (``score_on``: ``"test"``, ``"decision"``) the Dice per group
+    (``"dice"``) and per structure (``"structures"``). ``decision`` (the decision split's items) defaults to
+    :func:`decision_cases` after the real set. ``seed`` sets the decoders' training seed and the generator's."""
     from eval.data_efficiency import check_run, load_settings, score_decoder, train_decoder
     from medvlm.data.datalist import load_datalist
     from pipelines import ContourPipeline
 
     run, out = Path(run), Path(out)
     check_run(run)
+    syntheses = [synthesis] if isinstance(synthesis, str) else list(synthesis)
+    if not syntheses or any(s not in SYNTHESIS for s in syntheses):
+        raise ValueError(f"synthesis must be one or more of {SYNTHESIS}, got {synthesis!r}")
+    if not score_on or any(s not in SCORE_ON for s in score_on):
+        raise ValueError(f"score_on must be one or more of {SCORE_ON}, got {score_on!r}")
     if real < 1 or synthetic < 1:
         raise ValueError(f"need at least one real and one synthetic case, got real={real}, synthetic={synthetic}")
     datalist = load_datalist(data)
     real_items = datalist["training"][:real]
     if any("label" not in item for item in real_items):
         raise ValueError("the real training cases need labels")
+    scoring = {}
+    if "decision" in score_on:
+        decision = decision_cases(datalist, real) if decision is None else decision
+        taken = {str(Path(i["image"]).resolve()) for i in real_items}
+        if any(str(Path(i["image"]).resolve()) in taken for i in decision):
+            raise ValueError("the decision split holds a real training case: it must be cases no decoder trains on")
+        scoring["decision"] = _write_datalist(out / "decision_split", [], datalist, test=decision)
+    if "test" in score_on:
+        scoring["test"] = Path(data)
     settings = load_settings(config, steps)
     settings.training.seed = int(seed)
-    if progress:
-        print(f"[augmentation] generating {synthetic} synthetic cases from {len(real_items)} real reports", flush=True)
-    generated = synthesise(run, real_items, synthetic, out / "synthetic", seed=100_003 * int(seed), synthesis=synthesis)
     base = ContourPipeline.from_pretrained(run / "contour")
     results: dict = {"steps": settings.training.segmentation.steps}
-    for name, training in (("real", real_items), ("real + synthetic", real_items + generated)):
+    sets = [("real", real_items)]
+    for kind in syntheses:
+        if progress:
+            print(f"[augmentation] {kind}: generating {synthetic} synthetic cases from {len(real_items)} real reports",
+                  flush=True)
+        sets.append((f"real + {kind}", real_items + synthesise(run, real_items, synthetic, out / f"synthetic_{kind}",
+                                                              seed=100_003 * int(seed), synthesis=kind)))
+    for name, training in sets:
         folder = out / name.replace(" + ", "_plus_")
         data_dir = _write_datalist(folder / "data", training, datalist)
         decoder_dir = train_decoder(run, data_dir, folder, settings, progress_line=(
             f"[augmentation] training the decoder on {name} ({len(training)} cases)" if progress else None))
-        groups, structures = score_decoder(base, decoder_dir, data, folder / "evaluation", per_structure=True)
-        results[name] = {"cases": len(training), "dice": groups, "structures": structures}
+        results[name] = {"cases": len(training)}
+        for split, split_data in scoring.items():
+            groups, structures = score_decoder(base, decoder_dir, split_data, folder / f"evaluation_{split}",
+                                               per_structure=True)
+            results[name][split] = {"dice": groups, "structures": structures}
     return results
 
 
-def summary(runs: dict[int, list[dict]]) -> tuple[str, list[dict]]:
-    """Per number of real cases, over seeds: the gain in mean Dice over the nine structures (mean and spread)
-    and the largest organ-at-risk loss, with the targets (+0.03 at 10 cases, +0.01 at 20 or more; no organ at
-    risk lower by more than 0.01)."""
+def summary(runs: dict[int, list[dict]], split: str = "test") -> tuple[str, list[dict]]:
+    """Per number of real cases and kind of synthesis, over seeds, on one scoring split: the gain in mean Dice
+    over the nine structures (mean and spread) and the largest organ-at-risk loss, with the targets (+0.03 at 10
+    cases, +0.01 at 20 or more; no organ at risk lower by more than 0.01)."""
     from medvlm.vocabulary import OAR_NAMES
 
-    lines = ["| real cases | seeds | mean Dice, real | mean Dice, real + synthetic | gain (mean +- sd) | worst OAR change |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"Scored on the {split} split.", "",
+             "| real cases | synthesis | seeds | mean Dice, real | mean Dice, real + synthetic | gain (mean +- sd) | "
+             "worst OAR change |", "|---|---|---|---|---|---|---|"]
     rows = []
     for real, results in sorted(runs.items()):
-        base = np.array([np.mean(list(r["real"]["structures"].values())) for r in results])
-        augmented = np.array([np.mean(list(r["real + synthetic"]["structures"].values())) for r in results])
-        gain = augmented - base
-        worst = min(float(np.mean([r["real + synthetic"]["structures"][n] - r["real"]["structures"][n] for r in results]))
-                    for n in OAR_NAMES)
-        lines.append(f"| {real} | {len(results)} | {base.mean():.3f} | {augmented.mean():.3f} | "
-                     f"{gain.mean():+.3f} +- {gain.std():.3f} | {worst:+.3f} |")
-        target = 0.03 if real <= 10 else 0.01
-        rows.append({"measure": f"augmentation: mean Dice gain with {real} real cases ({len(results)} seeds)",
-                     "value": float(gain.mean()), "target": f">= +{target:.2f}", "met": bool(gain.mean() >= target)})
-        rows.append({"measure": f"augmentation: worst organ-at-risk change with {real} real cases", "value": worst,
-                     "target": ">= -0.01", "met": bool(worst >= -0.01)})
+        def mean_dice(r: dict, name: str) -> float:
+            return float(np.mean(list(r[name][split]["structures"].values())))
+
+        base = np.array([mean_dice(r, "real") for r in results])
+        for name in [k for k in results[0] if k.startswith("real + ")]:
+            kind = name[len("real + "):]
+            augmented = np.array([mean_dice(r, name) for r in results])
+            gain = augmented - base
+            worst = min(float(np.mean([r[name][split]["structures"][n] - r["real"][split]["structures"][n]
+                                       for r in results])) for n in OAR_NAMES)
+            lines.append(f"| {real} | {kind} | {len(results)} | {base.mean():.3f} | {augmented.mean():.3f} | "
+                         f"{gain.mean():+.3f} +- {gain.std():.3f} | {worst:+.3f} |")
+            target = 0.03 if real <= 10 else 0.01
+            where = f"{split} split, {kind} synthesis"
+            rows.append({"measure": f"augmentation: mean Dice gain with {real} real cases ({where}, {len(results)} seeds)",
+                         "value": float(gain.mean()), "spread": float(gain.std()), "target": f">= +{target:.2f}",
+                         "met": bool(gain.mean() >= target)})
+            rows.append({"measure": f"augmentation: worst organ-at-risk change with {real} real cases ({where})",
+                         "value": worst, "target": ">= -0.01", "met": bool(worst >= -0.01)})
     return "\n".join(lines), rows
 
 
-def table(results: dict) -> str:
-    groups = list(results["real"]["dice"])
+def table(results: dict, split: str = "test") -> str:
+    groups = list(results["real"][split]["dice"])
+    names = [k for k in results if k.startswith("real")]
     lines = [f"Segmentation decoder ({results['steps']} steps each) on real cases alone and with report-to-CT cases "
-             "added; test split, correct report.", "",
+             f"added; {split} split, correct report.", "",
              "| training set | cases | " + " | ".join(groups) + " |", "|---|---|" + "---|" * len(groups)]
-    for name in ("real", "real + synthetic"):
+    for name in names:
         row = results[name]
-        lines.append(f"| {name} | {row['cases']} | " + " | ".join(f"{row['dice'][g]:.3f}" for g in groups) + " |")
-    lines.append("| difference | | " + " | ".join(
-        f"{results['real + synthetic']['dice'][g] - results['real']['dice'][g]:+.3f}" for g in groups) + " |")
+        lines.append(f"| {name} | {row['cases']} | " + " | ".join(f"{row[split]['dice'][g]:.3f}" for g in groups) + " |")
+    for name in names[1:]:
+        lines.append(f"| difference ({name[len('real + '):]}) | | " + " | ".join(
+            f"{results[name][split]['dice'][g] - results['real'][split]['dice'][g]:+.3f}" for g in groups) + " |")
     return "\n".join(lines)
 
 
@@ -161,30 +192,45 @@ def main(argv=None) -> int:
     parser.add_argument("--synthetic-per-real", type=float, default=2.0, help="synthetic cases added per real case")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training and generation seeds")
     parser.add_argument("--steps", type=int, default=None, help="segmentation steps per training (default: the config's)")
-    parser.add_argument("--synthesis", choices=SYNTHESIS, default="text",
-                        help="text: whole cases from reports; lesions: new GTVp/GTVn in the real cases' anatomy")
+    parser.add_argument("--synthesis", choices=SYNTHESIS, nargs="+", default=[SYNTHESIS[0]],
+                        help="lesions: new GTVp/GTVn in the real cases' anatomy; text: whole cases from reports "
+                             "(several: each against the same real-only decoder)")
+    parser.add_argument("--score-on", choices=SCORE_ON, nargs="+", default=list(SCORE_ON),
+                        help="decision: training cases no decoder sees (choose on these); test: the test split (report)")
+    parser.add_argument("--decision-cases", type=int, default=32, help="size of the decision split")
     parser.add_argument("--out", default="results/augmentation", help="folder for synthetic cases, decoders and the table")
     parser.add_argument("--overwrite", action="store_true", help="write into an --out that holds other files")
     args = parser.parse_args(argv)
-    if min(args.real) < 1 or args.synthetic_per_real <= 0 or not args.seeds:
-        parser.error("--real must be >= 1, --synthetic-per-real > 0, and at least one seed given")
+    if min(args.real) < 1 or args.synthetic_per_real <= 0 or not args.seeds or args.decision_cases < 1:
+        parser.error("--real must be >= 1, --synthetic-per-real > 0, --decision-cases >= 1, and at least one seed given")
     claim_output(args, "eval augmentation")
+    from medvlm.data.datalist import load_datalist
     from medvlm.data.io import atomic_write_text
 
+    decision = (decision_cases(load_datalist(args.data), max(args.real), args.decision_cases)
+                if "decision" in args.score_on else None)  # one decision split for every real count
+
     runs: dict[int, list[dict]] = {}
-    texts = []
-    for real in args.real:
-        for seed in args.seeds:
+    texts: list[str] = []
+    for seed in args.seeds:  # every real count for a seed before the next seed
+        for real in args.real:
             folder = Path(args.out) / f"real_{real}" / f"seed_{seed}"
             results = evaluate(args.run, args.data, folder, config=args.config, real=real,
                                synthetic=max(1, round(real * args.synthetic_per_real)), steps=args.steps, progress=True,
-                               seed=seed, synthesis=args.synthesis)
+                               seed=seed, synthesis=args.synthesis, score_on=args.score_on, decision=decision)
             runs.setdefault(real, []).append(results)
-            texts += [f"### {real} real cases, seed {seed}", "", table(results), ""]
-    overview, rows = summary(runs)
-    text = "\n".join([overview, "", *texts])
-    atomic_write_text(Path(args.out) / "augmentation.md", text + "\n")
-    atomic_write_text(Path(args.out) / "augmentation.json", json.dumps({"runs": runs, "targets": rows}, indent=1) + "\n")
+            texts += [f"### {real} real cases, seed {seed}", ""]
+            texts += [line for split in args.score_on for line in (table(results, split), "")]
+            overviews, rows = [], []
+            for split in args.score_on:
+                overview, split_rows = summary(runs, split)
+                overviews += [overview, ""]
+                rows += split_rows
+            text = "\n".join([*overviews, *texts])
+            # written after every seed: a long sweep that stops keeps what it measured
+            atomic_write_text(Path(args.out) / "augmentation.md", text + "\n")
+            atomic_write_text(Path(args.out) / "augmentation.json",
+                              json.dumps({"runs": runs, "targets": rows}, indent=1) + "\n")
     print(text)
     return 0
 

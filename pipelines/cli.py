@@ -1,4 +1,4 @@
-"""``medvlm contour``, ``generate``, ``classify`` and ``draft``: the pipelines' commands, registered with the
+"""``medvlm contour``, ``generate``, ``augment``, ``classify`` and ``draft``: the pipelines' commands, registered with the
 ``medvlm`` dispatcher (entry point ``medvlm.commands``)."""
 from __future__ import annotations
 
@@ -63,6 +63,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_augment(args: argparse.Namespace) -> int:
+    from pipelines import ReportToCTPipeline
+    from pipelines.augment import augment_dataset
+
+    if args.steps < 1 or not args.per_case > 0 or (args.cases is not None and args.cases < 1):
+        raise InputError(f"--steps and --cases must be >= 1 and --per-case > 0, got {args.steps}, {args.cases}, "
+                         f"{args.per_case}")
+    pipe = ReportToCTPipeline.from_pretrained(args.pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    claim_output(args, "augment")  # a rerun of the same command continues: finished cases are reused
+    target = augment_dataset(pipe, args.data, args.out, per_case=args.per_case, synthesis=args.synthesis,
+                             cases=args.cases, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+                             progress=lambda line: print(line, flush=True))
+    print(f"wrote {target}: the source cases and the synthetic ones ({args.synthesis}); train the segmentation "
+          f"decoder on it: `medvlm train segmentation --data {args.out} --output RUN` (RUN holding the other stages)")
+    return 0
+
+
 def cmd_classify(args: argparse.Namespace) -> int:
     from pipelines import ZeroShotClassificationPipeline
 
@@ -119,6 +137,19 @@ def register(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--out", required=True)
     generate.add_argument("--overwrite", action="store_true", help="replace the samples of an earlier run in --out")
     generate.set_defaults(func=cmd_generate)
+    augment = commands.add_parser("augment", help="a training set with report-to-CT cases added (CT + contours)")
+    augment.add_argument("--pipeline", required=True, help="a ReportToCTPipeline folder (RUN/report_to_ct)")
+    augment.add_argument("--data", required=True, help="dataset folder or datalist.json (labelled training cases)")
+    augment.add_argument("--out", required=True, help="folder for the synthetic cases and the new datalist.json")
+    augment.add_argument("--synthesis", choices=("lesions", "text"), default="lesions",
+                         help="lesions: new GTVp/GTVn in each real case's anatomy; text: whole cases from the reports")
+    augment.add_argument("--per-case", type=float, default=2.0, help="synthetic cases per training case")
+    augment.add_argument("--cases", type=int, default=None, help="prompt with the first N training cases only")
+    augment.add_argument("--seed", type=int, default=0, help="synthetic case n is generated with seed + n")
+    augment.add_argument("--steps", type=int, default=25, help="sampling steps")
+    augment.add_argument("--guidance-scale", type=float, default=3.0)
+    augment.add_argument("--overwrite", action="store_true", help="write into an --out that holds other files")
+    augment.set_defaults(func=cmd_augment)
     classify = commands.add_parser("classify", help="zero-shot classification of reports and/or CT")
     classify.add_argument("--pipeline", required=True)
     classify.add_argument("--report", action="append", default=[], help="report text or .txt file (repeatable)")

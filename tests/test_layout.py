@@ -132,7 +132,7 @@ def test_every_package_registers_its_commands_with_the_dispatcher():
     from medvlm.cli import build_parser
 
     commands = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction").choices
-    assert set(commands) == {"data", "deid", "models", "contour", "generate", "classify", "draft", "train", "eval", "demo"}
+    assert set(commands) == {"data", "deid", "models", "contour", "generate", "augment", "classify", "draft", "train", "eval", "demo"}
 
 
 def test_command_registration_loads_no_heavy_library():

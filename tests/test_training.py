@@ -459,27 +459,44 @@ def test_data_efficiency_sweep_trains_per_fraction_reuses_finished_ones_and_repo
 
 
 def test_augmentation_utility_trains_on_real_and_on_real_plus_synthetic_cases(trained, tiny_data, tmp_path, monkeypatch):
-    from eval.augmentation_utility import evaluate, summary, table
+    from eval.augmentation_utility import decision_cases, evaluate, summary, table
     from medvlm.data.datalist import load_datalist
     from medvlm.data.io import load_labels
 
     out = tmp_path / "augmentation"
     monkeypatch.chdir(tiny_data.parent)  # a relative data folder, as on the command line
-    results = evaluate(trained, Path(tiny_data.name), out, config=TINY, real=2, synthetic=3, steps=2)
-    assert results["real"]["cases"] == 2 and results["real + synthetic"]["cases"] == 5
-    assert all(0.0 <= v <= 1.0 for row in ("real", "real + synthetic") for v in results[row]["dice"].values())
-    augmented = load_datalist(out / "real_plus_synthetic" / "data")
-    assert len(augmented["training"]) == 5 and len(augmented["test"]) == len(load_datalist(tiny_data)["test"])
-    masks, _, names = load_labels(out / "synthetic" / "synthetic_002" / "labels.nii.gz")
+    source = load_datalist(tiny_data)
+    results = evaluate(trained, Path(tiny_data.name), out, config=TINY, real=2, synthetic=3, steps=2,
+                       synthesis="text", score_on=("decision", "test"))
+    assert results["real"]["cases"] == 2 and results["real + text"]["cases"] == 5
+    assert all(0.0 <= v <= 1.0 for row in ("real", "real + text") for split in ("decision", "test")
+               for v in results[row][split]["dice"].values())
+    augmented = load_datalist(out / "real_plus_text" / "data")
+    assert len(augmented["training"]) == 5 and len(augmented["test"]) == len(source["test"])
+    # the decision split: training cases after the real set, none of them trained on or prompted with
+    decision = load_datalist(out / "decision_split")["test"]
+    assert [i["image"] for i in decision] == [str(Path(i["image"]).resolve()) for i in source["training"][2:]]
+    assert not {i["image"] for i in decision} & {i["image"] for i in augmented["training"]}
+    assert decision_cases(source, 2, count=1) == source["training"][2:3]
+    with pytest.raises(ValueError, match="decision split"):
+        decision_cases(source, len(source["training"]))
+    masks, _, names = load_labels(out / "synthetic_text" / "synthetic_002" / "labels.nii.gz")
     assert "CTVn" in names and masks.shape[0] == len(names)
     # the third synthetic case reuses the first real report (prompts cycle over the real set only)
     assert augmented["training"][4]["report"] == augmented["training"][0]["report"]
-    assert "| difference |" in table(results)
-    assert set(results["real"]["structures"]) == set(names)  # per structure, for the nine-structure mean
-    overview, rows = summary({2: [results, results]})
-    gain = np.mean(list(results["real + synthetic"]["structures"].values())) - np.mean(list(results["real"]["structures"].values()))
-    assert "| 2 | 2 |" in overview and rows[0]["target"] == ">= +0.03" and rows[0]["value"] == pytest.approx(gain)
-    assert rows[0]["met"] == (gain >= 0.03) and rows[1]["target"] == ">= -0.01"
+    assert "| difference (text) |" in table(results) and "decision split" in table(results, "decision")
+    assert set(results["real"]["test"]["structures"]) == set(names)  # per structure, for the nine-structure mean
+    for split in ("decision", "test"):
+        overview, rows = summary({2: [results, results]}, split)
+        gain = (np.mean(list(results["real + text"][split]["structures"].values()))
+                - np.mean(list(results["real"][split]["structures"].values())))
+        assert "| 2 | text | 2 |" in overview and f"{split} split" in overview
+        assert rows[0]["target"] == ">= +0.03" and rows[0]["value"] == pytest.approx(gain)
+        assert rows[0]["met"] == (gain >= 0.03) and rows[1]["target"] == ">= -0.01" and rows[0]["spread"] == 0.0
+    with pytest.raises(ValueError, match="score_on"):
+        evaluate(trained, Path(tiny_data.name), out, config=TINY, real=2, synthetic=3, steps=2, score_on=("validation",))
+    with pytest.raises(ValueError, match="synthesis"):
+        evaluate(trained, Path(tiny_data.name), out, config=TINY, real=2, synthetic=3, steps=2, synthesis=["mixup"])
 
 
 def test_lesion_synthesis_keeps_the_real_case_but_its_tumour_and_nodes(trained, tiny_data, tmp_path):
@@ -503,10 +520,69 @@ def test_lesion_synthesis_keeps_the_real_case_but_its_tumour_and_nodes(trained, 
         regenerated += [not np.array_equal(masks[names.index(n)], real[names.index(n)]) for n in LESIONS]
         assert item["report"] == source["report"]
     assert any(regenerated)  # the lesions are the generator's, not the real case's
-    text = synthesise(Path(trained), items, 1, tmp_path / "text", steps=3)  # whole cases: no structure is kept
+    text = synthesise(Path(trained), items, 1, tmp_path / "text", steps=3, synthesis="text")  # no structure kept
     assert not all(np.array_equal(a, b) for a, b in zip(load_labels(text[0]["label"])[0], load_labels(written[0]["label"])[0]))
     with pytest.raises(ValueError, match="synthesis must be one of"):
         synthesise(Path(trained), items, 1, tmp_path / "other", synthesis="mixup")
+
+
+def test_augment_writes_the_source_datalist_plus_synthetic_cases_and_continues(trained, tiny_data, tmp_path, capsys):
+    """``medvlm augment``: every source case kept (paths absolute), synthetic cases in training with their
+    provenance; a rerun of the same command reuses the finished cases; bad options are refused."""
+    from medvlm.cli import main
+    from medvlm.data.datalist import load_datalist
+    from medvlm.data.io import load_labels
+
+    out = tmp_path / "augmented"
+    argv = ["augment", "--pipeline", str(trained / "report_to_ct"), "--data", str(tiny_data), "--out", str(out),
+            "--cases", "2", "--per-case", "1.5", "--steps", "2"]
+    assert main(argv) == 0 and "train segmentation" in capsys.readouterr().out
+    source, augmented = load_datalist(tiny_data), load_datalist(out)
+    assert augmented["validation"] == source["validation"] and augmented["test"] == source["test"]
+    real, synthetic = augmented["training"][:len(source["training"])], augmented["training"][len(source["training"]):]
+    assert real == source["training"] and len(synthetic) == 3  # round(1.5 * 2)
+    assert [s["synthetic"]["source"] for s in synthetic] == [source["training"][i]["id"] for i in (0, 1, 0)]
+    assert [s["synthetic"]["seed"] for s in synthetic] == [0, 1, 2] and synthetic[2]["report"] == source["training"][0]["report"]
+    assert all(s["synthetic"]["synthesis"] == "lesions" for s in synthetic)
+    masks, _, names = load_labels(synthetic[0]["label"])
+    kept = [n for n in names if n not in ("GTVp", "GTVn")]
+    real_masks, _, real_names = load_labels(source["training"][0]["label"])
+    assert all(np.array_equal(masks[names.index(n)], real_masks[real_names.index(n)]) for n in kept)
+    written = Path(synthetic[0]["image"]).stat().st_mtime_ns
+    assert main(argv) == 0 and Path(synthetic[0]["image"]).stat().st_mtime_ns == written  # reused, not regenerated
+    assert main(argv[:-1] + ["0"]) == 2 and "--steps" in capsys.readouterr().err
+
+
+def test_lesion_synthesis_takes_a_case_off_the_model_grid_through_the_preprocessing(trained, tiny_data, tmp_path):
+    """A source CT in another orientation is brought to the pipeline's grid as in training (RAS, spacing, body
+    crop, centre crop); labels missing a kept structure are refused by name."""
+    import nibabel as nib
+
+    from medvlm.data.datalist import load_datalist
+    from medvlm.data.io import load_labels, load_nifti, save_labels, save_nifti
+    from medvlm.errors import InputError
+    from pipelines import ReportToCTPipeline
+    from pipelines.augment import source_case
+
+    pipe = ReportToCTPipeline.from_pretrained(trained / "report_to_ct")
+    item = load_datalist(tiny_data)["training"][0]
+    ct, affine = load_nifti(item["image"])
+    labels, _, names = load_labels(item["label"])
+    on_grid = source_case(pipe, item)
+    assert np.array_equal(on_grid[0], ct) and on_grid[1].shape == (len(pipe.config.structure_names), *ct.shape)
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = ct.shape[0] - 1
+    lps_affine = affine @ flip  # the same patient stored left-to-right (LAS)
+    save_nifti(tmp_path / "ct.nii.gz", ct[::-1], lps_affine)
+    save_labels(tmp_path / "labels.nii.gz", labels[:, ::-1], lps_affine, names)
+    moved = {"image": tmp_path / "ct.nii.gz", "label": tmp_path / "labels.nii.gz", "id": "las"}
+    image, masks, moved_affine = source_case(pipe, moved)
+    assert nib.aff2axcodes(moved_affine) == ("R", "A", "S") and image.shape == tuple(pipe.preprocess_config.roi_size)
+    ordered = labels[[names.index(n) for n in pipe.config.structure_names]]
+    assert masks.sum(axis=(1, 2, 3)).tolist() == ordered.sum(axis=(1, 2, 3)).tolist()  # every contour voxel kept
+    save_labels(tmp_path / "partial.nii.gz", labels[:2], affine, names[:2])
+    with pytest.raises(InputError, match="no channel for"):
+        source_case(pipe, {**item, "label": tmp_path / "partial.nii.gz"})
 
 
 def test_generation_fidelity_pairing_and_stages_are_judged_by_the_baseline_and_the_paired_masks(trained):

@@ -1,0 +1,162 @@
+"""Data augmentation with report-to-CT: synthetic CT + contour cases added to a segmentation training set.
+
+``augment_dataset(pipe, data, out)`` (``medvlm augment``) writes ``out/datalist.json``: the source datalist's
+cases as they were (paths made absolute, reports and records referenced as before) and, in ``training``,
+synthetic cases prompted by the training cases' own reports in turn, written under ``out/synthetic_NNN/``:
+
+- ``lesions`` (default): a real training case with only its tumour and nodes (GTVp, GTVn) regenerated for its
+  report from noise; its CT latent, its other structures and its CT outside the old and new lesions stay the
+  real case's (``ReportToCTPipeline(image=..., masks=..., keep_structures=[...])``): new lesions in real anatomy.
+- ``text``: a whole case (CT and paired contours) generated from the report alone.
+
+Which helps a segmentation decoder is measured by ``medvlm eval augmentation`` (docs/evaluation.md), which
+calls :func:`synthesise` as this module's command does.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+SYNTHESES = ("lesions", "text")  # the first is the default (chosen on eval augmentation's decision split)
+LESIONS = ("GTVp", "GTVn")  # what ``lesions`` regenerates; every other structure is the real case's
+
+
+def source_case(pipe, item: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A labelled datalist item as an edit source of ``pipe``: (CT in HU (X, Y, Z), masks (K, X, Y, Z) in the
+    pipeline's structure order, affine) on the pipeline's grid. A case already there (RAS, the preprocessing's
+    spacing and ROI shape) is used as it is; any other goes through the training preprocessing (RAS, spacing,
+    body crop, padding) and is centre-cropped to the ROI."""
+    import nibabel as nib
+
+    from medvlm.data.io import load_labels, load_nifti, spacing_from_affine
+    from medvlm.errors import InputError
+
+    names = list(pipe.config.structure_names)
+    if "label" not in item:
+        raise InputError(f"case {item.get('id', item['image'])}: lesion synthesis edits a labelled case; it has no 'label'")
+    ct, affine = load_nifti(item["image"])
+    labels, label_affine, stored = load_labels(item["label"], names)
+    missing = [n for n in names if n not in stored]
+    if missing:
+        raise InputError(f"{item['label']}: no channel for {missing}; lesion synthesis keeps every structure but "
+                         f"{list(LESIONS)}, so the labels need all of {names}")
+    labels = labels[[stored.index(n) for n in names]]
+    if labels.shape[1:] != ct.shape or not np.allclose(label_affine, affine, atol=1e-3):
+        raise InputError(f"{item['label']}: labels of shape {labels.shape[1:]} are not on the CT's grid {ct.shape}")
+    config = pipe.preprocess_config
+    on_grid = (tuple(ct.shape) == tuple(config.roi_size) and nib.aff2axcodes(affine) == ("R", "A", "S")
+               and np.allclose(spacing_from_affine(affine), config.spacing_mm, atol=1e-3))
+    if on_grid:
+        return ct, labels.astype(bool), np.asarray(affine, dtype=np.float64)
+    from monai.data import MetaTensor
+    from monai.transforms import CenterSpatialCropd
+
+    from medvlm.data.transforms import as_metatensor, preprocessing_transforms, to_hu
+
+    chain = preprocessing_transforms(config, label_keys=("label",), load=False)
+    data = chain({"image": as_metatensor(ct, affine), "label": MetaTensor(labels.astype(np.float32), affine=affine)})
+    data = CenterSpatialCropd(keys=["image", "label"], roi_size=tuple(config.roi_size))(data)
+    image = data["image"]
+    return (to_hu(image[0].numpy(), config), data["label"].numpy() > 0.5, image.affine.numpy().astype(np.float64))
+
+
+def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synthesis: str = "lesions",
+               steps: int = 25, guidance_scale: float = 3.0, seed: int = 0,
+               progress: Callable[[str], None] | None = None) -> list[dict]:
+    """``count`` synthetic cases under ``out/synthetic_NNN/`` (``ct.nii.gz``, ``labels.nii.gz``), prompted by
+    ``items``' reports in turn (a case known only by its record: its structured prompt); the generator of case
+    ``n`` is seeded ``seed + n``, so a finished case is reused and an interrupted run continues. Returns
+    datalist items (absolute paths; ``synthetic``: the synthesis, the source case and the seed). ``progress``
+    receives a line per case generated (e.g. ``print``)."""
+    import torch
+
+    from medvlm.data.io import save_labels, save_nifti
+    from medvlm.errors import InputError
+    from medvlm.text.prompts import process_record
+
+    if synthesis not in SYNTHESES:
+        raise ValueError(f"synthesis must be one of {SYNTHESES}, got {synthesis!r}")
+    if not items or count < 1:
+        raise InputError(f"need at least one source case and one synthetic case, got {len(items)} and {count}")
+    if not pipe.has_paired_masks and pipe.segmentation is None:
+        raise InputError("this report-to-CT pipeline gives no contours (no paired autoencoder, no segmentation "
+                         "decoder): synthetic training cases need them")
+    if synthesis == "lesions" and not pipe.has_paired_masks:
+        raise InputError("lesion synthesis keeps a real case's structures: it needs a paired autoencoder")
+    names = list(pipe.config.structure_names)
+    out = Path(out)
+    written = []
+    for number in range(count):
+        source = items[number % len(items)]
+        report = source.get("report")
+        if not report:
+            if "record" not in source:
+                raise InputError(f"case {source.get('id', source['image'])} has neither a report nor a record to prompt with")
+            report = process_record(source["record"]).text
+        case_dir = out / f"synthetic_{number:03d}"
+        ct_path, label_path = case_dir / "ct.nii.gz", case_dir / "labels.nii.gz"
+        if not (ct_path.is_file() and label_path.is_file()):  # a finished case is reused
+            if progress is not None:
+                progress(f"synthetic case {number + 1}/{count} ({synthesis})")
+            edit: dict[str, Any] = {}
+            if synthesis == "lesions":
+                ct, masks, affine = source_case(pipe, source)
+                edit = {"image": ct, "masks": masks, "keep_structures": [n for n in names if n not in LESIONS]}
+            result = pipe(report, num_inference_steps=steps, guidance_scale=guidance_scale,
+                          generator=torch.Generator().manual_seed(seed + number), **edit)
+            affine = affine if synthesis == "lesions" else result.affine
+            # labels first: a case counts as finished only once its CT is written too
+            save_labels(label_path, np.asarray(result.masks[0]).astype(np.uint8), affine, result.structure_names)
+            save_nifti(ct_path, result.ct[0], affine)
+        written.append({"image": str(ct_path.resolve()), "label": str(label_path.resolve()), "report": report,
+                        "id": f"synthetic_{number:03d}",
+                        "synthetic": {"synthesis": synthesis, "source": source.get("id", Path(source["image"]).name),
+                                      "seed": seed + number}})
+    return written
+
+
+def _absolute(raw: dict, base: Path) -> dict:
+    """A raw datalist item with its file paths (image, label, a report file) made absolute."""
+    item = dict(raw)
+    for key in ("image", "label", "report"):
+        value = item.get(key)
+        if isinstance(value, str) and (key != "report" or value.endswith(".txt")) and not Path(value).is_absolute():
+            item[key] = str((base / value).resolve())
+    return item
+
+
+def augment_dataset(pipe, data: str | Path, out: str | Path, *, per_case: float = 2.0, synthesis: str = "lesions",
+                    cases: int | None = None, steps: int = 25, guidance_scale: float = 3.0, seed: int = 0,
+                    progress: Callable[[str], None] | None = None) -> Path:
+    """Write ``out/datalist.json``: ``data``'s datalist (every section; paths absolute, records referenced as
+    before) with ``round(per_case * n)`` synthetic cases added to ``training``, prompted by the first ``cases``
+    training cases (default: all ``n``). Returns the datalist's path."""
+    from medvlm.data.datalist import load_datalist
+    from medvlm.data.io import atomic_write_text
+    from medvlm.errors import InputError
+
+    if not per_case > 0:
+        raise InputError(f"per_case must be > 0, got {per_case}")
+    path = Path(data) / "datalist.json" if Path(data).is_dir() else Path(data)
+    datalist = load_datalist(path)  # validated (files, reports, records) before anything is generated
+    training = datalist["training"][:cases] if cases is not None else datalist["training"]
+    if not training:
+        raise InputError(f"{path}: no training case to augment")
+    count = max(1, round(per_case * len(training)))
+    generated = synthesise(pipe, training, count, out, synthesis=synthesis, steps=steps,
+                           guidance_scale=guidance_scale, seed=seed, progress=progress)
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    base = path.parent
+    content = {key: value for key, value in payload.items() if key not in ("training", "validation", "test")}
+    if isinstance(content.get("records"), str) and not Path(content["records"]).is_absolute():
+        content["records"] = str((base / content["records"]).resolve())
+    for section in ("training", "validation", "test"):
+        if section in payload:
+            content[section] = [_absolute(item, base) for item in payload[section]]
+    content["training"] = content.get("training", []) + generated
+    target = Path(out) / "datalist.json"
+    atomic_write_text(target, json.dumps(content, indent=1) + "\n")
+    return target
