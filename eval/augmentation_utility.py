@@ -8,7 +8,8 @@
    set's reports in turn (no report outside the real set is used), written as NIfTI under ``OUT/synthetic_<kind>``.
    ``--synthesis lesions`` (default) regenerates only the tumour and nodes (GTVp, GTVn) of a real case for its
    report, from noise, keeping its CT latent, its other structures and its CT outside the new lesions
-   (``keep_structures``): new lesions in real anatomy. ``text`` generates each case from its report alone.
+   (``keep_structures``): new lesions in real anatomy; ``primary`` regenerates the GTVp alone. ``text``
+   generates each case from its report alone.
    Several kinds may be named; they share the real-only decoder.
 3. The segmentation stage is trained with the same configuration, steps and seed on a datalist of the real set
    and on one of the real set plus each kind of synthetic case (the run's frozen stages shared); each decoder,
@@ -193,7 +194,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training and generation seeds")
     parser.add_argument("--steps", type=int, default=None, help="segmentation steps per training (default: the config's)")
     parser.add_argument("--synthesis", choices=SYNTHESIS, nargs="+", default=[SYNTHESIS[0]],
-                        help="lesions: new GTVp/GTVn in the real cases' anatomy; text: whole cases from reports "
+                        help="lesions: new GTVp/GTVn in the real cases' anatomy; primary: a new GTVp only; "
+                             "text: whole cases from reports "
                              "(several: each against the same real-only decoder)")
     parser.add_argument("--score-on", choices=SCORE_ON, nargs="+", default=list(SCORE_ON),
                         help="decision: training cases no decoder sees (choose on these); test: the test split (report)")

@@ -388,7 +388,8 @@ def lesion_contrast_hu(volume_hu: np.ndarray, lesion: np.ndarray, reference_hu: 
 def autoencoder_ceiling(run: str | Path, items: Sequence[dict], *, vae=None, config=None) -> dict:
     """The autoencoder (the run's, or ``vae`` with its preprocessing ``config``) alone on real CTs (``items``, e.g. the validation split): mean absolute error inside the
     body (HU), bone share (> 300 HU) of the reconstructions against the inputs', and the GTVp's contrast to its
-    surroundings (inputs vs reconstructions, mean over cases with a GTVp; the same surroundings for both)."""
+    surroundings (inputs vs reconstructions, mean and median over cases with a GTVp, and the share of those cases
+    whose reconstruction keeps the contrast's sign; the same surroundings for both)."""
     from medvlm.vocabulary import STRUCTURE_NAMES
 
     errors, bone_in, bone_out, contrast_in, contrast_out = [], 0, 0, [], []
@@ -411,6 +412,11 @@ def autoencoder_ceiling(run: str | Path, items: Sequence[dict], *, vae=None, con
             "bone_share_reconstruction": bone_out / max(body_voxels, 1),
             "gtvp_contrast_input_hu": float(np.mean(contrast_in)) if contrast_in else float("nan"),
             "gtvp_contrast_reconstruction_hu": float(np.mean(contrast_out)) if contrast_out else float("nan"),
+            # per case: a few small tumours drawn as the airway beside them dominate the mean
+            "gtvp_contrast_input_median_hu": float(np.median(contrast_in)) if contrast_in else float("nan"),
+            "gtvp_contrast_reconstruction_median_hu": float(np.median(contrast_out)) if contrast_out else float("nan"),
+            "gtvp_contrast_sign_kept": float(np.mean([np.sign(a) == np.sign(b) for a, b in zip(contrast_in, contrast_out)]))
+            if contrast_in else float("nan"),
             "n_gtvp": len(contrast_in)}
 
 

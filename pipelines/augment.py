@@ -7,6 +7,7 @@ synthetic cases prompted by the training cases' own reports in turn, written und
 - ``lesions`` (default): a real training case with only its tumour and nodes (GTVp, GTVn) regenerated for its
   report from noise; its CT latent, its other structures and its CT outside the old and new lesions stay the
   real case's (``ReportToCTPipeline(image=..., masks=..., keep_structures=[...])``): new lesions in real anatomy.
+- ``primary``: the same with the primary tumour (GTVp) alone regenerated; the nodes stay the real case's.
 - ``text``: a whole case (CT and paired contours) generated from the report alone.
 
 Which helps a segmentation decoder is measured by ``medvlm eval augmentation`` (docs/evaluation.md), which
@@ -20,11 +21,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-SYNTHESES = ("lesions", "text")  # the first is the default (chosen on eval augmentation's decision split)
+SYNTHESES = ("lesions", "primary", "text")  # the first is the default (chosen on eval augmentation's decision split)
 LESIONS = ("GTVp", "GTVn")  # what ``lesions`` regenerates; every other structure is the real case's
+REGENERATED = {"lesions": LESIONS, "primary": ("GTVp",)}  # the editing syntheses and what each regenerates
 
 
-def source_case(pipe, item: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def source_case(pipe, item: dict, regenerated: Sequence[str] = LESIONS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A labelled datalist item as an edit source of ``pipe``: (CT in HU (X, Y, Z), masks (K, X, Y, Z) in the
     pipeline's structure order, affine) on the pipeline's grid. A case already there (RAS, the preprocessing's
     spacing and ROI shape) is used as it is; any other goes through the training preprocessing (RAS, spacing,
@@ -42,7 +44,7 @@ def source_case(pipe, item: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     missing = [n for n in names if n not in stored]
     if missing:
         raise InputError(f"{item['label']}: no channel for {missing}; lesion synthesis keeps every structure but "
-                         f"{list(LESIONS)}, so the labels need all of {names}")
+                         f"{list(regenerated)}, so the labels need all of {names}")
     labels = labels[[stored.index(n) for n in names]]
     if labels.shape[1:] != ct.shape or not np.allclose(label_affine, affine, atol=1e-3):
         raise InputError(f"{item['label']}: labels of shape {labels.shape[1:]} are not on the CT's grid {ct.shape}")
@@ -84,7 +86,7 @@ def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synt
     if not pipe.has_paired_masks and pipe.segmentation is None:
         raise InputError("this report-to-CT pipeline gives no contours (no paired autoencoder, no segmentation "
                          "decoder): synthetic training cases need them")
-    if synthesis == "lesions" and not pipe.has_paired_masks:
+    if synthesis in REGENERATED and not pipe.has_paired_masks:
         raise InputError("lesion synthesis keeps a real case's structures: it needs a paired autoencoder")
     names = list(pipe.config.structure_names)
     out = Path(out)
@@ -102,12 +104,13 @@ def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synt
             if progress is not None:
                 progress(f"synthetic case {number + 1}/{count} ({synthesis})")
             edit: dict[str, Any] = {}
-            if synthesis == "lesions":
-                ct, masks, affine = source_case(pipe, source)
-                edit = {"image": ct, "masks": masks, "keep_structures": [n for n in names if n not in LESIONS]}
+            if synthesis in REGENERATED:
+                ct, masks, affine = source_case(pipe, source, REGENERATED[synthesis])
+                edit = {"image": ct, "masks": masks,
+                        "keep_structures": [n for n in names if n not in REGENERATED[synthesis]]}
             result = pipe(report, num_inference_steps=steps, guidance_scale=guidance_scale,
                           generator=torch.Generator().manual_seed(seed + number), **edit)
-            affine = affine if synthesis == "lesions" else result.affine
+            affine = affine if synthesis in REGENERATED else result.affine
             # labels first: a case counts as finished only once its CT is written too
             save_labels(label_path, np.asarray(result.masks[0]).astype(np.uint8), affine, result.structure_names)
             save_nifti(ct_path, result.ct[0], affine)

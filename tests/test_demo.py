@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from medvlm.cli import main
 
 
@@ -23,6 +25,9 @@ def test_quick_demo_runs_end_to_end_and_reuses_on_a_second_run(tmp_path, capsys)
     metrics = json.loads((out / "results" / "metrics.json").read_text())
     assert all({"measure", "value", "target", "met"} <= set(row) for row in metrics["targets"])
     assert {"fidelity", "stages", "ceiling", "realism"} <= set(metrics["generation"])
+    ceiling = metrics["generation"]["ceiling"]  # mean, median and per-case sign of the GTVp contrast
+    assert ceiling["n_gtvp"] == 0 or (0.0 <= ceiling["gtvp_contrast_sign_kept"] <= 1.0
+                                      and np.isfinite(ceiling["gtvp_contrast_reconstruction_median_hu"]))
     assert results.count("| **all** |") == 2  # de-identification per type: phantom reports and hand-written notes
     for plot in ("loss_curves.png", "ablation_bars.png", "dice_boxplots.png"):
         assert (out / "results" / "plots" / plot).stat().st_size > 0

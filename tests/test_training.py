@@ -520,6 +520,10 @@ def test_lesion_synthesis_keeps_the_real_case_but_its_tumour_and_nodes(trained, 
         regenerated += [not np.array_equal(masks[names.index(n)], real[names.index(n)]) for n in LESIONS]
         assert item["report"] == source["report"]
     assert any(regenerated)  # the lesions are the generator's, not the real case's
+    primary = synthesise(Path(trained), items, 1, tmp_path / "primary", steps=3, synthesis="primary")
+    masks, _, names = load_labels(primary[0]["label"])
+    real, _, real_names = load_labels(items[0]["label"])
+    assert all(np.array_equal(masks[c], real[real_names.index(n)]) for c, n in enumerate(names) if n != "GTVp")
     text = synthesise(Path(trained), items, 1, tmp_path / "text", steps=3, synthesis="text")  # no structure kept
     assert not all(np.array_equal(a, b) for a, b in zip(load_labels(text[0]["label"])[0], load_labels(written[0]["label"])[0]))
     with pytest.raises(ValueError, match="synthesis must be one of"):
