@@ -46,9 +46,7 @@ def synthesise(run: Path, items: list[dict], count: int, out: Path, *, steps: in
     from pipelines import ReportToCTPipeline
     from pipelines.augment import synthesise as synthesise_cases
 
-    if synthesis not in SYNTHESIS:
-        raise ValueError(f"synthesis must be one of {SYNTHESIS}, got {synthesis!r}")
-    pipe = ReportToCTPipeline.from_pretrained(run / "report_to_ct")
+    pipe = ReportToCTPipeline.from_pretrained(run / "report_to_ct")  # synthesise_cases checks ``synthesis``
     pipe.set_progress_bar_config(disable=True)
     return synthesise_cases(pipe, items, count, out, synthesis=synthesis, steps=steps, guidance_scale=guidance_scale,
                             seed=seed)
