@@ -34,7 +34,8 @@ import numpy as np
 from medvlm.cli import claim_output
 from pipelines.augment import LESIONS, SYNTHESES as SYNTHESIS
 
-__all__ = ["LESIONS", "SYNTHESIS", "SCORE_ON", "synthesise", "decision_cases", "evaluate", "summary", "table", "main"]
+__all__ = ["LESIONS", "SYNTHESIS", "SCORE_ON", "synthesise", "lesion_coherence", "decision_cases", "evaluate", "summary",
+           "table", "coherence_table", "main"]
 
 SCORE_ON = ("decision", "test")
 
@@ -50,6 +51,44 @@ def synthesise(run: Path, items: list[dict], count: int, out: Path, *, steps: in
     pipe.set_progress_bar_config(disable=True)
     return synthesise_cases(pipe, items, count, out, synthesis=synthesis, steps=steps, guidance_scale=guidance_scale,
                             seed=seed)
+
+
+def lesion_coherence(synthetic: Sequence[dict], sources: Sequence[dict]) -> dict:
+    """Whether a synthesis' images show its lesions where its contours put them: per lesion structure (GTVp, GTVn),
+    medians over the synthetic cases of the lesion's contrast against its soft-tissue surroundings
+    (:func:`eval.generation_eval.lesion_contrast_hu`) in the source CTs (``"real"``) and in the synthetic ones
+    (``"synthetic"``), and of the source lesion's voxels left without a contour in the synthetic CT
+    (``"uncontoured"``: a replaced tumour still visible is near the real contrast, a removed one near 0); the
+    share of synthetic lesions whose contrast is 0.5 to 2 times their source lesion's (``"like_real"``); ``"n"``:
+    the synthetic cases with the lesion. Synthetic items name their source (``synthetic.source``, an id of
+    ``sources``)."""
+    from scipy.ndimage import binary_dilation
+
+    from eval.generation_eval import lesion_contrast_hu
+    from medvlm.data.io import load_labels, load_nifti
+
+    by_id = {item.get("id", Path(item["image"]).name): item for item in sources}
+    values: dict = {name: {"real": [], "synthetic": [], "uncontoured": [], "like_real": []} for name in LESIONS}
+    for item in synthetic:
+        source = by_id[item["synthetic"]["source"]]
+        ct, real_ct = load_nifti(item["image"])[0], load_nifti(source["image"])[0]
+        masks, _, names = load_labels(item["label"])
+        real, _, real_names = load_labels(source["label"])
+        if ct.shape != real_ct.shape:  # a source off the model grid: its lesions are not on this one
+            continue
+        for name in LESIONS:
+            new, old = masks[names.index(name)] > 0.5, real[real_names.index(name)] > 0.5
+            left = old & ~binary_dilation(new, iterations=1)
+            measured = {}
+            for key, volume, lesion in (("real", real_ct, old), ("synthetic", ct, new), ("uncontoured", ct, left)):
+                measured[key] = lesion_contrast_hu(volume, lesion) if lesion.sum() >= 5 else None
+                if measured[key] is not None:
+                    values[name][key].append(measured[key])
+            if measured["real"] is not None and measured["synthetic"] is not None and measured["real"] > 0:
+                values[name]["like_real"].append(0.5 <= measured["synthetic"] / measured["real"] <= 2.0)
+    return {name: {**{key: float(np.median(v)) if v else None for key, v in found.items() if key != "like_real"},
+                   "like_real": float(np.mean(found["like_real"])) if found["like_real"] else None,
+                   "n": len(found["synthetic"])} for name, found in values.items()}
 
 
 def _write_datalist(folder: Path, training: list[dict], datalist: dict, test: list[dict] | None = None) -> Path:
@@ -114,19 +153,21 @@ def evaluate(run: str | Path, data: str | Path, out: str | Path, *, config: str 
     settings.training.seed = int(seed)
     base = ContourPipeline.from_pretrained(run / "contour")
     results: dict = {"steps": settings.training.segmentation.steps}
-    sets = [("real", real_items)]
+    sets, coherence = [("real", real_items)], {}
     for kind in syntheses:
         if progress:
             print(f"[augmentation] {kind}: generating {synthetic} synthetic cases from {len(real_items)} real reports",
                   flush=True)
-        sets.append((f"real + {kind}", real_items + synthesise(run, real_items, synthetic, out / f"synthetic_{kind}",
-                                                              seed=100_003 * int(seed), synthesis=kind)))
+        made = synthesise(run, real_items, synthetic, out / f"synthetic_{kind}", seed=100_003 * int(seed), synthesis=kind)
+        sets.append((f"real + {kind}", real_items + made))
+        if kind != "text":  # an edited real case: do its images show its new lesions and no longer its old ones?
+            coherence[f"real + {kind}"] = lesion_coherence(made, real_items)
     for name, training in sets:
         folder = out / name.replace(" + ", "_plus_")
         data_dir = _write_datalist(folder / "data", training, datalist)
         decoder_dir = train_decoder(run, data_dir, folder, settings, progress_line=(
             f"[augmentation] training the decoder on {name} ({len(training)} cases)" if progress else None))
-        results[name] = {"cases": len(training)}
+        results[name] = {"cases": len(training), **({"lesions": coherence[name]} if name in coherence else {})}
         for split, split_data in scoring.items():
             groups, structures = score_decoder(base, decoder_dir, split_data, folder / f"evaluation_{split}",
                                                per_structure=True)
@@ -182,6 +223,31 @@ def table(results: dict, split: str = "test") -> str:
     return "\n".join(lines)
 
 
+def coherence_table(results: dict) -> str:
+    """The synthetic lesions' contrast (HU against their soft-tissue surroundings, medians) per edit synthesis;
+    empty when none was measured (:func:`lesion_coherence`)."""
+    measured = [(name[len("real + "):], row["lesions"]) for name, row in results.items()
+                if isinstance(row, dict) and "lesions" in row]
+    if not measured:
+        return ""
+
+    def hu(value):
+        return "-" if value is None else f"{value:+.1f}"
+
+    lines = ["Lesion contrast against the soft tissue around (HU, medians over the synthetic cases): the real "
+             "case's lesion, the synthetic lesion in the synthetic CT, and the real lesion's place left without "
+             "a contour (near 0: removed; near the real contrast: still visible); the share of synthetic lesions "
+             "with 0.5 to 2 times their real lesion's contrast.", "",
+             "| synthesis | structure | cases | real | synthetic | left without a contour | like the real |",
+             "|---|---|---|---|---|---|---|"]
+    for kind, lesions in measured:
+        for structure, row in lesions.items():
+            share = "-" if row["like_real"] is None else f"{row['like_real']:.2f}"
+            lines.append(f"| {kind} | {structure} | {row['n']} | {hu(row['real'])} | {hu(row['synthetic'])} | "
+                         f"{hu(row['uncontoured'])} | {share} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a training run folder (report_to_ct, contour and the frozen stages)")
@@ -193,7 +259,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="segmentation steps per training (default: the config's)")
     parser.add_argument("--synthesis", choices=SYNTHESIS, nargs="+", default=[SYNTHESIS[0]],
                         help="lesions: new GTVp/GTVn in the real cases' anatomy; primary: a new GTVp only; "
-                             "text: whole cases from reports "
+                             "text: whole cases from reports; rendered: lesions' new GTVp/GTVn drawn into the real CT "
                              "(several: each against the same real-only decoder)")
     parser.add_argument("--score-on", choices=SCORE_ON, nargs="+", default=list(SCORE_ON),
                         help="decision: training cases no decoder sees (choose on these); test: the test split (report)")
@@ -221,6 +287,7 @@ def main(argv=None) -> int:
             runs.setdefault(real, []).append(results)
             texts += [f"### {real} real cases, seed {seed}", ""]
             texts += [line for split in args.score_on for line in (table(results, split), "")]
+            texts += [coherence_table(results), ""] if coherence_table(results) else []
             overviews, rows = [], []
             for split in args.score_on:
                 overview, split_rows = summary(runs, split)

@@ -21,9 +21,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-SYNTHESES = ("lesions", "primary", "text")  # the first is the default (chosen on eval augmentation's decision split)
+SYNTHESES = ("lesions", "primary", "text", "rendered")  # the first is the default (chosen on eval augmentation's decision split)
 LESIONS = ("GTVp", "GTVn")  # what ``lesions`` regenerates; every other structure is the real case's
-REGENERATED = {"lesions": LESIONS, "primary": ("GTVp",)}  # the editing syntheses and what each regenerates
+REGENERATED = {"lesions": LESIONS, "primary": ("GTVp",), "rendered": LESIONS}  # the editing syntheses, what each regenerates
+RENDERED = ("rendered",)  # editing syntheses whose lesions are drawn into the real CT (:func:`render_lesions`)
+PRESENCE_TRIES = 4  # generator seeds a rendered case may take until its lesions are those its report states
+DEFAULT_CONTRAST_HU = 20.0
+SOFT_TISSUE_HU = (-150.0, 150.0)  # what a rendered lesion's place is filled from: fat to enhancing tissue, no air or bone  # a lesion's contrast when the source case shows none to calibrate on (enhancing tumour vs muscle)
 
 
 def source_case(pipe, item: dict, regenerated: Sequence[str] = LESIONS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -65,6 +69,80 @@ def source_case(pipe, item: dict, regenerated: Sequence[str] = LESIONS) -> tuple
     return (to_hu(image[0].numpy(), config), data["label"].numpy() > 0.5, image.affine.numpy().astype(np.float64))
 
 
+def lesion_appearance(ct: np.ndarray, mask: np.ndarray) -> tuple[float, float] | None:
+    """A lesion's mean HU and standard deviation in ``ct``; None for an empty mask."""
+    m = np.asarray(mask, dtype=bool)
+    if not m.any():
+        return None
+    inside = np.asarray(ct, dtype=np.float32)[m]
+    return float(inside.mean()), float(inside.std())
+
+
+def render_lesions(ct: np.ndarray, source: np.ndarray, lesions: np.ndarray, *, seed: int = 0,
+                   appearances: Sequence[tuple[float, float] | None] | None = None, margin: int = 1,
+                   soft_tissue: tuple[float, float] = SOFT_TISSUE_HU) -> np.ndarray:
+    """The real CT (HU, (X, Y, Z)) with its lesions ``source`` (L, X, Y, Z) removed and ``lesions`` (L, X, Y, Z)
+    drawn in: the ``rendered`` synthesis. Where the old lesions were (``margin`` voxels wider), the CT becomes
+    the soft tissue nearest to it outside (MONAI's Euclidean distance transform), smoothed and given the texture
+    (standard deviation) of the soft tissue around; each new lesion is a soft-tissue mass of the appearance
+    (mean HU, standard deviation) in ``appearances`` (one per lesion channel; default the source's own lesion of
+    that channel, else another of its lesions, else the surrounding soft tissue + ``DEFAULT_CONTRAST_HU``),
+    blended over a voxel at its edge (partial volume). A new lesion replaces what lay there, as a tumour fills
+    the airway or fat it grows into. Outside both, the CT is the source's to the voxel.
+
+    Written here because the generated CT latent does not draw a lesion where its generated mask lies (its
+    contrast against the surroundings ranged from -340 to +110 HU where the real ones hold +6 to +31) and keeps
+    the replaced lesions visible (+20 to +40 HU without a contour): an intensity model calibrated on the case,
+    as procedural tumour synthesis does, makes image and contours agree. MONAI has no lesion inpainting."""
+    import torch
+    from monai.transforms import GaussianSmooth
+    from monai.transforms.utils import distance_transform_edt
+
+    values = np.asarray(ct, dtype=np.float32)
+    old, new = np.asarray(source, dtype=bool), np.asarray(lesions, dtype=bool)
+    if old.shape != new.shape or old.shape[1:] != values.shape:
+        raise ValueError(f"source and new lesions must be (L, {', '.join(map(str, values.shape))}) each, got "
+                         f"{old.shape} and {new.shape}")
+
+    def dilated(mask: np.ndarray, by: int) -> np.ndarray:
+        if not by:
+            return mask
+        t = torch.as_tensor(mask)[None, None].float()
+        return (torch.nn.functional.max_pool3d(t, 2 * by + 1, stride=1, padding=by)[0, 0] > 0).numpy()
+
+    hole = dilated(old.any(0) | new.any(0), margin)
+    if not hole.any():
+        return values.copy()
+    tissue = (values > soft_tissue[0]) & (values < soft_tissue[1])
+    around = dilated(hole, 2) & ~hole & tissue
+    if not (tissue & ~hole).any():
+        raise ValueError("no soft tissue outside the lesions to fill their place from")
+    level = float(values[around].mean()) if around.any() else float(values[tissue & ~hole].mean())
+    texture = float(values[around].std()) if around.sum() > 10 else 0.0
+    if appearances is None:
+        measured = [lesion_appearance(values, m) for m in old]
+        fallback = next((a for a in measured if a is not None), (level + DEFAULT_CONTRAST_HU, texture))
+        appearances = [a if a is not None else fallback for a in measured]
+    _, nearest = distance_transform_edt((~(tissue & ~hole))[None].astype(np.float32), return_distances=True,
+                                        return_indices=True)
+    filled = values[tuple(np.asarray(nearest)[0])]  # every voxel from its nearest soft-tissue voxel outside the hole
+    filled = np.asarray(GaussianSmooth(sigma=1.5)(filled[None]))[0]
+    rng = np.random.default_rng(seed)
+
+    def noise(std: float) -> np.ndarray:  # texture: white noise smoothed over half a voxel, scaled to ``std``
+        field = np.asarray(GaussianSmooth(sigma=0.5)(rng.normal(0.0, 1.0, values.shape).astype(np.float32)[None]))[0]
+        return field * (std / max(float(field.std()), 1e-6))
+
+    out = np.where(hole, filled + noise(texture), values)
+    soft = GaussianSmooth(sigma=0.6)
+    for mask, appearance in zip(new, appearances):
+        if mask.any():
+            weight = np.clip(np.asarray(soft(mask[None].astype(np.float32)))[0] * 1.5, 0.0, 1.0) * hole
+            weight[mask] = 1.0
+            out = (1.0 - weight) * out + weight * (float(appearance[0]) + noise(float(appearance[1])))
+    return out.astype(np.float32)
+
+
 def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synthesis: str = "lesions",
                steps: int = 25, guidance_scale: float = 3.0, seed: int = 0,
                progress: Callable[[str], None] | None = None) -> list[dict]:
@@ -75,7 +153,7 @@ def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synt
     receives a line per case generated (e.g. ``print``)."""
     import torch
 
-    from medvlm.data.io import save_labels, save_nifti
+    from medvlm.data.io import atomic_write_text, save_labels, save_nifti
     from medvlm.errors import InputError
     from medvlm.text.prompts import process_record
 
@@ -100,7 +178,10 @@ def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synt
             report = process_record(source["record"]).text
         case_dir = out / f"synthetic_{number:03d}"
         ct_path, label_path = case_dir / "ct.nii.gz", case_dir / "labels.nii.gz"
-        if not (ct_path.is_file() and label_path.is_file()):  # a finished case is reused
+        seed_path, used = case_dir / "seed.txt", seed + number  # the generator seed a case was made with
+        if ct_path.is_file() and label_path.is_file():  # a finished case is reused
+            used = int(seed_path.read_text().strip()) if seed_path.is_file() else used
+        else:
             if progress is not None:
                 progress(f"synthetic case {number + 1}/{count} ({synthesis})")
             edit: dict[str, Any] = {}
@@ -108,17 +189,34 @@ def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synt
                 ct, masks, affine = source_case(pipe, source, REGENERATED[synthesis])
                 edit = {"image": ct, "masks": masks,
                         "keep_structures": [n for n in names if n not in REGENERATED[synthesis]]}
-            result = pipe(report, num_inference_steps=steps, guidance_scale=guidance_scale,
-                          generator=torch.Generator().manual_seed(seed + number), **edit)
+            for attempt in range(PRESENCE_TRIES if synthesis in RENDERED else 1):
+                used = seed + number + attempt * count
+                result = pipe(report, num_inference_steps=steps, guidance_scale=guidance_scale,
+                              generator=torch.Generator().manual_seed(used), **edit)
+                if synthesis not in RENDERED or _same_presence(masks, result.masks[0], names, REGENERATED[synthesis]):
+                    break
             affine = affine if synthesis in REGENERATED else result.affine
-            # labels first: a case counts as finished only once its CT is written too
-            save_labels(label_path, np.asarray(result.masks[0]).astype(np.uint8), affine, result.structure_names)
-            save_nifti(ct_path, result.ct[0], affine)
+            image, labels = result.ct[0], np.asarray(result.masks[0]).astype(bool)
+            if synthesis in RENDERED:  # the lesions drawn into the real CT where their new masks lie
+                channels = [names.index(n) for n in REGENERATED[synthesis]]
+                image = render_lesions(ct, masks[channels], labels[channels], seed=used)
+            # seed and labels first: a case counts as finished only once its CT is written too
+            case_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(seed_path, f"{used}\n")
+            save_labels(label_path, labels.astype(np.uint8), affine, result.structure_names)
+            save_nifti(ct_path, image, affine)
         written.append({"image": str(ct_path.resolve()), "label": str(label_path.resolve()), "report": report,
                         "id": f"synthetic_{number:03d}",
                         "synthetic": {"synthesis": synthesis, "source": source.get("id", Path(source["image"]).name),
-                                      "seed": seed + number}})
+                                      "seed": used}})
     return written
+
+
+def _same_presence(source: np.ndarray, sample: np.ndarray, names: Sequence[str], regenerated: Sequence[str]) -> bool:
+    """Whether the sample has each regenerated structure exactly where the source case (whose report prompted
+    it) has one: a stated primary or nodal disease drawn, none drawn that is not stated."""
+    return all(bool(np.asarray(source[names.index(n)]).any()) == bool(np.asarray(sample[names.index(n)]).any())
+               for n in regenerated)
 
 
 def _absolute(raw: dict, base: Path) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from medvlm.cli import claim_output, text_or_file
 from medvlm.errors import InputError, MedVLMError
+from pipelines.augment import SYNTHESES
 
 
 def cmd_contour(args: argparse.Namespace) -> int:
@@ -141,9 +142,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     augment.add_argument("--pipeline", required=True, help="a ReportToCTPipeline folder (RUN/report_to_ct)")
     augment.add_argument("--data", required=True, help="dataset folder or datalist.json (labelled training cases)")
     augment.add_argument("--out", required=True, help="folder for the synthetic cases and the new datalist.json")
-    augment.add_argument("--synthesis", choices=("lesions", "primary", "text"), default="lesions",
+    augment.add_argument("--synthesis", choices=SYNTHESES, default=SYNTHESES[0],
                          help="lesions: new GTVp/GTVn in each real case's anatomy; primary: a new GTVp only; "
-                              "text: whole cases from the reports")
+                              "text: whole cases from the reports; rendered: the new GTVp/GTVn drawn into the real "
+                              "CT as soft-tissue masses of the case's own tumour's appearance")
     augment.add_argument("--per-case", type=float, default=2.0, help="synthetic cases per training case")
     augment.add_argument("--cases", type=int, default=None, help="prompt with the first N training cases only")
     augment.add_argument("--seed", type=int, default=0, help="synthetic case n is generated with seed + n")

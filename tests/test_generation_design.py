@@ -282,3 +282,67 @@ def test_latent_template_normalises_ct_channels_per_voxel_and_round_trips():
     plain = ReportConditionedUNet3D(in_channels=6, out_channels=6, channels=(8, 16, 16), num_head_channels=8,
                                     norm_num_groups=8, cross_attention_dim=16)
     assert plain.normalize_latents(training) is training
+
+
+def test_rendered_lesions_replace_the_old_ones_and_draw_the_new_as_the_cases_own_tumour():
+    """``rendered`` synthesis: the old lesion's place becomes the soft tissue around it, the new lesion is a mass
+    of the source lesion's appearance (also where it grows into air), and nothing else changes."""
+    from pipelines.augment import DEFAULT_CONTRAST_HU, render_lesions
+
+    rng = np.random.default_rng(0)
+    ct = (40.0 + rng.normal(0.0, 5.0, (24, 24, 24))).astype(np.float32)
+    ct[:, :, 18:] = -1000.0  # an airway above
+    old, new = np.zeros((2, 1, 24, 24, 24), bool)
+    old[0, 4:8, 4:8, 4:8] = True
+    ct[old[0]] = 90.0 + rng.normal(0.0, 3.0, int(old.sum()))
+    new[0, 14:19, 12:17, 14:20] = True  # partly in the air
+    out = render_lesions(ct, old, new, seed=1)
+    assert abs(float(out[5:7, 5:7, 5:7].mean()) - 40.0) < 6.0  # the old tumour is gone
+    assert abs(float(out[new[0]].mean()) - 90.0) < 6.0 and float(out[new[0]].min()) > 0.0  # a mass, in the air too
+    untouched = np.ones_like(ct, bool)
+    untouched[2:10, 2:10, 2:10] = untouched[12:21, 10:19, 12:22] = False
+    assert np.array_equal(out[untouched], ct[untouched])
+    assert np.array_equal(out, render_lesions(ct, old, new, seed=1))  # deterministic given its seed
+    assert not np.array_equal(out, render_lesions(ct, old, new, seed=2))
+    healthy = render_lesions(ct, np.zeros_like(old), new, seed=1)  # nothing to calibrate on: the tissue + default
+    assert abs(float(healthy[new[0]].mean()) - (40.0 + DEFAULT_CONTRAST_HU)) < 6.0
+    with pytest.raises(ValueError, match="must be"):
+        render_lesions(ct, old, new[:, :, :10])
+
+
+def test_lesion_coherence_tells_a_visible_replaced_tumour_from_a_removed_one(tmp_path):
+    """``eval augmentation``'s lesion check: a synthetic case that moved the tumour's contour but left the old tumour
+    in its image shows it as 'left without a contour' at the real contrast; a rendered one shows it near 0."""
+    from eval.augmentation_utility import coherence_table, lesion_coherence
+    from medvlm.data.io import save_labels, save_nifti
+    from pipelines.augment import render_lesions
+
+    names = ["GTVp", "GTVn", "Parotid_L"]
+    rng = np.random.default_rng(0)
+    ct = (40.0 + rng.normal(0.0, 2.0, (20, 20, 20))).astype(np.float32)
+    labels = np.zeros((3, 20, 20, 20), np.uint8)
+    labels[0, 3:7, 3:7, 3:7] = 1
+    ct[labels[0] > 0] = 70.0
+    moved = np.zeros_like(labels)
+    moved[0, 12:16, 12:16, 12:16] = 1
+    edited = ct.copy()
+    edited[moved[0] > 0] = 75.0  # the contour moved, the old tumour still in the image
+    rendered = render_lesions(ct, labels[:2] > 0, moved[:2] > 0, seed=0)
+    affine = np.eye(4)
+    save_nifti(tmp_path / "real.nii.gz", ct, affine)
+    save_labels(tmp_path / "real_labels.nii.gz", labels, affine, names)
+    source = {"id": "case_1", "image": str(tmp_path / "real.nii.gz"), "label": str(tmp_path / "real_labels.nii.gz")}
+    results = {}
+    for kind, image in (("pasted", edited), ("rendered", rendered)):
+        save_nifti(tmp_path / f"{kind}.nii.gz", image, affine)
+        save_labels(tmp_path / f"{kind}_labels.nii.gz", moved, affine, names)
+        item = {"image": str(tmp_path / f"{kind}.nii.gz"), "label": str(tmp_path / f"{kind}_labels.nii.gz"),
+                "synthetic": {"source": "case_1"}}
+        results[f"real + {kind}"] = {"lesions": lesion_coherence([item], [source])}
+    pasted, drawn = results["real + pasted"]["lesions"]["GTVp"], results["real + rendered"]["lesions"]["GTVp"]
+    assert pasted["real"] == pytest.approx(30.0, abs=1.0) and pasted["uncontoured"] == pytest.approx(30.0, abs=1.0)
+    assert abs(drawn["uncontoured"]) < 5.0 and drawn["synthetic"] == pytest.approx(30.0, abs=5.0)  # less its blended edge
+    assert pasted["like_real"] == 1.0 and drawn["n"] == 1
+    assert results["real + pasted"]["lesions"]["GTVn"] == {"real": None, "synthetic": None, "uncontoured": None,
+                                                            "like_real": None, "n": 0}
+    assert "| rendered | GTVp | 1 |" in coherence_table(results)

@@ -505,7 +505,7 @@ def test_lesion_synthesis_keeps_the_real_case_but_its_tumour_and_nodes(trained, 
     ``keep_structures`` in tests/test_pipelines.py; the tiny untrained generator draws lesions everywhere)."""
     from eval.augmentation_utility import LESIONS, synthesise
     from medvlm.data.datalist import load_datalist
-    from medvlm.data.io import load_labels
+    from medvlm.data.io import load_labels, load_nifti
 
     items = load_datalist(tiny_data)["training"][:2]
     written = synthesise(Path(trained), items, 2, tmp_path / "synthetic", steps=3, synthesis="lesions")
@@ -524,6 +524,19 @@ def test_lesion_synthesis_keeps_the_real_case_but_its_tumour_and_nodes(trained, 
     masks, _, names = load_labels(primary[0]["label"])
     real, _, real_names = load_labels(items[0]["label"])
     assert all(np.array_equal(masks[c], real[real_names.index(n)]) for c, n in enumerate(names) if n != "GTVp")
+    rendered = synthesise(Path(trained), items, 2, tmp_path / "rendered", steps=3, synthesis="rendered")
+    for item, source, number in zip(rendered, items, range(2)):  # the lesions drawn into the real CT
+        masks, _, names = load_labels(item["label"])
+        real, _, real_names = load_labels(source["label"])
+        real = real[[real_names.index(n) for n in names]]
+        assert all(np.array_equal(masks[c], real[c]) for c, n in enumerate(names) if n not in LESIONS)
+        lesions = [names.index(n) for n in LESIONS]
+        around = torch.nn.functional.max_pool3d(torch.as_tensor(np.concatenate([masks[lesions], real[lesions]]).any(0))
+                                                [None, None].float(), 3, stride=1, padding=1)[0, 0].numpy() > 0
+        image, source_ct = load_nifti(item["image"])[0], load_nifti(source["image"])[0]
+        assert np.allclose(image[~around], source_ct[~around], atol=0.5)  # the real CT outside, to the stored HU
+        assert item["synthetic"]["seed"] in (number, number + 2, number + 4, number + 6)  # a retry: seed + count
+        assert (tmp_path / "rendered" / f"synthetic_{number:03d}" / "seed.txt").read_text().strip() == str(item["synthetic"]["seed"])
     text = synthesise(Path(trained), items, 1, tmp_path / "text", steps=3, synthesis="text")  # no structure kept
     assert not all(np.array_equal(a, b) for a, b in zip(load_labels(text[0]["label"])[0], load_labels(written[0]["label"])[0]))
     with pytest.raises(ValueError, match="synthesis must be one of"):
