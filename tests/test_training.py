@@ -814,3 +814,29 @@ def test_latent_template_is_measured_on_the_cached_training_latents(trained, tin
     expected = noised_latents(trainer.scheduler, trainer.unet.normalize_latents(inputs["latents"]), inputs["noise"],
                               inputs["timesteps"])
     assert torch.allclose(seen["sample"], expected, atol=1e-5)
+
+
+def test_generative_and_contrastive_stages_leave_out_synthetic_cases(tiny_data, tmp_path):
+    """A datalist written by ``medvlm augment`` marks its generated cases ``synthetic``: the segmentation stage
+    trains on them, the autoencoder and the contrastive, diffusion and report-drafting stages on real CTs only."""
+    from train.data import load_cases
+
+    from pipelines.augment import _absolute
+
+    payload = json.loads((Path(tiny_data) / "datalist.json").read_text())
+    if isinstance(payload.get("records"), str):
+        payload["records"] = str((Path(tiny_data) / payload["records"]).resolve())
+    for section in ("training", "validation", "test"):  # paths absolute, as medvlm augment writes them
+        payload[section] = [_absolute(item, Path(tiny_data)) for item in payload.get(section, [])]
+    payload["training"].append({**payload["training"][0], "id": "synthetic_000",
+                                "synthetic": {"synthesis": "lesions", "source": "x", "seed": 0}})
+    (tmp_path / "augmented").mkdir()
+    (tmp_path / "augmented" / "datalist.json").write_text(json.dumps(payload))
+    config = load_config(TINY)
+    real = len(payload["training"]) - 1
+    assert len(load_cases(tmp_path / "augmented", config)) == real + 1
+    assert [c.case_id for c in load_cases(tmp_path / "augmented", config, synthetic=False)] == \
+        [c.case_id for c in load_cases(tiny_data, config)]
+    trainer = VAETrainer(config, tmp_path / "augmented", tmp_path / "vae")
+    trainer.setup()
+    assert len(trainer.cases) == real and all(c.case_id != "synthetic_000" for c in trainer.cases)

@@ -68,23 +68,28 @@ def shared_cases():
 
 
 def load_cases(data_dir: str | Path, config: MedVLMConfig, section: str = "training", *,
-               train_fraction: float = 1.0, seed: int = 0) -> list[Case]:
-    """Preprocess every case of a datalist section (reports de-identified on the way in)."""
+               train_fraction: float = 1.0, seed: int = 0, synthetic: bool = True) -> list[Case]:
+    """Preprocess every case of a datalist section (reports de-identified on the way in). ``synthetic=False``
+    leaves out the cases ``medvlm augment`` generated (items with a ``synthetic`` entry): the generative,
+    contrastive and report-drafting stages learn from real CTs only, not from their own samples."""
     data_dir = Path(data_dir)
     if not (data_dir / "datalist.json").is_file() and not data_dir.is_file():
         raise DatalistError(f"{data_dir} has no datalist.json; write one (medvlm data phantom --out {data_dir}) or pass its path")
     if _SHARED_CASES is None:
-        return _load_cases(data_dir, config, section, train_fraction, seed)
+        return _load_cases(data_dir, config, section, train_fraction, seed, synthetic)
     listing = data_dir / "datalist.json" if data_dir.is_dir() else data_dir
     stat = listing.stat()
-    key = (str(listing.resolve()), stat.st_mtime_ns, stat.st_size, repr(config.data.preprocess), section, train_fraction, seed)
+    key = (str(listing.resolve()), stat.st_mtime_ns, stat.st_size, repr(config.data.preprocess), section, train_fraction, seed,
+           synthetic)
     if key not in _SHARED_CASES:
-        _SHARED_CASES[key] = _load_cases(data_dir, config, section, train_fraction, seed)
+        _SHARED_CASES[key] = _load_cases(data_dir, config, section, train_fraction, seed, synthetic)
     return list(_SHARED_CASES[key])
 
 
-def _load_cases(data_dir: Path, config: MedVLMConfig, section: str, train_fraction: float, seed: int) -> list[Case]:
-    items = fraction_of(load_datalist(data_dir)[section], train_fraction, seed)
+def _load_cases(data_dir: Path, config: MedVLMConfig, section: str, train_fraction: float, seed: int,
+                synthetic: bool = True) -> list[Case]:
+    items = load_datalist(data_dir)[section]
+    items = fraction_of(items if synthetic else [i for i in items if "synthetic" not in i], train_fraction, seed)
     chain = preprocessing_transforms(config.data.preprocess, label_keys=("label",))
     cases = []
     for item in items:
@@ -106,7 +111,7 @@ def _load_cases(data_dir: Path, config: MedVLMConfig, section: str, train_fracti
             case_id=item.get("id", Path(item["image"]).name),
         ))
     if not cases:
-        raise DatalistError(f"{data_dir}: section {section!r} has no cases")
+        raise DatalistError(f"{data_dir}: section {section!r} has no cases" + ("" if synthetic else " that are not synthetic"))
     return cases
 
 

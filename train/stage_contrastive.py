@@ -47,7 +47,8 @@ class ContrastiveTrainer(StageTrainer):
 
         from medvlm.text.encoders import resolve_text_encoder_path
 
-        self.cases = load_cases(self.data_dir, self.config, train_fraction=self.train_fraction, seed=self.config.training.seed)
+        self.cases = load_cases(self.data_dir, self.config, train_fraction=self.train_fraction, seed=self.config.training.seed,
+                                synthetic=False)  # real CTs only: never the generator's own samples
         self.batcher = self.batches(len(self.cases))
         self.augment = augmentation(self.config, with_label=False)
         self.mirror = self.mirror_prob()

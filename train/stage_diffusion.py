@@ -85,7 +85,8 @@ class DiffusionTrainer(StageTrainer):
         c = self.stage_config
         if c.prediction_type not in PREDICTION_TYPES:
             raise TrainingError(f"training.diffusion.prediction_type must be one of {PREDICTION_TYPES}, got {c.prediction_type!r}")
-        self.cases = load_cases(self.data_dir, self.config, train_fraction=self.train_fraction, seed=self.config.training.seed)
+        self.cases = load_cases(self.data_dir, self.config, train_fraction=self.train_fraction, seed=self.config.training.seed,
+                                synthetic=False)  # real CTs only: never the generator's own samples
         self.canonical_side = self.config.models.unet.canonical_side
         if self.canonical_side is not None:  # every lateralised case in the canonical side (mirrored once, here)
             from train.data import canonical_case

@@ -88,7 +88,8 @@ class VAETrainer(StageTrainer):
         from medvlm.vocabulary import STRUCTURE_NAMES
 
         c = self.stage_config
-        self.cases = load_cases(self.data_dir, self.config, train_fraction=self.train_fraction, seed=self.config.training.seed)
+        self.cases = load_cases(self.data_dir, self.config, train_fraction=self.train_fraction, seed=self.config.training.seed,
+                                synthetic=False)  # real CTs only: never the generator's own samples
         paired = bool(self.config.models.vae.mask_channels)
         if paired and any(case.label is None for case in self.cases):
             raise TrainingError("models.vae.mask_channels > 0 (paired CT + structures) needs labels for every training case")
