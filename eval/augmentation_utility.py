@@ -1,7 +1,7 @@
 """Augmentation utility of report-to-CT: is a decoder trained on N real + M synthetic cases better than on N real?
 
 ``medvlm eval augmentation --run RUN --data DATA [--config demo] [--real 10 20] [--seeds 0 1 2] [--steps N]
-[--synthesis lesions [text]] [--score-on decision test] [--decision-cases 32] [--out DIR]``
+[--synthesis lesions [primary text rendered]] [--score-on decision test] [--decision-cases 32] [--out DIR]``
 
 1. The first ``real`` training cases of DATA form the real set.
 2. ``synthetic`` CTs with paired contours come from the run's ReportToCTPipeline, prompted with the real
@@ -9,7 +9,10 @@
    ``--synthesis lesions`` (default) regenerates only the tumour and nodes (GTVp, GTVn) of a real case for its
    report, from noise, keeping its CT latent, its other structures and its CT outside the new lesions
    (``keep_structures``): new lesions in real anatomy; ``primary`` regenerates the GTVp alone. ``text``
-   generates each case from its report alone.
+   generates each case from its report alone. ``rendered`` draws ``lesions``' new masks into the real CT as
+   soft-tissue masses of the case's own lesions' appearance, the old lesions removed
+   (:func:`pipelines.augment.render_lesions`). For the editing syntheses the synthetic lesions' contrast is
+   measured against the real ones' (:func:`lesion_coherence`).
    Several kinds may be named; they share the real-only decoder.
 3. The segmentation stage is trained with the same configuration, steps and seed on a datalist of the real set
    and on one of the real set plus each kind of synthetic case (the run's frozen stages shared); each decoder,

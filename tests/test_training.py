@@ -467,8 +467,10 @@ def test_augmentation_utility_trains_on_real_and_on_real_plus_synthetic_cases(tr
     monkeypatch.chdir(tiny_data.parent)  # a relative data folder, as on the command line
     source = load_datalist(tiny_data)
     results = evaluate(trained, Path(tiny_data.name), out, config=TINY, real=2, synthetic=3, steps=2,
-                       synthesis="text", score_on=("decision", "test"))
+                       synthesis=["text", "rendered"], score_on=("decision", "test"))
     assert results["real"]["cases"] == 2 and results["real + text"]["cases"] == 5
+    # an edited real case's lesions are checked in its image (a whole generated case has no real lesion to compare)
+    assert "lesions" not in results["real + text"] and set(results["real + rendered"]["lesions"]) == {"GTVp", "GTVn"}
     assert all(0.0 <= v <= 1.0 for row in ("real", "real + text") for split in ("decision", "test")
                for v in results[row][split]["dice"].values())
     augmented = load_datalist(out / "real_plus_text" / "data")
