@@ -1,16 +1,16 @@
 """Augmentation utility of report-to-CT: is a decoder trained on N real + M synthetic cases better than on N real?
 
 ``medvlm eval augmentation --run RUN --data DATA [--config demo] [--real 10 20] [--seeds 0 1 2] [--steps N]
-[--synthesis lesions [primary text rendered]] [--score-on decision test] [--decision-cases 32] [--out DIR]``
+[--synthesis rendered [lesions primary text]] [--score-on decision test] [--decision-cases 32] [--out DIR]``
 
 1. The first ``real`` training cases of DATA form the real set.
 2. ``synthetic`` CTs with paired contours come from the run's ReportToCTPipeline, prompted with the real
    set's reports in turn (no report outside the real set is used), written as NIfTI under ``OUT/synthetic_<kind>``.
-   ``--synthesis lesions`` (default) regenerates only the tumour and nodes (GTVp, GTVn) of a real case for its
+   ``--synthesis lesions`` regenerates only the tumour and nodes (GTVp, GTVn) of a real case for its
    report, from noise, keeping its CT latent, its other structures and its CT outside the new lesions
    (``keep_structures``): new lesions in real anatomy; ``primary`` regenerates the GTVp alone. ``text``
-   generates each case from its report alone. ``rendered`` draws ``lesions``' new masks into the real CT as
-   soft-tissue masses of the case's own lesions' appearance, the old lesions removed
+   generates each case from its report alone. ``rendered`` (default) draws ``lesions``' new masks into the real
+   CT as soft-tissue masses of the case's own lesions' appearance, the old lesions removed
    (:func:`pipelines.augment.render_lesions`). For the editing syntheses the synthetic lesions' contrast is
    measured against the real ones' (:func:`lesion_coherence`).
    Several kinds may be named; they share the real-only decoder.
@@ -44,7 +44,7 @@ SCORE_ON = ("decision", "test")
 
 
 def synthesise(run: Path, items: list[dict], count: int, out: Path, *, steps: int = 25, guidance_scale: float = 3.0,
-               seed: int = 0, synthesis: str = "lesions") -> list[dict]:
+               seed: int = 0, synthesis: str = SYNTHESIS[0]) -> list[dict]:
     """``count`` generated cases prompted by ``items``' reports in turn (``medvlm augment``'s path:
     :func:`pipelines.augment.synthesise` with the run's ReportToCTPipeline); datalist items (absolute paths)."""
     from pipelines import ReportToCTPipeline
@@ -120,7 +120,7 @@ def decision_cases(datalist: dict, after: int, count: int = 32) -> list[dict]:
 
 def evaluate(run: str | Path, data: str | Path, out: str | Path, *, config: str | Path = "demo", real: int = 20,
              synthetic: int = 40, steps: int | None = None, progress: bool = False, seed: int = 0,
-             synthesis: str | Sequence[str] = "lesions", score_on: Sequence[str] = ("test",),
+             synthesis: str | Sequence[str] = SYNTHESIS[0], score_on: Sequence[str] = ("test",),
              decision: list[dict] | None = None) -> dict:
     """``{"steps": n, "real": {...}, "real + <synthesis>": {...}}``: per decoder its training cases
     (``"cases"``) and per scoring split (``score_on``: ``"test"``, ``"decision"``) the Dice per group
@@ -261,8 +261,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training and generation seeds")
     parser.add_argument("--steps", type=int, default=None, help="segmentation steps per training (default: the config's)")
     parser.add_argument("--synthesis", choices=SYNTHESIS, nargs="+", default=[SYNTHESIS[0]],
-                        help="lesions: new GTVp/GTVn in the real cases' anatomy; primary: a new GTVp only; "
-                             "text: whole cases from reports; rendered: lesions' new GTVp/GTVn drawn into the real CT "
+                        help="rendered: new GTVp/GTVn masks drawn into the real CTs; lesions: the same masks, the "
+                             "image decoded; primary: a new GTVp only; text: whole cases from reports "
                              "(several: each against the same real-only decoder)")
     parser.add_argument("--score-on", choices=SCORE_ON, nargs="+", default=list(SCORE_ON),
                         help="decision: training cases no decoder sees (choose on these); test: the test split (report)")

@@ -4,10 +4,14 @@
 cases as they were (paths made absolute, reports and records referenced as before) and, in ``training``,
 synthetic cases prompted by the training cases' own reports in turn, written under ``out/synthetic_NNN/``:
 
-- ``lesions`` (default): a real training case with only its tumour and nodes (GTVp, GTVn) regenerated for its
-  report from noise; its CT latent, its other structures and its CT outside the old and new lesions stay the
-  real case's (``ReportToCTPipeline(image=..., masks=..., keep_structures=[...])``): new lesions in real anatomy.
-- ``primary``: the same with the primary tumour (GTVp) alone regenerated; the nodes stay the real case's.
+- ``rendered`` (default): a real training case whose tumour and nodes (GTVp, GTVn) are sampled anew for its
+  report as in ``lesions`` (until the lesions present are those the case has) and drawn into its real CT by
+  :func:`render_lesions`: the old lesions removed, the new ones soft-tissue masses of the case's own lesions'
+  appearance; everything else is the real case's. Image and contours agree by construction.
+- ``lesions``: the same masks with the image decoded by the generator: the CT latent, the other structures and
+  the CT outside the old and new lesions stay the real case's (``ReportToCTPipeline(image=..., masks=...,
+  keep_structures=[...])``); inside, the decoded CT seldom shows the new lesion and still shows the old one.
+- ``primary``: ``lesions`` with the primary tumour (GTVp) alone regenerated; the nodes stay the real case's.
 - ``text``: a whole case (CT and paired contours) generated from the report alone.
 
 Which helps a segmentation decoder is measured by ``medvlm eval augmentation`` (docs/evaluation.md), which
@@ -21,13 +25,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-SYNTHESES = ("lesions", "primary", "text", "rendered")  # the first is the default (chosen on eval augmentation's decision split)
+SYNTHESES = ("rendered", "lesions", "primary", "text")  # the first is the default (eval augmentation's decision split)
 LESIONS = ("GTVp", "GTVn")  # what ``lesions`` regenerates; every other structure is the real case's
-REGENERATED = {"lesions": LESIONS, "primary": ("GTVp",), "rendered": LESIONS}  # the editing syntheses, what each regenerates
+REGENERATED = {"lesions": LESIONS, "primary": ("GTVp",), "rendered": LESIONS}  # editing syntheses: what each regenerates
 RENDERED = ("rendered",)  # editing syntheses whose lesions are drawn into the real CT (:func:`render_lesions`)
 PRESENCE_TRIES = 4  # generator seeds a rendered case may take until its lesions are those its report states
-DEFAULT_CONTRAST_HU = 20.0
-SOFT_TISSUE_HU = (-150.0, 150.0)  # what a rendered lesion's place is filled from: fat to enhancing tissue, no air or bone  # a lesion's contrast when the source case shows none to calibrate on (enhancing tumour vs muscle)
+DEFAULT_CONTRAST_HU = 20.0  # a new lesion's contrast where the case has none to copy (enhancing tumour against muscle)
+SOFT_TISSUE_HU = (-150.0, 150.0)  # what a removed lesion's place is filled from: fat to enhancing tissue
 
 
 def source_case(pipe, item: dict, regenerated: Sequence[str] = LESIONS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -91,9 +95,10 @@ def render_lesions(ct: np.ndarray, source: np.ndarray, lesions: np.ndarray, *, s
     the airway or fat it grows into. Outside both, the CT is the source's to the voxel.
 
     Written here because the generated CT latent does not draw a lesion where its generated mask lies (its
-    contrast against the surroundings ranged from -340 to +110 HU where the real ones hold +6 to +31) and keeps
-    the replaced lesions visible (+20 to +40 HU without a contour): an intensity model calibrated on the case,
-    as procedural tumour synthesis does, makes image and contours agree. MONAI has no lesion inpainting."""
+    contrast against the surroundings ranged from -780 to +115 HU where the real ones hold +6 to +31) and keeps
+    the replaced lesions visible (nodes at a median +26 to +31 HU without a contour): an intensity model
+    calibrated on the case, as procedural tumour synthesis does, makes image and contours agree. MONAI has no
+    lesion inpainting."""
     import torch
     from monai.transforms import GaussianSmooth
     from monai.transforms.utils import distance_transform_edt
@@ -114,18 +119,18 @@ def render_lesions(ct: np.ndarray, source: np.ndarray, lesions: np.ndarray, *, s
     if not hole.any():
         return values.copy()
     tissue = (values > soft_tissue[0]) & (values < soft_tissue[1])
-    around = dilated(hole, 2) & ~hole & tissue
-    if not (tissue & ~hole).any():
-        raise ValueError("no soft tissue outside the lesions to fill their place from")
-    level = float(values[around].mean()) if around.any() else float(values[tissue & ~hole].mean())
+    # what the hole is filled from: soft tissue outside it; with none left (lesions over the whole neck, as an
+    # untrained generator draws them) any voxel outside; with nothing outside, the volume as it is
+    donors = next(m for m in (tissue & ~hole, ~hole, np.ones_like(hole)) if m.any())
+    around = dilated(hole, 2) & donors & ~hole
+    level = float(values[around].mean()) if around.any() else float(values[donors].mean())
     texture = float(values[around].std()) if around.sum() > 10 else 0.0
     if appearances is None:
         measured = [lesion_appearance(values, m) for m in old]
         fallback = next((a for a in measured if a is not None), (level + DEFAULT_CONTRAST_HU, texture))
         appearances = [a if a is not None else fallback for a in measured]
-    _, nearest = distance_transform_edt((~(tissue & ~hole))[None].astype(np.float32), return_distances=True,
-                                        return_indices=True)
-    filled = values[tuple(np.asarray(nearest)[0])]  # every voxel from its nearest soft-tissue voxel outside the hole
+    _, nearest = distance_transform_edt((~donors)[None].astype(np.float32), return_distances=True, return_indices=True)
+    filled = values[tuple(np.asarray(nearest)[0])]  # every voxel from its nearest donor voxel
     filled = np.asarray(GaussianSmooth(sigma=1.5)(filled[None]))[0]
     rng = np.random.default_rng(seed)
 
@@ -143,7 +148,7 @@ def render_lesions(ct: np.ndarray, source: np.ndarray, lesions: np.ndarray, *, s
     return out.astype(np.float32)
 
 
-def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synthesis: str = "lesions",
+def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synthesis: str = SYNTHESES[0],
                steps: int = 25, guidance_scale: float = 3.0, seed: int = 0,
                progress: Callable[[str], None] | None = None) -> list[dict]:
     """``count`` synthetic cases under ``out/synthetic_NNN/`` (``ct.nii.gz``, ``labels.nii.gz``), prompted by
@@ -229,7 +234,7 @@ def _absolute(raw: dict, base: Path) -> dict:
     return item
 
 
-def augment_dataset(pipe, data: str | Path, out: str | Path, *, per_case: float = 2.0, synthesis: str = "lesions",
+def augment_dataset(pipe, data: str | Path, out: str | Path, *, per_case: float = 2.0, synthesis: str = SYNTHESES[0],
                     cases: int | None = None, steps: int = 25, guidance_scale: float = 3.0, seed: int = 0,
                     progress: Callable[[str], None] | None = None) -> Path:
     """Write ``out/datalist.json``: ``data``'s datalist (every section; paths absolute, records referenced as

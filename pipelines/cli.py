@@ -143,9 +143,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     augment.add_argument("--data", required=True, help="dataset folder or datalist.json (labelled training cases)")
     augment.add_argument("--out", required=True, help="folder for the synthetic cases and the new datalist.json")
     augment.add_argument("--synthesis", choices=SYNTHESES, default=SYNTHESES[0],
-                         help="lesions: new GTVp/GTVn in each real case's anatomy; primary: a new GTVp only; "
-                              "text: whole cases from the reports; rendered: the new GTVp/GTVn drawn into the real "
-                              "CT as soft-tissue masses of the case's own tumour's appearance")
+                         help="rendered: new GTVp/GTVn masks for each real case's report, drawn into its CT as "
+                              "soft-tissue masses of its own tumour's appearance; lesions: the same masks, the "
+                              "image decoded by the generator; primary: a new GTVp only; text: whole cases")
     augment.add_argument("--per-case", type=float, default=2.0, help="synthetic cases per training case")
     augment.add_argument("--cases", type=int, default=None, help="prompt with the first N training cases only")
     augment.add_argument("--seed", type=int, default=0, help="synthetic case n is generated with seed + n")

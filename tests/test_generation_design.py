@@ -346,3 +346,19 @@ def test_lesion_coherence_tells_a_visible_replaced_tumour_from_a_removed_one(tmp
     assert results["real + pasted"]["lesions"]["GTVn"] == {"real": None, "synthetic": None, "uncontoured": None,
                                                             "like_real": None, "n": 0}
     assert "| rendered | GTVp | 1 |" in coherence_table(results)
+
+
+def test_rendered_lesions_without_soft_tissue_around_fill_from_what_is_there():
+    """Lesions over all the soft tissue (an untrained generator) fill from any voxel outside them; lesions over
+    the whole volume leave nothing to fill from and are drawn over the CT as it is."""
+    from pipelines.augment import render_lesions
+
+    ct = np.full((10, 10, 10), -1000.0, np.float32)
+    ct[:, :, :5] = 40.0
+    old = np.zeros((1, 10, 10, 10), bool)
+    old[0, :, :, :6] = True
+    out = render_lesions(ct, old, old, seed=0)
+    assert np.isfinite(out).all() and np.array_equal(out[:, :, 8:], ct[:, :, 8:])
+    everywhere = render_lesions(ct, np.ones_like(old), np.ones_like(old), seed=0)
+    assert everywhere.shape == ct.shape and np.isfinite(everywhere).all()
+    assert abs(float(everywhere.mean()) - float(ct.mean())) < 50.0  # a "lesion" with the whole volume's HU

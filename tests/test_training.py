@@ -561,8 +561,9 @@ def test_augment_writes_the_source_datalist_plus_synthetic_cases_and_continues(t
     real, synthetic = augmented["training"][:len(source["training"])], augmented["training"][len(source["training"]):]
     assert real == source["training"] and len(synthetic) == 3  # round(1.5 * 2)
     assert [s["synthetic"]["source"] for s in synthetic] == [source["training"][i]["id"] for i in (0, 1, 0)]
-    assert [s["synthetic"]["seed"] for s in synthetic] == [0, 1, 2] and synthetic[2]["report"] == source["training"][0]["report"]
-    assert all(s["synthetic"]["synthesis"] == "lesions" for s in synthetic)
+    # case n: seed n, or n + 3 per retry until its lesions are the source's (the default, rendered)
+    assert [s["synthetic"]["seed"] % 3 for s in synthetic] == [0, 1, 2] and synthetic[2]["report"] == source["training"][0]["report"]
+    assert all(s["synthetic"]["synthesis"] == "rendered" for s in synthetic)
     masks, _, names = load_labels(synthetic[0]["label"])
     kept = [n for n in names if n not in ("GTVp", "GTVn")]
     real_masks, _, real_names = load_labels(source["training"][0]["label"])
