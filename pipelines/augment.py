@@ -12,6 +12,7 @@ synthetic cases prompted by the training cases' own reports in turn, written und
   the CT outside the old and new lesions stay the real case's (``ReportToCTPipeline(image=..., masks=...,
   keep_structures=[...])``); inside, the decoded CT seldom shows the new lesion and still shows the old one.
 - ``primary``: ``lesions`` with the primary tumour (GTVp) alone regenerated; the nodes stay the real case's.
+- ``rendered-primary``: ``rendered`` with the GTVp alone regenerated; the nodes (image and contours) stay real.
 - ``text``: a whole case (CT and paired contours) generated from the report alone.
 
 Which helps a segmentation decoder is measured by ``medvlm eval augmentation`` (docs/evaluation.md), which
@@ -25,10 +26,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-SYNTHESES = ("rendered", "lesions", "primary", "text")  # the first is the default (eval augmentation's decision split)
+SYNTHESES = ("rendered", "rendered-primary", "lesions", "primary", "text")  # the first is the default (eval augmentation's decision split)
 LESIONS = ("GTVp", "GTVn")  # what ``lesions`` regenerates; every other structure is the real case's
-REGENERATED = {"lesions": LESIONS, "primary": ("GTVp",), "rendered": LESIONS}  # editing syntheses: what each regenerates
-RENDERED = ("rendered",)  # editing syntheses whose lesions are drawn into the real CT (:func:`render_lesions`)
+REGENERATED = {"lesions": LESIONS, "primary": ("GTVp",), "rendered": LESIONS,  # editing syntheses: what each regenerates
+               "rendered-primary": ("GTVp",)}
+RENDERED = ("rendered", "rendered-primary")  # editing syntheses whose lesions are drawn into the real CT (:func:`render_lesions`)
 PRESENCE_TRIES = 4  # generator seeds a rendered case may take until its lesions are those its report states
 DEFAULT_CONTRAST_HU = 20.0  # a new lesion's contrast where the case has none to copy (enhancing tumour against muscle)
 SOFT_TISSUE_HU = (-150.0, 150.0)  # what a removed lesion's place is filled from: fat to enhancing tissue
@@ -84,7 +86,7 @@ def lesion_appearance(ct: np.ndarray, mask: np.ndarray) -> tuple[float, float] |
 
 def render_lesions(ct: np.ndarray, source: np.ndarray, lesions: np.ndarray, *, seed: int = 0,
                    appearances: Sequence[tuple[float, float] | None] | None = None, margin: int = 1,
-                   soft_tissue: tuple[float, float] = SOFT_TISSUE_HU) -> np.ndarray:
+                   soft_tissue: tuple[float, float] = SOFT_TISSUE_HU, keep: np.ndarray | None = None) -> np.ndarray:
     """The real CT (HU, (X, Y, Z)) with its lesions ``source`` (L, X, Y, Z) removed and ``lesions`` (L, X, Y, Z)
     drawn in: the ``rendered`` synthesis. Where the old lesions were (``margin`` voxels wider), the CT becomes
     the soft tissue nearest to it outside (MONAI's Euclidean distance transform), smoothed and given the texture
@@ -92,7 +94,8 @@ def render_lesions(ct: np.ndarray, source: np.ndarray, lesions: np.ndarray, *, s
     (mean HU, standard deviation) in ``appearances`` (one per lesion channel; default the source's own lesion of
     that channel, else another of its lesions, else the surrounding soft tissue + ``DEFAULT_CONTRAST_HU``),
     blended over a voxel at its edge (partial volume). A new lesion replaces what lay there, as a tumour fills
-    the airway or fat it grows into. Outside both, the CT is the source's to the voxel.
+    the airway or fat it grows into. Outside both, and in ``keep`` (X, Y, Z; e.g. the real nodes when only the
+    primary is regenerated), the CT is the source's to the voxel.
 
     Written here because the generated CT latent does not draw a lesion where its generated mask lies (its
     contrast against the surroundings ranged from -780 to +115 HU where the real ones hold +6 to +31) and keeps
@@ -145,6 +148,8 @@ def render_lesions(ct: np.ndarray, source: np.ndarray, lesions: np.ndarray, *, s
             weight = np.clip(np.asarray(soft(mask[None].astype(np.float32)))[0] * 1.5, 0.0, 1.0) * hole
             weight[mask] = 1.0
             out = (1.0 - weight) * out + weight * (float(appearance[0]) + noise(float(appearance[1])))
+    if keep is not None:
+        out = np.where(np.asarray(keep, dtype=bool), values, out)
     return out.astype(np.float32)
 
 
@@ -204,7 +209,9 @@ def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synt
             image, labels = result.ct[0], np.asarray(result.masks[0]).astype(bool)
             if synthesis in RENDERED:  # the lesions drawn into the real CT where their new masks lie
                 channels = [names.index(n) for n in REGENERATED[synthesis]]
-                image = render_lesions(ct, masks[channels], labels[channels], seed=used)
+                kept = [names.index(n) for n in LESIONS if n not in REGENERATED[synthesis]]  # real lesions stay
+                image = render_lesions(ct, masks[channels], labels[channels], seed=used,
+                                       keep=masks[kept].any(0) if kept else None)
             # seed and labels first: a case counts as finished only once its CT is written too
             case_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(seed_path, f"{used}\n")

@@ -304,6 +304,10 @@ def test_rendered_lesions_replace_the_old_ones_and_draw_the_new_as_the_cases_own
     assert np.array_equal(out[untouched], ct[untouched])
     assert np.array_equal(out, render_lesions(ct, old, new, seed=1))  # deterministic given its seed
     assert not np.array_equal(out, render_lesions(ct, old, new, seed=2))
+    node = np.zeros_like(ct, bool)
+    node[14:16, 12:14, 14:16] = True  # a real lesion kept (e.g. the nodes when only the primary is regenerated)
+    kept = render_lesions(ct, old, new, seed=1, keep=node)
+    assert np.array_equal(kept[node], ct[node]) and np.array_equal(kept[~node], out[~node])
     healthy = render_lesions(ct, np.zeros_like(old), new, seed=1)  # nothing to calibrate on: the tissue + default
     assert abs(float(healthy[new[0]].mean()) - (40.0 + DEFAULT_CONTRAST_HU)) < 6.0
     with pytest.raises(ValueError, match="must be"):
