@@ -11,7 +11,7 @@
    (``keep_structures``): new lesions in real anatomy; ``primary`` regenerates the GTVp alone. ``text``
    generates each case from its report alone. ``rendered`` (default) draws ``lesions``' new masks into the real
    CT as soft-tissue masses of the case's own lesions' appearance, the old lesions removed
-   (:func:`pipelines.augment.render_lesions`). For the editing syntheses the synthetic lesions' contrast is
+   (:func:`pipelines.augment.render_lesions`); ``rendered-primary`` the GTVp alone. For the editing syntheses the synthetic lesions' contrast is
    measured against the real ones' (:func:`lesion_coherence`).
    Several kinds may be named; they share the real-only decoder.
 3. The segmentation stage is trained with the same configuration, steps and seed on a datalist of the real set
@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="segmentation steps per training (default: the config's)")
     parser.add_argument("--synthesis", choices=SYNTHESIS, nargs="+", default=[SYNTHESIS[0]],
                         help="rendered: new GTVp/GTVn masks drawn into the real CTs; lesions: the same masks, the "
-                             "image decoded; primary: a new GTVp only; text: whole cases from reports "
+                             "image decoded; primary, rendered-primary: a new GTVp only; text: whole cases "
                              "(several: each against the same real-only decoder)")
     parser.add_argument("--score-on", choices=SCORE_ON, nargs="+", default=list(SCORE_ON),
                         help="decision: training cases no decoder sees (choose on these); test: the test split (report)")

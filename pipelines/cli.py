@@ -145,7 +145,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     augment.add_argument("--synthesis", choices=SYNTHESES, default=SYNTHESES[0],
                          help="rendered: new GTVp/GTVn masks for each real case's report, drawn into its CT as "
                               "soft-tissue masses of its own tumour's appearance; lesions: the same masks, the "
-                              "image decoded by the generator; primary: a new GTVp only; text: whole cases")
+                              "image decoded by the generator; primary, rendered-primary: a new GTVp only; "
+                              "text: whole cases")
     augment.add_argument("--per-case", type=float, default=2.0, help="synthetic cases per training case")
     augment.add_argument("--cases", type=int, default=None, help="prompt with the first N training cases only")
     augment.add_argument("--seed", type=int, default=0, help="synthetic case n is generated with seed + n")
