@@ -128,10 +128,13 @@ def render_lesions(ct: np.ndarray, source: np.ndarray, lesions: np.ndarray, *, s
     around = dilated(hole, 2) & donors & ~hole
     level = float(values[around].mean()) if around.any() else float(values[donors].mean())
     texture = float(values[around].std()) if around.sum() > 10 else 0.0
-    if appearances is None:
-        measured = [lesion_appearance(values, m) for m in old]
-        fallback = next((a for a in measured if a is not None), (level + DEFAULT_CONTRAST_HU, texture))
-        appearances = [a if a is not None else fallback for a in measured]
+    measured = [lesion_appearance(values, m) for m in old]
+    fallback = next((a for a in measured if a is not None), (level + DEFAULT_CONTRAST_HU, texture))
+    given = list(appearances) if appearances is not None else [None] * len(old)
+    if len(given) != len(old):
+        raise ValueError(f"appearances needs one (mean HU, standard deviation) or None per lesion channel ({len(old)}), "
+                         f"got {len(given)}")
+    appearances = [g if g is not None else (m if m is not None else fallback) for g, m in zip(given, measured)]
     _, nearest = distance_transform_edt((~donors)[None].astype(np.float32), return_distances=True, return_indices=True)
     filled = values[tuple(np.asarray(nearest)[0])]  # every voxel from its nearest donor voxel
     filled = np.asarray(GaussianSmooth(sigma=1.5)(filled[None]))[0]

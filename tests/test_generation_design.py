@@ -312,6 +312,10 @@ def test_rendered_lesions_replace_the_old_ones_and_draw_the_new_as_the_cases_own
     assert abs(float(healthy[new[0]].mean()) - (40.0 + DEFAULT_CONTRAST_HU)) < 6.0
     with pytest.raises(ValueError, match="must be"):
         render_lesions(ct, old, new[:, :, :10])
+    given = render_lesions(ct, old, new, seed=1, appearances=[(150.0, 0.0)])  # a stated appearance
+    assert float(given[new[0]].mean()) == pytest.approx(150.0, abs=1.0)
+    with pytest.raises(ValueError, match="one .* per lesion channel"):
+        render_lesions(ct, old, new, appearances=[None, None])
 
 
 def test_lesion_coherence_tells_a_visible_replaced_tumour_from_a_removed_one(tmp_path):
