@@ -539,6 +539,12 @@ def test_lesion_synthesis_keeps_the_real_case_but_its_tumour_and_nodes(trained, 
         assert np.allclose(image[~around], source_ct[~around], atol=0.5)  # the real CT outside, to the stored HU
         assert item["synthetic"]["seed"] in (number, number + 2, number + 4, number + 6)  # a retry: seed + count
         assert (tmp_path / "rendered" / f"synthetic_{number:03d}" / "seed.txt").read_text().strip() == str(item["synthetic"]["seed"])
+    kept_nodes = synthesise(Path(trained), items, 1, tmp_path / "rendered-primary", steps=3, synthesis="rendered-primary")
+    masks, _, names = load_labels(kept_nodes[0]["label"])
+    real, _, real_names = load_labels(items[0]["label"])
+    node = real[real_names.index("GTVn")] > 0
+    assert np.array_equal(masks[names.index("GTVn")], real[real_names.index("GTVn")])  # the real nodes kept
+    assert np.allclose(load_nifti(kept_nodes[0]["image"])[0][node], load_nifti(items[0]["image"])[0][node], atol=0.5)
     text = synthesise(Path(trained), items, 1, tmp_path / "text", steps=3, synthesis="text")  # no structure kept
     assert not all(np.array_equal(a, b) for a, b in zip(load_labels(text[0]["label"])[0], load_labels(written[0]["label"])[0]))
     with pytest.raises(ValueError, match="synthesis must be one of"):
