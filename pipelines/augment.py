@@ -161,7 +161,9 @@ def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synt
                progress: Callable[[str], None] | None = None) -> list[dict]:
     """``count`` synthetic cases under ``out/synthetic_NNN/`` (``ct.nii.gz``, ``labels.nii.gz``), prompted by
     ``items``' reports in turn (a case known only by its record: its structured prompt); the generator of case
-    ``n`` is seeded ``seed + n``, so a finished case is reused and an interrupted run continues. Returns
+    ``n`` is seeded ``seed + n`` (a rendered case whose lesions are not those of its source retries with
+    ``+ count`` per try, up to ``PRESENCE_TRIES`` seeds; the seed used is kept in ``seed.txt``), so a finished
+    case is reused and an interrupted run continues. Returns
     datalist items (absolute paths; ``synthetic``: the synthesis, the source case and the seed). ``progress``
     receives a line per case generated (e.g. ``print``)."""
     import torch
@@ -228,7 +230,7 @@ def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synt
 
 
 def _same_presence(source: np.ndarray, sample: np.ndarray, names: Sequence[str], regenerated: Sequence[str]) -> bool:
-    """Whether the sample has each regenerated structure exactly where the source case (whose report prompted
+    """Whether the sample has each regenerated structure exactly when the source case (whose report prompted
     it) has one: a stated primary or nodal disease drawn, none drawn that is not stated."""
     return all(bool(np.asarray(source[names.index(n)]).any()) == bool(np.asarray(sample[names.index(n)]).any())
                for n in regenerated)
