@@ -11,8 +11,8 @@
    (``keep_structures``): new lesions in real anatomy; ``primary`` regenerates the GTVp alone. ``text``
    generates each case from its report alone. ``rendered`` (default) draws ``lesions``' new masks into the real
    CT as soft-tissue masses of the case's own lesions' appearance, the old lesions removed
-   (:func:`pipelines.augment.render_lesions`); ``rendered-primary`` the GTVp alone. For the editing syntheses the synthetic lesions' contrast is
-   measured against the real ones' (:func:`lesion_coherence`).
+   (:func:`pipelines.augment.render_lesions`); ``rendered-primary`` the GTVp alone. For the editing syntheses
+   the synthetic lesions' contrast is measured against the real ones' (:func:`lesion_coherence`).
    Several kinds may be named; they share the real-only decoder.
 3. The segmentation stage is trained with the same configuration, steps and seed on a datalist of the real set
    and on one of the real set plus each kind of synthetic case (the run's frozen stages shared); each decoder,
@@ -35,7 +35,7 @@ from typing import Sequence
 
 import numpy as np
 from medvlm.cli import claim_output
-from pipelines.augment import LESIONS, SYNTHESES as SYNTHESIS
+from pipelines.augment import LESIONS, REGENERATED, SYNTHESES as SYNTHESIS
 
 __all__ = ["LESIONS", "SYNTHESIS", "SCORE_ON", "synthesise", "lesion_coherence", "decision_cases", "evaluate", "summary",
            "table", "coherence_table", "main"]
@@ -163,7 +163,7 @@ def evaluate(run: str | Path, data: str | Path, out: str | Path, *, config: str 
                   flush=True)
         made = synthesise(run, real_items, synthetic, out / f"synthetic_{kind}", seed=100_003 * int(seed), synthesis=kind)
         sets.append((f"real + {kind}", real_items + made))
-        if kind != "text":  # an edited real case: do its images show its new lesions and no longer its old ones?
+        if kind in REGENERATED:  # an edited real case: do its images show its new lesions and no longer its old ones?
             coherence[f"real + {kind}"] = lesion_coherence(made, real_items)
     for name, training in sets:
         folder = out / name.replace(" + ", "_plus_")
@@ -290,7 +290,8 @@ def main(argv=None) -> int:
             runs.setdefault(real, []).append(results)
             texts += [f"### {real} real cases, seed {seed}", ""]
             texts += [line for split in args.score_on for line in (table(results, split), "")]
-            texts += [coherence_table(results), ""] if coherence_table(results) else []
+            lesions = coherence_table(results)
+            texts += [lesions, ""] if lesions else []
             overviews, rows = [], []
             for split in args.score_on:
                 overview, split_rows = summary(runs, split)
