@@ -281,6 +281,9 @@ class VAEStageConfig(StageConfig):
     freeze_encoder: bool = False
 
 
+SNR_WEIGHTINGS = (None, "min_snr", "clipped")
+
+
 @dataclass
 class DiffusionStageConfig(StageConfig):
     prediction_type: str = "epsilon"  # "v_prediction", or "flow_matching" (rectified flow, as MAISI v2)
@@ -290,6 +293,25 @@ class DiffusionStageConfig(StageConfig):
     # encode every training case once (VAE latents, report token states) instead of every step: faster steps,
     # no augmentation
     cache_latents: bool = False
+    # weights of the noise levels in the loss, as weights of the clean latent's error (diffusers' ``compute_snr``):
+    # None: the prediction type's own (v-prediction: SNR + 1); "min_snr": min(SNR, snr_gamma) (Min-SNR-gamma,
+    # Hang et al. 2023); "clipped" (v-prediction): min(SNR + 1, snr_gamma + 1), v-prediction's own weights
+    # clipped, so the easy low-noise steps stop dominating while the high-noise steps, where a sample's side
+    # and layout are decided, keep theirs (Min-SNR lowers those to SNR, close to 0)
+    snr_weighting: str | None = None
+    snr_gamma: float = 5.0
+
+    def __post_init__(self):
+        if self.snr_weighting not in SNR_WEIGHTINGS:
+            raise ConfigError(f"training.diffusion.snr_weighting must be one of {list(SNR_WEIGHTINGS)}, got {self.snr_weighting!r}")
+        if not (math.isfinite(self.snr_gamma) and self.snr_gamma > 0):
+            raise ConfigError(f"training.diffusion.snr_gamma must be a number > 0, got {self.snr_gamma!r}")
+        if self.snr_weighting is not None and self.prediction_type == "flow_matching":
+            raise ConfigError("training.diffusion.snr_weighting weights a diffusion's noise levels; flow_matching has "
+                              "no SNR schedule to weight (set snr_weighting: null)")
+        if self.snr_weighting == "clipped" and self.prediction_type != "v_prediction":
+            raise ConfigError("training.diffusion.snr_weighting: clipped clips v-prediction's own weights; use it "
+                              "with prediction_type: v_prediction (or min_snr with epsilon)")
 
 
 @dataclass

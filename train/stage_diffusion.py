@@ -46,13 +46,28 @@ def generation_latents(vae, images: torch.Tensor, labels: torch.Tensor | None = 
     return vae.generation_latents(images, labels)
 
 
+def snr_weights(scheduler, timesteps: torch.Tensor, weighting: str, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights of a batch's ``timesteps`` that turn the prediction type's own weighting of the
+    clean latent's error (epsilon: SNR, v-prediction: SNR + 1) into ``weighting``'s (``training.diffusion.
+    snr_weighting``): "min_snr", min(SNR, gamma); "clipped" (v-prediction), min(SNR + 1, gamma + 1).
+    diffusers has ``compute_snr`` and the Min-SNR formula only inline in its example scripts."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
+    own = snr + 1.0 if scheduler.config.prediction_type == "v_prediction" else snr.clamp(min=1e-8)
+    wanted = torch.clamp(snr, max=gamma) if weighting == "min_snr" else torch.clamp(snr + 1.0, max=gamma + 1.0)
+    return wanted / own
+
+
 class DiffusionLoss(nn.Module):
     """Noise-prediction (or v-prediction) MSE. Takes CT ``images`` and report ``input_ids`` (encoded here by
     the frozen VAE and text encoder) or their precomputed ``latents`` and token ``states``."""
 
-    def __init__(self, unet, vae, text_encoder, scheduler: DDPMScheduler):
+    def __init__(self, unet, vae, text_encoder, scheduler: DDPMScheduler, snr_weighting: str | None = None,
+                 snr_gamma: float = 5.0):
         super().__init__()
         self.unet, self.vae, self.text_encoder, self.scheduler = unet, vae, text_encoder, scheduler
+        self.snr_weighting, self.snr_gamma = snr_weighting, snr_gamma
 
     def forward(self, attention_mask, noise, timesteps, drop, images=None, labels=None, input_ids=None, latents=None,
                 states=None, fields=None):
@@ -72,8 +87,12 @@ class DiffusionLoss(nn.Module):
             target = noise - latents
         else:
             target = noise if self.scheduler.config.prediction_type == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)
-        loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
-        return loss, {"total": loss.detach()}
+        if self.snr_weighting is None:
+            loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
+            return loss, {"total": loss.detach()}
+        error = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+        loss = (snr_weights(self.scheduler, timesteps, self.snr_weighting, self.snr_gamma) * error).mean()
+        return loss, {"total": loss.detach(), "mse": error.mean().detach()}
 
 
 class DiffusionTrainer(StageTrainer):
@@ -115,7 +134,7 @@ class DiffusionTrainer(StageTrainer):
             # the CT latent only: a structure channel is standardised per channel already, and per voxel its rare
             # lesions would be outliers of a near-zero spread
             self.unet.set_template(latents, channels=self.vae.config.latent_channels)
-        return DiffusionLoss(self.unet, self.vae, self.text_encoder, self.scheduler)
+        return DiffusionLoss(self.unet, self.vae, self.text_encoder, self.scheduler, c.snr_weighting, c.snr_gamma)
 
     @torch.no_grad()
     def _precompute(self) -> dict:
