@@ -96,6 +96,10 @@ def test_segmentation_settings_are_checked(tmp_path, text, message):
     ("models:\n  unet: {canonical_side: left, fields_token: false}\n", "canonical_side needs models.unet.fields_token"),
     ("models:\n  vae: {mask_decoding: learned}\n", "mask_decoding must be one of"),
     ("models:\n  vae: {mask_decoding: fields, mask_encoding: fraction}\n", "set models.vae.mask_encoding: distance"),
+    ("training:\n  diffusion: {snr_weighting: minsnr}\n", r"snr_weighting must be one of \[None, 'min_snr', 'clipped'\]"),
+    ("training:\n  diffusion: {snr_weighting: min_snr, snr_gamma: 0}\n", "snr_gamma must be a number > 0, got 0"),
+    ("training:\n  diffusion: {snr_weighting: clipped, prediction_type: epsilon}\n", "use it with prediction_type: v_prediction"),
+    ("training:\n  diffusion: {snr_weighting: min_snr, prediction_type: flow_matching}\n", "flow_matching has no SNR schedule"),
 ])
 def test_training_and_model_settings_out_of_range_are_errors_naming_the_setting(tmp_path, text, message):
     path = tmp_path / "bad.yaml"

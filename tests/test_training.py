@@ -374,6 +374,59 @@ def test_diffusion_on_cached_latents_matches_encoding_every_step(trained, tiny_d
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 
+def test_snr_weighting_clips_the_easy_low_noise_steps_and_keeps_or_lowers_the_noisiest():
+    """``clipped`` keeps v-prediction's own weight where SNR + 1 <= gamma + 1 (the noisiest steps) and lowers the
+    low-noise steps to (gamma + 1) / (SNR + 1); Min-SNR lowers the noisiest steps to SNR / (SNR + 1) as well;
+    with epsilon-prediction Min-SNR is min(SNR, gamma) / SNR."""
+    from diffusers.training_utils import compute_snr
+
+    from medvlm.models.factory import training_scheduler
+    from train.stage_diffusion import snr_weights
+
+    v = training_scheduler(1000, "v_prediction")
+    t = torch.tensor([0, 400, 999])
+    snr = compute_snr(v, t)
+    assert snr[0] > 100 and snr[2] < 0.05  # the schedule's ends, as the weights below assume
+    clipped = snr_weights(v, t, "clipped", 5.0)
+    assert float(clipped[2]) == pytest.approx(1.0)
+    assert float(clipped[0]) == pytest.approx(6.0 / (float(snr[0]) + 1.0), rel=1e-5)
+    assert float(clipped[1]) == pytest.approx(min(1.0, 6.0 / (float(snr[1]) + 1.0)), rel=1e-5)
+    min_snr = snr_weights(v, t, "min_snr", 5.0)
+    assert float(min_snr[2]) == pytest.approx(float(snr[2]) / (float(snr[2]) + 1.0), rel=1e-5)
+    assert float(min_snr[0]) == pytest.approx(5.0 / (float(snr[0]) + 1.0), rel=1e-5)
+    epsilon = training_scheduler(1000, "epsilon")
+    weights = snr_weights(epsilon, t, "min_snr", 5.0)
+    assert float(weights[2]) == pytest.approx(1.0)
+    assert float(weights[0]) == pytest.approx(5.0 / float(compute_snr(epsilon, t)[0]), rel=1e-5)
+
+
+def test_snr_weighted_diffusion_loss_is_the_weighted_mean_of_per_sample_errors(trained, tiny_data, tmp_path):
+    """With ``snr_weighting`` the stage's loss is each sample's MSE times its timestep's weight, averaged (so, at
+    one timestep for the whole batch, the weight times the unweighted MSE, which is logged beside it)."""
+    from train.stage_diffusion import DiffusionTrainer, snr_weights
+
+    for stage in ("contrastive", "vae"):
+        shutil.copytree(trained / stage / "final", tmp_path / stage / "final")
+    config = load_config(TINY)
+    config.training.augment = False
+    config.training.diffusion.snr_weighting = "min_snr"
+    torch.manual_seed(0)
+    trainer = DiffusionTrainer(config, tiny_data, tmp_path)
+    loss_module = trainer.setup().eval()
+    inputs = trainer.make_inputs(2)
+    for step in (5, 990):
+        inputs["timesteps"] = torch.full_like(inputs["timesteps"], step)
+        with torch.no_grad():
+            loss_module.snr_weighting = "min_snr"
+            loss, logs = loss_module(**inputs)
+            loss_module.snr_weighting = None
+            plain, _ = loss_module(**inputs)
+        weight = float(snr_weights(trainer.scheduler, inputs["timesteps"][:1], "min_snr", 5.0)[0])
+        assert float(logs["mse"]) == pytest.approx(float(plain), rel=1e-5)
+        assert float(loss) == pytest.approx(weight * float(plain), rel=1e-4)
+    assert weight == pytest.approx(1.0)  # epsilon-prediction: the noisiest steps keep their weight
+
+
 def test_cached_diffusion_latents_hold_each_cases_mirror_image_drawn_per_step(trained, tiny_data, tmp_path):
     """lateral_mirror with cached latents: rows N..2N-1 are the mirror images (the structure channels flipped
     left-right and the prompt's side swapped), drawn per step with the collate's seeded probability."""
