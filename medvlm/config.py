@@ -303,7 +303,8 @@ class DiffusionStageConfig(StageConfig):
 
     def __post_init__(self):
         if self.snr_weighting not in SNR_WEIGHTINGS:
-            raise ConfigError(f"training.diffusion.snr_weighting must be one of {list(SNR_WEIGHTINGS)}, got {self.snr_weighting!r}")
+            raise ConfigError(f"training.diffusion.snr_weighting must be one of {list(SNR_WEIGHTINGS)}, "
+                              f"got {self.snr_weighting!r}")
         if not (math.isfinite(self.snr_gamma) and self.snr_gamma > 0):
             raise ConfigError(f"training.diffusion.snr_gamma must be a number > 0, got {self.snr_gamma!r}")
         if self.snr_weighting is not None and self.prediction_type == "flow_matching":

@@ -26,11 +26,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-SYNTHESES = ("rendered", "rendered-primary", "lesions", "primary", "text")  # the first is the default (eval augmentation's decision split)
+# the first is the default (chosen on eval augmentation's decision split)
+SYNTHESES = ("rendered", "rendered-primary", "lesions", "primary", "text")
 LESIONS = ("GTVp", "GTVn")  # what ``lesions`` regenerates; every other structure is the real case's
-REGENERATED = {"lesions": LESIONS, "primary": ("GTVp",), "rendered": LESIONS,  # editing syntheses: what each regenerates
-               "rendered-primary": ("GTVp",)}
-RENDERED = ("rendered", "rendered-primary")  # editing syntheses whose lesions are drawn into the real CT (:func:`render_lesions`)
+# the editing syntheses, what each regenerates; and those whose lesions are drawn into the real CT (:func:`render_lesions`)
+REGENERATED = {"lesions": LESIONS, "primary": ("GTVp",), "rendered": LESIONS, "rendered-primary": ("GTVp",)}
+RENDERED = ("rendered", "rendered-primary")
 PRESENCE_TRIES = 4  # generator seeds a rendered case may take until its lesions are those its report states
 DEFAULT_CONTRAST_HU = 20.0  # a new lesion's contrast where the case has none to copy (enhancing tumour against muscle)
 SOFT_TISSUE_HU = (-150.0, 150.0)  # what a removed lesion's place is filled from: fat to enhancing tissue
@@ -182,6 +183,9 @@ def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synt
     if synthesis in REGENERATED and not pipe.has_paired_masks:
         raise InputError("lesion synthesis keeps a real case's structures: it needs a paired autoencoder")
     names = list(pipe.config.structure_names)
+    regenerated = REGENERATED.get(synthesis, ())
+    channels = [names.index(n) for n in regenerated]  # drawn anew (rendered syntheses)
+    kept = [names.index(n) for n in LESIONS if n not in regenerated]  # real lesions that stay in image and contours
     out = Path(out)
     written = []
     for number in range(count):
@@ -201,20 +205,17 @@ def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synt
                 progress(f"synthetic case {number + 1}/{count} ({synthesis})")
             edit: dict[str, Any] = {}
             if synthesis in REGENERATED:
-                ct, masks, affine = source_case(pipe, source, REGENERATED[synthesis])
-                edit = {"image": ct, "masks": masks,
-                        "keep_structures": [n for n in names if n not in REGENERATED[synthesis]]}
+                ct, masks, affine = source_case(pipe, source, regenerated)
+                edit = {"image": ct, "masks": masks, "keep_structures": [n for n in names if n not in regenerated]}
             for attempt in range(PRESENCE_TRIES if synthesis in RENDERED else 1):
                 used = seed + number + attempt * count
                 result = pipe(report, num_inference_steps=steps, guidance_scale=guidance_scale,
                               generator=torch.Generator().manual_seed(used), **edit)
-                if synthesis not in RENDERED or _same_presence(masks, result.masks[0], names, REGENERATED[synthesis]):
+                if synthesis not in RENDERED or _same_presence(masks, result.masks[0], names, regenerated):
                     break
             affine = affine if synthesis in REGENERATED else result.affine
             image, labels = result.ct[0], np.asarray(result.masks[0]).astype(bool)
             if synthesis in RENDERED:  # the lesions drawn into the real CT where their new masks lie
-                channels = [names.index(n) for n in REGENERATED[synthesis]]
-                kept = [names.index(n) for n in LESIONS if n not in REGENERATED[synthesis]]  # real lesions stay
                 image = render_lesions(ct, masks[channels], labels[channels], seed=used,
                                        keep=masks[kept].any(0) if kept else None)
             # seed and labels first: a case counts as finished only once its CT is written too

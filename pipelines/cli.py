@@ -149,7 +149,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                               "text: whole cases")
     augment.add_argument("--per-case", type=float, default=2.0, help="synthetic cases per training case")
     augment.add_argument("--cases", type=int, default=None, help="prompt with the first N training cases only")
-    augment.add_argument("--seed", type=int, default=0, help="synthetic case n is generated with seed + n (a rendered retry: + N cases per try)")
+    augment.add_argument("--seed", type=int, default=0,
+                         help="synthetic case n is generated with seed + n (a rendered retry: + N cases per try)")
     augment.add_argument("--steps", type=int, default=25, help="sampling steps")
     augment.add_argument("--guidance-scale", type=float, default=3.0)
     augment.add_argument("--overwrite", action="store_true", help="write into an --out that holds other files")
