@@ -12,6 +12,8 @@ degrees; the phantom's noise is 10-25 HU and a third of its cases carry 150-400 
 * **noise**: extra Gaussian noise, sigma in HU
 * **dental streaks**: streak amplitude in HU, rays from the teeth (voxels >= ``teeth_hu``; the phantom's teeth
   are 1500 HU, its cortical bone 1100 HU) in the axial slices they occupy
+* **blur**: Gaussian smoothing, sigma in mm (MONAI ``GaussianSmooth``, per axis in the CT's own voxel spacing): a
+  smoother reconstruction kernel or thick slices resampled; the phantom is sharp at its 3 mm voxels
 
 The unperturbed level (scale 1, 0 degrees, 0 HU) is the same contour for every family and is computed once.
 """
@@ -33,15 +35,17 @@ FAMILIES: dict[str, tuple[float, ...]] = {
     "rotation": (0.0, 10.0, 20.0, 30.0),
     "noise": (0.0, 25.0, 50.0, 100.0),
     "dental streaks": (0.0, 400.0, 800.0, 1600.0),
+    "blur": (0.0, 1.5, 3.0, 4.5),
 }
-IDENTITY = {"scale": 1.0, "rotation": 0.0, "noise": 0.0, "dental streaks": 0.0}
-UNITS = {"scale": "x", "rotation": "deg", "noise": "HU", "dental streaks": "HU"}
+IDENTITY = {"scale": 1.0, "rotation": 0.0, "noise": 0.0, "dental streaks": 0.0, "blur": 0.0}
+UNITS = {"scale": "x", "rotation": "deg", "noise": "HU", "dental streaks": "HU", "blur": "mm"}
 AIR_HU = -1024.0
 
 
 def perturb(image_hu: np.ndarray, labels: np.ndarray, family: str, level: float, *, seed: int = 0,
-            teeth_hu: float = 1400.0) -> tuple[np.ndarray, np.ndarray]:
-    """``image_hu`` (X, Y, Z) and ``labels`` (C, X, Y, Z) perturbed by one family at one level (new arrays)."""
+            teeth_hu: float = 1400.0, spacing_mm: Sequence[float] = (1.0, 1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
+    """``image_hu`` (X, Y, Z) and ``labels`` (C, X, Y, Z) perturbed by one family at one level (new arrays).
+    ``spacing_mm``: the voxel size, for a blur given in mm."""
     if family not in FAMILIES:
         raise ValueError(f"unknown perturbation {family!r}; choose from {sorted(FAMILIES)}")
     image = np.asarray(image_hu, np.float32).copy()
@@ -63,6 +67,13 @@ def perturb(image_hu: np.ndarray, labels: np.ndarray, family: str, level: float,
         labels = np.asarray(transform(torch.from_numpy(labels.astype(np.float32)), mode="nearest")).astype(labels.dtype)
     elif family == "noise":
         image += rng.normal(0.0, level, image.shape).astype(np.float32)
+    elif family == "blur":
+        from monai.transforms import GaussianSmooth
+
+        if level < 0:
+            raise ValueError(f"blur sigma must be >= 0 mm, got {level}")
+        sigma = tuple(float(level) / float(s) for s in spacing_mm)
+        image = np.asarray(GaussianSmooth(sigma=sigma)(torch.from_numpy(image)[None])[0], np.float32)
     else:
         from medvlm.data.phantom import add_dental_streaks
 
@@ -111,6 +122,7 @@ def evaluate(pipeline: str | Path, data: str | Path, *, baseline: str | Path | N
         if progress:
             print(f"  robustness: case {number + 1}/{len(items)}", flush=True)
         image, affine = load_nifti(item["image"])
+        spacing = np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0)
         truth, _, label_names = load_labels(item["label"])
         truth = np.stack([truth[label_names.index(n)] for n in names])
         reference: dict[str, dict] = {}
@@ -121,7 +133,8 @@ def evaluate(pipeline: str | Path, data: str | Path, *, baseline: str | Path | N
                     for model in models:
                         scores[model][family][level].append(reference[model])
                     continue
-                moved, moved_truth = perturb(image, truth, family, level, seed=number, teeth_hu=teeth_hu)
+                moved, moved_truth = perturb(image, truth, family, level, seed=number, teeth_hu=teeth_hu,
+                                             spacing_mm=spacing)
                 result = pipe(moved, report=item.get("report"), affine=affine, draft_missing_reports=False)
                 prediction = np.stack([result.masks[0][n] for n in names])
                 found = {"ours": _group_dice(prediction, moved_truth, names)}
@@ -135,14 +148,15 @@ def evaluate(pipeline: str | Path, data: str | Path, *, baseline: str | Path | N
                     reference = found
     return {model: {family: {level: {g: float(np.mean([s[g] for s in rows])) for g in GROUPS}
                              for level, rows in levels.items()} for family, levels in fams.items()}
-            for model, fams in scores.items()} | {"cases": len(items)}
+            for model, fams in scores.items()} | {"cases": len(items), "split": split}
 
 
 def table(result: dict) -> str:
     """Markdown: one row per family and level, Dice per group for ours (and the baseline)."""
     models = [m for m in ("ours", "baseline") if m in result]
     header = "| perturbation | level | " + " | ".join(f"{g} ({m})" for m in models for g in GROUPS) + " |"
-    lines = [f"Dice on {result['cases']} test cases per perturbation level (correct report).", "", header,
+    lines = [f"Dice on {result['cases']} {result.get('split', 'test')} cases per perturbation level (correct report).",
+             "", header,
              "|---|---|" + "---|" * (len(models) * len(GROUPS))]
     for family, levels in result["ours"].items():
         for level in levels:
@@ -183,7 +197,9 @@ def main(argv=None) -> int:
     parser.add_argument("--pipeline", required=True, help="a ContourPipeline folder (RUN/contour)")
     parser.add_argument("--data", required=True, help="dataset folder with datalist.json")
     parser.add_argument("--baseline", default=None, help="image-only baseline folder (RUN/baseline/final/baseline)")
-    parser.add_argument("--cases", type=int, default=None, help="first N test cases (default all)")
+    parser.add_argument("--cases", type=int, default=None, help="first N cases of the split (default all)")
+    parser.add_argument("--split", default="test", choices=["validation", "test"],
+                        help="held-out split to perturb (validation to decide on a training setting)")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--teeth-hu", type=float, default=1400.0, help="voxels at or above this are teeth (streak sources)")
     parser.add_argument("--out", default="results/robustness", help="folder for robustness.md and robustness.png")
@@ -191,7 +207,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     claim_output(args, "eval robustness")
     result = evaluate(args.pipeline, args.data, baseline=args.baseline, cases=args.cases, families=args.families,
-                      teeth_hu=args.teeth_hu, progress=True)
+                      split=args.split, teeth_hu=args.teeth_hu, progress=True)
     from medvlm.data.io import atomic_write_text
 
     out = Path(args.out)

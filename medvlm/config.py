@@ -341,10 +341,29 @@ class SegmentationStageConfig(StageConfig):
     # reports per step for the presence loss, drawn from the whole training set (the head reads only the
     # report; the voxel batch alone gave it too few examples)
     presence_batch_size: int = 16
+    # image-quality augmentation of the training CT (the image alone; contours and any cached features stay):
+    # the probability of a Gaussian blur (sigma drawn per axis from blur_sigma, in voxels; MONAI
+    # RandGaussianSmoothd) and of a simulated lower resolution (down- then up-sampled by a zoom of 0.5..1; MONAI
+    # RandSimulateLowResolutiond). Contouring models trained on sharp CTs alone fail on smoother ones (another
+    # reconstruction kernel, thick slices resampled, an autoencoder's reconstruction or a generated CT).
+    # Also trains the image-only baseline, which shares these settings.
+    blur_prob: float = 0.0
+    blur_sigma: tuple[float, float] = (0.5, 1.5)
+    low_resolution_prob: float = 0.0
 
     def __post_init__(self):
         if not 0.0 <= self.foreground_patches <= 1.0:
             raise ConfigError(f"training.segmentation.foreground_patches must be in [0, 1], got {self.foreground_patches}")
+        for name in ("blur_prob", "low_resolution_prob"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ConfigError(f"training.segmentation.{name} must be a probability in [0, 1], got {value!r}")
+        sigma = tuple(self.blur_sigma) if isinstance(self.blur_sigma, (list, tuple)) else ()
+        if len(sigma) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in sigma) \
+                or not 0.0 < sigma[0] <= sigma[1]:
+            raise ConfigError("training.segmentation.blur_sigma must be [low, high] in voxels with 0 < low <= high, "
+                              f"got {self.blur_sigma!r}")
+        self.blur_sigma = (float(sigma[0]), float(sigma[1]))
 
 
 @dataclass

@@ -74,6 +74,10 @@ def test_wrong_length_and_invalid_yaml_are_errors(tmp_path):
     ("models:\n  segmentation:\n    presence_input: words\n", "presence_input must be 'fields', 'tokens' or 'both'"),
     ("models:\n  segmentation:\n    side_margin_mm: -1.0\n", "side_margin_mm must be >= 0"),
     ("training:\n  segmentation: {foreground_patches: 1.5}\n", r"foreground_patches must be in \[0, 1\], got 1.5"),
+    ("training:\n  segmentation: {blur_prob: 2.0}\n", r"blur_prob must be a probability in \[0, 1\], got 2.0"),
+    ("training:\n  segmentation: {low_resolution_prob: -0.1}\n", r"low_resolution_prob must be a probability"),
+    ("training:\n  segmentation: {blur_sigma: [1.5, 0.5]}\n", r"blur_sigma must be \[low, high\] in voxels"),
+    ("training:\n  segmentation: {blur_sigma: [0.0, 1.0]}\n", r"blur_sigma must be \[low, high\]"),
 ])
 def test_segmentation_settings_are_checked(tmp_path, text, message):
     path = tmp_path / "bad.yaml"

@@ -54,11 +54,29 @@ def test_dental_streaks_only_touch_body_voxels_in_teeth_slices_and_scale_with_am
     assert np.abs(strong).max() == pytest.approx(4 * np.abs(weak).max(), rel=1e-3)
 
 
+def test_blur_smooths_by_the_sigma_in_mm_keeps_the_mean_and_leaves_labels_alone():
+    image, labels, _ = _phantom_like()
+    edge = slice(2, 38)
+
+    def roughness(volume):  # mean absolute step between neighbours along x, inside the grid
+        return float(np.abs(np.diff(volume[edge, edge, edge], axis=0)).mean())
+
+    fine, same = perturb(image, labels, "blur", 1.5, spacing_mm=(3.0, 3.0, 3.0))
+    coarse = perturb(image, labels, "blur", 4.5, spacing_mm=(3.0, 3.0, 3.0))[0]
+    in_voxels = perturb(image, labels, "blur", 1.5, spacing_mm=(1.0, 1.0, 1.0))[0]  # the same sigma, 3x in voxels
+    assert roughness(coarse) < roughness(fine) < roughness(image)
+    assert roughness(in_voxels) < roughness(fine)
+    assert float(fine[edge, edge, edge].mean()) == pytest.approx(float(image[edge, edge, edge].mean()), rel=0.02)
+    assert np.array_equal(same, labels)
+    with pytest.raises(ValueError, match="blur sigma must be >= 0 mm"):
+        perturb(image, labels, "blur", -1.0)
+
+
 def test_identity_levels_return_copies_and_unknown_families_are_refused():
     image, labels, _ = _phantom_like()
-    for family, level in (("scale", 1.0), ("rotation", 0.0), ("noise", 0.0), ("dental streaks", 0.0)):
+    for family, level in (("scale", 1.0), ("rotation", 0.0), ("noise", 0.0), ("dental streaks", 0.0), ("blur", 0.0)):
         same_image, same_labels = perturb(image, labels, family, level)
         assert np.array_equal(same_image, image) and np.array_equal(same_labels, labels)
         assert same_image is not image
     with pytest.raises(ValueError, match="unknown perturbation"):
-        perturb(image, labels, "blur", 1.0)
+        perturb(image, labels, "motion", 1.0)

@@ -298,6 +298,40 @@ def test_segmentation_with_cached_frozen_features_trains_and_validates(trained, 
         del trainer.vae.encode
 
 
+def test_image_quality_augmentation_blurs_only_the_training_ct_of_both_contouring_stages(trained, tiny_data, tmp_path):
+    """blur_prob / low_resolution_prob: the baseline's and the cached decoder's training images are smoothed (the
+    same draw for the same step), their contours and cached features are not; off, the images are untouched."""
+    from train.stage_baseline import BaselineTrainer
+    from train.stage_segmentation import SegmentationTrainer
+
+    def roughness(images):  # mean absolute difference of neighbouring voxels: what a blur lowers
+        return float((images[..., 1:] - images[..., :-1]).abs().mean())
+
+    for stage in ("contrastive", "vae", "diffusion"):
+        shutil.copytree(trained / stage / "final", tmp_path / stage / "final")
+    made = {}
+    for prob in (0.0, 1.0):
+        config = load_config(TINY)
+        c = config.training.segmentation
+        c.cache_features, c.blur_prob, c.blur_sigma = True, prob, (1.0, 1.5)
+        for trainer_class in (BaselineTrainer, SegmentationTrainer):
+            trainer = trainer_class(config, tiny_data, tmp_path / f"{trainer_class.name}_{prob}")
+            if trainer_class is SegmentationTrainer:
+                for stage in ("contrastive", "vae", "diffusion"):
+                    shutil.copytree(tmp_path / stage, trainer.output_dir / stage)
+            trainer.setup()
+            made[trainer_class.name, prob] = (trainer.make_inputs(3), trainer.make_inputs(3))
+    for name in ("baseline", "segmentation"):
+        (sharp, _), (blurred, again) = made[name, 0.0], made[name, 1.0]
+        assert torch.equal(blurred["images"], again["images"])  # a function of (seed, step, case)
+        assert torch.equal(sharp["labels"], blurred["labels"])  # the same patches; the contours untouched
+        assert roughness(blurred["images"]) < 0.8 * roughness(sharp["images"])
+        assert blurred["images"].shape == sharp["images"].shape and blurred["images"].dtype == torch.float32
+    cached_sharp, cached_blurred = made["segmentation", 0.0][0], made["segmentation", 1.0][0]
+    for a, b in zip(cached_sharp["features"], cached_blurred["features"]):
+        assert torch.equal(a, b)  # cached features: computed once from the unaugmented CT
+
+
 def test_aligned_patches_cut_every_scale_at_the_same_place():
     from train.data import aligned_corner, cut_patch
 

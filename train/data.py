@@ -13,7 +13,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from monai.transforms import Compose, RandAffined, RandGaussianNoised, RandScaleIntensityd, RandSpatialCropd
+from monai.transforms import (Compose, RandAffined, RandGaussianNoised, RandGaussianSmoothd, RandScaleIntensityd,
+                              RandSimulateLowResolutiond, RandSpatialCropd)
 
 from medvlm.config import MedVLMConfig
 from medvlm.data.datalist import load_datalist
@@ -137,6 +138,33 @@ def augmentation(config: MedVLMConfig, *, with_label: bool, patch_size: Sequence
             RandGaussianNoised(keys="image", prob=0.3, std=0.02),
         ]
     return Compose(transforms)
+
+
+class ImageQuality:
+    """Image-quality augmentation of a batch of training CTs (``training.segmentation.blur_prob``, ``blur_sigma``,
+    ``low_resolution_prob``): MONAI's ``RandGaussianSmoothd`` and ``RandSimulateLowResolutiond`` on the image
+    alone, after cropping, so it also reaches the image of a cached-features batch. Each sample's draw is a
+    function of (seed, step, case), like every other augmentation here."""
+
+    def __init__(self, stage_config):
+        low, high = stage_config.blur_sigma
+        self.transform = Compose([
+            RandGaussianSmoothd(keys="image", sigma_x=(low, high), sigma_y=(low, high), sigma_z=(low, high),
+                                prob=stage_config.blur_prob),
+            RandSimulateLowResolutiond(keys="image", prob=stage_config.low_resolution_prob, zoom_range=(0.5, 1.0)),
+        ])
+        self.active = bool(stage_config.blur_prob or stage_config.low_resolution_prob)
+
+    def __call__(self, images: torch.Tensor, seed: int, step: int, cases: Sequence[int]) -> torch.Tensor:
+        """``images`` (B, C, X, Y, Z), one row per training case index in ``cases``; returned as a new tensor."""
+        if not self.active:
+            return images
+        out = []
+        for image, case in zip(images, cases):
+            self.transform.set_random_state(seed=int(np.random.default_rng([seed, step, case, 7]).integers(2**31)))
+            result = self.transform({"image": image})["image"]
+            out.append((result.as_tensor() if hasattr(result, "as_tensor") else torch.as_tensor(result)).to(images.dtype))
+        return torch.stack(out)
 
 
 class DeterministicBatches:

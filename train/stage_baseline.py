@@ -2,7 +2,8 @@
 
 Same training cases, batches, patches (the same corners: ``train.data.aligned_corner``), steps,
 optimiser, schedule and loss as the report-conditioned decoder, so the evaluation can put the two side
-by side. Augmentation: as the segmentation stage (none when it trains on cached features).
+by side. Augmentation: as the segmentation stage (none when it trains on cached features), and the same
+image-quality augmentation of the CT (``blur_prob``, ``low_resolution_prob``).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch import nn
 
 from medvlm.models.factory import build_baseline
 from train.common import BestDiceMixin, StageTrainer, segmentation_loss
-from train.data import aligned_corner, augmentation, collate, cut_patch, load_cases
+from train.data import ImageQuality, aligned_corner, augmentation, collate, cut_patch, load_cases
 
 
 class BaselineLoss(nn.Module):
@@ -39,6 +40,7 @@ class BaselineTrainer(BestDiceMixin, StageTrainer):
         self.factor = 2 ** (len(self.config.models.vae.channels) - 1)
         cached = c.cache_features and not c.finetune_unet  # the decoder then trains without augmentation
         self.augment = None if cached else augmentation(self.config, with_label=True)
+        self.quality = ImageQuality(c)
         self.mirror = self.mirror_prob("the segmentation stage it mirrors trains on cached features" if cached else None)
         self.model = build_baseline(self.config.models, self.config.data.preprocess)
         try:
@@ -62,7 +64,7 @@ class BaselineTrainer(BestDiceMixin, StageTrainer):
                                         labels[row], self.stage_config.foreground_patches)
                 pairs.append((cut_patch(images[row], corner, self.patch, full), cut_patch(labels[row], corner, self.patch, full)))
             images, labels = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-        return {"images": images, "labels": labels}
+        return {"images": self.quality(images, self.config.training.seed, index, indices), "labels": labels}
 
     def validate(self, step: int) -> dict:
         model = self.unwrap(self.model)

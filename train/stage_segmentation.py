@@ -16,8 +16,8 @@ from medvlm.models.factory import build_segmentation
 from medvlm.models.segmentation import fused_features
 from medvlm.models.windows import coordinate_channels
 from train.common import BestDiceMixin, StageTrainer, load_upstream, segmentation_loss
-from train.data import (aligned_corner, augmentation, case_side_map, collate, cut_patch, load_cases, report_fields,
-                        structure_presence)
+from train.data import (ImageQuality, aligned_corner, augmentation, case_side_map, collate, cut_patch, load_cases,
+                        report_fields, structure_presence)
 from medvlm.text.encoders import tokenize_reports
 
 
@@ -141,6 +141,8 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
         self.fields = int(self.segmentation.config.report_fields)
         self.augment = augmentation(self.config, with_label=True, patch_size=self.patch,
                                     with_side=self.side_margin is not None, with_coordinates=bool(self.patch))
+        # blur / lower resolution of the CT; on cached features it reaches the decoder's image path alone
+        self.quality = ImageQuality(c)
         # a patch's voxel coordinates are those of the whole ROI it was cut from, as the pipelines contour whole ROIs
         self.coordinates = coordinate_channels(self.cases[0].image[None])[0] if self.patch else None
         # each training case's whole-volume midline distances, once (feature cache and presence targets)
@@ -230,7 +232,9 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
             return {"features": [torch.stack([e["features"][k] for e in entries]) for k in range(len(entries[0]["features"]))],
                     "fused": torch.stack([e["fused"] for e in entries]), "fused_null": torch.stack([e["fused_null"] for e in entries]),
                     "states": torch.stack([e["states"] for e in entries]), "attention_mask": torch.stack([e["mask"] for e in entries]),
-                    "labels": torch.stack(labels), "drop": drop, "images": torch.stack([e["image"] for e in entries]),
+                    "labels": torch.stack(labels), "drop": drop,
+                    "images": self.quality(torch.stack([e["image"] for e in entries]), self.config.training.seed, index,
+                                           indices),
                     "fields": self._fields([self.cases[i] for i in indices]),
                     "side_map": torch.stack([e["side"] for e in entries]) if self.side_margin is not None else None,
                     "coordinates": torch.stack([e["coordinates"] for e in entries]) if self.patch else None,
@@ -240,7 +244,8 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
                         coordinates=bool(self.patch))
         tokens = tokenize_reports(self.tokenizer, batch["prompt"], self.config.text.max_length)
         generator = self.step_generator(index)
-        return {"images": batch["image"], "labels": batch["label"], "input_ids": tokens["input_ids"],
+        images = self.quality(batch["image"], self.config.training.seed, index, self.batcher.indices(index))
+        return {"images": images, "labels": batch["label"], "input_ids": tokens["input_ids"],
                 "attention_mask": tokens["attention_mask"], **self._presence_rows(index),
                 "fields": report_fields(batch["labels"], self.fields), "side_map": batch["side_map"],
                 "coordinates": batch["coordinates"],
