@@ -385,18 +385,35 @@ def lesion_contrast_hu(volume_hu: np.ndarray, lesion: np.ndarray, reference_hu: 
     return float(volume_hu[lesion].mean() - volume_hu[shell].mean()) if shell.any() else None
 
 
-def autoencoder_ceiling(run: str | Path, items: Sequence[dict], *, vae=None, config=None) -> dict:
-    """The autoencoder (the run's, or ``vae`` with its preprocessing ``config``) alone on real CTs (``items``, e.g. the validation split): mean absolute error inside the
-    body (HU), bone share (> 300 HU) of the reconstructions against the inputs', and the GTVp's contrast to its
-    surroundings (inputs vs reconstructions, mean and median over cases with a GTVp, and the share of those cases
-    whose reconstruction keeps the contrast's sign; the same surroundings for both)."""
+def autoencoder_ceiling(run: str | Path | None, items: Sequence[dict], *, vae=None, config=None) -> dict:
+    """The autoencoder (the run's, or ``vae`` with its preprocessing ``config``) alone on real CTs (``items``, e.g.
+    the validation split): mean absolute error inside the body (HU), bone share (> 300 HU) of the reconstructions
+    against the inputs', and the GTVp's contrast to its surroundings (inputs vs reconstructions, mean and median
+    over cases with a GTVp, and the share of those cases whose reconstruction keeps the contrast's sign; the same
+    surroundings for both).
+
+    With the run's image-only baseline (``run`` given and it has one): ``judge_oar_dice_input`` /
+    ``judge_oar_dice_reconstruction``, the baseline's mean organ-at-risk Dice against the items' contours on the
+    CTs and on their reconstructions. The second bounds the pairing figure: a generated CT is judged by that
+    baseline, and it can look no more real than a reconstruction."""
     from medvlm.vocabulary import STRUCTURE_NAMES
 
     errors, bone_in, bone_out, contrast_in, contrast_out = [], 0, 0, [], []
+    judged_in, judged_out = [], []
     body_voxels = 0
-    made = reconstruct_items(vae, config, items, with_inputs=True) if vae is not None else \
-        vae_reconstructions(run, items, with_inputs=True)
+    if vae is None:
+        from pipelines import ReportToCTPipeline
+
+        pipe = ReportToCTPipeline.from_pretrained(Path(run) / "report_to_ct")
+        vae, config = pipe.vae, pipe.preprocess_config
+    judge = BaselineJudge(run, config) if run is not None and (Path(run) / "baseline" / "final" / "baseline").is_dir() \
+        else None
+    made = reconstruct_items(vae, config, items, with_inputs=True)
     for hu_in, hu_out, label, _ in made:
+        if judge is not None and label is not None:
+            truth = label.numpy() > 0.5
+            judged_in.append(_oar_dice(judge(hu_in), truth, STRUCTURE_NAMES))
+            judged_out.append(_oar_dice(judge(hu_out), truth, STRUCTURE_NAMES))
         body = hu_in > BODY_HU
         errors.append(float(np.abs(hu_out - hu_in)[body].mean()))
         body_voxels += int(body.sum())
@@ -417,7 +434,9 @@ def autoencoder_ceiling(run: str | Path, items: Sequence[dict], *, vae=None, con
             "gtvp_contrast_reconstruction_median_hu": float(np.median(contrast_out)) if contrast_out else float("nan"),
             "gtvp_contrast_sign_kept": float(np.mean([np.sign(a) == np.sign(b) for a, b in zip(contrast_in, contrast_out)]))
             if contrast_in else float("nan"),
-            "n_gtvp": len(contrast_in)}
+            "n_gtvp": len(contrast_in)} | ({"judge_oar_dice_input": float(np.mean(judged_in)),
+                                           "judge_oar_dice_reconstruction": float(np.mean(judged_out))}
+                                          if judged_in else {})
 
 
 def _target(measure: str, value: float, target: str, met: bool) -> dict:
@@ -455,7 +474,11 @@ def generation_targets(ceiling: dict | None, fidelity: dict | None, stages: dict
                      _target(f"cN2 prompts with GTVn, by the {judge}", row["N2 with GTVn"], ">= 0.80",
                              row["N2 with GTVn"] >= 0.8)]
     if fidelity:
-        rows.append(_target("pairing: paired masks vs baseline contours, OAR Dice", fidelity["pairing_oar_dice"],
+        bound = ""
+        if ceiling and "judge_oar_dice_reconstruction" in ceiling:  # what the judge itself finds: the bound
+            bound = (f" (the baseline against the contours of real CTs: {ceiling['judge_oar_dice_input']:.2f}, of "
+                     f"their reconstructions: {ceiling['judge_oar_dice_reconstruction']:.2f})")
+        rows.append(_target(f"pairing: paired masks vs baseline contours, OAR Dice{bound}", fidelity["pairing_oar_dice"],
                             ">= 0.80", fidelity["pairing_oar_dice"] >= 0.8))
     if realism:
         if "frechet_reconstructed_vs_test" in realism:

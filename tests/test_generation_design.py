@@ -105,6 +105,11 @@ def test_generation_targets_state_each_figure_its_target_and_whether_it_is_met()
     assert rows["generated: MS-SSIM within a prompt minus between real patients"]["met"]
     table = targets_table(generation_targets(ceiling, None, None, None))
     assert table.count("\n") == 1 + 3 and "| 35.000 | <= 40 | met |" in table  # only the parts given
+    # the judge's own figures on real CTs and their reconstructions name the bound of the pairing figure
+    judged = ceiling | {"judge_oar_dice_input": 0.84, "judge_oar_dice_reconstruction": 0.49}
+    pairing = [r for r in generation_targets(judged, fidelity, None, None) if r["measure"].startswith("pairing")]
+    assert pairing[0]["measure"].endswith("(the baseline against the contours of real CTs: 0.84, of their "
+                                          "reconstructions: 0.49)") and pairing[0]["value"] == 0.85
 
 
 def test_shipped_autoencoder_is_small_safetensors_matching_the_demo_preset():

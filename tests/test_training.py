@@ -698,7 +698,7 @@ def test_lesion_synthesis_takes_a_case_off_the_model_grid_through_the_preprocess
         source_case(pipe, {**item, "label": tmp_path / "partial.nii.gz"})
 
 
-def test_generation_fidelity_pairing_and_stages_are_judged_by_the_baseline_and_the_paired_masks(trained):
+def test_generation_fidelity_pairing_and_stages_are_judged_by_the_baseline_and_the_paired_masks(trained, tiny_data):
     import numpy as np
 
     from eval.generation_eval import JUDGES, centre_side, laterality_fidelity, lesion_side, stage_fidelity
@@ -718,6 +718,14 @@ def test_generation_fidelity_pairing_and_stages_are_judged_by_the_baseline_and_t
         laterality_fidelity(trained, n_per_side=1, steps=3, scheduler="UNet2DModel")  # a model, not a scheduler
     stages = stage_fidelity(trained, n=2, steps=3)
     assert stages["n"] == 2
+    # the autoencoder's ceiling also scores the judge on real CTs and on their reconstructions (the pairing's bound)
+    from eval.generation_eval import autoencoder_ceiling
+    from medvlm.data.datalist import load_datalist
+
+    items = load_datalist(tiny_data)["validation"][:2]
+    ceiling = autoencoder_ceiling(trained, items)
+    assert ceiling["n"] == 2 and 0.0 <= ceiling["judge_oar_dice_reconstruction"] <= 1.0
+    assert 0.0 <= ceiling["judge_oar_dice_input"] <= 1.0
     for judge in JUDGES:
         row = stages[judge]
         assert all(row[k] in (0.0, 0.5, 1.0) for k in ("T4 GTVp larger than T1", "N0 without GTVn", "N2 with GTVn"))
