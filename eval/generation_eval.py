@@ -8,7 +8,8 @@ trained on real phantom CTs) contours each generated image. Every figure comes w
 
 1. **Autoencoder ceiling** (``--data``, validation split): the real CTs through the autoencoder alone (a paired
    autoencoder with their masks): mean absolute error inside the body, bone share, the GTVp's contrast to
-   its surroundings, Frechet distance of the reconstructions against that of real CTs.
+   its surroundings, Frechet distance of the reconstructions against that of real CTs; and the judge's own
+   organ-at-risk Dice on the real CTs and on their reconstructions, the bound of the pairing figure.
 2. **Faithfulness**: left and right primaries (otherwise identical prompts), ``--n`` each: the side of the
    GTVp (or GTVn) by the baseline and by the paired masks. T stage: cT1 vs cT4 prompts from the same seeds,
    whose GTVp is larger; N stage: cN0 prompts without GTVn, cN2 prompts with one.

@@ -12,8 +12,9 @@ degrees; the phantom's noise is 10-25 HU and a third of its cases carry 150-400 
 * **noise**: extra Gaussian noise, sigma in HU
 * **dental streaks**: streak amplitude in HU, rays from the teeth (voxels >= ``teeth_hu``; the phantom's teeth
   are 1500 HU, its cortical bone 1100 HU) in the axial slices they occupy
-* **blur**: Gaussian smoothing, sigma in mm (MONAI ``GaussianSmooth``, per axis in the CT's own voxel spacing): a
-  smoother reconstruction kernel or thick slices resampled; the phantom is sharp at its 3 mm voxels
+* **blur**: Gaussian smoothing, sigma in mm (MONAI ``GaussianSmooth``, per axis in the CT's own voxel spacing; the CT
+  padded by replication): a smoother reconstruction kernel or thick slices resampled; the phantom is sharp at its
+  3 mm voxels
 
 The unperturbed level (scale 1, 0 degrees, 0 HU) is the same contour for every family and is computed once.
 """
@@ -73,7 +74,12 @@ def perturb(image_hu: np.ndarray, labels: np.ndarray, family: str, level: float,
         if level < 0:
             raise ValueError(f"blur sigma must be >= 0 mm, got {level}")
         sigma = tuple(float(level) / float(s) for s in spacing_mm)
-        image = np.asarray(GaussianSmooth(sigma=sigma)(torch.from_numpy(image)[None])[0], np.float32)
+        # MONAI's filter pads with zeros (0 HU: soft tissue beside the air and bone at the grid's faces); padded by
+        # replication first and cropped back, so only the blur changes the CT
+        margin = int(np.ceil(3.0 * max(sigma)))
+        padded = torch.from_numpy(np.pad(image, margin, mode="edge"))[None]
+        inside = tuple(slice(margin, margin + n) for n in image.shape)
+        image = np.asarray(GaussianSmooth(sigma=sigma)(padded)[0], np.float32)[inside]
     else:
         from medvlm.data.phantom import add_dental_streaks
 

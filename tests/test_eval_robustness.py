@@ -68,6 +68,8 @@ def test_blur_smooths_by_the_sigma_in_mm_keeps_the_mean_and_leaves_labels_alone(
     assert roughness(in_voxels) < roughness(fine)
     assert float(fine[edge, edge, edge].mean()) == pytest.approx(float(image[edge, edge, edge].mean()), rel=0.02)
     assert np.array_equal(same, labels)
+    # no zero padding: the air at the grid's faces stays air
+    np.testing.assert_allclose(coarse[0], image[0], atol=10.0)  # zero padding: hundreds of HU
     with pytest.raises(ValueError, match="blur sigma must be >= 0 mm"):
         perturb(image, labels, "blur", -1.0)
 

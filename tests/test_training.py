@@ -332,6 +332,23 @@ def test_image_quality_augmentation_blurs_only_the_training_ct_of_both_contourin
         assert torch.equal(a, b)  # cached features: computed once from the unaugmented CT
 
 
+def test_image_quality_blur_changes_edges_not_the_patch_border():
+    """A uniform patch stays uniform under the blur (MONAI's filter alone pads with zeros, brightening the border);
+    a step edge is smoothed; each draw is a function of (seed, step, case)."""
+    from train.data import ImageQuality
+
+    config = load_config(TINY).training.segmentation
+    config.blur_prob, config.blur_sigma = 1.0, (1.0, 1.5)
+    quality = ImageQuality(config)
+    uniform = torch.full((1, 1, 12, 12, 12), -0.8)
+    torch.testing.assert_close(quality(uniform, 0, 1, [0]), uniform, atol=1e-3, rtol=0)  # zero padding: 0.3
+    step = torch.full((2, 1, 12, 12, 12), -1.0)
+    step[:, :, 6:] = 0.0
+    blurred = quality(step, 0, 1, [0, 1])
+    assert -1.0 < float(blurred[0, 0, 5, 6, 6]) < float(blurred[0, 0, 6, 6, 6]) < 0.0
+    assert torch.equal(blurred, quality(step, 0, 1, [0, 1])) and not torch.equal(blurred[0], quality(step, 0, 2, [0, 1])[0])
+
+
 def test_aligned_patches_cut_every_scale_at_the_same_place():
     from train.data import aligned_corner, cut_patch
 

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from monai.transforms import (Compose, RandAffined, RandGaussianNoised, RandGaussianSmoothd, RandScaleIntensityd,
-                              RandSimulateLowResolutiond, RandSpatialCropd)
+from monai.transforms import (BorderPadd, Compose, RandAffined, RandGaussianNoised, RandGaussianSmoothd,
+                              RandScaleIntensityd, RandSimulateLowResolutiond, RandSpatialCropd)
 
 from medvlm.config import MedVLMConfig
 from medvlm.data.datalist import load_datalist
@@ -144,11 +145,17 @@ class ImageQuality:
     """Image-quality augmentation of a batch of training CTs (``training.segmentation.blur_prob``, ``blur_sigma``,
     ``low_resolution_prob``): MONAI's ``RandGaussianSmoothd`` and ``RandSimulateLowResolutiond`` on the image
     alone, after cropping, so it also reaches the image of a cached-features batch. Each sample's draw is a
-    function of (seed, step, case), like every other augmentation here."""
+    function of (seed, step, case), like every other augmentation here.
+
+    MONAI's Gaussian filter pads with zeros, which would brighten every patch's border (a band of air or tissue
+    drawn towards the middle of the HU window); the image is padded by replication first (``BorderPadd``) and
+    cropped back, so only the blur itself changes it."""
 
     def __init__(self, stage_config):
         low, high = stage_config.blur_sigma
+        self.margin = int(math.ceil(3.0 * high))
         self.transform = Compose([
+            BorderPadd(keys="image", spatial_border=self.margin, mode="replicate"),
             RandGaussianSmoothd(keys="image", sigma_x=(low, high), sigma_y=(low, high), sigma_z=(low, high),
                                 prob=stage_config.blur_prob),
             RandSimulateLowResolutiond(keys="image", prob=stage_config.low_resolution_prob, zoom_range=(0.5, 1.0)),
@@ -163,7 +170,9 @@ class ImageQuality:
         for image, case in zip(images, cases):
             self.transform.set_random_state(seed=int(np.random.default_rng([seed, step, case, 7]).integers(2**31)))
             result = self.transform({"image": image})["image"]
-            out.append((result.as_tensor() if hasattr(result, "as_tensor") else torch.as_tensor(result)).to(images.dtype))
+            result = result.as_tensor() if hasattr(result, "as_tensor") else torch.as_tensor(result)
+            inside = (slice(None), *(slice(self.margin, self.margin + n) for n in image.shape[1:]))
+            out.append(result[inside].to(images.dtype))
         return torch.stack(out)
 
 
