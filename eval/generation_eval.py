@@ -403,6 +403,8 @@ def autoencoder_ceiling(run: str | Path | None, items: Sequence[dict], *, vae=No
     judged_in, judged_out = [], []
     body_voxels = 0
     if vae is None:
+        if run is None:
+            raise ValueError("autoencoder_ceiling needs a run folder or an autoencoder (`vae` with its `config`)")
         from pipelines import ReportToCTPipeline
 
         pipe = ReportToCTPipeline.from_pretrained(Path(run) / "report_to_ct")

@@ -743,6 +743,8 @@ def test_generation_fidelity_pairing_and_stages_are_judged_by_the_baseline_and_t
     ceiling = autoencoder_ceiling(trained, items)
     assert ceiling["n"] == 2 and 0.0 <= ceiling["judge_oar_dice_reconstruction"] <= 1.0
     assert 0.0 <= ceiling["judge_oar_dice_input"] <= 1.0
+    with pytest.raises(ValueError, match="needs a run folder or an autoencoder"):
+        autoencoder_ceiling(None, items)
     for judge in JUDGES:
         row = stages[judge]
         assert all(row[k] in (0.0, 0.5, 1.0) for k in ("T4 GTVp larger than T1", "N0 without GTVn", "N2 with GTVn"))

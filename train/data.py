@@ -168,6 +168,7 @@ class ImageQuality:
             return images
         out = []
         for image, case in zip(images, cases):
+            # the trailing 7 keeps this stream apart from the other draws seeded by (seed, step, case)
             self.transform.set_random_state(seed=int(np.random.default_rng([seed, step, case, 7]).integers(2**31)))
             result = self.transform({"image": image})["image"]
             result = result.as_tensor() if hasattr(result, "as_tensor") else torch.as_tensor(result)
