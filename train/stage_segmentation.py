@@ -244,7 +244,7 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
                         coordinates=bool(self.patch))
         tokens = tokenize_reports(self.tokenizer, batch["prompt"], self.config.text.max_length)
         generator = self.step_generator(index)
-        images = self.quality(batch["image"], self.config.training.seed, index, self.batcher.indices(index))
+        images = self.quality(batch["image"], self.config.training.seed, index, batch["index"])
         return {"images": images, "labels": batch["label"], "input_ids": tokens["input_ids"],
                 "attention_mask": tokens["attention_mask"], **self._presence_rows(index),
                 "fields": report_fields(batch["labels"], self.fields), "side_map": batch["side_map"],
