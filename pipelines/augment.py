@@ -5,15 +5,20 @@ cases as they were (paths made absolute, reports and records referenced as befor
 synthetic cases prompted by the training cases' own reports in turn, written under ``out/synthetic_NNN/``:
 
 - ``rendered`` (default): a real training case whose tumour and nodes (GTVp, GTVn) are sampled anew for its
-  report as in ``lesions`` (until the lesions present are those the case has) and drawn into its real CT by
-  :func:`render_lesions`: the old lesions removed, the new ones soft-tissue masses of the case's own lesions'
-  appearance; everything else is the real case's. Image and contours agree by construction.
+  report as in ``lesions`` (until the lesions present are those the case has; each new node outside the case's
+  elective neck moved into it, :func:`place_nodes`) and drawn into its real CT by :func:`render_lesions`: the old
+  lesions removed, the new ones soft-tissue masses of the case's own lesions' appearance; everything else is the
+  real case's. Image and contours agree by construction.
 - ``lesions``: the same masks with the image decoded by the generator: the CT latent, the other structures and
   the CT outside the old and new lesions stay the real case's (``ReportToCTPipeline(image=..., masks=...,
   keep_structures=[...])``); inside, the decoded CT seldom shows the new lesion and still shows the old one.
 - ``primary``: ``lesions`` with the primary tumour (GTVp) alone regenerated; the nodes stay the real case's.
 - ``rendered-primary``: ``rendered`` with the GTVp alone regenerated; the nodes (image and contours) stay real.
 - ``text``: a whole case (CT and paired contours) generated from the report alone.
+
+Where the nodes are regenerated and the elective nodal target (CTVn) is kept, the kept CTVn is grown to hold
+the new nodes with a 5 mm margin in soft tissue (:func:`hold_nodes`), as an elective target holds involved nodes;
+otherwise a synthetic case would teach a decoder nodes outside the target that contains them in every real case.
 
 Which helps a segmentation decoder is measured by ``medvlm eval augmentation`` (docs/evaluation.md), which
 calls :func:`synthesise` as this module's command does.
@@ -33,6 +38,9 @@ LESIONS = ("GTVp", "GTVn")  # what ``lesions`` regenerates; every other structur
 REGENERATED = {"lesions": LESIONS, "primary": ("GTVp",), "rendered": LESIONS, "rendered-primary": ("GTVp",)}
 RENDERED = ("rendered", "rendered-primary")
 PRESENCE_TRIES = 4  # generator seeds a rendered case may take until its lesions are those its report states
+NODES_INSIDE = 0.5  # share of a new node's voxels inside the case's elective neck (CTVn) under which it is moved
+NODE_MARGIN_MM = 5.0  # an elective nodal target holds its involved nodes with this margin
+TARGET_TISSUE_HU = (-500.0, 300.0)  # where that margin may grow: not air (airway, outside), not bone
 DEFAULT_CONTRAST_HU = 20.0  # a new lesion's contrast where the case has none to copy (enhancing tumour against muscle)
 SOFT_TISSUE_HU = (-150.0, 150.0)  # what a removed lesion's place is filled from: fat to enhancing tissue
 
@@ -169,7 +177,7 @@ def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synt
     receives a line per case generated (e.g. ``print``)."""
     import torch
 
-    from medvlm.data.io import atomic_write_text, save_labels, save_nifti
+    from medvlm.data.io import atomic_write_text, save_labels, save_nifti, spacing_from_affine
     from medvlm.errors import InputError
     from medvlm.text.prompts import process_record
 
@@ -215,9 +223,14 @@ def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synt
                     break
             affine = affine if synthesis in REGENERATED else result.affine
             image, labels = result.ct[0], np.asarray(result.masks[0]).astype(bool)
+            if synthesis in RENDERED and "GTVn" in regenerated and "CTVn" in names:  # nodes into the elective neck
+                labels[names.index("GTVn")] = place_nodes(labels[names.index("GTVn")], labels[names.index("CTVn")])
             if synthesis in RENDERED:  # the lesions drawn into the real CT where their new masks lie
                 image = render_lesions(ct, masks[channels], labels[channels], seed=used,
                                        keep=masks[kept].any(0) if kept else None)
+            if "GTVn" in regenerated and "CTVn" in names:  # the kept elective target grown to hold the new nodes
+                labels[names.index("CTVn")] = hold_nodes(labels[names.index("CTVn")], labels[names.index("GTVn")],
+                                                         image, spacing_from_affine(affine))
             # seed and labels first: a case counts as finished only once its CT is written too
             case_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(seed_path, f"{used}\n")
@@ -228,6 +241,73 @@ def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synt
                         "synthetic": {"synthesis": synthesis, "source": source.get("id", Path(source["image"]).name),
                                       "seed": used}})
     return written
+
+
+def nodes_inside(masks: np.ndarray, names: Sequence[str]) -> float:
+    """The share of the nodes' (GTVn) voxels inside the elective nodal target (CTVn) of ``masks`` (K, X, Y, Z) in
+    the order of ``names``; 1.0 without nodes, or without either structure."""
+    if "GTVn" not in names or "CTVn" not in names:
+        return 1.0
+    nodes = np.asarray(masks[list(names).index("GTVn")], dtype=bool)
+    if not nodes.any():
+        return 1.0
+    return float((nodes & np.asarray(masks[list(names).index("CTVn")], dtype=bool)).sum() / nodes.sum())
+
+
+def place_nodes(nodes: np.ndarray, target: np.ndarray, *, inside: float = NODES_INSIDE) -> np.ndarray:
+    """``nodes`` (X, Y, Z bool) with each node (connected component) that has less than ``inside`` of its voxels
+    in the elective nodal target ``target`` moved, whole, to the nearest place in the target deep enough for it:
+    its centre to the nearest target voxel at least its equivalent-sphere radius from the target's edge (the
+    deepest ones if none is that deep). Unchanged without a target.
+
+    Written here because a generated node's place follows the generator, which puts most of them outside the kept
+    elective neck (29 % of their voxels inside on the demo's training cases) where every real node lies; scipy
+    labels the components and MONAI's distance transform finds the place (MONAI has no lesion placement)."""
+    from monai.transforms.utils import distance_transform_edt
+    from scipy.ndimage import label
+
+    nodes, target = np.asarray(nodes, dtype=bool), np.asarray(target, dtype=bool)
+    if nodes.shape != target.shape:
+        raise ValueError(f"nodes and target must share one grid, got {nodes.shape} and {target.shape}")
+    if not nodes.any() or not target.any():
+        return nodes.copy()
+    depth = np.asarray(distance_transform_edt(target[None].astype(np.float32)))[0]  # voxels to the target's edge
+    components, count = label(nodes)
+    placed = np.zeros_like(nodes)
+    for number in range(1, count + 1):
+        voxels = np.argwhere(components == number)
+        if target[tuple(voxels.T)].mean() >= inside:
+            placed[tuple(voxels.T)] = True
+            continue
+        radius = (3.0 * len(voxels) / (4.0 * np.pi)) ** (1.0 / 3.0)
+        room = depth >= min(radius, float(depth.max()))
+        centre = np.round(voxels.mean(0)).astype(int)
+        _, nearest = distance_transform_edt((~room)[None].astype(np.float32), return_distances=True,
+                                            return_indices=True)
+        shift = np.asarray(nearest)[0][(slice(None), *centre)] - centre
+        moved = voxels + shift
+        moved = moved[((moved >= 0) & (moved < np.asarray(nodes.shape))).all(1)]
+        placed[tuple(moved.T)] = True
+    return placed
+
+
+def hold_nodes(target: np.ndarray, nodes: np.ndarray, ct: np.ndarray, spacing_mm: Sequence[float], *,
+               margin_mm: float = NODE_MARGIN_MM, tissue_hu: tuple[float, float] = TARGET_TISSUE_HU) -> np.ndarray:
+    """An elective nodal target (X, Y, Z bool) grown to hold ``nodes``: the target, the nodes, and the voxels
+    within ``margin_mm`` of a node (in the grid's ``spacing_mm``) whose HU in ``ct`` lies in ``tissue_hu`` (a
+    margin stops at air and bone). Unchanged without nodes."""
+    from monai.transforms.utils import distance_transform_edt
+
+    target, nodes = np.asarray(target, dtype=bool), np.asarray(nodes, dtype=bool)
+    values = np.asarray(ct, dtype=np.float32)
+    if not (target.shape == nodes.shape == values.shape):
+        raise ValueError(f"target, nodes and CT must share one grid, got {target.shape}, {nodes.shape}, {values.shape}")
+    if not nodes.any():
+        return target.copy()
+    distance = np.asarray(distance_transform_edt((~nodes)[None].astype(np.float32),
+                                                 sampling=[float(s) for s in spacing_mm]))[0]
+    margin = (distance <= margin_mm) & (values > tissue_hu[0]) & (values < tissue_hu[1])
+    return target | nodes | margin
 
 
 def _same_presence(source: np.ndarray, sample: np.ndarray, names: Sequence[str], regenerated: Sequence[str]) -> bool:

@@ -375,3 +375,63 @@ def test_rendered_lesions_without_soft_tissue_around_fill_from_what_is_there():
     everywhere = render_lesions(ct, np.ones_like(old), np.ones_like(old), seed=0)
     assert everywhere.shape == ct.shape and np.isfinite(everywhere).all()
     assert abs(float(everywhere.mean()) - float(ct.mean())) < 50.0  # a "lesion" with the whole volume's HU
+
+
+def test_a_kept_elective_target_grows_to_hold_new_nodes_with_a_margin_in_soft_tissue():
+    """Regenerated nodes and a kept CTVn: the CTVn holds the nodes and the soft tissue within 5 mm of them
+    (distances in the grid's own spacing; no air, no bone), as every real elective target holds its nodes;
+    ``nodes_inside`` (what picks among a rendered case's samples) is the share of node voxels in the CTVn."""
+    from pipelines.augment import hold_nodes, nodes_inside
+
+    ct = np.full((20, 20, 20), 40.0, np.float32)
+    ct[10, 8, 10] = -1000.0  # air 4 mm from the node
+    ct[13:, :, :] = 700.0  # bone beside
+    target = np.zeros(ct.shape, bool)
+    target[2:6, 2:18, 2:12] = True
+    nodes = np.zeros(ct.shape, bool)
+    nodes[10, 10, 10] = True
+    spacing = (1.0, 2.0, 3.0)  # mm per voxel along x, y, z
+    grown = hold_nodes(target, nodes, ct, spacing)
+    assert grown[target].all() and grown[nodes].all() and not grown[8:].all()
+    assert grown[12, 10, 10] and not grown[13, 10, 10]  # 2 mm in x: soft tissue in, bone out
+    assert grown[10, 12, 10] and not grown[10, 13, 10]  # 4 mm in y in, 6 mm out
+    assert grown[10, 10, 11] and not grown[10, 10, 12]  # 3 mm in z in, 6 mm out
+    assert not grown[10, 8, 10] and grown[10, 8, 11]  # air 4 mm away out, soft tissue at 5 mm in
+    assert np.array_equal(hold_nodes(target, np.zeros_like(nodes), ct, spacing), target)  # no nodes: unchanged
+    with pytest.raises(ValueError, match="one grid"):
+        hold_nodes(target, nodes[:10], ct, spacing)
+    names = ["GTVp", "GTVn", "CTVn"]
+    masks = np.stack([np.zeros_like(nodes), nodes | np.roll(nodes, 8, axis=0), target | nodes])
+    assert nodes_inside(masks, names) == pytest.approx(0.5)  # one node voxel in the target, one outside
+    assert nodes_inside(np.stack([nodes, np.zeros_like(nodes), target]), names) == 1.0  # no nodes
+    assert nodes_inside(masks[:2], names[:2]) == 1.0  # no target to be inside of
+    grown_masks = masks.copy()
+    grown_masks[2] = hold_nodes(masks[2], masks[1], ct, spacing)
+    assert nodes_inside(grown_masks, names) == 1.0
+
+
+def test_rendered_nodes_outside_the_elective_neck_are_moved_into_it_whole():
+    """``rendered``: a new node mostly outside the kept CTVn moves, shape unchanged, to the nearest place inside
+    it; a node mostly inside stays where it is; without a CTVn nothing moves."""
+    from scipy.ndimage import label
+
+    from pipelines.augment import nodes_inside, place_nodes
+
+    target = np.zeros((30, 30, 30), bool)
+    target[4:14, 4:26, 4:26] = True
+    nodes = np.zeros_like(target)
+    nodes[20:23, 10:13, 10:13] = True  # outside: 27 voxels, 6+ voxels from the target
+    nodes[12:16, 20:22, 20:22] = True  # half inside: stays
+    placed = place_nodes(nodes, target)
+    assert placed.sum() == nodes.sum() and np.array_equal(placed[12:16, 20:22, 20:22], nodes[12:16, 20:22, 20:22])
+    moved = placed & ~nodes
+    moved[12:16, 20:22, 20:22] = False
+    components, count = label(moved)
+    assert count == 1 and moved.sum() == 27 and target[moved].all()
+    box = np.argwhere(moved)
+    assert np.array_equal(box.max(0) - box.min(0), [2, 2, 2])  # the same cube
+    assert abs(box.mean(0)[1] - 11) < 1.5 and abs(box.mean(0)[2] - 11) < 1.5  # moved across, not along
+    assert nodes_inside(np.stack([placed, target]), ["GTVn", "CTVn"]) > nodes_inside(np.stack([nodes, target]), ["GTVn", "CTVn"])
+    assert np.array_equal(place_nodes(nodes, np.zeros_like(target)), nodes)
+    with pytest.raises(ValueError, match="one grid"):
+        place_nodes(nodes, target[:5])
