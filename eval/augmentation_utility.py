@@ -62,16 +62,19 @@ def lesion_coherence(synthetic: Sequence[dict], sources: Sequence[dict]) -> dict
     (:func:`eval.generation_eval.lesion_contrast_hu`) in the source CTs (``"real"``) and in the synthetic ones
     (``"synthetic"``), and of the source lesion's voxels left without a contour in the synthetic CT
     (``"uncontoured"``: a replaced tumour still visible is near the real contrast, a removed one near 0); the
-    share of synthetic lesions whose contrast is 0.5 to 2 times their source lesion's (``"like_real"``); ``"n"``:
-    the synthetic cases with the lesion. Synthetic items name their source (``synthetic.source``, an id of
-    ``sources``)."""
+    share of synthetic lesions whose contrast is 0.5 to 2 times their source lesion's (``"like_real"``); for the
+    nodes the mean share of their voxels inside the source's elective nodal target (``"in_elective_neck"``: the
+    real CTVn, which holds every real node; None for GTVp or without a CTVn); ``"n"``: the synthetic cases with
+    the lesion. Synthetic items name their source (``synthetic.source``, an id of ``sources``)."""
     from scipy.ndimage import binary_dilation
 
     from eval.generation_eval import lesion_contrast_hu
     from medvlm.data.io import load_labels, load_nifti
+    from pipelines.augment import nodes_inside
 
     by_id = {item.get("id", Path(item["image"]).name): item for item in sources}
-    values: dict = {name: {"real": [], "synthetic": [], "uncontoured": [], "like_real": []} for name in LESIONS}
+    values: dict = {name: {"real": [], "synthetic": [], "uncontoured": [], "like_real": [], "in_elective_neck": []}
+                    for name in LESIONS}
     for item in synthetic:
         source = by_id[item["synthetic"]["source"]]
         ct, real_ct = load_nifti(item["image"])[0], load_nifti(source["image"])[0]
@@ -89,8 +92,12 @@ def lesion_coherence(synthetic: Sequence[dict], sources: Sequence[dict]) -> dict
                     values[name][key].append(measured[key])
             if measured["real"] is not None and measured["synthetic"] is not None and measured["real"] > 0:
                 values[name]["like_real"].append(0.5 <= measured["synthetic"] / measured["real"] <= 2.0)
-    return {name: {**{key: float(np.median(v)) if v else None for key, v in found.items() if key != "like_real"},
-                   "like_real": float(np.mean(found["like_real"])) if found["like_real"] else None,
+            if name == "GTVn" and "CTVn" in real_names and new.any():
+                values[name]["in_elective_neck"].append(
+                    nodes_inside(np.stack([new, real[real_names.index("CTVn")] > 0.5]), ["GTVn", "CTVn"]))
+    shares = ("like_real", "in_elective_neck")
+    return {name: {**{key: float(np.median(v)) if v else None for key, v in found.items() if key not in shares},
+                   **{key: float(np.mean(found[key])) if found[key] else None for key in shares},
                    "n": len(found["synthetic"])} for name, found in values.items()}
 
 
@@ -240,14 +247,19 @@ def coherence_table(results: dict) -> str:
     lines = ["Lesion contrast against the soft tissue around (HU, medians over the synthetic cases): the real "
              "case's lesion, the synthetic lesion in the synthetic CT, and the real lesion's place left without "
              "a contour (near 0: removed; near the real contrast: still visible); the share of synthetic lesions "
-             "with 0.5 to 2 times their real lesion's contrast.", "",
-             "| synthesis | structure | cases | real | synthetic | left without a contour | like the real |",
-             "|---|---|---|---|---|---|---|"]
+             "with 0.5 to 2 times their real lesion's contrast; for nodes, the mean share of their voxels inside the "
+             "real case's elective nodal target (CTVn), where every real node lies.", "",
+             "| synthesis | structure | cases | real | synthetic | left without a contour | like the real | "
+             "in the real elective neck |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def share(value):
+        return "-" if value is None else f"{value:.2f}"
+
     for kind, lesions in measured:
         for structure, row in lesions.items():
-            share = "-" if row["like_real"] is None else f"{row['like_real']:.2f}"
             lines.append(f"| {kind} | {structure} | {row['n']} | {hu(row['real'])} | {hu(row['synthetic'])} | "
-                         f"{hu(row['uncontoured'])} | {share} |")
+                         f"{hu(row['uncontoured'])} | {share(row['like_real'])} | {share(row.get('in_elective_neck'))} |")
     return "\n".join(lines)
 
 

@@ -357,8 +357,8 @@ def test_lesion_coherence_tells_a_visible_replaced_tumour_from_a_removed_one(tmp
     assert abs(drawn["uncontoured"]) < 5.0 and drawn["synthetic"] == pytest.approx(30.0, abs=5.0)  # less its blended edge
     assert pasted["like_real"] == 1.0 and drawn["n"] == 1
     assert results["real + pasted"]["lesions"]["GTVn"] == {"real": None, "synthetic": None, "uncontoured": None,
-                                                            "like_real": None, "n": 0}
-    assert "| rendered | GTVp | 1 |" in coherence_table(results)
+                                                            "like_real": None, "in_elective_neck": None, "n": 0}
+    assert "| rendered | GTVp | 1 |" in coherence_table(results) and drawn["in_elective_neck"] is None
 
 
 def test_rendered_lesions_without_soft_tissue_around_fill_from_what_is_there():
@@ -435,3 +435,30 @@ def test_rendered_nodes_outside_the_elective_neck_are_moved_into_it_whole():
     assert np.array_equal(place_nodes(nodes, np.zeros_like(target)), nodes)
     with pytest.raises(ValueError, match="one grid"):
         place_nodes(nodes, target[:5])
+
+
+def test_lesion_coherence_measures_how_much_of_the_new_nodes_lies_in_the_real_elective_neck(tmp_path):
+    """The augmentation table's node placement: the mean share of a synthetic case's node voxels inside its real
+    case's CTVn (the real one, before it was grown to hold them)."""
+    from eval.augmentation_utility import coherence_table, lesion_coherence
+    from medvlm.data.io import save_labels, save_nifti
+
+    names = ["GTVp", "GTVn", "CTVn"]
+    ct = np.full((16, 16, 16), 40.0, np.float32)
+    real = np.zeros((3, 16, 16, 16), np.uint8)
+    real[2, :8] = 1  # the elective neck: half the volume
+    real[1, 2:5, 2:5, 2:5] = 1
+    synthetic = real.copy()
+    synthetic[1] = 0
+    synthetic[1, 6:10, 6:10, 6:10] = 1  # a new node half inside
+    synthetic[2] |= synthetic[1]
+    affine = np.eye(4)
+    for kind, labels in (("real", real), ("synthetic", synthetic)):
+        save_nifti(tmp_path / f"{kind}.nii.gz", ct, affine)
+        save_labels(tmp_path / f"{kind}_labels.nii.gz", labels, affine, names)
+    source = {"id": "case_1", "image": str(tmp_path / "real.nii.gz"), "label": str(tmp_path / "real_labels.nii.gz")}
+    item = {"image": str(tmp_path / "synthetic.nii.gz"), "label": str(tmp_path / "synthetic_labels.nii.gz"),
+            "synthetic": {"source": "case_1"}}
+    measured = lesion_coherence([item], [source])
+    assert measured["GTVn"]["in_elective_neck"] == pytest.approx(0.5) and measured["GTVp"]["in_elective_neck"] is None
+    assert "| 0.50 |" in coherence_table({"real + rendered": {"lesions": measured}})
