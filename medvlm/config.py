@@ -317,7 +317,7 @@ class DiffusionStageConfig(StageConfig):
 
 @dataclass
 class SegmentationStageConfig(StageConfig):
-    # "dice_ce" (MONAI DiceCELoss, sigmoid BCE) or "dice_focal" (DiceFocalLoss)
+    # "dice_ce" (MONAI DiceLoss + sigmoid BCE per structure) or "dice_focal" (MONAI DiceFocalLoss)
     loss: str = "dice_ce"
     lambda_dice: float = 1.0
     lambda_ce: float = 1.0  # dice_ce only

@@ -224,7 +224,8 @@ def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synt
             affine = affine if synthesis in REGENERATED else result.affine
             image, labels = result.ct[0], np.asarray(result.masks[0]).astype(bool)
             if synthesis in RENDERED and "GTVn" in regenerated and "CTVn" in names:  # nodes into the elective neck
-                labels[names.index("GTVn")] = place_nodes(labels[names.index("GTVn")], labels[names.index("CTVn")])
+                labels[names.index("GTVn")] = place_nodes(labels[names.index("GTVn")], labels[names.index("CTVn")],
+                                                          spacing_from_affine(affine))
             if synthesis in RENDERED:  # the lesions drawn into the real CT where their new masks lie
                 image = render_lesions(ct, masks[channels], labels[channels], seed=used,
                                        keep=masks[kept].any(0) if kept else None)
@@ -254,11 +255,13 @@ def nodes_inside(masks: np.ndarray, names: Sequence[str]) -> float:
     return float((nodes & np.asarray(masks[list(names).index("CTVn")], dtype=bool)).sum() / nodes.sum())
 
 
-def place_nodes(nodes: np.ndarray, target: np.ndarray, *, inside: float = NODES_INSIDE) -> np.ndarray:
+def place_nodes(nodes: np.ndarray, target: np.ndarray, spacing_mm: Sequence[float] = (1.0, 1.0, 1.0), *,
+                inside: float = NODES_INSIDE) -> np.ndarray:
     """``nodes`` (X, Y, Z bool) with each node (connected component) that has less than ``inside`` of its voxels
     in the elective nodal target ``target`` moved, whole, to the nearest place in the target deep enough for it:
     its centre to the nearest target voxel at least its equivalent-sphere radius from the target's edge (the
-    deepest ones if none is that deep). Unchanged without a target.
+    deepest ones if none is that deep), distances in millimetres of the grid's ``spacing_mm``. Unchanged without a
+    target.
 
     Written here because a generated node's place follows the generator, which puts most of them outside the kept
     elective neck (29 % of their voxels inside on the demo's training cases) where every real node lies; scipy
@@ -271,7 +274,8 @@ def place_nodes(nodes: np.ndarray, target: np.ndarray, *, inside: float = NODES_
         raise ValueError(f"nodes and target must share one grid, got {nodes.shape} and {target.shape}")
     if not nodes.any() or not target.any():
         return nodes.copy()
-    depth = np.asarray(distance_transform_edt(target[None].astype(np.float32)))[0]  # voxels to the target's edge
+    sampling = [float(v) for v in spacing_mm]
+    depth = np.asarray(distance_transform_edt(target[None].astype(np.float32), sampling=sampling))[0]  # mm to the edge
     components, count = label(nodes)
     placed = np.zeros_like(nodes)
     for number in range(1, count + 1):
@@ -279,11 +283,11 @@ def place_nodes(nodes: np.ndarray, target: np.ndarray, *, inside: float = NODES_
         if target[tuple(voxels.T)].mean() >= inside:
             placed[tuple(voxels.T)] = True
             continue
-        radius = (3.0 * len(voxels) / (4.0 * np.pi)) ** (1.0 / 3.0)
+        radius = (3.0 * len(voxels) * float(np.prod(sampling)) / (4.0 * np.pi)) ** (1.0 / 3.0)
         room = depth >= min(radius, float(depth.max()))
         centre = np.round(voxels.mean(0)).astype(int)
-        _, nearest = distance_transform_edt((~room)[None].astype(np.float32), return_distances=True,
-                                            return_indices=True)
+        _, nearest = distance_transform_edt((~room)[None].astype(np.float32), sampling=sampling,
+                                            return_distances=True, return_indices=True)
         shift = np.asarray(nearest)[0][(slice(None), *centre)] - centre
         moved = voxels + shift
         moved = moved[((moved >= 0) & (moved < np.asarray(nodes.shape))).all(1)]

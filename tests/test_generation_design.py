@@ -432,6 +432,10 @@ def test_rendered_nodes_outside_the_elective_neck_are_moved_into_it_whole():
     assert np.array_equal(box.max(0) - box.min(0), [2, 2, 2])  # the same cube
     assert abs(box.mean(0)[1] - 11) < 1.5 and abs(box.mean(0)[2] - 11) < 1.5  # moved across, not along
     assert nodes_inside(np.stack([placed, target]), ["GTVn", "CTVn"]) > nodes_inside(np.stack([nodes, target]), ["GTVn", "CTVn"])
+    thin = np.zeros_like(target)
+    thin[4:14, 4:26, 10:13] = True  # 9 mm thick along z at 3 mm a voxel: room for the 9 x 9 x 9 mm node in one place
+    anisotropic = place_nodes(nodes, thin, (3.0, 3.0, 3.0))
+    assert anisotropic.sum() == nodes.sum() and thin[anisotropic & ~nodes].all()
     assert np.array_equal(place_nodes(nodes, np.zeros_like(target)), nodes)
     with pytest.raises(ValueError, match="one grid"):
         place_nodes(nodes, target[:5])

@@ -389,16 +389,60 @@ def test_foreground_patches_hold_a_structure_of_the_case_and_zero_keeps_uniform_
 
 
 def test_segmentation_loss_is_chosen_by_name_and_a_wrong_name_is_a_config_error():
-    from monai.losses import DiceCELoss, DiceFocalLoss
+    from monai.losses import DiceFocalLoss
 
     from medvlm.config import SegmentationStageConfig
     from medvlm.errors import ConfigError
-    from train.common import segmentation_loss
+    from train.common import MultiLabelDiceBCELoss, segmentation_loss
 
-    assert isinstance(segmentation_loss(SegmentationStageConfig()), DiceCELoss)
+    assert isinstance(segmentation_loss(SegmentationStageConfig()), MultiLabelDiceBCELoss)
     assert isinstance(segmentation_loss(SegmentationStageConfig(loss="dice_focal")), DiceFocalLoss)
     with pytest.raises(ConfigError, match="dice_ce"):
         segmentation_loss(SegmentationStageConfig(loss="focal"))
+
+
+def test_dice_ce_is_a_sigmoid_dice_plus_a_binary_cross_entropy_per_structure():
+    """Overlapping structures: the cross-entropy is binary per voxel and structure (MONAI's DiceCELoss would take a
+    softmax over the channels), so a voxel outside every structure is pushed down; weights apply per term."""
+    from monai.losses import DiceLoss
+
+    from medvlm.config import SegmentationStageConfig
+    from train.common import segmentation_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 6, 6, 6)
+    target = (torch.rand(2, 3, 6, 6, 6) > 0.7).float()
+    target[:, 2] = target[:, 1]  # two structures on the same voxels
+    loss = segmentation_loss(SegmentationStageConfig(lambda_dice=0.5, lambda_ce=2.0))
+    dice = DiceLoss(sigmoid=True, batch=True, smooth_nr=0.0, smooth_dr=1e-5)(logits, target)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    assert float(loss(logits, target)) == pytest.approx(float(0.5 * dice + 2.0 * bce), rel=1e-5)
+    outside = torch.zeros(1, 3, 4, 4, 4, requires_grad=True)  # no structure anywhere: every logit pushed down
+    segmentation_loss(SegmentationStageConfig(lambda_dice=0.0))(outside, torch.zeros(1, 3, 4, 4, 4)).backward()
+    assert (outside.grad > 0).all()
+
+
+@pytest.mark.parametrize("name", ["dice_ce", "dice_focal"])
+def test_a_structure_absent_from_a_batch_is_not_driven_ever_lower_by_the_dice_term(name):
+    """A batch without a structure (the brainstem in most patches): as its logits fall, the pull on them does
+    not grow (MONAI's default Dice smoothing rewards driving them to -inf, its gradient growing as they fall)."""
+    from monai.losses import DiceLoss
+
+    from medvlm.config import SegmentationStageConfig
+    from train.common import segmentation_loss
+
+    target = torch.zeros(4, 3, 12, 12, 12)
+    target[:, 0, 2:5, 2:5, 2:5] = 1.0  # structure 0 present, structures 1 and 2 absent from the whole batch
+
+    def pull_on_the_absent(loss, level):
+        logits = torch.full(target.shape, level, requires_grad=True)
+        loss(logits, target).backward()
+        return float(logits.grad[:, 1].abs().sum())
+
+    ours = segmentation_loss(SegmentationStageConfig(loss=name))
+    assert pull_on_the_absent(ours, -20.0) <= pull_on_the_absent(ours, -12.0) + 1e-9
+    default = DiceLoss(sigmoid=True, batch=True)
+    assert pull_on_the_absent(default, -20.0) > 10 * pull_on_the_absent(default, -12.0)
 
 
 def test_diffusion_on_cached_latents_matches_encoding_every_step(trained, tiny_data, tmp_path):

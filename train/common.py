@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_cosine_schedule_with_warmup
-from monai.losses import DiceCELoss, DiceFocalLoss
+from monai.losses import DiceFocalLoss, DiceLoss
 from torch import nn
 
 from medvlm.config import MedVLMConfig, StageConfig, config_hash, config_to_dict
@@ -413,13 +413,40 @@ def load_upstream(output_dir: Path, stage: str, component: str) -> Path:
     return folder
 
 
+# smooth_nr=0: a structure absent from every patch of a batch gets no Dice gradient (its Dice loss is 1 whatever the
+# prediction). MONAI's default 1e-5 makes it 1 - 1e-5 / (sum of predictions + 1e-5), a reward for driving every
+# prediction of that structure to 0 whose gradient grows without bound as they near it.
+DICE_SMOOTHING = {"smooth_nr": 0.0, "smooth_dr": 1e-5}
+
+
+class MultiLabelDiceBCELoss(nn.Module):
+    """Dice (sigmoid, per structure over the whole batch) + binary cross-entropy per voxel and structure: the
+    ``dice_ce`` loss of overlapping structures.
+
+    Written here because MONAI's ``DiceCELoss`` takes its cross-entropy term as a softmax over the channels whenever
+    the input has more than one, ``sigmoid=True`` or not (its binary cross-entropy only for one channel): a voxel
+    outside every structure then has no cross-entropy at all, nothing holds its logits at a finite level, and the
+    decoders' logits reached -50 outside the structures and -25 over a brainstem they never learned.
+    """
+
+    def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0):
+        super().__init__()
+        self.dice = DiceLoss(sigmoid=True, batch=True, **DICE_SMOOTHING)
+        self.bce = nn.BCEWithLogitsLoss()
+        self.lambda_dice, self.lambda_ce = float(lambda_dice), float(lambda_ce)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.lambda_dice * self.dice(logits, target) + self.lambda_ce * self.bce(logits, target.to(logits.dtype))
+
+
 def segmentation_loss(settings) -> nn.Module:
     """The multi-label loss of ``training.segmentation`` (sigmoid per structure; structures overlap).
 
     batch=True: Dice per structure over the whole batch, so a patch without the structure does not floor the loss.
     """
     if settings.loss == "dice_ce":
-        return DiceCELoss(sigmoid=True, batch=True, lambda_dice=settings.lambda_dice, lambda_ce=settings.lambda_ce)
-    if settings.loss == "dice_focal":
-        return DiceFocalLoss(sigmoid=True, batch=True, lambda_dice=settings.lambda_dice, lambda_focal=settings.lambda_focal)
+        return MultiLabelDiceBCELoss(settings.lambda_dice, settings.lambda_ce)
+    if settings.loss == "dice_focal":  # MONAI's focal term is a sigmoid one per channel
+        return DiceFocalLoss(sigmoid=True, batch=True, lambda_dice=settings.lambda_dice,
+                             lambda_focal=settings.lambda_focal, **DICE_SMOOTHING)
     raise ConfigError(f"training.segmentation.loss must be 'dice_ce' or 'dice_focal', got {settings.loss!r}")
