@@ -317,10 +317,10 @@ class DiffusionStageConfig(StageConfig):
 
 @dataclass
 class SegmentationStageConfig(StageConfig):
-    # "dice_ce" (MONAI DiceLoss + sigmoid BCE per structure) or "dice_focal" (MONAI DiceFocalLoss)
+    # "dice_ce" (MONAI DiceCELoss), "dice_bce" (Dice + a binary cross-entropy per structure) or "dice_focal"
     loss: str = "dice_ce"
     lambda_dice: float = 1.0
-    lambda_ce: float = 1.0  # dice_ce only
+    lambda_ce: float = 1.0  # dice_ce and dice_bce
     lambda_focal: float = 1.0  # dice_focal only
     validate_every: int = 50
     report_dropout: float = 0.0  # also learn the no-report case

@@ -389,21 +389,22 @@ def test_foreground_patches_hold_a_structure_of_the_case_and_zero_keeps_uniform_
 
 
 def test_segmentation_loss_is_chosen_by_name_and_a_wrong_name_is_a_config_error():
-    from monai.losses import DiceFocalLoss
+    from monai.losses import DiceCELoss, DiceFocalLoss
 
     from medvlm.config import SegmentationStageConfig
     from medvlm.errors import ConfigError
     from train.common import MultiLabelDiceBCELoss, segmentation_loss
 
-    assert isinstance(segmentation_loss(SegmentationStageConfig()), MultiLabelDiceBCELoss)
+    assert isinstance(segmentation_loss(SegmentationStageConfig()), DiceCELoss)
+    assert isinstance(segmentation_loss(SegmentationStageConfig(loss="dice_bce")), MultiLabelDiceBCELoss)
     assert isinstance(segmentation_loss(SegmentationStageConfig(loss="dice_focal")), DiceFocalLoss)
     with pytest.raises(ConfigError, match="dice_ce"):
         segmentation_loss(SegmentationStageConfig(loss="focal"))
 
 
-def test_dice_ce_is_a_sigmoid_dice_plus_a_binary_cross_entropy_per_structure():
-    """Overlapping structures: the cross-entropy is binary per voxel and structure (MONAI's DiceCELoss would take a
-    softmax over the channels), so a voxel outside every structure is pushed down; weights apply per term."""
+def test_dice_bce_is_a_sigmoid_dice_plus_a_binary_cross_entropy_per_structure():
+    """``dice_bce``: the cross-entropy is binary per voxel and structure (MONAI's DiceCELoss takes a softmax over
+    the channels), so a voxel outside every structure is pushed down; weights apply per term."""
     from monai.losses import DiceLoss
 
     from medvlm.config import SegmentationStageConfig
@@ -413,16 +414,19 @@ def test_dice_ce_is_a_sigmoid_dice_plus_a_binary_cross_entropy_per_structure():
     logits = torch.randn(2, 3, 6, 6, 6)
     target = (torch.rand(2, 3, 6, 6, 6) > 0.7).float()
     target[:, 2] = target[:, 1]  # two structures on the same voxels
-    loss = segmentation_loss(SegmentationStageConfig(lambda_dice=0.5, lambda_ce=2.0))
+    loss = segmentation_loss(SegmentationStageConfig(loss="dice_bce", lambda_dice=0.5, lambda_ce=2.0))
     dice = DiceLoss(sigmoid=True, batch=True, smooth_nr=0.0, smooth_dr=1e-5)(logits, target)
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
     assert float(loss(logits, target)) == pytest.approx(float(0.5 * dice + 2.0 * bce), rel=1e-5)
     outside = torch.zeros(1, 3, 4, 4, 4, requires_grad=True)  # no structure anywhere: every logit pushed down
-    segmentation_loss(SegmentationStageConfig(lambda_dice=0.0))(outside, torch.zeros(1, 3, 4, 4, 4)).backward()
+    segmentation_loss(SegmentationStageConfig(loss="dice_bce", lambda_dice=0.0))(outside, torch.zeros(1, 3, 4, 4, 4)).backward()
     assert (outside.grad > 0).all()
+    softmax = torch.zeros(1, 3, 4, 4, 4, requires_grad=True)  # dice_ce: MONAI's softmax cross-entropy leaves them alone
+    segmentation_loss(SegmentationStageConfig(lambda_dice=0.0))(softmax, torch.zeros(1, 3, 4, 4, 4)).backward()
+    assert float(softmax.grad.abs().max()) == 0.0
 
 
-@pytest.mark.parametrize("name", ["dice_ce", "dice_focal"])
+@pytest.mark.parametrize("name", ["dice_ce", "dice_bce", "dice_focal"])
 def test_a_structure_absent_from_a_batch_is_not_driven_ever_lower_by_the_dice_term(name):
     """A batch without a structure (the brainstem in most patches): as its logits fall, the pull on them does
     not grow (MONAI's default Dice smoothing rewards driving them to -inf, its gradient growing as they fall)."""

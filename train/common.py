@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_cosine_schedule_with_warmup
-from monai.losses import DiceFocalLoss, DiceLoss
+from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss
 from torch import nn
 
 from medvlm.config import MedVLMConfig, StageConfig, config_hash, config_to_dict
@@ -421,12 +421,11 @@ DICE_SMOOTHING = {"smooth_nr": 0.0, "smooth_dr": 1e-5}
 
 class MultiLabelDiceBCELoss(nn.Module):
     """Dice (sigmoid, per structure over the whole batch) + binary cross-entropy per voxel and structure: the
-    ``dice_ce`` loss of overlapping structures.
+    ``dice_bce`` loss.
 
     Written here because MONAI's ``DiceCELoss`` takes its cross-entropy term as a softmax over the channels whenever
-    the input has more than one, ``sigmoid=True`` or not (its binary cross-entropy only for one channel): a voxel
-    outside every structure then has no cross-entropy at all, nothing holds its logits at a finite level, and the
-    decoders' logits reached -50 outside the structures and -25 over a brainstem they never learned.
+    the input has more than one, ``sigmoid=True`` or not (its binary cross-entropy only for one channel): a pull
+    between structures at the voxels of any, and no cross-entropy at a voxel outside every structure.
     """
 
     def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0):
@@ -440,13 +439,19 @@ class MultiLabelDiceBCELoss(nn.Module):
 
 
 def segmentation_loss(settings) -> nn.Module:
-    """The multi-label loss of ``training.segmentation`` (sigmoid per structure; structures overlap).
+    """The multi-label loss of ``training.segmentation`` (sigmoid Dice per structure; structures overlap):
+    ``dice_ce`` MONAI's ``DiceCELoss`` (its cross-entropy a softmax over the structures: see
+    :class:`MultiLabelDiceBCELoss`), ``dice_bce`` Dice + a binary cross-entropy per structure, ``dice_focal``
+    MONAI's ``DiceFocalLoss`` (a sigmoid focal term per structure).
 
     batch=True: Dice per structure over the whole batch, so a patch without the structure does not floor the loss.
     """
     if settings.loss == "dice_ce":
+        return DiceCELoss(sigmoid=True, batch=True, lambda_dice=settings.lambda_dice, lambda_ce=settings.lambda_ce,
+                          **DICE_SMOOTHING)
+    if settings.loss == "dice_bce":
         return MultiLabelDiceBCELoss(settings.lambda_dice, settings.lambda_ce)
-    if settings.loss == "dice_focal":  # MONAI's focal term is a sigmoid one per channel
+    if settings.loss == "dice_focal":
         return DiceFocalLoss(sigmoid=True, batch=True, lambda_dice=settings.lambda_dice,
                              lambda_focal=settings.lambda_focal, **DICE_SMOOTHING)
-    raise ConfigError(f"training.segmentation.loss must be 'dice_ce' or 'dice_focal', got {settings.loss!r}")
+    raise ConfigError(f"training.segmentation.loss must be 'dice_ce', 'dice_bce' or 'dice_focal', got {settings.loss!r}")

@@ -1,4 +1,4 @@
-"""Stage 4: the segmentation decoder on the fused latent (Dice + BCE or MONAI DiceFocalLoss, multi-label sigmoid),
+"""Stage 4: the segmentation decoder on the fused latent (MONAI DiceCELoss, Dice + BCE or DiceFocalLoss, sigmoid Dice),
 validation Dice per structure, best checkpoint kept."""
 from __future__ import annotations
 
