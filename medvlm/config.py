@@ -279,6 +279,19 @@ class VAEStageConfig(StageConfig):
     sample_posterior: bool = False  # decode a posterior sample (else the mean) while training
     # train the decoder only: the encoder (and so every latent a diffusion model learned) stays as loaded
     freeze_encoder: bool = False
+    # MAISI's patch adversarial loss (MONAI PatchDiscriminator, least squares) on the CT reconstructions, against
+    # the smooth decoding an L1 alone gives; 0: off. The discriminator trains beside the autoencoder and is not
+    # exported.
+    adversarial_weight: float = 0.0
+    discriminator_channels: int = 32
+    discriminator_layers: int = 3
+
+    def __post_init__(self):
+        if not (math.isfinite(self.adversarial_weight) and self.adversarial_weight >= 0):
+            raise ConfigError(f"training.vae.adversarial_weight must be a number >= 0, got {self.adversarial_weight!r}")
+        if self.discriminator_channels < 1 or self.discriminator_layers < 1:
+            raise ConfigError("training.vae.discriminator_channels and discriminator_layers must be >= 1, got "
+                              f"{self.discriminator_channels!r} and {self.discriminator_layers!r}")
 
 
 SNR_WEIGHTINGS = (None, "min_snr", "clipped")

@@ -49,6 +49,8 @@ ELECTIVE_NECK = ("ipsilateral", "bilateral")
 PATHOLOGIES = ("squamous cell carcinoma", "basaloid squamous cell carcinoma", "non-keratinizing carcinoma")
 STAGE_GROUPS = ("I", "II", "III", "IV", "IVA", "IVB", "IVC")
 NECK_LEVELS = ("Ib", "II", "III", "IV")
+# an elective nodal target (CTVn) holds the involved nodes (GTVn) with this margin, in soft tissue
+NODE_MARGIN_MM = 5.0
 
 CSV_COLUMNS = (
     "Number", "Unit No", "Subsite", "Pathology", "icT", "icN", "icM", "pT", "pN", "pM", "Stage",

@@ -31,6 +31,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from medvlm.vocabulary import NODE_MARGIN_MM
+
 # the first is the default (chosen on eval augmentation's decision split)
 SYNTHESES = ("rendered", "rendered-primary", "lesions", "primary", "text")
 LESIONS = ("GTVp", "GTVn")  # what ``lesions`` regenerates; every other structure is the real case's
@@ -39,7 +41,6 @@ REGENERATED = {"lesions": LESIONS, "primary": ("GTVp",), "rendered": LESIONS, "r
 RENDERED = ("rendered", "rendered-primary")
 PRESENCE_TRIES = 4  # generator seeds a rendered case may take until its lesions are those its report states
 NODES_INSIDE = 0.5  # share of a new node's voxels inside the case's elective neck (CTVn) under which it is moved
-NODE_MARGIN_MM = 5.0  # an elective nodal target holds its involved nodes with this margin
 TARGET_TISSUE_HU = (-500.0, 300.0)  # where that margin may grow: not air (airway, outside), not bone
 DEFAULT_CONTRAST_HU = 20.0  # a new lesion's contrast where the case has none to copy (enhancing tumour against muscle)
 SOFT_TISSUE_HU = (-150.0, 150.0)  # what a removed lesion's place is filled from: fat to enhancing tissue

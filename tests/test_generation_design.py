@@ -65,6 +65,57 @@ def test_autoencoder_overfits_one_phantom_case_to_35_db_psnr():
 
 
 
+def test_adversarial_option_trains_each_network_on_its_own_objective():
+    """MAISI's patch adversarial loss as an option of the autoencoder's loss: the autoencoder's gradient is that of
+    its reconstruction terms plus the weighted 'fool the discriminator' term, the discriminator's that of the
+    weighted real-vs-reconstruction loss, in one backward pass; off (no discriminator) by default."""
+    from medvlm.config import VAEStageConfig
+    from medvlm.errors import ConfigError
+    from medvlm.models.factory import build_vae
+    from train.stage_vae import VAELoss
+
+    config = load_config(CONFIGS / "tiny.yaml")
+    torch.manual_seed(0)
+    vae = build_vae(config.models)
+    size = config.data.preprocess.roi_size
+    images = torch.rand(2, 1, *size) * 2 - 1
+    labels = (torch.rand(2, config.models.vae.mask_channels, *size) > 0.9).float() \
+        if config.models.vae.mask_channels else None
+    assert VAELoss(vae, 1e-7).discriminator is None
+    w = 0.3
+    loss_fn = VAELoss(vae, 1e-7, adversarial_weight=w, discriminator_channels=8, discriminator_layers=2)
+    d = loss_fn.discriminator
+    loss, logs = loss_fn(images, None, labels)
+    loss.backward()
+    got_vae = [p.grad.clone() for p in vae.parameters() if p.grad is not None]
+    got_d = [p.grad.clone() for p in d.parameters()]
+    assert {"adversarial", "discriminator"} <= set(logs) and got_d and all(torch.isfinite(g).all() for g in got_d)
+
+    # the same terms taken apart: the autoencoder sees no discriminator loss, the discriminator no reconstruction
+    vae.zero_grad()
+    d.zero_grad()
+    plain = VAELoss(vae, 1e-7)
+    reconstruction_loss, _ = plain(images, None, labels)
+    reconstruction = vae.decode(vae.encode(images).latent_dist.mean,
+                                vae.encode_masks(labels) if labels is not None else None, masks=labels).sample
+    for p in d.parameters():
+        p.requires_grad_(False)
+    fooled = loss_fn.adversarial(d(reconstruction)[-1], target_is_real=True, for_discriminator=False)
+    (reconstruction_loss + w * fooled).backward()
+    want_vae = [p.grad.clone() for p in vae.parameters() if p.grad is not None]
+    for p in d.parameters():
+        p.requires_grad_(True)
+    fake = loss_fn.adversarial(d(reconstruction.detach())[-1], target_is_real=False, for_discriminator=True)
+    real = loss_fn.adversarial(d(images)[-1], target_is_real=True, for_discriminator=True)
+    (w * 0.5 * (fake + real)).backward()
+    want_d = [p.grad for p in d.parameters()]
+    assert len(got_vae) == len(want_vae)
+    for got, want in zip(got_vae + got_d, want_vae + want_d):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+    with pytest.raises(ConfigError, match="adversarial_weight"):
+        VAEStageConfig(adversarial_weight=-1.0)
+
+
 def test_lesion_contrast_is_the_lesion_against_its_own_surroundings():
     from eval.generation_eval import lesion_contrast_hu
 

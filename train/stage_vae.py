@@ -1,8 +1,9 @@
 """Stage 2: the 3D autoencoder (L1 in several CT windows + KL; with paired structure channels, Dice + BCE on
 the decoded masks), on random patches when volumes are large, optionally from shipped weights.
 
-MONAI's perceptual and adversarial losses are not used by default: the perceptual networks' weights
-would have to be downloaded at run time, which this project does not do.
+MONAI's perceptual loss is not used: its networks' weights would have to be downloaded at run time, which this
+project does not do. MAISI's patch adversarial loss (MONAI ``PatchDiscriminator`` + ``PatchAdversarialLoss``) is
+the option ``adversarial_weight``.
 """
 from __future__ import annotations
 
@@ -37,16 +38,45 @@ class VAELoss(nn.Module):
     * paired autoencoders: Dice + BCE of the decoded structure logits against the masks.
     * KL to N(0, I) with a small weight (MAISI uses about 1e-7); the latent is the posterior mean unless
       ``sample_posterior`` (the diffusion model is trained on posterior means).
+    * ``adversarial_weight`` > 0: MAISI's patch adversarial loss (least squares) with a MONAI
+      ``PatchDiscriminator`` that this module holds and trains in the same step: its own loss (real CTs against
+      detached reconstructions) is added to the total, and the autoencoder's term reads the reconstruction
+      through a detached copy of its weights, so each network's gradient comes from its own objective with one
+      optimizer (``StageTrainer`` steps one).
     """
 
     def __init__(self, vae: CTAutoencoderKL, kl_weight: float, windows: Sequence[Sequence[float]] = (),
                  preprocess: PreprocessConfig | None = None, lesion_channels: Sequence[int] = (),
-                 lesion_weight: float = 0.0, mask_weight: float = 1.0, sample_posterior: bool = False):
+                 lesion_weight: float = 0.0, mask_weight: float = 1.0, sample_posterior: bool = False,
+                 adversarial_weight: float = 0.0, discriminator_channels: int = 32, discriminator_layers: int = 3):
         super().__init__()
         self.vae, self.kl_weight = vae, kl_weight
         self.windows, self.preprocess = tuple(windows), preprocess or PreprocessConfig()
         self.lesion_channels, self.lesion_weight = list(lesion_channels), float(lesion_weight)
         self.mask_weight, self.sample_posterior = float(mask_weight), bool(sample_posterior)
+        self.adversarial_weight = float(adversarial_weight)
+        self.discriminator = None
+        if self.adversarial_weight > 0:
+            from monai.losses import PatchAdversarialLoss
+            from monai.networks.nets import PatchDiscriminator
+
+            self.discriminator = PatchDiscriminator(spatial_dims=3, num_layers_d=int(discriminator_layers),
+                                                    channels=int(discriminator_channels), in_channels=1,
+                                                    out_channels=1, norm="INSTANCE")
+            self.adversarial = PatchAdversarialLoss(criterion="least_squares")
+
+    def adversarial_terms(self, reconstruction: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the autoencoder's term, the discriminator's loss). The first reaches the discriminator's weights
+        detached, the second the reconstruction detached."""
+        from torch.func import functional_call
+
+        d = self.discriminator
+        frozen = {name: p.detach() for name, p in d.named_parameters()} | dict(d.named_buffers())
+        fooled = self.adversarial(functional_call(d, frozen, (reconstruction,))[-1], target_is_real=True,
+                                  for_discriminator=False)
+        fake = self.adversarial(d(reconstruction.detach())[-1], target_is_real=False, for_discriminator=True)
+        real = self.adversarial(d(images)[-1], target_is_real=True, for_discriminator=True)
+        return fooled, 0.5 * (fake + real)
 
     def forward(self, images, eps, labels=None):
         posterior = self.vae.encode(images).latent_dist
@@ -74,6 +104,10 @@ class VAELoss(nn.Module):
             masks = DiceCELoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)(decoded.mask_logits, labels)
             loss = loss + self.mask_weight * masks
             logs["masks"] = masks.detach()
+        if self.discriminator is not None:
+            fooled, discriminator = self.adversarial_terms(reconstruction, images)
+            loss = loss + self.adversarial_weight * (fooled + discriminator)
+            logs |= {"adversarial": fooled.detach(), "discriminator": discriminator.detach()}
         # per-element KL to N(0, I) (diffusers' .kl() sums over 2D image axes only)
         kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
         loss = loss + self.kl_weight * kl
@@ -111,7 +145,8 @@ class VAETrainer(StageTrainer):
         lesions = [STRUCTURE_NAMES.index(n) for n in ("GTVp", "GTVn")]
         return VAELoss(self.vae, c.kl_weight, windows=c.windows, preprocess=self.config.data.preprocess,
                        lesion_channels=lesions, lesion_weight=c.lesion_weight, mask_weight=c.mask_weight,
-                       sample_posterior=c.sample_posterior)
+                       sample_posterior=c.sample_posterior, adversarial_weight=c.adversarial_weight,
+                       discriminator_channels=c.discriminator_channels, discriminator_layers=c.discriminator_layers)
 
     def make_inputs(self, index: int) -> dict:
         batch = collate(self.cases, self.batcher.indices(index), self.augment, self.config.training.seed, self.batcher.epoch(index),

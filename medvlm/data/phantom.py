@@ -18,7 +18,7 @@ from medvlm.data.clinical import DiseasePlan, NodePlan, elective_levels, sample_
 from medvlm.vocabulary import LATERAL_SUBSITES, ClinicalRecord
 from medvlm.data.identifiers import SyntheticIdentity, sample_identity
 from medvlm.data.reports import Report, render_report
-from medvlm.vocabulary import STRUCTURE_NAMES
+from medvlm.vocabulary import NODE_MARGIN_MM, STRUCTURE_NAMES
 
 HU_AIR, HU_FAT, HU_MUSCLE, HU_CSF, HU_CORD, HU_BRAIN = -1000.0, -100.0, 40.0, 8.0, 35.0, 37.0
 HU_PAROTID, HU_THYROID, HU_CARTILAGE, HU_VESSEL, HU_VEIN = 10.0, 95.0, 200.0, 165.0, 145.0
@@ -537,7 +537,7 @@ class HNCPhantom:
         gtvn = canvas.mask("GTVn")
         if gtvn.any():
             distance_mm = ndimage.distance_transform_edt(~gtvn, sampling=cfg.spacing_mm)
-            ctv |= distance_mm <= 5.0
+            ctv |= distance_mm <= NODE_MARGIN_MM
         ctv &= body & ~bone & ~canvas.masks["_airway"]
         ctv |= gtvn
         canvas.masks["CTVn"] = ctv
