@@ -42,6 +42,10 @@ RENDERED = ("rendered", "rendered-primary")
 PRESENCE_TRIES = 4  # generator seeds a rendered case may take until its lesions are those its report states
 NODES_INSIDE = 0.5  # share of a new node's voxels inside the case's elective neck (CTVn) under which it is moved
 TARGET_TISSUE_HU = (-500.0, 300.0)  # where that margin may grow: not air (airway, outside), not bone
+# structures a drawn lesion never enters: no GTV of the head and neck (nor of the phantom) lies in the central
+# nervous system, and a soft-tissue mass drawn over the mandible cannot show bone invasion; either would leave the
+# structure's contour on tumour
+NO_LESION_STRUCTURES = ("SpinalCord", "Brainstem", "Bone_Mandible")
 DEFAULT_CONTRAST_HU = 20.0  # a new lesion's contrast where the case has none to copy (enhancing tumour against muscle)
 SOFT_TISSUE_HU = (-150.0, 150.0)  # what a removed lesion's place is filled from: fat to enhancing tissue
 
@@ -227,6 +231,8 @@ def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synt
             if synthesis in RENDERED and "GTVn" in regenerated and "CTVn" in names:  # nodes into the elective neck
                 labels[names.index("GTVn")] = place_nodes(labels[names.index("GTVn")], labels[names.index("CTVn")],
                                                           spacing_from_affine(affine))
+            if synthesis in RENDERED:  # new lesions only where a soft-tissue mass can lie in this real case
+                labels[channels] &= lesion_room(ct, masks, names)[None]
             if synthesis in RENDERED:  # the lesions drawn into the real CT where their new masks lie
                 image = render_lesions(ct, masks[channels], labels[channels], seed=used,
                                        keep=masks[kept].any(0) if kept else None)
@@ -243,6 +249,26 @@ def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synt
                         "synthetic": {"synthesis": synthesis, "source": source.get("id", Path(source["image"]).name),
                                       "seed": used}})
     return written
+
+
+def lesion_room(ct: np.ndarray, masks: np.ndarray, names: Sequence[str], *,
+                bone_hu: float = TARGET_TISSUE_HU[1], excluded: Sequence[str] = NO_LESION_STRUCTURES) -> np.ndarray:
+    """Where a rendered lesion may lie in a real case: (X, Y, Z) bool, False in its bone (CT above ``bone_hu``)
+    and in its ``excluded`` structures (default the cord, the brainstem and the mandible) (of ``masks`` (K, X, Y, Z) in the order of ``names``). Air stays allowed:
+    a tumour fills the airway it grows into.
+
+    Written here because the generator places lesions by the report, not by the real case's anatomy: in the demo's
+    augmentation 20 of 40 rendered cases drew a lesion over the mandible and 5 into the spinal cord (0 and 0 of the
+    20 real cases), painting soft tissue under a bone or cord contour."""
+    values = np.asarray(ct)
+    masks = np.asarray(masks)
+    if masks.shape[1:] != values.shape or masks.shape[0] != len(names):
+        raise ValueError(f"masks must be ({len(names)}, {', '.join(map(str, values.shape))}), got {masks.shape}")
+    room = values <= bone_hu
+    for name in excluded:
+        if name in names:
+            room &= ~np.asarray(masks[list(names).index(name)], dtype=bool)
+    return room
 
 
 def nodes_inside(masks: np.ndarray, names: Sequence[str]) -> float:

@@ -492,6 +492,26 @@ def test_rendered_nodes_outside_the_elective_neck_are_moved_into_it_whole():
         place_nodes(nodes, target[:5])
 
 
+def test_rendered_lesions_keep_out_of_bone_and_the_central_nervous_system():
+    """``lesion_room``: a drawn lesion may fill soft tissue and air, never bone (above 300 HU) or the cord,
+    brainstem and mandible contours of the real case; a mask set that does not fit the CT is a clear error."""
+    from pipelines.augment import NO_LESION_STRUCTURES, lesion_room
+    from medvlm.vocabulary import STRUCTURE_NAMES
+
+    ct = np.full((8, 8, 8), 40.0, np.float32)
+    ct[0] = 800.0  # bone
+    ct[1] = -1000.0  # airway
+    masks = np.zeros((len(STRUCTURE_NAMES), 8, 8, 8), bool)
+    masks[STRUCTURE_NAMES.index("SpinalCord"), 4, 4, :] = True
+    masks[STRUCTURE_NAMES.index("Parotid_L"), 6, 6, :] = True  # a gland a tumour may invade
+    room = lesion_room(ct, masks, STRUCTURE_NAMES)
+    assert not room[0].any() and room[1].all() and not room[4, 4].any() and room[6, 6].all()
+    assert room.sum() == 8 * 8 * 8 - 64 - 8
+    assert set(NO_LESION_STRUCTURES) <= set(STRUCTURE_NAMES)
+    with pytest.raises(ValueError, match="masks must be"):
+        lesion_room(ct, masks[:, :4], STRUCTURE_NAMES)
+
+
 def test_lesion_coherence_measures_how_much_of_the_new_nodes_lies_in_the_real_elective_neck(tmp_path):
     """The augmentation table's node placement: the mean share of a synthetic case's node voxels inside its real
     case's CTVn (the real one, before it was grown to hold them)."""

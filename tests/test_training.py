@@ -697,6 +697,8 @@ def test_lesion_synthesis_keeps_the_real_case_but_its_tumour_and_nodes(trained, 
                                                 [None, None].float(), 3, stride=1, padding=1)[0, 0].numpy() > 0
         image, source_ct = load_nifti(item["image"])[0], load_nifti(source["image"])[0]
         assert np.allclose(image[~around], source_ct[~around], atol=0.5)  # the real CT outside, to the stored HU
+        keep_out = (source_ct > 300) | real[[names.index(n) for n in ("SpinalCord", "Brainstem", "Bone_Mandible")]].any(0)
+        assert not (masks[lesions].any(0) & keep_out).any()  # no new lesion in bone, cord, brainstem or mandible
         assert item["synthetic"]["seed"] in (number, number + 2, number + 4, number + 6)  # a retry: seed + count
         assert (tmp_path / "rendered" / f"synthetic_{number:03d}" / "seed.txt").read_text().strip() == str(item["synthetic"]["seed"])
     kept_nodes = synthesise(Path(trained), items, 1, tmp_path / "rendered-primary", steps=3, synthesis="rendered-primary")
