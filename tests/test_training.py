@@ -653,6 +653,30 @@ def test_augmentation_utility_trains_on_real_and_on_real_plus_synthetic_cases(tr
         evaluate(trained, Path(tiny_data.name), out, config=TINY, real=2, synthetic=3, steps=2, synthesis=["mixup"])
 
 
+def test_cases_with_and_without_a_report_share_a_batch(tiny_data, tmp_path):
+    """A datalist may hold cases without a report (nor a record): each reads as every field unknown, and batches
+    mixing them with reported cases stack (they did not: a 1-long vector against the fields' 39)."""
+    from medvlm.data.datalist import load_datalist
+    from medvlm.text.parse import LABEL_NAMES
+    from train.data import collate, load_cases, report_fields
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    raw = json.loads((data / "datalist.json").read_text())
+    raw["training"] = raw["training"][:2]
+    raw["training"][1].pop("report", None)
+    raw["training"][1].pop("record", None)
+    (data / "datalist.json").write_text(json.dumps(raw))
+    assert "report" not in load_datalist(data)["training"][1]
+    cases = load_cases(data, load_config(TINY))
+    assert cases[1].report == "" and cases[1].labels.shape == cases[0].labels.shape == (len(LABEL_NAMES),)
+    assert cases[0].labels.any() and not cases[1].labels.any()
+    batch = collate(cases, [0, 1], None, seed=0, epoch=0)
+    assert batch["labels"].shape == (2, len(LABEL_NAMES))
+    fields = report_fields(batch["labels"], len(LABEL_NAMES))
+    assert fields[0].any() and not fields[1].any()
+
+
 def test_lesion_synthesis_keeps_the_real_case_but_its_tumour_and_nodes(trained, tiny_data, tmp_path):
     """``--synthesis lesions``: a synthetic case is a real one with GTVp and GTVn regenerated for its report; its
     other structures are the real case's (the CT pasted outside the lesions is tested with the pipeline's

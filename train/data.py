@@ -26,6 +26,7 @@ from medvlm.vocabulary import STRUCTURE_NAMES
 from medvlm.errors import DatalistError
 from medvlm.models.windows import coordinate_channels, midline_distance
 from medvlm.text.prompts import process_record, process_report
+from medvlm.text.parse import LABEL_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,9 @@ def _load_cases(data_dir: Path, config: MedVLMConfig, section: str, train_fracti
             image=data["image"].as_tensor().float(),
             label=(label.as_tensor() > 0.5).float() if label is not None else None,
             prompt=processed.prompt if processed else "", report=report,
-            labels=processed.fields if processed else np.zeros(1, np.float32),
+            # no report: every field unknown (all-zero groups), the same length as a parsed report's vector so
+            # that cases with and without a report share a batch
+            labels=processed.fields if processed else np.zeros(len(LABEL_NAMES), np.float32),
             case_id=item.get("id", Path(item["image"]).name),
         ))
     if not cases:
