@@ -254,11 +254,11 @@ def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synt
 def lesion_room(ct: np.ndarray, masks: np.ndarray, names: Sequence[str], *,
                 bone_hu: float = TARGET_TISSUE_HU[1], excluded: Sequence[str] = NO_LESION_STRUCTURES) -> np.ndarray:
     """Where a rendered lesion may lie in a real case: (X, Y, Z) bool, False in its bone (CT above ``bone_hu``)
-    and in its ``excluded`` structures (default the cord, the brainstem and the mandible) (of ``masks`` (K, X, Y, Z) in the order of ``names``). Air stays allowed:
-    a tumour fills the airway it grows into.
+    and in its ``excluded`` structures of ``masks`` (K, X, Y, Z, in the order of ``names``; default the cord, the
+    brainstem and the mandible). Air stays allowed: a tumour fills the airway it grows into.
 
     Written here because the generator places lesions by the report, not by the real case's anatomy: in the demo's
-    augmentation 20 of 40 rendered cases drew a lesion over the mandible and 5 into the spinal cord (0 and 0 of the
+    augmentation 20 of 40 rendered cases drew a lesion over the mandible and 5 into the spinal cord (1 and 0 of the
     20 real cases), painting soft tissue under a bone or cord contour."""
     values = np.asarray(ct)
     masks = np.asarray(masks)
