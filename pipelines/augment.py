@@ -231,9 +231,8 @@ def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synt
             if synthesis in RENDERED and "GTVn" in regenerated and "CTVn" in names:  # nodes into the elective neck
                 labels[names.index("GTVn")] = place_nodes(labels[names.index("GTVn")], labels[names.index("CTVn")],
                                                           spacing_from_affine(affine))
-            if synthesis in RENDERED:  # new lesions only where a soft-tissue mass can lie in this real case
-                labels[channels] &= lesion_room(ct, masks, names)[None]
-            if synthesis in RENDERED:  # the lesions drawn into the real CT where their new masks lie
+            if synthesis in RENDERED:  # new lesions only where a soft-tissue mass can lie in this real case, then
+                labels[channels] &= lesion_room(ct, masks, names)[None]  # drawn into the real CT where they lie
                 image = render_lesions(ct, masks[channels], labels[channels], seed=used,
                                        keep=masks[kept].any(0) if kept else None)
             if "GTVn" in regenerated and "CTVn" in names:  # the kept elective target grown to hold the new nodes

@@ -223,7 +223,7 @@ def mirror_case(case: Case) -> Case:
         if label.shape[0] == len(STRUCTURE_NAMES):
             label = label[mirrored_channels()]
     order = mirrored_label_index()
-    labels = case.labels[order] if case.labels.shape[0] == len(order) else case.labels  # no label vector: kept
+    labels = case.labels[order] if case.labels.shape[0] == len(order) else case.labels  # another vector length: kept
     return replace(case, image=case.image.flip(1), label=label, prompt=swap_side_words(case.prompt),
                    report=swap_side_words(case.report), labels=labels)
 
@@ -320,7 +320,7 @@ def structure_presence(label: torch.Tensor, side_map: torch.Tensor | None = None
 
 def report_fields(labels: torch.Tensor, size: int) -> torch.Tensor | None:
     """The decoder's ``report_fields`` from a batch of case label vectors; rows without a parsed report
-    (shorter vectors) become all-zero ("nothing parsed"). ``None`` when the decoder reads no fields."""
+    (vectors not ``size`` long) become all-zero ("nothing parsed"). ``None`` when the decoder reads no fields."""
     if not size:
         return None
     labels = torch.as_tensor(labels, dtype=torch.float32)
