@@ -65,19 +65,22 @@ def lesion_coherence(synthetic: Sequence[dict], sources: Sequence[dict]) -> dict
     share of synthetic lesions whose contrast is 0.5 to 2 times their source lesion's (``"like_real"``); for the
     nodes the mean share of their voxels inside the source's elective nodal target (``"in_elective_neck"``: the
     real CTVn, which holds every real node; None for GTVp or without a CTVn); ``"n"``: the synthetic cases with
-    the lesion. Synthetic items name their source (``synthetic.source``, an id of ``sources``)."""
-    from scipy.ndimage import binary_dilation
+    the lesion; the medians of the synthetic lesion's volume over the source's (``"volume_ratio"``), of the
+    distance between their centres in millimetres (``"offset_mm"``) and of their connected components
+    (``"pieces"``, ``"real_pieces"``). Synthetic items name their source (``synthetic.source``, an id of
+    ``sources``)."""
+    from scipy.ndimage import binary_dilation, label
 
     from eval.generation_eval import lesion_contrast_hu
-    from medvlm.data.io import load_labels, load_nifti
+    from medvlm.data.io import load_labels, load_nifti, spacing_from_affine
     from pipelines.augment import nodes_inside
 
     by_id = {item.get("id", Path(item["image"]).name): item for item in sources}
-    values: dict = {name: {"real": [], "synthetic": [], "uncontoured": [], "like_real": [], "in_elective_neck": []}
-                    for name in LESIONS}
+    values: dict = {name: {"real": [], "synthetic": [], "uncontoured": [], "like_real": [], "in_elective_neck": [],
+                           "volume_ratio": [], "offset_mm": [], "pieces": [], "real_pieces": []} for name in LESIONS}
     for item in synthetic:
         source = by_id[item["synthetic"]["source"]]
-        ct, real_ct = load_nifti(item["image"])[0], load_nifti(source["image"])[0]
+        (ct, affine), real_ct = load_nifti(item["image"]), load_nifti(source["image"])[0]
         masks, _, names = load_labels(item["label"])
         real, _, real_names = load_labels(source["label"])
         if ct.shape != real_ct.shape:  # a source off the model grid: its lesions are not on this one
@@ -90,6 +93,13 @@ def lesion_coherence(synthetic: Sequence[dict], sources: Sequence[dict]) -> dict
                 measured[key] = lesion_contrast_hu(volume, lesion) if lesion.sum() >= 5 else None
                 if measured[key] is not None:
                     values[name][key].append(measured[key])
+            if new.any() and old.any():
+                spacing = np.asarray(spacing_from_affine(affine))
+                values[name]["volume_ratio"].append(float(new.sum() / old.sum()))
+                values[name]["offset_mm"].append(float(np.linalg.norm(
+                    (np.argwhere(new).mean(0) - np.argwhere(old).mean(0)) * spacing)))
+                values[name]["pieces"].append(label(new)[1])
+                values[name]["real_pieces"].append(label(old)[1])
             if measured["real"] is not None and measured["synthetic"] is not None and measured["real"] > 0:
                 values[name]["like_real"].append(0.5 <= measured["synthetic"] / measured["real"] <= 2.0)
             if name == "GTVn" and "CTVn" in real_names and new.any():
@@ -248,18 +258,25 @@ def coherence_table(results: dict) -> str:
              "case's lesion, the synthetic lesion in the synthetic CT, and the real lesion's place left without "
              "a contour (near 0: removed; near the real contrast: still visible); the share of synthetic lesions "
              "with 0.5 to 2 times their real lesion's contrast; for nodes, the mean share of their voxels inside the "
-             "real case's elective nodal target (CTVn), where every real node lies.", "",
+             "real case's elective nodal target (CTVn), where every real node lies; medians of the synthetic "
+             "lesion's volume over the real one's, of the distance between their centres and of their connected "
+             "components (real / synthetic), over the cases with both.", "",
              "| synthesis | structure | cases | real | synthetic | left without a contour | like the real | "
-             "in the real elective neck |",
-             "|---|---|---|---|---|---|---|---|"]
+             "in the real elective neck | volume / real | centre offset (mm) | pieces (real / synthetic) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def share(value):
         return "-" if value is None else f"{value:.2f}"
 
+    def number(value):
+        return "-" if value is None else f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
     for kind, lesions in measured:
         for structure, row in lesions.items():
             lines.append(f"| {kind} | {structure} | {row['n']} | {hu(row['real'])} | {hu(row['synthetic'])} | "
-                         f"{hu(row['uncontoured'])} | {share(row['like_real'])} | {share(row.get('in_elective_neck'))} |")
+                         f"{hu(row['uncontoured'])} | {share(row['like_real'])} | {share(row.get('in_elective_neck'))} | "
+                         f"{share(row.get('volume_ratio'))} | {number(row.get('offset_mm'))} | "
+                         f"{number(row.get('real_pieces'))} / {number(row.get('pieces'))} |")
     return "\n".join(lines)
 
 

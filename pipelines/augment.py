@@ -6,7 +6,8 @@ synthetic cases prompted by the training cases' own reports in turn, written und
 
 - ``rendered`` (default): a real training case whose tumour and nodes (GTVp, GTVn) are sampled anew for its
   report as in ``lesions`` (until the lesions present are those the case has; each new node outside the case's
-  elective neck moved into it, :func:`place_nodes`) and drawn into its real CT by :func:`render_lesions`: the old
+  elective neck moved into it, :func:`place_nodes`; the new primary centred on the case's own, :func:`place_primary`;
+  neither in the case's bone, cord, brainstem or mandible, :func:`lesion_room`) and drawn into its real CT by :func:`render_lesions`: the old
   lesions removed, the new ones soft-tissue masses of the case's own lesions' appearance; everything else is the
   real case's. Image and contours agree by construction.
 - ``lesions``: the same masks with the image decoded by the generator: the CT latent, the other structures and
@@ -40,6 +41,7 @@ LESIONS = ("GTVp", "GTVn")  # what ``lesions`` regenerates; every other structur
 REGENERATED = {"lesions": LESIONS, "primary": ("GTVp",), "rendered": LESIONS, "rendered-primary": ("GTVp",)}
 RENDERED = ("rendered", "rendered-primary")
 PRESENCE_TRIES = 4  # generator seeds a rendered case may take until its lesions are those its report states
+LESION_VOLUME_RATIO = 1.5  # a new primary's, or the new nodes', volume kept within this factor of the real case's (same report)
 NODES_INSIDE = 0.5  # share of a new node's voxels inside the case's elective neck (CTVn) under which it is moved
 TARGET_TISSUE_HU = (-500.0, 300.0)  # where that margin may grow: not air (airway, outside), not bone
 # structures a drawn lesion never enters: no GTV of the head and neck (nor of the phantom) lies in the central
@@ -228,11 +230,8 @@ def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synt
                     break
             affine = affine if synthesis in REGENERATED else result.affine
             image, labels = result.ct[0], np.asarray(result.masks[0]).astype(bool)
-            if synthesis in RENDERED and "GTVn" in regenerated and "CTVn" in names:  # nodes into the elective neck
-                labels[names.index("GTVn")] = place_nodes(labels[names.index("GTVn")], labels[names.index("CTVn")],
-                                                          spacing_from_affine(affine))
-            if synthesis in RENDERED:  # new lesions only where a soft-tissue mass can lie in this real case, then
-                labels[channels] &= lesion_room(ct, masks, names)[None]  # drawn into the real CT where they lie
+            if synthesis in RENDERED:  # lesions fitted to this real case, then drawn into its CT where they lie
+                labels = fit_lesions(labels, masks, names, regenerated, ct, spacing_from_affine(affine))
                 image = render_lesions(ct, masks[channels], labels[channels], seed=used,
                                        keep=masks[kept].any(0) if kept else None)
             if "GTVn" in regenerated and "CTVn" in names:  # the kept elective target grown to hold the new nodes
@@ -248,6 +247,32 @@ def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synt
                         "synthetic": {"synthesis": synthesis, "source": source.get("id", Path(source["image"]).name),
                                       "seed": used}})
     return written
+
+
+def fit_lesions(sample: np.ndarray, source: np.ndarray, names: Sequence[str], regenerated: Sequence[str],
+                ct: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:
+    """A rendered sample's structures (K, X, Y, Z bool, in the order of ``names``) with its ``regenerated``
+    lesions fitted to the real case it edits (``source`` masks, ``ct`` in HU, grid ``spacing_mm``), whose report
+    prompted it: a lesion the report states but the generator did not draw in its tries is the case's own, one it
+    does not state is dropped; nodes as many and as large as the case's (:func:`shape_nodes`), in its elective
+    neck (:func:`place_nodes`); the primary centred on the case's own (:func:`place_primary`); neither in bone,
+    cord, brainstem or mandible (:func:`lesion_room`)."""
+    labels = np.array(sample, dtype=bool)
+    source = np.asarray(source, dtype=bool)
+    for name in regenerated:
+        k = list(names).index(name)
+        labels[k] = labels[k] if labels[k].any() == source[k].any() else source[k]
+    if "GTVn" in regenerated:
+        k = list(names).index("GTVn")
+        labels[k] = shape_nodes(labels[k], source[k])
+        if "CTVn" in names:
+            labels[k] = place_nodes(labels[k], labels[list(names).index("CTVn")], spacing_mm)
+    if "GTVp" in regenerated:
+        k = list(names).index("GTVp")
+        labels[k] = place_primary(labels[k], source[k])
+    channels = [list(names).index(n) for n in regenerated]
+    labels[channels] &= lesion_room(ct, source, names)[None]
+    return labels
 
 
 def lesion_room(ct: np.ndarray, masks: np.ndarray, names: Sequence[str], *,
@@ -268,6 +293,85 @@ def lesion_room(ct: np.ndarray, masks: np.ndarray, names: Sequence[str], *,
         if name in names:
             room &= ~np.asarray(masks[list(names).index(name)], dtype=bool)
     return room
+
+
+def place_primary(primary: np.ndarray, source: np.ndarray, *, volume_ratio: float = LESION_VOLUME_RATIO) -> np.ndarray:
+    """A new primary tumour ``primary`` (X, Y, Z bool) placed where the real case's primary ``source`` lies: its
+    largest connected components, as many as the source has (a fragment is no second tumour), scaled about their
+    centre to a volume within ``volume_ratio`` times the source's (unchanged inside that range) and moved so that
+    their centre is the source's. Unchanged when either is empty.
+
+    A rendered case is prompted by its source case's own report, so the new primary has the source's subsite,
+    side and T stage; the generator's shape gives the variety. Written here because the generator places a primary
+    by the report, not by this case's anatomy: on the demo's 10-case augmentation (seed 0) its centre lay 7-53 mm
+    (median 31) from the real primary of the same report, and its volume 0.04-3.7 times the real one's."""
+    primary, source = np.asarray(primary, dtype=bool), np.asarray(source, dtype=bool)
+    if primary.shape != source.shape:
+        raise ValueError(f"primary and source must share one grid, got {primary.shape} and {source.shape}")
+    if not primary.any() or not source.any():
+        return primary.copy()
+    if not volume_ratio >= 1.0:
+        raise ValueError(f"volume_ratio must be >= 1, got {volume_ratio}")
+    primary = _largest(primary, source)
+    kept = float(np.clip(primary.sum(), source.sum() / volume_ratio, source.sum() * volume_ratio))
+    return _resized(primary, (kept / primary.sum()) ** (1.0 / 3.0), np.argwhere(source).mean(0))
+
+
+def shape_nodes(nodes: np.ndarray, source: np.ndarray, *, volume_ratio: float = LESION_VOLUME_RATIO) -> np.ndarray:
+    """New nodes ``nodes`` (X, Y, Z bool) given the real case's nodal burden ``source``: no more nodes (connected
+    components) than the source has, the largest kept, and their total volume brought within ``volume_ratio``
+    times the source's, each node scaled about its own centre. Unchanged when either is empty.
+
+    The report is the source's own (same N stage), the generator's nodes give shape and place (then
+    :func:`place_nodes`). Written here because the generator's node masks fall apart into fragments: 9-17
+    components where the real case of the same report has 1-3 on the demo's 10-case augmentation (seed 0)."""
+    from scipy.ndimage import label
+
+    nodes, source = np.asarray(nodes, dtype=bool), np.asarray(source, dtype=bool)
+    if nodes.shape != source.shape:
+        raise ValueError(f"nodes and source must share one grid, got {nodes.shape} and {source.shape}")
+    if not nodes.any() or not source.any():
+        return nodes.copy()
+    if not volume_ratio >= 1.0:
+        raise ValueError(f"volume_ratio must be >= 1, got {volume_ratio}")
+    nodes = _largest(nodes, source)
+    kept = float(np.clip(nodes.sum(), source.sum() / volume_ratio, source.sum() * volume_ratio))
+    components, count = label(nodes)
+    shaped = np.zeros_like(nodes)
+    for number in range(1, count + 1):
+        node = components == number
+        shaped |= _resized(node, (kept / nodes.sum()) ** (1.0 / 3.0), np.argwhere(node).mean(0))
+    return shaped
+
+
+def _largest(mask: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """``mask`` with only its largest connected components, as many as ``like`` has (scipy's labelling)."""
+    from scipy.ndimage import label
+
+    components = label(mask)[0]
+    sizes = np.bincount(components.ravel())[1:]
+    return np.isin(components, np.argsort(sizes, kind="stable")[::-1][:label(like)[1]] + 1)
+
+
+def _resized(mask: np.ndarray, scale: float, centre_to: np.ndarray) -> np.ndarray:
+    """``mask`` (X, Y, Z bool, not empty) scaled by ``scale`` (linear) about its centre and moved, by whole voxels,
+    so that its centre lies at ``centre_to`` (voxel coordinates): nearest-neighbour index arithmetic about the
+    lesion's own centre, as MONAI's Affine scales about the image centre."""
+    voxels = np.argwhere(mask)
+    centre = voxels.mean(0)
+    target = centre + np.rint(np.asarray(centre_to, dtype=np.float64) - centre)  # an unscaled shape stays exact
+    # every voxel of a box around the target centre, pulled back to the original shape
+    reach = np.ceil((voxels.max(0) - voxels.min(0) + 1) * scale / 2.0 + 1.0).astype(int)
+    low = np.maximum(np.floor(target).astype(int) - reach, 0)
+    high = np.minimum(np.ceil(target).astype(int) + reach + 1, np.asarray(mask.shape))
+    grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(low, high)], indexing="ij"), -1).reshape(-1, 3)
+    back = np.rint(centre + (grid - target) / scale).astype(int)
+    valid = ((back >= 0) & (back < np.asarray(mask.shape))).all(1)
+    hit = np.zeros(len(grid), dtype=bool)
+    hit[valid] = mask[tuple(back[valid].T)]
+    placed = np.zeros_like(mask, dtype=bool)
+    placed[tuple(grid[hit].T)] = True
+    return placed
 
 
 def nodes_inside(masks: np.ndarray, names: Sequence[str]) -> float:

@@ -407,9 +407,13 @@ def test_lesion_coherence_tells_a_visible_replaced_tumour_from_a_removed_one(tmp
     assert pasted["real"] == pytest.approx(30.0, abs=1.0) and pasted["uncontoured"] == pytest.approx(30.0, abs=1.0)
     assert abs(drawn["uncontoured"]) < 5.0 and drawn["synthetic"] == pytest.approx(30.0, abs=5.0)  # less its blended edge
     assert pasted["like_real"] == 1.0 and drawn["n"] == 1
-    assert results["real + pasted"]["lesions"]["GTVn"] == {"real": None, "synthetic": None, "uncontoured": None,
-                                                            "like_real": None, "in_elective_neck": None, "n": 0}
+    assert results["real + pasted"]["lesions"]["GTVn"] == {
+        "real": None, "synthetic": None, "uncontoured": None, "volume_ratio": None, "offset_mm": None, "pieces": None,
+        "real_pieces": None, "like_real": None, "in_elective_neck": None, "n": 0}
+    assert drawn["volume_ratio"] == 1.0 and drawn["offset_mm"] == pytest.approx(9.0 * 3 ** 0.5)  # 9 voxels of 1 mm
+    assert drawn["pieces"] == drawn["real_pieces"] == 1
     assert "| rendered | GTVp | 1 |" in coherence_table(results) and drawn["in_elective_neck"] is None
+    assert "| 1.00 | 15.6 | 1 / 1 |" in coherence_table(results)
 
 
 def test_rendered_lesions_without_soft_tissue_around_fill_from_what_is_there():
@@ -490,6 +494,93 @@ def test_rendered_nodes_outside_the_elective_neck_are_moved_into_it_whole():
     assert np.array_equal(place_nodes(nodes, np.zeros_like(target)), nodes)
     with pytest.raises(ValueError, match="one grid"):
         place_nodes(nodes, target[:5])
+
+
+def test_rendered_primary_lies_where_the_real_primary_of_its_report_lies():
+    """``place_primary``: a new primary far from the real case's one is moved so that its centre is the real one's,
+    its shape kept; its volume is brought within ``LESION_VOLUME_RATIO`` of the real one's, and left as it is
+    inside that range; without either primary nothing changes."""
+    from pipelines.augment import LESION_VOLUME_RATIO, place_primary
+
+    source = np.zeros((40, 40, 40), bool)
+    source[24:32, 20:28, 20:28] = True  # 512 voxels, centre (27.5, 23.5, 23.5)
+    new = np.zeros_like(source)
+    new[4:11, 4:11, 6:12] = True  # 294 voxels: within 1.5 x 512, 20+ voxels away
+    placed = place_primary(new, source)
+    assert placed.sum() == new.sum()
+    assert np.allclose(np.argwhere(placed).mean(0), np.argwhere(source).mean(0), atol=0.6)
+    box = np.argwhere(placed)
+    assert np.array_equal(box.max(0) - box.min(0), [6, 6, 5])  # the same box
+    tiny = np.zeros_like(source)
+    tiny[5:7, 5:7, 5:7] = True  # 8 voxels: grown to about 512 / 1.5
+    grown = place_primary(tiny, source)
+    assert 512 / LESION_VOLUME_RATIO / 1.6 <= grown.sum() <= 512 / LESION_VOLUME_RATIO * 1.6
+    assert source[grown].mean() == 1.0  # centred on the real primary, smaller than it
+    huge = np.zeros_like(source)
+    huge[:20, :20, :20] = True  # 8000 voxels: shrunk to about 512 x 1.5
+    shrunk = place_primary(huge, source)
+    assert 512 * LESION_VOLUME_RATIO / 1.6 <= shrunk.sum() <= 512 * LESION_VOLUME_RATIO * 1.6
+    assert np.array_equal(place_primary(new, np.zeros_like(source)), new)
+    assert not place_primary(np.zeros_like(source), source).any()
+    with pytest.raises(ValueError, match="one grid"):
+        place_primary(new, source[:5])
+
+
+def test_rendered_nodes_are_as_many_and_as_large_as_the_real_cases():
+    """``shape_nodes``: fragments beyond the real case's node count are dropped (the largest kept, in place); the
+    kept nodes are scaled about their own centres to a total volume within ``LESION_VOLUME_RATIO`` of the real
+    nodes'; without either nothing changes."""
+    from scipy.ndimage import label
+
+    from pipelines.augment import LESION_VOLUME_RATIO, shape_nodes
+
+    source = np.zeros((40, 40, 40), bool)
+    source[5:11, 5:11, 5:11] = True  # two real nodes, 216 voxels each
+    source[25:31, 25:31, 25:31] = True
+    new = np.zeros_like(source)
+    new[10:16, 20:26, 10:16] = True  # 216: kept
+    new[30:35, 5:10, 5:10] = True  # 125: kept
+    nodes = new.copy()
+    new[2, 30, 30] = new[35, 35, 2] = new[20, 2, 35] = True  # one-voxel fragments: dropped
+    shaped = shape_nodes(new, source)
+    assert label(shaped)[1] == 2 and np.array_equal(shaped, nodes)  # 341 voxels: within 1.5 x 432, unscaled
+    small = np.zeros_like(source)
+    small[18:20, 18:20, 18:20] = True  # 8 voxels against 432: grown about its centre to about 432 / 1.5
+    grown = shape_nodes(small, source)
+    assert 432 / LESION_VOLUME_RATIO / 1.6 <= grown.sum() <= 432 / LESION_VOLUME_RATIO * 1.6
+    assert np.allclose(np.argwhere(grown).mean(0), 18.5, atol=0.6)
+    assert np.array_equal(shape_nodes(new, np.zeros_like(source)), new)
+    assert not shape_nodes(np.zeros_like(source), source).any()
+    with pytest.raises(ValueError, match="one grid"):
+        shape_nodes(new, source[:5])
+
+
+def test_rendered_lesions_are_those_the_report_states_and_fit_the_real_case():
+    """``fit_lesions``: a primary the report states but the generator did not draw is the real case's own; nodes
+    the report does not state (the real case has none) are dropped; a drawn primary is centred on the real one and
+    kept out of bone; structures that are not regenerated stay as sampled."""
+    from pipelines.augment import fit_lesions
+    from medvlm.vocabulary import STRUCTURE_NAMES as names
+
+    shape = (32, 32, 32)
+    ct = np.full(shape, 40.0, np.float32)
+    ct[:, :, :4] = 900.0  # bone along the bottom
+    source = np.zeros((len(names), *shape), bool)
+    source[names.index("GTVp"), 12:18, 12:18, 3:9] = True  # the real primary touches the bone: its bone voxels stay out
+    source[names.index("Larynx"), 2:6, 2:6, 2:6] = True
+    sample = np.zeros_like(source)
+    sample[names.index("GTVn"), 25:28, 25:28, 25:28] = True  # nodes where the real case (cN0) has none
+    sample[names.index("Larynx"), 20:24, 20:24, 20:24] = True
+    fitted = fit_lesions(sample, source, names, ("GTVp", "GTVn"), ct, (3.0, 3.0, 3.0))
+    gtvp = names.index("GTVp")
+    assert np.array_equal(fitted[gtvp], source[gtvp] & (ct <= 300))  # the case's own primary, out of the bone
+    assert not fitted[names.index("GTVn")].any()
+    assert np.array_equal(fitted[names.index("Larynx")], sample[names.index("Larynx")])
+    sample[gtvp, 2:6, 24:28, 20:24] = True  # a drawn primary, 64 voxels, far from the real one (216)
+    fitted = fit_lesions(sample, source, names, ("GTVp",), ct, (3.0, 3.0, 3.0))
+    assert fitted[names.index("GTVn")].any()  # nodes not regenerated: as sampled
+    assert 216 / 1.5 / 1.6 <= fitted[gtvp].sum() <= 216 and np.abs(np.argwhere(fitted[gtvp]).mean(0)[:2] - 14.5).max() < 1.5
+    assert not (fitted[gtvp] & (ct > 300)).any()
 
 
 def test_rendered_lesions_keep_out_of_bone_and_the_central_nervous_system():
