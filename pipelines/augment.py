@@ -7,7 +7,7 @@ synthetic cases prompted by the training cases' own reports in turn, written und
 - ``rendered`` (default): a real training case whose tumour and nodes (GTVp, GTVn) are sampled anew for its
   report as in ``lesions`` (until the lesions present are those the case has; each new node outside the case's
   elective neck moved into it, :func:`place_nodes`; the new primary centred on the case's own, :func:`place_primary`;
-  neither in the case's bone, cord, brainstem or mandible, :func:`lesion_room`) and drawn into its real CT by :func:`render_lesions`: the old
+  neither in the case's bone, cord, brainstem or mandible, :func:`lesion_room`: :func:`fit_lesions`) and drawn into its real CT by :func:`render_lesions`: the old
   lesions removed, the new ones soft-tissue masses of the case's own lesions' appearance; everything else is the
   real case's. Image and contours agree by construction.
 - ``lesions``: the same masks with the image decoded by the generator: the CT latent, the other structures and
@@ -41,7 +41,7 @@ LESIONS = ("GTVp", "GTVn")  # what ``lesions`` regenerates; every other structur
 REGENERATED = {"lesions": LESIONS, "primary": ("GTVp",), "rendered": LESIONS, "rendered-primary": ("GTVp",)}
 RENDERED = ("rendered", "rendered-primary")
 PRESENCE_TRIES = 4  # generator seeds a rendered case may take until its lesions are those its report states
-LESION_VOLUME_RATIO = 1.5  # a new primary's, or the new nodes', volume: the real case's times a factor within this (same report)
+PRIMARY_VOLUME_RATIO = 1.5  # a new primary's volume kept within this factor of the real case's (same report, same T)
 NODES_INSIDE = 0.5  # share of a new node's voxels inside the case's elective neck (CTVn) under which it is moved
 TARGET_TISSUE_HU = (-500.0, 300.0)  # where that margin may grow: not air (airway, outside), not bone
 # structures a drawn lesion never enters: no GTV of the head and neck (nor of the phantom) lies in the central
@@ -231,7 +231,7 @@ def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synt
             affine = affine if synthesis in REGENERATED else result.affine
             image, labels = result.ct[0], np.asarray(result.masks[0]).astype(bool)
             if synthesis in RENDERED:  # lesions fitted to this real case, then drawn into its CT where they lie
-                labels = fit_lesions(labels, masks, names, regenerated, ct, spacing_from_affine(affine), seed=used)
+                labels = fit_lesions(labels, masks, names, regenerated, ct, spacing_from_affine(affine))
                 image = render_lesions(ct, masks[channels], labels[channels], seed=used,
                                        keep=masks[kept].any(0) if kept else None)
             if "GTVn" in regenerated and "CTVn" in names:  # the kept elective target grown to hold the new nodes
@@ -250,33 +250,18 @@ def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synt
 
 
 def fit_lesions(sample: np.ndarray, source: np.ndarray, names: Sequence[str], regenerated: Sequence[str],
-                ct: np.ndarray, spacing_mm: Sequence[float], *, seed: int = 0,
-                volume_ratio: float = LESION_VOLUME_RATIO) -> np.ndarray:
+                ct: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:
     """A rendered sample's structures (K, X, Y, Z bool, in the order of ``names``) with its ``regenerated``
     lesions fitted to the real case it edits (``source`` masks, ``ct`` in HU, grid ``spacing_mm``), whose report
-    prompted it: a lesion the report states but the generator did not draw in its tries is the case's own, one it
-    does not state is dropped; nodes as many as the case's (:func:`shape_nodes`), in its elective neck
-    (:func:`place_nodes`); the primary centred on the case's own (:func:`place_primary`); neither in bone, cord,
-    brainstem or mandible (:func:`lesion_room`). The generator gives the lesions' shapes; their volumes are the
-    case's own times a factor drawn (``seed``) log-uniformly within ``volume_ratio``, per lesion structure: the
-    generator's lesions run small (a median 0.65-0.77 of the real volume even when clipped to 1/1.5 .. 1.5 of it, on
-    the demo's 10-case augmentation), which would teach a decoder to under-contour."""
-    if not volume_ratio >= 1.0:
-        raise ValueError(f"volume_ratio must be >= 1, got {volume_ratio}")
+    prompted it: new nodes in its elective neck (:func:`place_nodes`), the new primary centred on its own
+    (:func:`place_primary`), neither in its bone, cord, brainstem or mandible (:func:`lesion_room`)."""
     labels = np.array(sample, dtype=bool)
-    source = np.asarray(source, dtype=bool)
-    for name in regenerated:
-        k = list(names).index(name)
-        labels[k] = labels[k] if labels[k].any() == source[k].any() else source[k]
-    volumes = np.exp(np.random.default_rng(seed).uniform(-np.log(volume_ratio), np.log(volume_ratio), 2))
-    if "GTVn" in regenerated:
+    if "GTVn" in regenerated and "CTVn" in names:
         k = list(names).index("GTVn")
-        labels[k] = shape_nodes(labels[k], source[k], volume=float(volumes[1]))
-        if "CTVn" in names:
-            labels[k] = place_nodes(labels[k], labels[list(names).index("CTVn")], spacing_mm)
+        labels[k] = place_nodes(labels[k], labels[list(names).index("CTVn")], spacing_mm)
     if "GTVp" in regenerated:
         k = list(names).index("GTVp")
-        labels[k] = place_primary(labels[k], source[k], volume=float(volumes[0]))
+        labels[k] = place_primary(labels[k], np.asarray(source[k], dtype=bool))
     channels = [list(names).index(n) for n in regenerated]
     labels[channels] &= lesion_room(ct, source, names)[None]
     return labels
@@ -302,86 +287,39 @@ def lesion_room(ct: np.ndarray, masks: np.ndarray, names: Sequence[str], *,
     return room
 
 
-def place_primary(primary: np.ndarray, source: np.ndarray, *, volume: float = 1.0) -> np.ndarray:
+def place_primary(primary: np.ndarray, source: np.ndarray, *, volume_ratio: float = PRIMARY_VOLUME_RATIO) -> np.ndarray:
     """A new primary tumour ``primary`` (X, Y, Z bool) placed where the real case's primary ``source`` lies: its
-    largest connected components, as many as the source has (a fragment is no second tumour), scaled about their
-    centre to ``volume`` times the source's volume and moved so that their centre is the source's. Unchanged when
-    either is empty.
+    shape scaled about its centre to a volume within ``volume_ratio`` times the source's (unchanged inside that
+    range) and moved, by whole voxels, so that its centre is the source's. Unchanged when either is empty.
 
     A rendered case is prompted by its source case's own report, so the new primary has the source's subsite,
-    side and T stage; the generator's shape gives the variety. Written here because the generator places a primary
-    by the report, not by this case's anatomy: on the demo's 10-case augmentation (seed 0) its centre lay 7-53 mm
-    (median 31) from the real primary of the same report, and its volume 0.04-3.7 times the real one's."""
+    side and T stage; the generator gives its shape. Written here because the generator places a primary by the
+    report, not by this case's anatomy: on the demo's 10-case augmentation (seed 0) its centre lay 7-53 mm (median
+    31) from the real primary of the same report, its volume 0.04-3.7 times the real one's. Nearest-neighbour index
+    arithmetic about the lesion's own centre (MONAI's Affine scales about the image centre)."""
     primary, source = np.asarray(primary, dtype=bool), np.asarray(source, dtype=bool)
     if primary.shape != source.shape:
         raise ValueError(f"primary and source must share one grid, got {primary.shape} and {source.shape}")
+    if not volume_ratio >= 1.0:
+        raise ValueError(f"volume_ratio must be >= 1, got {volume_ratio}")
     if not primary.any() or not source.any():
         return primary.copy()
-    if not volume > 0:
-        raise ValueError(f"volume must be > 0 (times the source's), got {volume}")
-    primary = _largest(primary, source)
-    return _resized(primary, volume * float(source.sum()), np.argwhere(source).mean(0))
-
-
-def shape_nodes(nodes: np.ndarray, source: np.ndarray, *, volume: float = 1.0) -> np.ndarray:
-    """New nodes ``nodes`` (X, Y, Z bool) given the real case's nodal burden ``source``: no more nodes (connected
-    components) than the source has, the largest kept, and their total volume made ``volume`` times the source's,
-    each node scaled about its own centre. Unchanged when either is empty.
-
-    The report is the source's own (same N stage), the generator's nodes give shape and place (then
-    :func:`place_nodes`). Written here because the generator's node masks fall apart into fragments: 9-17
-    components where the real case of the same report has 1-3 on the demo's 10-case augmentation (seed 0)."""
-    from scipy.ndimage import label
-
-    nodes, source = np.asarray(nodes, dtype=bool), np.asarray(source, dtype=bool)
-    if nodes.shape != source.shape:
-        raise ValueError(f"nodes and source must share one grid, got {nodes.shape} and {source.shape}")
-    if not nodes.any() or not source.any():
-        return nodes.copy()
-    if not volume > 0:
-        raise ValueError(f"volume must be > 0 (times the source's), got {volume}")
-    nodes = _largest(nodes, source)
-    kept = volume * float(source.sum())
-    components, count = label(nodes)
-    shaped = np.zeros_like(nodes)
-    for number in range(1, count + 1):
-        node = components == number
-        shaped |= _resized(node, kept * node.sum() / nodes.sum(), np.argwhere(node).mean(0))
-    return shaped
-
-
-def _largest(mask: np.ndarray, like: np.ndarray) -> np.ndarray:
-    """``mask`` with only its largest connected components, as many as ``like`` has (scipy's labelling)."""
-    from scipy.ndimage import label
-
-    components = label(mask)[0]
-    sizes = np.bincount(components.ravel())[1:]
-    return np.isin(components, np.argsort(sizes, kind="stable")[::-1][:label(like)[1]] + 1)
-
-
-def _resized(mask: np.ndarray, volume: float, centre_to: np.ndarray) -> np.ndarray:
-    """``mask`` (X, Y, Z bool, not empty) scaled about its centre to ``volume`` voxels and moved, by whole voxels,
-    so that its centre lies at ``centre_to`` (voxel coordinates): the mask, trilinearly interpolated (scipy) at the
-    voxels pulled back about the lesion's own centre (MONAI's Affine scales about the image centre), keeps its
-    ``volume`` most-inside voxels, so the volume is exact and an unscaled shape is moved unchanged."""
-    from scipy.ndimage import map_coordinates
-
-    voxels = np.argwhere(mask)
-    count = max(1, int(round(volume)))
-    scale = (count / len(voxels)) ** (1.0 / 3.0)
+    voxels = np.argwhere(primary)
+    kept = float(np.clip(len(voxels), source.sum() / volume_ratio, source.sum() * volume_ratio))
+    scale = (kept / len(voxels)) ** (1.0 / 3.0)  # the linear factor giving the kept volume
     centre = voxels.mean(0)
-    target = centre + np.rint(np.asarray(centre_to, dtype=np.float64) - centre)
-    # every voxel of a box around the target centre, pulled back to the original shape
-    reach = np.ceil((voxels.max(0) - voxels.min(0) + 1) * scale / 2.0 + 2.0).astype(int)
+    target = centre + np.rint(np.argwhere(source).mean(0) - centre)  # a whole-voxel move: an unscaled shape stays exact
+    # every voxel of a box around the target centre, pulled back to the generated shape
+    reach = np.ceil((voxels.max(0) - voxels.min(0) + 1) * scale / 2.0 + 1.0).astype(int)
     low = np.maximum(np.floor(target).astype(int) - reach, 0)
-    high = np.minimum(np.ceil(target).astype(int) + reach + 1, np.asarray(mask.shape))
+    high = np.minimum(np.ceil(target).astype(int) + reach + 1, np.asarray(primary.shape))
     grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(low, high)], indexing="ij"), -1).reshape(-1, 3)
-    inside = map_coordinates(np.asarray(mask, dtype=np.float32), (centre + (grid - target) / scale).T, order=1,
-                             mode="constant", cval=0.0)
-    order = np.argsort(-inside, kind="stable")[:count]
-    order = order[inside[order] > 0]
-    placed = np.zeros_like(mask, dtype=bool)
-    placed[tuple(grid[order].T)] = True
+    back = np.rint(centre + (grid - target) / scale).astype(int)
+    valid = ((back >= 0) & (back < np.asarray(primary.shape))).all(1)
+    hit = np.zeros(len(grid), dtype=bool)
+    hit[valid] = primary[tuple(back[valid].T)]
+    placed = np.zeros_like(primary)
+    placed[tuple(grid[hit].T)] = True
     return placed
 
 

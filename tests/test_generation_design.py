@@ -498,98 +498,60 @@ def test_rendered_nodes_outside_the_elective_neck_are_moved_into_it_whole():
 
 def test_rendered_primary_lies_where_the_real_primary_of_its_report_lies():
     """``place_primary``: a new primary far from the real case's one is moved so that its centre is the real one's,
-    its shape kept; it is scaled about its centre to the volume asked for (times the real one's); fragments beyond
-    the real primary's one piece are dropped; without either primary nothing changes."""
-    from pipelines.augment import place_primary
+    its shape kept; its volume is brought within ``PRIMARY_VOLUME_RATIO`` of the real one's, and left as it is
+    inside that range; without either primary nothing changes."""
+    from pipelines.augment import PRIMARY_VOLUME_RATIO, place_primary
 
     source = np.zeros((40, 40, 40), bool)
     source[24:32, 20:28, 20:28] = True  # 512 voxels, centre (27.5, 23.5, 23.5)
     new = np.zeros_like(source)
-    new[4:12, 4:12, 6:14] = True  # 512 voxels, 20+ voxels away
-    fragmented = new.copy()
-    fragmented[0, 39, 39] = True
-    placed = place_primary(fragmented, source)
-    assert np.array_equal(placed, source)  # the same cube, moved onto the real one; the fragment dropped
+    new[4:11, 4:11, 6:12] = True  # 294 voxels: within 1.5 x 512, 20+ voxels away
+    placed = place_primary(new, source)
+    assert placed.sum() == new.sum()
+    assert np.allclose(np.argwhere(placed).mean(0), np.argwhere(source).mean(0), atol=0.6)
+    box = np.argwhere(placed)
+    assert np.array_equal(box.max(0) - box.min(0), [6, 6, 5])  # the same box
     tiny = np.zeros_like(source)
-    tiny[5:8, 5:8, 5:8] = True  # 27 voxels: grown to 512 / 1.5
-    grown = place_primary(tiny, source, volume=1 / 1.5)
-    assert grown.sum() == round(512 / 1.5)
+    tiny[5:7, 5:7, 5:7] = True  # 8 voxels: grown to about 512 / 1.5 (a side rounds to whole voxels)
+    grown = place_primary(tiny, source)
+    assert 512 / PRIMARY_VOLUME_RATIO / 1.6 <= grown.sum() <= 512 / PRIMARY_VOLUME_RATIO * 1.6
     assert source[grown].mean() == 1.0  # centred on the real primary, smaller than it
     huge = np.zeros_like(source)
-    huge[:20, :20, :20] = True  # 8000 voxels: shrunk to 512 x 1.5
-    shrunk = place_primary(huge, source, volume=1.5)
-    assert 0.9 * 768 <= shrunk.sum() <= 768 and shrunk[source].all()  # a sharp cube has few partial voxels to add
+    huge[:20, :20, :20] = True  # 8000 voxels: shrunk to about 512 x 1.5
+    shrunk = place_primary(huge, source)
+    assert 512 * PRIMARY_VOLUME_RATIO / 1.6 <= shrunk.sum() <= 512 * PRIMARY_VOLUME_RATIO * 1.6 and shrunk[source].all()
     assert np.array_equal(place_primary(new, np.zeros_like(source)), new)
     assert not place_primary(np.zeros_like(source), source).any()
     with pytest.raises(ValueError, match="one grid"):
         place_primary(new, source[:5])
-    with pytest.raises(ValueError, match="volume must be > 0"):
-        place_primary(new, source, volume=0.0)
+    with pytest.raises(ValueError, match="volume_ratio"):
+        place_primary(new, source, volume_ratio=0.5)
 
 
-def test_rendered_nodes_are_as_many_and_as_large_as_the_real_cases():
-    """``shape_nodes``: fragments beyond the real case's node count are dropped (the largest kept, in place); the
-    kept nodes are scaled about their own centres to the total volume asked for (times the real nodes'); without
-    either nothing changes."""
-    from scipy.ndimage import label
-
-    from pipelines.augment import shape_nodes
-
-    source = np.zeros((40, 40, 40), bool)
-    source[5:11, 5:11, 5:11] = True  # two real nodes, 216 voxels each
-    source[25:31, 25:31, 25:31] = True
-    new = np.zeros_like(source)
-    new[10:16, 20:26, 10:16] = True  # 216: kept
-    new[30:36, 5:11, 5:11] = True  # 216: kept
-    nodes = new.copy()
-    new[2, 30, 30] = new[35, 35, 2] = new[20, 2, 35] = True  # one-voxel fragments: dropped
-    shaped = shape_nodes(new, source)
-    assert label(shaped)[1] == 2 and np.array_equal(shaped, nodes)  # 432 voxels, the real nodes' volume: unscaled
-    small = np.zeros_like(source)
-    small[18:21, 18:21, 18:21] = True  # 27 voxels against 432: grown about its centre to 432 / 1.5
-    grown = shape_nodes(small, source, volume=1 / 1.5)
-    assert grown.sum() == 288
-    assert np.allclose(np.argwhere(grown).mean(0), 19.0, atol=0.6)
-    assert np.array_equal(shape_nodes(new, np.zeros_like(source)), new)
-    assert not shape_nodes(np.zeros_like(source), source).any()
-    with pytest.raises(ValueError, match="one grid"):
-        shape_nodes(new, source[:5])
-
-
-def test_rendered_lesions_are_those_the_report_states_and_fit_the_real_case():
-    """``fit_lesions``: a primary the report states but the generator did not draw is the real case's own; nodes
-    the report does not state (the real case has none) are dropped; a drawn primary is centred on the real one and
-    kept out of bone; structures that are not regenerated stay as sampled."""
+def test_rendered_lesions_are_fitted_to_the_real_case():
+    """``fit_lesions``: a drawn primary is centred on the real one and kept out of bone; new nodes outside the
+    real elective neck move into it; structures that are not regenerated stay as sampled."""
     from pipelines.augment import fit_lesions
     from medvlm.vocabulary import STRUCTURE_NAMES as names
 
     shape = (32, 32, 32)
     ct = np.full(shape, 40.0, np.float32)
     ct[:, :, :4] = 900.0  # bone along the bottom
+    gtvp, gtvn, ctvn = (names.index(n) for n in ("GTVp", "GTVn", "CTVn"))
     source = np.zeros((len(names), *shape), bool)
-    source[names.index("GTVp"), 12:18, 12:18, 3:9] = True  # the real primary touches the bone: its bone voxels stay out
-    source[names.index("Larynx"), 2:6, 2:6, 2:6] = True
-    sample = np.zeros_like(source)
-    sample[names.index("GTVn"), 25:28, 25:28, 25:28] = True  # nodes where the real case (cN0) has none
+    source[gtvp, 12:18, 12:18, 3:9] = True  # the real primary (216 voxels) touches the bone
+    source[ctvn, 20:30, 4:14, 10:20] = True
+    sample = source.copy()
+    sample[gtvp] = False
+    sample[gtvp, 1:7, 22:28, 20:26] = True  # a drawn primary of the same volume, far from the real one
+    sample[gtvn, 2:5, 2:5, 12:15] = True  # a drawn node outside the elective neck
     sample[names.index("Larynx"), 20:24, 20:24, 20:24] = True
-    fitted = fit_lesions(sample, source, names, ("GTVp", "GTVn"), ct, (3.0, 3.0, 3.0), volume_ratio=1.0)
-    gtvp = names.index("GTVp")
-    assert np.array_equal(fitted[gtvp], source[gtvp] & (ct <= 300))  # the case's own primary, out of the bone
-    assert not fitted[names.index("GTVn")].any()
+    fitted = fit_lesions(sample, source, names, ("GTVp", "GTVn"), ct, (3.0, 3.0, 3.0))
+    assert np.array_equal(fitted[gtvp], source[gtvp] & (ct <= 300))  # moved onto the real one, out of the bone
+    assert fitted[gtvn].sum() == 27 and fitted[ctvn][fitted[gtvn]].all()
     assert np.array_equal(fitted[names.index("Larynx")], sample[names.index("Larynx")])
-    sample[gtvp, 1:9, 22:30, 20:28] = True  # a drawn primary, 512 voxels, far from the real one (216)
-    volumes = set()
-    for seed in range(6):  # its volume: the real one's times 1/1.5 .. 1.5, drawn by the seed
-        fitted = fit_lesions(sample, source, names, ("GTVp",), ct, (3.0, 3.0, 3.0), seed=seed)
-        assert fitted[names.index("GTVn")].any()  # nodes not regenerated: as sampled
-        assert np.abs(np.argwhere(fitted[gtvp]).mean(0)[:2] - 14.5).max() < 1.5  # centred on the real primary
-        assert not (fitted[gtvp] & (ct > 300)).any()
-        assert fitted[gtvp].sum() >= 216 / 1.5 / 2  # less its voxels in the bone
-        volumes.add(int(fitted[gtvp].sum()))
-        assert np.array_equal(fit_lesions(sample, source, names, ("GTVp",), ct, (3.0, 3.0, 3.0), seed=seed), fitted)
-    assert len(volumes) > 1 and max(volumes) <= 216 * 1.5
-    with pytest.raises(ValueError, match="volume_ratio"):
-        fit_lesions(sample, source, names, ("GTVp",), ct, (3.0, 3.0, 3.0), volume_ratio=0.5)
+    only_primary = fit_lesions(sample, source, names, ("GTVp",), ct, (3.0, 3.0, 3.0))
+    assert np.array_equal(only_primary[gtvn], sample[gtvn])  # nodes not regenerated: as sampled
 
 
 def test_rendered_lesions_keep_out_of_bone_and_the_central_nervous_system():
