@@ -5,9 +5,9 @@ cases as they were (paths made absolute, reports and records referenced as befor
 synthetic cases prompted by the training cases' own reports in turn, written under ``out/synthetic_NNN/``:
 
 - ``rendered`` (default): a real training case whose tumour and nodes (GTVp, GTVn) are sampled anew for its
-  report as in ``lesions`` (until the lesions present are those the case has; each new node outside the case's
-  elective neck moved into it, :func:`place_nodes`; the new primary centred on the case's own, :func:`place_primary`;
-  neither in the case's bone, cord, brainstem or mandible, :func:`lesion_room`: :func:`fit_lesions`) and drawn into its real CT by :func:`render_lesions`: the old
+  report as in ``lesions`` (until the lesions present are those the case has), fitted to the case
+  (:func:`fit_lesions`: each new node outside its elective neck moved into it, the new primary centred on its own,
+  neither in its bone, cord, brainstem or mandible) and drawn into its real CT by :func:`render_lesions`: the old
   lesions removed, the new ones soft-tissue masses of the case's own lesions' appearance; everything else is the
   real case's. Image and contours agree by construction.
 - ``lesions``: the same masks with the image decoded by the generator: the CT latent, the other structures and
