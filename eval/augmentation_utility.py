@@ -1,7 +1,8 @@
 """Augmentation utility of report-to-CT: is a decoder trained on N real + M synthetic cases better than on N real?
 
 ``medvlm eval augmentation --run RUN --data DATA [--config demo] [--real 10 20] [--seeds 0 1 2] [--steps N]
-[--synthesis rendered [lesions primary text]] [--score-on decision test] [--decision-cases 32] [--out DIR]``
+[--synthesis rendered [lesions primary text]] [--synthetic-share S] [--score-on decision test] [--decision-cases 32]
+[--out DIR]``
 
 1. The first ``real`` training cases of DATA form the real set.
 2. ``synthetic`` CTs with paired contours come from the run's ReportToCTPipeline, prompted with the real
@@ -115,8 +116,8 @@ def _write_datalist(folder: Path, training: list[dict], datalist: dict, test: li
     """A datalist of ``training`` with DATA's validation split and ``test`` (default: DATA's test split)."""
     from medvlm.data.io import atomic_write_text
 
-    def plain(item: dict) -> dict:  # absolute paths and text only: the records stay with the source dataset
-        out = {k: item[k] for k in ("report", "id") if k in item}
+    def plain(item: dict) -> dict:  # absolute paths, text and provenance only: the records stay with the source dataset
+        out = {k: item[k] for k in ("report", "id", "synthetic") if k in item}
         return out | {k: str(Path(item[k]).resolve()) for k in ("image", "label") if k in item}
 
     content = {"training": [plain(i) for i in training], "validation": [plain(i) for i in datalist.get("validation", [])],
@@ -138,11 +139,13 @@ def decision_cases(datalist: dict, after: int, count: int = 32) -> list[dict]:
 def evaluate(run: str | Path, data: str | Path, out: str | Path, *, config: str | Path = "demo", real: int = 20,
              synthetic: int = 40, steps: int | None = None, progress: bool = False, seed: int = 0,
              synthesis: str | Sequence[str] = SYNTHESIS[0], score_on: Sequence[str] = ("test",),
-             decision: list[dict] | None = None) -> dict:
+             decision: list[dict] | None = None, synthetic_share: float | None = None) -> dict:
     """``{"steps": n, "real": {...}, "real + <synthesis>": {...}}``: per decoder its training cases
     (``"cases"``) and per scoring split (``score_on``: ``"test"``, ``"decision"``) the Dice per group
     (``"dice"``) and per structure (``"structures"``). ``decision`` (the decision split's items) defaults to
-    :func:`decision_cases` after the real set. ``seed`` sets the decoders' training seed and the generator's."""
+    :func:`decision_cases` after the real set. ``seed`` sets the decoders' training seed and the generator's;
+    ``synthetic_share`` the share of the augmented decoder's draws that are synthetic cases
+    (``training.segmentation.synthetic_share``; default: the config's)."""
     from eval.data_efficiency import check_run, load_settings, score_decoder, train_decoder
     from medvlm.data.datalist import load_datalist
     from pipelines import ContourPipeline
@@ -171,8 +174,13 @@ def evaluate(run: str | Path, data: str | Path, out: str | Path, *, config: str 
         scoring["test"] = Path(data)
     settings = load_settings(config, steps)
     settings.training.seed = int(seed)
+    if synthetic_share is not None:
+        if not 0.0 <= synthetic_share < 1.0:
+            raise ValueError(f"synthetic_share must be in [0, 1), got {synthetic_share}")
+        settings.training.segmentation.synthetic_share = float(synthetic_share)
     base = ContourPipeline.from_pretrained(run / "contour")
-    results: dict = {"steps": settings.training.segmentation.steps}
+    results: dict = {"steps": settings.training.segmentation.steps,
+                     "synthetic_share": settings.training.segmentation.synthetic_share}
     sets, coherence = [("real", real_items)], {}
     for kind in syntheses:
         if progress:
@@ -295,12 +303,17 @@ def main(argv=None) -> int:
                              "(several: each against the same real-only decoder)")
     parser.add_argument("--score-on", choices=SCORE_ON, nargs="+", default=list(SCORE_ON),
                         help="decision: training cases no decoder sees (choose on these); test: the test split (report)")
+    parser.add_argument("--synthetic-share", type=float, default=None,
+                        help="share of the augmented decoder's training draws that are synthetic, in [0, 1) (default: "
+                             "the config's training.segmentation.synthetic_share; unset: every case drawn equally)")
     parser.add_argument("--decision-cases", type=int, default=32, help="size of the decision split")
     parser.add_argument("--out", default="results/augmentation", help="folder for synthetic cases, decoders and the table")
     parser.add_argument("--overwrite", action="store_true", help="write into an --out that holds other files")
     args = parser.parse_args(argv)
     if min(args.real) < 1 or args.synthetic_per_real <= 0 or not args.seeds or args.decision_cases < 1:
         parser.error("--real must be >= 1, --synthetic-per-real > 0, --decision-cases >= 1, and at least one seed given")
+    if args.synthetic_share is not None and not 0.0 <= args.synthetic_share < 1.0:
+        parser.error(f"--synthetic-share must be in [0, 1), got {args.synthetic_share}")
     claim_output(args, "eval augmentation")
     from medvlm.data.datalist import load_datalist
     from medvlm.data.io import atomic_write_text
@@ -315,7 +328,8 @@ def main(argv=None) -> int:
             folder = Path(args.out) / f"real_{real}" / f"seed_{seed}"
             results = evaluate(args.run, args.data, folder, config=args.config, real=real,
                                synthetic=max(1, round(real * args.synthetic_per_real)), steps=args.steps, progress=True,
-                               seed=seed, synthesis=args.synthesis, score_on=args.score_on, decision=decision)
+                               seed=seed, synthesis=args.synthesis, score_on=args.score_on, decision=decision,
+                               synthetic_share=args.synthetic_share)
             runs.setdefault(real, []).append(results)
             texts += [f"### {real} real cases, seed {seed}", ""]
             texts += [line for split in args.score_on for line in (table(results, split), "")]

@@ -266,7 +266,7 @@ def command_providers() -> list:
 
     providers = [register]
     for entry in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-        if entry.value.startswith(f"{__name__}:"):
+        if entry.value.startswith("medvlm.cli:"):  # this module's own, by name: under ``python -m`` it is __main__
             continue
         try:
             providers.append(entry.load())

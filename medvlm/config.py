@@ -364,8 +364,16 @@ class SegmentationStageConfig(StageConfig):
     blur_prob: float = 0.0
     blur_sigma: tuple[float, float] = (0.5, 1.5)
     low_resolution_prob: float = 0.0
+    # with synthetic cases in the training split (``medvlm augment``): the share of the drawn cases that are
+    # synthetic, in [0, 1) (every real case once an epoch, synthetic ones in turn to fill the share); null: every
+    # case drawn equally often, real or synthetic
+    synthetic_share: float | None = None
 
     def __post_init__(self):
+        share = self.synthetic_share
+        if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float))
+                                  or not 0.0 <= share < 1.0):
+            raise ConfigError(f"training.segmentation.synthetic_share must be null or in [0, 1), got {share!r}")
         if not 0.0 <= self.foreground_patches <= 1.0:
             raise ConfigError(f"training.segmentation.foreground_patches must be in [0, 1], got {self.foreground_patches}")
         for name in ("blur_prob", "low_resolution_prob"):

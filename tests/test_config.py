@@ -78,6 +78,8 @@ def test_wrong_length_and_invalid_yaml_are_errors(tmp_path):
     ("training:\n  segmentation: {low_resolution_prob: -0.1}\n", r"low_resolution_prob must be a probability"),
     ("training:\n  segmentation: {blur_sigma: [1.5, 0.5]}\n", r"blur_sigma must be \[low, high\] in voxels"),
     ("training:\n  segmentation: {blur_sigma: [0.0, 1.0]}\n", r"blur_sigma must be \[low, high\]"),
+    ("training:\n  segmentation: {synthetic_share: 1.0}\n", r"synthetic_share must be null or in \[0, 1\), got 1.0"),
+    ("training:\n  segmentation: {synthetic_share: half}\n", r"synthetic_share: value .half."),
 ])
 def test_segmentation_settings_are_checked(tmp_path, text, message):
     path = tmp_path / "bad.yaml"

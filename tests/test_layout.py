@@ -145,6 +145,16 @@ def test_command_registration_loads_no_heavy_library():
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("module", ["medvlm", "medvlm.cli"])
+def test_python_dash_m_runs_the_same_command(module):
+    """``python -m medvlm`` (and ``python -m medvlm.cli``) is the ``medvlm`` command: each command registered once."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "{data,deid,models," in result.stdout.replace(" ", "").replace("\n", "")
+
+
 def test_presets_ship_as_package_data():
     from medvlm.config import PRESETS_DIR, preset_names, resolve_config_path
 

@@ -1,6 +1,7 @@
 """Staged training on accelerate: all stages end to end, exact resume, corrupted checkpoints, 2-process DDP."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -330,6 +331,71 @@ def test_image_quality_augmentation_blurs_only_the_training_ct_of_both_contourin
     cached_sharp, cached_blurred = made["segmentation", 0.0][0], made["segmentation", 1.0][0]
     for a, b in zip(cached_sharp["features"], cached_blurred["features"]):
         assert torch.equal(a, b)  # cached features: computed once from the unaugmented CT
+
+
+def test_mixed_batches_draw_the_synthetic_share_and_every_case_of_a_kind_equally():
+    """MixedBatches: over whole epochs, ``share`` of the draws are synthetic cases, each real case is drawn
+    once an epoch and the synthetic ones equally often; the draws are a function of (seed, step), split by rank
+    like DeterministicBatches'; without synthetic cases it draws as DeterministicBatches does."""
+    from collections import Counter
+
+    from train.data import DeterministicBatches, MixedBatches
+
+    flags = [False] * 6 + [True] * 15
+    for share in (0.25, 0.5, 0.75):
+        batches = MixedBatches(flags, share, 2, seed=3)
+        steps = batches.batches_per_epoch * 10
+        counts = Counter(i for step in range(steps) for i in batches.indices(step))
+        real, synthetic = [counts[i] for i in range(6)], [counts[i] for i in range(6, 21)]
+        assert set(real) == {10}  # once an epoch, ten epochs
+        assert max(synthetic) - min(synthetic) <= 1  # in turn: none left out, none favoured
+        assert abs(sum(synthetic) / (sum(real) + sum(synthetic)) - share) < 0.05
+        assert batches.indices(7) == MixedBatches(flags, share, 2, seed=3).indices(7)
+        ranks = [MixedBatches(flags, share, 2, seed=3, rank=r, world_size=2).indices(7) for r in (0, 1)]
+        assert ranks[0] + ranks[1] == batches.indices(7)
+    assert MixedBatches(flags, 0.5, 2, seed=4).indices(0) != MixedBatches(flags, 0.5, 2, seed=3).indices(0) or \
+        MixedBatches(flags, 0.5, 2, seed=4).indices(1) != MixedBatches(flags, 0.5, 2, seed=3).indices(1)
+    only_real = MixedBatches([False] * 7, 0.5, 2, seed=3)
+    plain = DeterministicBatches(7, 2, seed=3)
+    assert [only_real.indices(s) for s in range(9)] == [plain.indices(s) for s in range(9)]
+    assert set(MixedBatches(flags, 0.0, 2, seed=3).order(0)) == set(range(6))  # share 0: the real cases alone
+    with pytest.raises(ValueError, match=r"synthetic share must be in \[0, 1\)"):
+        MixedBatches(flags, 1.0, 2, seed=3)
+
+
+def test_contouring_stages_draw_synthetic_cases_at_the_configured_share(trained, tiny_data, tmp_path):
+    """``training.segmentation.synthetic_share``: the segmentation stage and the baseline beside it mark the
+    datalist's ``synthetic`` items and draw them at that share; unset, they draw every case equally often."""
+    from train.data import MixedBatches
+    from train.stage_baseline import BaselineTrainer
+    from train.stage_segmentation import SegmentationTrainer
+
+    listing = json.loads((tiny_data / "datalist.json").read_text())
+    for item in listing["training"][: len(listing["training"]) // 2]:
+        item["synthetic"] = {"synthesis": "rendered", "source": "case", "seed": 0}
+    data = tmp_path / "data"
+    data.mkdir()
+    for key in ("training", "validation", "test"):  # absolute paths: the datalist moves, the files stay
+        for item in listing.get(key, []):
+            for field in ("image", "label"):
+                if field in item:
+                    item[field] = str((tiny_data / item[field]).resolve())
+    (data / "datalist.json").write_text(json.dumps(listing))
+    for (share, kind), trainer_class in itertools.product(((None, "DeterministicBatches"), (0.25, "MixedBatches")),
+                                                          (SegmentationTrainer, BaselineTrainer)):
+        config = load_config(TINY)
+        config.training.segmentation.synthetic_share = share
+        trainer = trainer_class(config, data, tmp_path / f"{trainer_class.name}_{share}")
+        for stage in ("contrastive", "vae", "diffusion"):
+            shutil.copytree(trained / stage / "final", trainer.output_dir / stage / "final")
+        trainer.setup()
+        flags = [case.synthetic for case in trainer.cases]
+        assert sum(flags) == len(listing["training"]) // 2 and not all(flags)
+        assert type(trainer.batcher).__name__ == kind
+        if share is not None:
+            assert isinstance(trainer.batcher, MixedBatches)
+            drawn = [i for step in range(trainer.batcher.batches_per_epoch) for i in trainer.batcher.indices(step)]
+            assert sum(flags[i] for i in drawn) < sum(not flags[i] for i in drawn)
 
 
 def test_image_quality_blur_changes_edges_not_the_patch_border():

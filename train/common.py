@@ -13,6 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from accelerate import Accelerator
@@ -24,7 +25,7 @@ from torch import nn
 from medvlm.config import MedVLMConfig, StageConfig, config_hash, config_to_dict
 from medvlm.errors import ConfigError, MedVLMError
 from medvlm.models.base import set_conv3d_layout
-from train.data import DeterministicBatches
+from train.data import DeterministicBatches, MixedBatches
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "step_"
@@ -164,9 +165,14 @@ class StageTrainer:
             raise ConfigError(f"{section} = {value} has no effect here: {unsupported}; set it to 0")
         return value
 
-    def batches(self, num_cases: int) -> DeterministicBatches:
-        return DeterministicBatches(num_cases, self.stage_config.batch_size, self.config.training.seed,
-                                    rank=self.accelerator.process_index, world_size=self.accelerator.num_processes)
+    def batches(self, num_cases: int, *, synthetic: Sequence[bool] | None = None,
+                share: float | None = None) -> DeterministicBatches:
+        """The stage's batches over ``num_cases`` cases; with ``share``, that share of the draws is synthetic
+        (``synthetic``: one flag per case; :class:`MixedBatches`)."""
+        place = {"rank": self.accelerator.process_index, "world_size": self.accelerator.num_processes}
+        if share is not None:
+            return MixedBatches(synthetic, share, self.stage_config.batch_size, self.config.training.seed, **place)
+        return DeterministicBatches(num_cases, self.stage_config.batch_size, self.config.training.seed, **place)
 
     def step_generator(self, step: int) -> torch.Generator:
         """Randomness of one step (noise, timesteps, report dropout) from (seed, step): the same on every

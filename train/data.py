@@ -39,6 +39,7 @@ class Case:
     report: str  # de-identified report
     labels: np.ndarray  # label vector for semantic matching
     case_id: str
+    synthetic: bool = False  # made by ``medvlm augment`` (the datalist item has a ``synthetic`` entry)
 
 
 def fraction_of(items: list, fraction: float, seed: int = 0) -> list:
@@ -113,7 +114,7 @@ def _load_cases(data_dir: Path, config: MedVLMConfig, section: str, train_fracti
             # no report: every field unknown (all-zero groups), the same length as a parsed report's vector so
             # that cases with and without a report share a batch
             labels=processed.fields if processed else np.zeros(len(LABEL_NAMES), np.float32),
-            case_id=item.get("id", Path(item["image"]).name),
+            case_id=item.get("id", Path(item["image"]).name), synthetic="synthetic" in item,
         ))
     if not cases:
         raise DatalistError(f"{data_dir}: section {section!r} has no cases" + ("" if synthetic else " that are not synthetic"))
@@ -196,10 +197,14 @@ class DeterministicBatches:
         self.rank, self.world_size = rank, world_size
         self.batches_per_epoch = max(1, num_cases // batch_size)
 
+    def order(self, epoch: int) -> np.ndarray:
+        """The case indices of one epoch, in the order they are drawn."""
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_cases)
+
     def indices(self, step: int) -> list[int]:
         epoch, offset = divmod(step, self.batches_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_cases)
-        if self.num_cases < self.batch_size:  # tiny datasets: repeat cases to fill the batch
+        order = self.order(epoch)
+        if len(order) < self.batch_size:  # tiny datasets: repeat cases to fill the batch
             order = np.resize(order, self.batch_size)
         global_batch = order[offset * self.batch_size:(offset + 1) * self.batch_size]
         share = self.batch_size // self.world_size
@@ -207,6 +212,39 @@ class DeterministicBatches:
 
     def epoch(self, step: int) -> int:
         return step // self.batches_per_epoch
+
+
+class MixedBatches(DeterministicBatches):
+    """:class:`DeterministicBatches` over real and synthetic cases with a fixed ``share`` of synthetic draws:
+    each epoch draws every real case once and ``round(real * share / (1 - share))`` synthetic ones, which
+    go through the synthetic cases in a fresh seeded order each round, so that all of them are drawn equally
+    often however many there are. ``synthetic``: one flag per case. A data set without real or without
+    synthetic cases is drawn as :class:`DeterministicBatches` draws it.
+
+    Written here because the draws must stay a pure function of (seed, step), as in the parent class; torch's
+    ``WeightedRandomSampler`` draws with replacement from a stateful generator."""
+
+    def __init__(self, synthetic: Sequence[bool], share: float, batch_size: int, seed: int, *, rank: int = 0,
+                 world_size: int = 1):
+        if not 0.0 <= share < 1.0:
+            raise ValueError(f"the synthetic share must be in [0, 1), got {share}")
+        flags = np.asarray(synthetic, dtype=bool)
+        super().__init__(len(flags), batch_size, seed, rank=rank, world_size=world_size)
+        self.real, self.synthetic = np.flatnonzero(~flags), np.flatnonzero(flags)
+        self.mixed = len(self.real) > 0 and len(self.synthetic) > 0
+        if self.mixed:
+            self.drawn = int(round(len(self.real) * share / (1.0 - share)))  # synthetic draws per epoch
+            self.batches_per_epoch = max(1, (len(self.real) + self.drawn) // batch_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.mixed:
+            return super().order(epoch)
+        count = len(self.synthetic)
+        draws = np.arange(epoch * self.drawn, (epoch + 1) * self.drawn)  # this epoch's synthetic draws, numbered
+        rounds = {r: np.random.default_rng([self.seed, r, 7919]).permutation(count) for r in np.unique(draws // count)}
+        chosen = np.array([self.synthetic[rounds[d // count][d % count]] for d in draws], dtype=int)
+        cases = np.concatenate([self.real, chosen])
+        return cases[np.random.default_rng([self.seed, epoch]).permutation(len(cases))]
 
 
 def mirror_case(case: Case) -> Case:
