@@ -42,7 +42,6 @@ REGENERATED = {"lesions": LESIONS, "primary": ("GTVp",), "rendered": LESIONS, "r
 RENDERED = ("rendered", "rendered-primary")
 PRESENCE_TRIES = 4  # generator seeds a rendered case may take until its lesions are those its report states
 PRIMARY_VOLUME_RATIO = 1.5  # a new primary's volume kept within this factor of the real case's (same report, same T)
-PRIMARY_LARGEST_PIECE = False  # a new primary cut to its largest connected piece before it is placed
 NODES_INSIDE = 0.5  # share of a new node's voxels inside the case's elective neck (CTVn) under which it is moved
 TARGET_TISSUE_HU = (-500.0, 300.0)  # where that margin may grow: not air (airway, outside), not bone
 # structures a drawn lesion never enters: no GTV of the head and neck (nor of the phantom) lies in the central
@@ -262,7 +261,7 @@ def fit_lesions(sample: np.ndarray, source: np.ndarray, names: Sequence[str], re
         labels[k] = place_nodes(labels[k], labels[list(names).index("CTVn")], spacing_mm)
     if "GTVp" in regenerated:
         k = list(names).index("GTVp")
-        labels[k] = place_primary(labels[k], np.asarray(source[k], dtype=bool), largest_piece=PRIMARY_LARGEST_PIECE)
+        labels[k] = place_primary(labels[k], np.asarray(source[k], dtype=bool))
     channels = [list(names).index(n) for n in regenerated]
     labels[channels] &= lesion_room(ct, source, names)[None]
     return labels
@@ -288,10 +287,9 @@ def lesion_room(ct: np.ndarray, masks: np.ndarray, names: Sequence[str], *,
     return room
 
 
-def place_primary(primary: np.ndarray, source: np.ndarray, *, volume_ratio: float = PRIMARY_VOLUME_RATIO,
-                  largest_piece: bool = False) -> np.ndarray:
+def place_primary(primary: np.ndarray, source: np.ndarray, *, volume_ratio: float = PRIMARY_VOLUME_RATIO) -> np.ndarray:
     """A new primary tumour ``primary`` (X, Y, Z bool) placed where the real case's primary ``source`` lies: its
-    shape (``largest_piece``: its largest connected piece alone) scaled about its centre to a volume within ``volume_ratio`` times the source's (unchanged inside that
+    shape scaled about its centre to a volume within ``volume_ratio`` times the source's (unchanged inside that
     range) and moved, by whole voxels, so that its centre is the source's. Unchanged when either is empty.
 
     A rendered case is prompted by its source case's own report, so the new primary has the source's subsite,
@@ -306,11 +304,6 @@ def place_primary(primary: np.ndarray, source: np.ndarray, *, volume_ratio: floa
         raise ValueError(f"volume_ratio must be >= 1, got {volume_ratio}")
     if not primary.any() or not source.any():
         return primary.copy()
-    if largest_piece:  # scipy labels the pieces (MONAI's KeepLargestConnectedComponent needs scikit-image here)
-        from scipy.ndimage import label
-
-        pieces, count = label(primary)
-        primary = pieces == 1 + int(np.argmax(np.bincount(pieces.ravel())[1:])) if count > 1 else primary
     voxels = np.argwhere(primary)
     kept = float(np.clip(len(voxels), source.sum() / volume_ratio, source.sum() * volume_ratio))
     scale = (kept / len(voxels)) ** (1.0 / 3.0)  # the linear factor giving the kept volume

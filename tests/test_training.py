@@ -370,16 +370,10 @@ def test_contouring_stages_draw_synthetic_cases_at_the_configured_share(trained,
     from train.stage_baseline import BaselineTrainer
     from train.stage_segmentation import SegmentationTrainer
 
-    listing = json.loads((tiny_data / "datalist.json").read_text())
+    data = shutil.copytree(tiny_data, tmp_path / "data")
+    listing = json.loads((data / "datalist.json").read_text())
     for item in listing["training"][: len(listing["training"]) // 2]:
         item["synthetic"] = {"synthesis": "rendered", "source": "case", "seed": 0}
-    data = tmp_path / "data"
-    data.mkdir()
-    for key in ("training", "validation", "test"):  # absolute paths: the datalist moves, the files stay
-        for item in listing.get(key, []):
-            for field in ("image", "label"):
-                if field in item:
-                    item[field] = str((tiny_data / item[field]).resolve())
     (data / "datalist.json").write_text(json.dumps(listing))
     for (share, kind), trainer_class in itertools.product(((None, "DeterministicBatches"), (0.25, "MixedBatches")),
                                                           (SegmentationTrainer, BaselineTrainer)):
@@ -685,14 +679,16 @@ def test_augmentation_utility_trains_on_real_and_on_real_plus_synthetic_cases(tr
     monkeypatch.chdir(tiny_data.parent)  # a relative data folder, as on the command line
     source = load_datalist(tiny_data)
     results = evaluate(trained, Path(tiny_data.name), out, config=TINY, real=2, synthetic=3, steps=2,
-                       synthesis=["text", "rendered"], score_on=("decision", "test"))
-    assert results["real"]["cases"] == 2 and results["real + text"]["cases"] == 5
+                       synthesis=["text", "rendered"], score_on=("decision", "test"), synthetic_share=0.5)
+    assert results["real"]["cases"] == 2 and results["real + text"]["cases"] == 5 and results["synthetic_share"] == 0.5
     # an edited real case's lesions are checked in its image (a whole generated case has no real lesion to compare)
     assert "lesions" not in results["real + text"] and set(results["real + rendered"]["lesions"]) == {"GTVp", "GTVn"}
     assert all(0.0 <= v <= 1.0 for row in ("real", "real + text") for split in ("decision", "test")
                for v in results[row][split]["dice"].values())
     augmented = load_datalist(out / "real_plus_text" / "data")
     assert len(augmented["training"]) == 5 and len(augmented["test"]) == len(source["test"])
+    # the synthetic cases stay marked as such, so that the decoder can draw them at the synthetic share
+    assert ["synthetic" in item for item in augmented["training"]] == [False, False, True, True, True]
     # the decision split: training cases after the real set, none of them trained on or prompted with
     decision = load_datalist(out / "decision_split")["test"]
     assert [i["image"] for i in decision] == [str(Path(i["image"]).resolve()) for i in source["training"][2:]]
@@ -717,6 +713,8 @@ def test_augmentation_utility_trains_on_real_and_on_real_plus_synthetic_cases(tr
         evaluate(trained, Path(tiny_data.name), out, config=TINY, real=2, synthetic=3, steps=2, score_on=("validation",))
     with pytest.raises(ValueError, match="synthesis"):
         evaluate(trained, Path(tiny_data.name), out, config=TINY, real=2, synthetic=3, steps=2, synthesis=["mixup"])
+    with pytest.raises(ValueError, match="synthetic_share"):
+        evaluate(trained, Path(tiny_data.name), out, config=TINY, real=2, synthetic=3, steps=2, synthetic_share=1.0)
 
 
 def test_cases_with_and_without_a_report_share_a_batch(tiny_data, tmp_path):
