@@ -69,7 +69,7 @@ def lesion_coherence(synthetic: Sequence[dict], sources: Sequence[dict]) -> dict
     the lesion; the medians of the synthetic lesion's volume over the source's (``"volume_ratio"``), of the
     distance between their centres in millimetres (``"offset_mm"``) and of their connected components
     (``"pieces"``, ``"real_pieces"``). Synthetic items name their source (``synthetic.source``, an id of
-    ``sources``)."""
+    ``sources``); the lesions a rendered case keeps from its source (``synthetic.real_lesions``) are left out."""
     from scipy.ndimage import binary_dilation, label
 
     from eval.generation_eval import lesion_contrast_hu
@@ -87,6 +87,8 @@ def lesion_coherence(synthetic: Sequence[dict], sources: Sequence[dict]) -> dict
         if ct.shape != real_ct.shape:  # a source off the model grid: its lesions are not on this one
             continue
         for name in LESIONS:
+            if name in item["synthetic"].get("real_lesions", ()):  # the real case's own lesion, kept: nothing drawn
+                continue
             new, old = masks[names.index(name)] > 0.5, real[real_names.index(name)] > 0.5
             left = old & ~binary_dilation(new, iterations=1)
             measured = {}

@@ -9,7 +9,8 @@ synthetic cases prompted by the training cases' own reports in turn, written und
   (:func:`fit_lesions`: each new node outside its elective neck moved into it, the new primary centred on its own,
   neither in its bone, cord, brainstem or mandible) and drawn into its real CT by :func:`render_lesions`: the old
   lesions removed, the new ones soft-tissue masses of the case's own lesions' appearance; everything else is the
-  real case's. Image and contours agree by construction.
+  real case's. Image and contours agree by construction; a lesion the report states that no try drew stays the
+  real case's (:func:`unlike_source`).
 - ``lesions``: the same masks with the image decoded by the generator: the CT latent, the other structures and
   the CT outside the old and new lesions stay the real case's (``ReportToCTPipeline(image=..., masks=...,
   keep_structures=[...])``); inside, the decoded CT seldom shows the new lesion and still shows the old one.
@@ -180,7 +181,8 @@ def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synt
     ``n`` is seeded ``seed + n`` (a rendered case whose lesions are not those of its source retries with
     ``+ count`` per try, up to ``PRESENCE_TRIES`` seeds; the seed used is kept in ``seed.txt``), so a finished
     case is reused and an interrupted run continues. Returns
-    datalist items (absolute paths; ``synthetic``: the synthesis, the source case and the seed). ``progress``
+    datalist items (absolute paths; ``synthetic``: the synthesis, the source case, the seed and, for a rendered
+    case, the lesions it keeps from its source where no try matched the report, ``real_lesions``). ``progress``
     receives a line per case generated (e.g. ``print``)."""
     import torch
 
@@ -212,9 +214,12 @@ def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synt
             report = process_record(source["record"]).text
         case_dir = out / f"synthetic_{number:03d}"
         ct_path, label_path = case_dir / "ct.nii.gz", case_dir / "labels.nii.gz"
-        seed_path, used = case_dir / "seed.txt", seed + number  # the generator seed a case was made with
+        # the generator seed a case was made with, then the lesions it keeps from the real case (one line each)
+        seed_path, used, real_kept = case_dir / "seed.txt", seed + number, []
         if ct_path.is_file() and label_path.is_file():  # a finished case is reused
-            used = int(seed_path.read_text().strip()) if seed_path.is_file() else used
+            if seed_path.is_file():
+                used, *real_kept = seed_path.read_text().split()
+                used = int(used)
         else:
             if progress is not None:
                 progress(f"synthetic case {number + 1}/{count} ({synthesis})")
@@ -232,20 +237,23 @@ def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synt
             image, labels = result.ct[0], np.asarray(result.masks[0]).astype(bool)
             if synthesis in RENDERED:  # lesions fitted to this real case, then drawn into its CT where they lie
                 labels = fit_lesions(labels, masks, names, regenerated, ct, spacing_from_affine(affine))
-                image = render_lesions(ct, masks[channels], labels[channels], seed=used,
-                                       keep=masks[kept].any(0) if kept else None)
+                stays = unlike_source(labels, masks, channels)  # the report's lesion no try drew: the real one stays
+                labels[stays] = masks[stays]
+                drawn, real_kept = [k for k in channels if k not in stays], [names[k] for k in stays]
+                image = render_lesions(ct, masks[drawn], labels[drawn], seed=used,
+                                       keep=masks[kept + stays].any(0) if kept + stays else None)
             if "GTVn" in regenerated and "CTVn" in names:  # the kept elective target grown to hold the new nodes
                 labels[names.index("CTVn")] = hold_nodes(labels[names.index("CTVn")], labels[names.index("GTVn")],
                                                          image, spacing_from_affine(affine))
             # seed and labels first: a case counts as finished only once its CT is written too
             case_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(seed_path, f"{used}\n")
+            atomic_write_text(seed_path, "".join(f"{line}\n" for line in [used, *real_kept]))
             save_labels(label_path, labels.astype(np.uint8), affine, result.structure_names)
             save_nifti(ct_path, image, affine)
         written.append({"image": str(ct_path.resolve()), "label": str(label_path.resolve()), "report": report,
                         "id": f"synthetic_{number:03d}",
                         "synthetic": {"synthesis": synthesis, "source": source.get("id", Path(source["image"]).name),
-                                      "seed": used}})
+                                      "seed": used, **({"real_lesions": real_kept} if real_kept else {})}})
     return written
 
 
@@ -391,6 +399,16 @@ def hold_nodes(target: np.ndarray, nodes: np.ndarray, ct: np.ndarray, spacing_mm
                                                  sampling=[float(s) for s in spacing_mm]))[0]
     margin = (distance <= margin_mm) & (values > tissue_hu[0]) & (values < tissue_hu[1])
     return target | nodes | margin
+
+
+def unlike_source(sample: np.ndarray, source: np.ndarray, channels: Sequence[int]) -> list[int]:
+    """The lesion channels (of ``channels``) where a rendered sample (K, X, Y, Z) disagrees with the real case
+    ``source`` whose report prompted it: a lesion the report states that no try drew (or that fitting left no
+    room for), or one drawn that it does not state. The synthesis keeps the real case's lesion in those channels,
+    image and contour: a case whose report states a primary with none drawn (or the old one removed) would teach
+    a decoder to leave stated tumours out (4 of the 20 rendered cases of the demo's 10-case augmentation, seed 0,
+    had no GTVp for a report stating one)."""
+    return [k for k in channels if bool(np.asarray(sample[k]).any()) != bool(np.asarray(source[k]).any())]
 
 
 def _same_presence(source: np.ndarray, sample: np.ndarray, names: Sequence[str], regenerated: Sequence[str]) -> bool:

@@ -554,6 +554,19 @@ def test_rendered_lesions_are_fitted_to_the_real_case():
     assert np.array_equal(only_primary[gtvn], sample[gtvn])  # nodes not regenerated: as sampled
 
 
+def test_a_rendered_case_keeps_the_real_lesion_its_report_states_where_none_was_drawn():
+    """``unlike_source``: the lesion channels whose presence differs from the real case's (stated but not drawn,
+    drawn but not stated); those agreeing are left to the generator."""
+    from pipelines.augment import unlike_source
+
+    source, sample = np.zeros((3, 6, 6, 6), dtype=bool), np.zeros((3, 6, 6, 6), dtype=bool)
+    source[0, 2:4, 2:4, 2:4] = True  # a stated primary, none drawn
+    sample[1, 1, 1, 1] = True  # nodes drawn, none stated
+    source[2, 0, 0, 0] = sample[2, 5, 5, 5] = True  # both have the structure, elsewhere: agreement
+    assert unlike_source(sample, source, [0, 1, 2]) == [0, 1]
+    assert unlike_source(sample, source, [2]) == [] and unlike_source(source, source, [0, 1, 2]) == []
+
+
 def test_rendered_lesions_keep_out_of_bone_and_the_central_nervous_system():
     """``lesion_room``: a drawn lesion may fill soft tissue and air, never bone (above 300 HU) or the cord,
     brainstem and mandible contours of the real case; a mask set that does not fit the CT is a clear error."""

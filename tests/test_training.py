@@ -775,6 +775,7 @@ def test_lesion_synthesis_keeps_the_real_case_but_its_tumour_and_nodes(trained, 
     real, _, real_names = load_labels(items[0]["label"])
     assert all(np.array_equal(masks[c], real[real_names.index(n)]) for c, n in enumerate(names) if n != "GTVp")
     rendered = synthesise(Path(trained), items, 2, tmp_path / "rendered", steps=3, synthesis="rendered")
+    kept_real = []
     for item, source, number in zip(rendered, items, range(2)):  # the lesions drawn into the real CT
         masks, _, names = load_labels(item["label"])
         real, _, real_names = load_labels(source["label"])
@@ -788,7 +789,16 @@ def test_lesion_synthesis_keeps_the_real_case_but_its_tumour_and_nodes(trained, 
         keep_out = (source_ct > 300) | real[[names.index(n) for n in ("SpinalCord", "Brainstem", "Bone_Mandible")]].any(0)
         assert not (masks[lesions].any(0) & keep_out).any()  # no new lesion in bone, cord, brainstem or mandible
         assert item["synthetic"]["seed"] in (number, number + 2, number + 4, number + 6)  # a retry: seed + count
-        assert (tmp_path / "rendered" / f"synthetic_{number:03d}" / "seed.txt").read_text().strip() == str(item["synthetic"]["seed"])
+        for n in LESIONS:  # each lesion exactly when the report states it; one no try drew stays the real case's
+            k = names.index(n)
+            assert masks[k].any() == real[k].any(), n
+            if n in item["synthetic"].get("real_lesions", ()):
+                assert np.array_equal(masks[k], real[k]) and np.allclose(image[real[k] > 0], source_ct[real[k] > 0], atol=0.5)
+        kept_real.append(item["synthetic"].get("real_lesions", []))
+        assert (tmp_path / "rendered" / f"synthetic_{number:03d}" / "seed.txt").read_text().split() == [
+            str(item["synthetic"]["seed"]), *kept_real[-1]]
+    again = synthesise(Path(trained), items, 2, tmp_path / "rendered", steps=3, synthesis="rendered")
+    assert again == rendered  # reused: seed and kept lesions read back
     kept_nodes = synthesise(Path(trained), items, 1, tmp_path / "rendered-primary", steps=3, synthesis="rendered-primary")
     masks, _, names = load_labels(kept_nodes[0]["label"])
     real, _, real_names = load_labels(items[0]["label"])

@@ -165,14 +165,14 @@ class StageTrainer:
             raise ConfigError(f"{section} = {value} has no effect here: {unsupported}; set it to 0")
         return value
 
-    def batches(self, num_cases: int, *, synthetic: Sequence[bool] | None = None,
-                share: float | None = None) -> DeterministicBatches:
-        """The stage's batches over ``num_cases`` cases; with ``share``, that share of the draws is synthetic
-        (``synthetic``: one flag per case; :class:`MixedBatches`)."""
+    def batches(self, cases: Sequence, *, share: float | None = None) -> DeterministicBatches:
+        """The stage's batches over its ``cases``; with ``share``, that share of the draws is synthetic (the
+        cases' ``synthetic`` flags; :class:`MixedBatches`)."""
         place = {"rank": self.accelerator.process_index, "world_size": self.accelerator.num_processes}
         if share is not None:
-            return MixedBatches(synthetic, share, self.stage_config.batch_size, self.config.training.seed, **place)
-        return DeterministicBatches(num_cases, self.stage_config.batch_size, self.config.training.seed, **place)
+            return MixedBatches([case.synthetic for case in cases], share, self.stage_config.batch_size,
+                                self.config.training.seed, **place)
+        return DeterministicBatches(len(cases), self.stage_config.batch_size, self.config.training.seed, **place)
 
     def step_generator(self, step: int) -> torch.Generator:
         """Randomness of one step (noise, timesteps, report dropout) from (seed, step): the same on every

@@ -35,8 +35,7 @@ class BaselineTrainer(BestDiceMixin, StageTrainer):
     def setup(self) -> nn.Module:
         c = self.stage_config
         self.cases = load_cases(self.data_dir, self.config, train_fraction=self.train_fraction, seed=self.config.training.seed)
-        self.batcher = self.batches(len(self.cases), synthetic=[case.synthetic for case in self.cases],
-                                    share=c.synthetic_share)  # the segmentation stage's draws
+        self.batcher = self.batches(self.cases, share=c.synthetic_share)  # the segmentation stage's draws
         self.patch = tuple(c.patch_size)
         self.factor = 2 ** (len(self.config.models.vae.channels) - 1)
         cached = c.cache_features and not c.finetune_unet  # the decoder then trains without augmentation

@@ -49,7 +49,7 @@ class ContrastiveTrainer(StageTrainer):
 
         self.cases = load_cases(self.data_dir, self.config, train_fraction=self.train_fraction, seed=self.config.training.seed,
                                 synthetic=False)  # real CTs only: never the generator's own samples
-        self.batcher = self.batches(len(self.cases))
+        self.batcher = self.batches(self.cases)
         self.augment = augmentation(self.config, with_label=False)
         self.mirror = self.mirror_prob()
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_text_encoder_path(self.config.text.encoder), local_files_only=True)

@@ -111,7 +111,7 @@ class DiffusionTrainer(StageTrainer):
             from train.data import canonical_case
 
             self.cases = [canonical_case(case, self.canonical_side) for case in self.cases]
-        self.batcher = self.batches(len(self.cases))
+        self.batcher = self.batches(self.cases)
         self.paired = bool(self.config.models.vae.mask_channels)
         if self.paired and any(case.label is None for case in self.cases):
             raise TrainingError("models.vae.mask_channels > 0 (paired CT + structures) needs labels for every training case")

@@ -33,7 +33,7 @@ class ReportGeneratorTrainer(StageTrainer):
         self.mirror_prob("the report generator trains on fixed CT renderings")
         self.cases = load_cases(self.data_dir, self.config, train_fraction=self.train_fraction, seed=self.config.training.seed,
                                 synthetic=False)  # real CTs only: never the generator's own samples
-        self.batcher = self.batches(len(self.cases))
+        self.batcher = self.batches(self.cases)
         if rg.pretrained_path:
             self.model, self.processor = load_report_generator(rg.pretrained_path)
         else:

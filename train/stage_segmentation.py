@@ -121,8 +121,7 @@ class SegmentationTrainer(BestDiceMixin, StageTrainer):
 
         c = self.stage_config
         self.cases = load_cases(self.data_dir, self.config, train_fraction=self.train_fraction, seed=self.config.training.seed)
-        self.batcher = self.batches(len(self.cases), synthetic=[case.synthetic for case in self.cases],
-                                    share=c.synthetic_share)
+        self.batcher = self.batches(self.cases, share=c.synthetic_share)
         self.patch = self._checked_patch(tuple(c.patch_size))
         self.mirror = self.mirror_prob("cache_features computes the frozen features once per case, unaugmented"
                                        if c.cache_features and not c.finetune_unet else None)

@@ -127,7 +127,7 @@ class VAETrainer(StageTrainer):
         paired = bool(self.config.models.vae.mask_channels)
         if paired and any(case.label is None for case in self.cases):
             raise TrainingError("models.vae.mask_channels > 0 (paired CT + structures) needs labels for every training case")
-        self.batcher = self.batches(len(self.cases))
+        self.batcher = self.batches(self.cases)
         self.patch = tuple(c.patch_size)
         self.augment = augmentation(self.config, with_label=paired or bool(c.lesion_weight), patch_size=self.patch)
         self.mirror = self.mirror_prob()
