@@ -52,16 +52,22 @@ def test_autoencoder_overfits_one_phantom_case_to_35_db_psnr():
     stage = config.training.vae
     loss_fn = VAELoss(vae, stage.kl_weight, windows=(), mask_weight=0.0)
     optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
-    for _ in range(OVERFIT_STEPS):
+
+    def psnr() -> float:
+        with torch.no_grad():
+            reconstruction = vae(image, labels).sample.clamp(-1, 1)
+        return 10 * np.log10(4.0 / float(((reconstruction - image) ** 2).mean()))  # range [-1, 1]: peak-to-peak 2
+
+    for step in range(1, OVERFIT_STEPS + 1):
         loss, _ = loss_fn(image, None, labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    with torch.no_grad():
-        reconstruction = vae(image, labels).sample.clamp(-1, 1)
-    psnr = 10 * np.log10(4.0 / float(((reconstruction - image) ** 2).mean()))  # range [-1, 1]: peak-to-peak 2
-    print(f"PSNR {psnr:.2f} dB after {OVERFIT_STEPS} steps")
-    assert psnr >= 35.0, f"PSNR {psnr:.1f} dB after {OVERFIT_STEPS} steps"
+        if step % 50 == 0 and step >= 300 and psnr() >= 35.0:  # reached: the rest of the budget is not needed
+            break
+    reached = psnr()
+    print(f"PSNR {reached:.2f} dB after {step} steps")
+    assert reached >= 35.0, f"PSNR {reached:.1f} dB after {step} steps"
 
 
 
