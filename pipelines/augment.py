@@ -218,8 +218,12 @@ def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synt
         seed_path, used, real_kept = case_dir / "seed.txt", seed + number, []
         if ct_path.is_file() and label_path.is_file():  # a finished case is reused
             if seed_path.is_file():
-                used, *real_kept = seed_path.read_text().split()
-                used = int(used)
+                fields = seed_path.read_text().split()
+                if not fields or not fields[0].lstrip("-").isdigit() or any(f not in regenerated for f in fields[1:]):
+                    raise InputError(f"{seed_path}: expected the case's generator seed, then the lesions it keeps "
+                                     f"from its source case ({', '.join(regenerated) or 'none'}), one per line; "
+                                     f"remove {case_dir} to make the case anew")
+                used, real_kept = int(fields[0]), fields[1:]
         else:
             if progress is not None:
                 progress(f"synthetic case {number + 1}/{count} ({synthesis})")

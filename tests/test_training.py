@@ -748,6 +748,7 @@ def test_lesion_synthesis_keeps_the_real_case_but_its_tumour_and_nodes(trained, 
     from eval.augmentation_utility import LESIONS, synthesise
     from medvlm.data.datalist import load_datalist
     from medvlm.data.io import load_labels, load_nifti
+    from medvlm.errors import InputError
 
     def kept_but_the_elective_target(masks, real, names):  # the CTVn grown only to hold the new nodes
         nodes, target = masks[names.index("GTVn")] > 0, masks[names.index("CTVn")] > 0
@@ -799,6 +800,9 @@ def test_lesion_synthesis_keeps_the_real_case_but_its_tumour_and_nodes(trained, 
             str(item["synthetic"]["seed"]), *kept_real[-1]]
     again = synthesise(Path(trained), items, 2, tmp_path / "rendered", steps=3, synthesis="rendered")
     assert again == rendered  # reused: seed and kept lesions read back
+    (tmp_path / "rendered" / "synthetic_001" / "seed.txt").write_text("3\nParotid_L\n")  # not a lesion it regenerates
+    with pytest.raises(InputError, match="synthetic_001/seed.txt: expected the case's generator seed"):
+        synthesise(Path(trained), items, 2, tmp_path / "rendered", steps=3, synthesis="rendered")
     kept_nodes = synthesise(Path(trained), items, 1, tmp_path / "rendered-primary", steps=3, synthesis="rendered-primary")
     masks, _, names = load_labels(kept_nodes[0]["label"])
     real, _, real_names = load_labels(items[0]["label"])
