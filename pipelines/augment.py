@@ -246,7 +246,7 @@ def synthesise(pipe, items: Sequence[dict], count: int, out: str | Path, *, synt
                 drawn, real_kept = [k for k in channels if k not in stays], [names[k] for k in stays]
                 image = render_lesions(ct, masks[drawn], labels[drawn], seed=used,
                                        keep=masks[kept + stays].any(0) if kept + stays else None)
-            if "GTVn" in regenerated and "CTVn" in names:  # the kept elective target grown to hold the new nodes
+            if "GTVn" in regenerated and "GTVn" not in real_kept and "CTVn" in names:  # grown to hold the new nodes
                 labels[names.index("CTVn")] = hold_nodes(labels[names.index("CTVn")], labels[names.index("GTVn")],
                                                          image, spacing_from_affine(affine))
             # seed and labels first: a case counts as finished only once its CT is written too

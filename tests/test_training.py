@@ -795,6 +795,8 @@ def test_lesion_synthesis_keeps_the_real_case_but_its_tumour_and_nodes(trained, 
             assert masks[k].any() == real[k].any(), n
             if n in item["synthetic"].get("real_lesions", ()):
                 assert np.array_equal(masks[k], real[k]) and np.allclose(image[real[k] > 0], source_ct[real[k] > 0], atol=0.5)
+                if n == "GTVn":  # real nodes: the real elective target, not grown
+                    assert np.array_equal(masks[names.index("CTVn")], real[names.index("CTVn")])
         kept_real.append(item["synthetic"].get("real_lesions", []))
         assert (tmp_path / "rendered" / f"synthetic_{number:03d}" / "seed.txt").read_text().split() == [
             str(item["synthetic"]["seed"]), *kept_real[-1]]
