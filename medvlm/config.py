@@ -166,8 +166,22 @@ class UNetModelConfig:
     # the UNet models each latent voxel's deviation from the training cases' mean latent, in units of their spread
     # (a template measured on the training split)
     latent_template: bool = False
+    # a linear (PCA) model of the training cases' latents with this many components, fitted by the diffusion stage;
+    # with prior_strength < 1 a sample's anatomy (CT latent and organ-at-risk channels) is held to a draw from it,
+    # noised to each step's level, until the last prior_strength of the sampling steps (the lesions and elective
+    # target follow the report from pure noise throughout): the spread of the anatomy comes from the training
+    # cases' own variation, which a UNet trained a few hundred steps does not learn (0: no prior)
+    prior_rank: int = 0
+    prior_strength: float = 1.0
 
     def __post_init__(self):
+        if isinstance(self.prior_rank, bool) or not isinstance(self.prior_rank, int) or self.prior_rank < 0:
+            raise ConfigError(f"models.unet.prior_rank must be an integer >= 0, got {self.prior_rank!r}")
+        if isinstance(self.prior_strength, bool) or not isinstance(self.prior_strength, (int, float)) \
+                or not 0.0 < float(self.prior_strength) <= 1.0:
+            raise ConfigError(f"models.unet.prior_strength must be in (0, 1] (1: no prior), got {self.prior_strength!r}")
+        if self.prior_strength < 1.0 and not self.prior_rank:
+            raise ConfigError("models.unet.prior_strength < 1 draws the anatomy from the latent prior: set models.unet.prior_rank > 0")
         if self.fields_time and not self.fields_token:
             raise ConfigError("models.unet.fields_time needs models.unet.fields_token: true (both read the parsed fields)")
         if self.canonical_side not in (None, "left", "right"):

@@ -11,7 +11,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from medvlm.config import PreprocessConfig, preprocess_from_dict, preprocess_to_dict
 from medvlm.data.laterality import (mirror_labels, mirror_volumes, mirrored_channels, other_side, side_of_labels,
                                     swap_side_words)
-from medvlm.vocabulary import STRUCTURE_NAMES
+from medvlm.vocabulary import STRUCTURE_NAMES, TARGET_NAMES
 from medvlm.data.transforms import to_hu
 from medvlm.models import CTAutoencoderKL, FusedSegmentationDecoder, ReportConditionedUNet3D
 from medvlm.models.factory import noised_latents
@@ -22,6 +22,12 @@ OUTPUT_TYPES = ("np", "pt", "nifti", "latent")
 # voxels one call may generate (volumes x voxels per volume): CT and mask logits then stay under about 3 GB;
 # more volumes go through several calls (the CLI generates in chunks)
 MAX_GENERATED_VOXELS = 2 ** 26
+
+
+def _check_prior_strength(value, argument: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+        name = "`prior_strength`" if argument else "prior_strength"
+        raise ValueError(f"{name} must be in (0, 1] (1: no latent prior), got {value!r}")
 
 
 @dataclass
@@ -59,13 +65,14 @@ class ReportToCTPipeline(MedVLMPipeline):
     ``thresholds``, ``report_format``, ``max_report_tokens``, ``vae_tile_size`` (latent voxels per decode tile),
     ``mask_decoding``: ``"joint"`` reads the paired masks with the autoencoder's decoder (from the structure
     channels together with the CT latent), ``"fields"`` from the structure channels alone
-    (:meth:`CTAutoencoderKL.structure_field_logits`), so a sample's contours are exactly what was sampled.
+    (:meth:`CTAutoencoderKL.structure_field_logits`), so a sample's contours are exactly what was sampled;
+    ``prior_strength``: the default of the call's argument (1: no prior).
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae->segmentation"
     _optional_components = ["segmentation"]
     _config_names = ("preprocess", "structure_names", "thresholds", "max_report_tokens", "report_format", "vae_tile_size",
-                     "mask_decoding")
+                     "mask_decoding", "prior_strength")
     _callback_tensor_inputs = ["latents"]
     _guidance_scale, _num_timesteps = 1.0, 0  # of the running (or last) call
 
@@ -73,10 +80,11 @@ class ReportToCTPipeline(MedVLMPipeline):
                  scheduler: SchedulerMixin, segmentation: FusedSegmentationDecoder | None = None,
                  preprocess: dict | None = None, structure_names: list | tuple = STRUCTURE_NAMES,
                  thresholds: list | tuple | None = None, max_report_tokens: int = 128, report_format: str = "structured",
-                 vae_tile_size: list | tuple | None = None, mask_decoding: str = "joint"):
+                 vae_tile_size: list | tuple | None = None, mask_decoding: str = "joint", prior_strength: float = 1.0):
         super().__init__()
         if mask_decoding not in ("joint", "fields"):
             raise ValueError(f"mask_decoding must be 'joint' or 'fields', got {mask_decoding!r}")
+        _check_prior_strength(prior_strength)
         self.register_modules(vae=vae, unet=unet, segmentation=segmentation, text_encoder=text_encoder,
                               tokenizer=tokenizer, scheduler=scheduler)
         preprocess = dict(preprocess or preprocess_to_dict())
@@ -84,7 +92,7 @@ class ReportToCTPipeline(MedVLMPipeline):
         self.register_to_config(preprocess=preprocess, structure_names=list(structure_names), thresholds=thresholds,
                                 max_report_tokens=max_report_tokens, report_format=report_format,
                                 vae_tile_size=list(vae_tile_size) if vae_tile_size is not None else None,
-                                mask_decoding=mask_decoding)
+                                mask_decoding=mask_decoding, prior_strength=float(prior_strength))
 
     @property
     def preprocess_config(self) -> PreprocessConfig:
@@ -224,7 +232,8 @@ class ReportToCTPipeline(MedVLMPipeline):
                  report_fields: torch.Tensor | None = None, negative_report_fields: torch.Tensor | None = None,
                  callback_on_step_end: Callable | None = None, callback_on_step_end_tensor_inputs: list[str] = ("latents",),
                  image: Any = None, masks: Any = None, strength: float = 1.0,
-                 keep_structures: Sequence[str] | None = None, return_dict: bool = True):
+                 keep_structures: Sequence[str] | None = None, prior_strength: float | None = None,
+                 return_dict: bool = True):
         """Generate CT volumes from report text, from noise or (``image``, ``strength``) from a source CT.
 
         Args:
@@ -257,6 +266,12 @@ class ReportToCTPipeline(MedVLMPipeline):
                 sample, a few voxels wider, blended) and the decoded CT inside; the kept masks are the source's.
                 The decoded CT inside follows the source's CT latent (and, with a mask-guided autoencoder, the
                 sample's masks): a lesion moved by the report may not show in the image where its mask lies.
+            prior_strength: with a UNet that carries a latent prior (``unet.has_prior``, ``models.unet.prior_rank``),
+                generation from noise holds the anatomy (the CT latent and the organ-at-risk channels) to a draw
+                from that prior (a linear model of the training cases' latents; its coefficients drawn with
+                ``generator``), noised to each step's level, and sets it free for the last ``prior_strength`` of
+                the steps; the targets (GTVp, GTVn, CTVn) are sampled for the report from pure noise throughout.
+                1 disables it; default the pipeline config's ``prior_strength``. Ignored with a source ``image``.
         """
         # 1. check inputs
         if (prompt is None) == (prompt_embeds is None):
@@ -266,6 +281,8 @@ class ReportToCTPipeline(MedVLMPipeline):
         prompts = None if prompt is None else ([prompt] if isinstance(prompt, str) else list(prompt))
         negatives = None if negative_prompt is None else ([negative_prompt] * len(prompts or [0]) if isinstance(negative_prompt, str) else list(negative_prompt))
         config = self.preprocess_config
+        prior_strength = self.config.prior_strength if prior_strength is None else prior_strength
+        _check_prior_strength(prior_strength, argument=True)
         source = self._source_volumes(image, masks, strength, volume_shape)
         kept = self._kept_channels(keep_structures, source)
         volume_shape = tuple(int(s) for s in (source[0].shape[2:] if source is not None else (volume_shape or config.roi_size)))
@@ -325,7 +342,8 @@ class ReportToCTPipeline(MedVLMPipeline):
         extra = {"generator": generator} if "generator" in __import__("inspect").signature(self.scheduler.step).parameters else {}
 
         # 4. denoising loop; with kept structures, `known` (1: held to the source) marks what is not generated
-        def denoise(latents: torch.Tensor, clean: torch.Tensor | None = None, known: torch.Tensor | None = None):
+        def denoise(latents: torch.Tensor, clean: torch.Tensor | None = None, known: torch.Tensor | None = None,
+                    held_steps: int | None = None):
             with self.progress_bar(total=len(timesteps)) as progress:
                 for i, t in enumerate(timesteps):
                     model_input = torch.cat([latents, latents]) if do_guidance else latents
@@ -338,7 +356,8 @@ class ReportToCTPipeline(MedVLMPipeline):
                         unconditional, conditional = prediction.chunk(2)
                         prediction = unconditional + self.guidance_scale * (conditional - unconditional)
                     latents = self.scheduler.step(prediction, t, latents, **extra).prev_sample
-                    if known is not None:  # the source's, noised to the next step's level (RePaint)
+                    if known is not None and (held_steps is None or i + 1 < held_steps):
+                        # the source's (or the prior draw's), noised to the next step's level (RePaint)
                         following = timesteps[i + 1] if i + 1 < len(timesteps) else None
                         held = clean if following is None else noised_latents(
                             self.scheduler, clean, randn_tensor(clean.shape, generator=generator, device=device,
@@ -352,7 +371,9 @@ class ReportToCTPipeline(MedVLMPipeline):
             return latents
 
         self._num_timesteps = len(timesteps)
-        if kept is None:
+        if source is None and prior_strength < 1.0:  # the anatomy held to a prior draw until the last steps
+            latents = self._prior_denoise(denoise, latents, float(prior_strength), generator, timesteps)
+        elif kept is None:
             latents = denoise(latents)
         else:  # the regenerated structures sampled with the CT latent and the kept structures held to the source's
             known = torch.zeros_like(clean)
@@ -419,6 +440,28 @@ class ReportToCTPipeline(MedVLMPipeline):
         self.maybe_free_model_hooks()
         output = ReportToCTPipelineOutput(ct, masks, affine, tuple(self.config.structure_names), used)
         return output if return_dict else (ct, masks)
+
+    def _prior_denoise(self, denoise: Callable, latents: torch.Tensor, strength: float, generator,
+                       timesteps: torch.Tensor) -> torch.Tensor:
+        """``denoise`` with the anatomy channels (the CT latent and every structure channel that is not a
+        target) held to a draw from the UNet's latent prior for the first ``1 - strength`` of the steps."""
+        if not getattr(self.unet, "has_prior", False):
+            raise ValueError("`prior_strength` < 1 draws the anatomy from the UNet's latent prior, and this UNet has "
+                             "none (train it with models.unet.prior_rank > 0, or pass prior_strength=1)")
+        batch = latents.shape[0]
+        coefficients = randn_tensor((batch, int(self.unet.config.prior_rank)), generator=generator,
+                                    device=latents.device, dtype=torch.float32)
+        clean = self.unet.sample_prior(coefficients, latents.shape[2:]).to(latents.dtype)
+        known = torch.zeros_like(clean)
+        held = int(self.vae.config.latent_channels)
+        known[:, :held] = 1.0
+        if self.has_paired_masks:
+            names = list(self.config.structure_names)
+            known[:, [held + names.index(n) for n in names if n not in TARGET_NAMES]] = 1.0
+        start = noised_latents(self.scheduler, clean, latents, timesteps[:1].expand(batch))
+        latents = known * start + (1.0 - known) * latents
+        held_steps = max(0, int(round(len(timesteps) * (1.0 - strength))))
+        return denoise(latents, clean, known, held_steps=held_steps)
 
     def _source_volumes(self, image, masks, strength, volume_shape) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """Checked source CT(s) (N, 1, X, Y, Z, model range) and masks (N, K, X, Y, Z) of image-to-image generation."""

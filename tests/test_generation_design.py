@@ -346,6 +346,50 @@ def test_latent_template_normalises_ct_channels_per_voxel_and_round_trips():
     assert plain.normalize_latents(training) is training
 
 
+def test_latent_prior_is_the_training_latents_mean_and_principal_spread_and_round_trips():
+    """``prior_rank``: a linear model of training latents (their mean plus principal directions scaled by their
+    spread over the cases): zero coefficients give the mean, the cases lie in its span, random draws have the
+    cases' total variance, and it is saved with the weights."""
+    import tempfile
+
+    from medvlm.models import ReportConditionedUNet3D
+
+    def unet(rank):
+        return ReportConditionedUNet3D(in_channels=3, out_channels=3, channels=(8, 16, 16), num_head_channels=8,
+                                       norm_num_groups=8, cross_attention_dim=16, prior_rank=rank, prior_size=(4, 4, 4))
+
+    torch.manual_seed(0)
+    training = torch.randn(6, 3, 4, 4, 4) * torch.linspace(0.2, 3.0, 64).view(1, 1, 4, 4, 4) + 2.0
+    full = unet(8)  # more components than 6 cases span: the last ones stay zero
+    assert not full.has_prior
+    with pytest.raises(ValueError, match="never fitted"):
+        full.sample_prior(torch.zeros(1, 8))
+    full.set_prior(training)
+    assert full.has_prior and int(full.prior_cases) == 6
+    assert torch.allclose(full.sample_prior(torch.zeros(1, 8))[0], training.mean(0), atol=1e-5)
+    basis = full.prior_components.reshape(8, -1)
+    centred = (training - training.mean(0)).reshape(6, -1)
+    coefficients = torch.linalg.lstsq(basis.T.double(), centred.T.double()).solution.T.float()
+    assert torch.allclose(full.sample_prior(coefficients), training, atol=1e-4)  # every case in the span
+    assert float(basis[5:].abs().max()) < 1e-5  # 6 cases span 5 directions
+    draws = full.sample_prior(torch.randn(4000, 8, generator=torch.Generator().manual_seed(1)))
+    assert abs(float(draws.var(0).sum() / training.var(0).sum()) - 1.0) < 0.1
+    small = unet(2)
+    small.set_prior(training)
+    norms = basis.norm(dim=1)
+    assert torch.allclose(small.prior_components.reshape(2, -1).norm(dim=1), norms[:2], atol=1e-4)  # the largest two
+    assert norms[0] >= norms[1] >= norms[2]
+    assert small.sample_prior(torch.zeros(1, 2), grid=(8, 8, 8)).shape == (1, 3, 8, 8, 8)
+    with pytest.raises(ValueError, match="fitted to >= 2 latents"):
+        small.set_prior(training[:, :2])
+    with tempfile.TemporaryDirectory() as folder:
+        small.save_pretrained(folder)
+        again = ReportConditionedUNet3D.from_pretrained(folder)
+    assert again.has_prior and torch.equal(again.prior_components, small.prior_components)
+    assert torch.equal(again.prior_mean, small.prior_mean)
+    with pytest.raises(ValueError, match="no latent prior"):
+        unet(0).set_prior(training)
+
 def test_rendered_lesions_replace_the_old_ones_and_draw_the_new_as_the_cases_own_tumour():
     """``rendered`` synthesis: the old lesion's place becomes the soft tissue around it, the new lesion is a mass
     of the source lesion's appearance (also where it grows into air), and nothing else changes."""

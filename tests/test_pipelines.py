@@ -581,6 +581,62 @@ def test_canonical_side_unet_generates_the_other_side_as_the_mirror_image(pipes)
     assert torch.equal(again.ct, r.ct) and torch.equal(again.masks, r.masks)
 
 
+def test_a_latent_prior_holds_the_anatomy_to_its_draw_and_lets_the_targets_follow_the_report(pipes):
+    """``prior_strength``: generation from noise holds the CT latent and the organ-at-risk channels to a draw from
+    the UNet's latent prior (noised to each step's level, the draw's coefficients from the generator) for the
+    first ``1 - prior_strength`` of the steps; the targets are sampled from pure noise throughout."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from medvlm.models.factory import build_unet, noised_latents
+    from medvlm.vocabulary import TARGET_NAMES
+
+    base = pipes["report_to_ct"]
+    config = load_config(CONFIGS / "tiny.yaml")
+    config.models.unet.prior_rank = 3
+    grid = [int(s) // base.vae.compression for s in base.preprocess_config.roi_size]
+    unet = build_unet(config.models, base.unet.config.cross_attention_dim, template_size=grid)
+    loaded = unet.load_state_dict(base.unet.state_dict(), strict=False)
+    assert set(loaded.missing_keys) == {"prior_mean", "prior_components", "prior_cases"} and not loaded.unexpected_keys
+    pipe = ReportToCTPipeline(vae=base.vae, unet=unet, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                              scheduler=base.scheduler, preprocess=dict(base.config.preprocess), prior_strength=0.5)
+    with pytest.raises(ValueError, match="latent prior"):
+        pipe(PROMPT, num_inference_steps=2)  # never fitted
+    channels = unet.config.in_channels
+    unet.set_prior(torch.randn(6, channels, *grid, generator=torch.Generator().manual_seed(3)) * 2.0 + 1.0)
+    seen = {}
+
+    def callback(p, step, timestep, tensors):
+        seen[step] = tensors["latents"].clone()
+        return tensors
+
+    def run(p, seed=0, **kwargs):
+        return p(PROMPT, num_inference_steps=4, generator=torch.Generator().manual_seed(seed), output_type="pt", **kwargs)
+
+    out = run(pipe, callback_on_step_end=callback)
+    draws = torch.Generator().manual_seed(0)  # the pipeline's order of draws: noise, prior coefficients, RePaint noise
+    randn_tensor((1, channels, *grid), generator=draws)
+    anatomy = unet.sample_prior(randn_tensor((1, 3), generator=draws))
+    expected = noised_latents(pipe.scheduler, anatomy, randn_tensor((1, channels, *grid), generator=draws),
+                              pipe.scheduler.timesteps[1:2])
+    c, names = base.vae.config.latent_channels, list(pipe.config.structure_names)
+    held = list(range(c)) + [c + i for i, n in enumerate(names) if n not in TARGET_NAMES]
+    targets = [c + names.index(n) for n in TARGET_NAMES]
+    assert torch.allclose(seen[0][:, held], expected[:, held], atol=1e-5)  # held after the first of 4 steps ...
+    assert not torch.allclose(seen[0][:, targets], expected[:, targets], atol=0.1)  # ... the targets free
+    assert torch.equal(run(pipe).ct, out.ct) and torch.equal(run(pipe).masks, out.masks)  # deterministic
+    assert not torch.allclose(run(pipe, seed=1).ct, out.ct)
+    assert torch.equal(run(pipe, prior_strength=1.0).ct, run(base).ct)  # 1: no prior, the UNet's own sampling
+    assert not torch.allclose(out.ct, run(base).ct)
+    both = pipe([PROMPT, PROMPT], num_inference_steps=4, output_type="pt",
+                generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)])
+    assert torch.allclose(both.ct[0], out.ct[0], atol=0.05)  # one generator each: single calls
+    for bad in (0.0, 1.5, True, float("nan")):
+        with pytest.raises(ValueError, match="prior_strength"):
+            run(pipe, prior_strength=bad)
+    with pytest.raises(ValueError, match="prior_strength"):
+        ReportToCTPipeline(vae=base.vae, unet=unet, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                           scheduler=base.scheduler, prior_strength=0.0)
+
 @pytest.mark.parametrize("scheduler_class", [DDIMScheduler, DPMSolverMultistepScheduler])
 def test_schedulers_are_swappable(pipes, scheduler_class):
     pipe = pipes["report_to_ct"]

@@ -1067,19 +1067,25 @@ def test_shared_cases_preprocess_once_per_settings_only_inside_the_block(tiny_da
     assert load_cases(tiny_data, config)[0] is not first[0]  # the block's cache is gone after it
 
 
-def test_latent_template_is_measured_on_the_cached_training_latents(trained, tiny_data, tmp_path):
+def test_latent_template_and_prior_are_measured_on_the_cached_training_latents(trained, tiny_data, tmp_path):
     """models.unet.latent_template: the UNet's template is the per-voxel mean and spread of the cached training
-    latents' CT channels (structure channels untouched), and the loss noises normalised latents."""
+    latents' CT channels (structure channels untouched), and the loss noises normalised latents;
+    models.unet.prior_rank: the latent prior is fitted to the normalised latents of the rows training draws."""
     from train.stage_diffusion import DiffusionTrainer
 
     for stage in ("contrastive", "vae"):
         shutil.copytree(trained / stage / "final", tmp_path / stage / "final")
     config = load_config(TINY)
     config.models.unet.latent_template = True
+    config.models.unet.prior_rank = 2
     trainer = DiffusionTrainer(config, tiny_data, tmp_path)
     loss_fn = trainer.setup()
     c = trainer.vae.config.latent_channels
     cached = trainer.cache["latents"]
+    rows = trainer._learned_rows(len(cached))
+    assert rows[:len(trainer.cases)] == list(range(len(trainer.cases))) and int(trainer.unet.prior_cases) == len(rows)
+    assert all(row >= len(trainer.cases) for row in rows[len(trainer.cases):])
+    assert torch.allclose(trainer.unet.prior_mean, trainer.unet.normalize_latents(cached[rows]).mean(0), atol=1e-4)
     assert tuple(trainer.unet.config.template_size) == tuple(cached.shape[2:])
     assert torch.allclose(trainer.unet.template_mean[:c], cached[:, :c].mean(0), atol=1e-5)
     assert torch.equal(trainer.unet.template_mean[c:], torch.zeros_like(trainer.unet.template_mean[c:]))

@@ -129,12 +129,26 @@ class DiffusionTrainer(StageTrainer):
         self.checkpoint_objects.append(self.ema)
         self.mirror = self.mirror_prob()
         self.cache = self._precompute() if c.cache_latents else None
-        if self.unet.config.template_size is not None:  # the training cases (and their mirror images) as learned
+        if self.unet.config.template_size is not None or self.unet.config.prior_rank:
+            # the training cases (and their mirror images) as learned
             latents = self.cache["latents"] if self.cache is not None else self._precompute()["latents"]
-            # the CT latent only: a structure channel is standardised per channel already, and per voxel its rare
-            # lesions would be outliers of a near-zero spread
-            self.unet.set_template(latents, channels=self.vae.config.latent_channels)
+            if self.unet.config.template_size is not None:
+                # the CT latent only: a structure channel is standardised per channel already, and per voxel its
+                # rare lesions would be outliers of a near-zero spread
+                self.unet.set_template(latents, channels=self.vae.config.latent_channels)
+            if self.unet.config.prior_rank:  # a linear model of the latents as learned: the anatomy samples start from
+                self.unet.set_prior(self.unet.normalize_latents(latents[self._learned_rows(len(latents))]))
         return DiffusionLoss(self.unet, self.vae, self.text_encoder, self.scheduler, c.snr_weighting, c.snr_gamma)
+
+    def _learned_rows(self, rows: int) -> list[int]:
+        """Rows of the precomputed latents that training draws: every case, and the mirror image (rows N..2N-1)
+        of those ``lateral_mirror`` may mirror (in a canonical side, only cases without a side)."""
+        from train.data import has_side
+
+        n = len(self.cases)
+        mirrored = [n + i for i, case in enumerate(self.cases)
+                    if rows > n and not (self.canonical_side is not None and has_side(case))]
+        return list(range(n)) + mirrored
 
     @torch.no_grad()
     def _precompute(self) -> dict:

@@ -54,7 +54,8 @@ class ReportConditionedUNet3D(AlignedModelMixin, ConfigMixin):
                  num_head_channels: int | Sequence[int] = 16, cross_attention_dim: int = 384, norm_num_groups: int = 16,
                  transformer_num_layers: int = 1, null_tokens: int = 1, report_fields: int = 0, fields_time: bool = False,
                  coordinates: bool = False, canonical_side: str | None = None,
-                 structure_levels: Sequence[float] | None = None, template_size: Sequence[int] | None = None):
+                 structure_levels: Sequence[float] | None = None, template_size: Sequence[int] | None = None,
+                 prior_rank: int = 0, prior_size: Sequence[int] | None = None):
         super().__init__()
         if canonical_side not in (None, "left", "right"):
             raise ValueError(f"canonical_side must be None, 'left' or 'right', got {canonical_side!r}")
@@ -79,6 +80,13 @@ class ReportConditionedUNet3D(AlignedModelMixin, ConfigMixin):
             grid = tuple(int(v) for v in template_size)
             self.register_buffer("template_mean", torch.zeros(in_channels, *grid))
             self.register_buffer("template_std", torch.ones(in_channels, *grid))
+        if prior_rank:  # a linear model of the training latents as this UNet models them (set from data)
+            if prior_size is None:
+                raise ValueError("prior_rank > 0 needs prior_size, the latent grid of the training cases")
+            grid = tuple(int(v) for v in prior_size)
+            self.register_buffer("prior_mean", torch.zeros(in_channels, *grid))
+            self.register_buffer("prior_components", torch.zeros(int(prior_rank), in_channels, *grid))
+            self.register_buffer("prior_cases", torch.zeros((), dtype=torch.long))
 
     def set_template(self, latents: torch.Tensor, channels: int | None = None) -> None:
         """Per-voxel mean and standard deviation (floored at 0.05) of training latents (N, C, x, y, z), for the
@@ -91,6 +99,45 @@ class ReportConditionedUNet3D(AlignedModelMixin, ConfigMixin):
             self.template_std.fill_(1.0)
             self.template_mean[:channels] = latents[:, :channels].mean(0)
             self.template_std[:channels] = latents[:, :channels].std(0).clamp_min(0.05)
+
+    @property
+    def has_prior(self) -> bool:
+        """Whether a latent prior was fitted (:meth:`set_prior`)."""
+        return bool(self.config.prior_rank) and int(self.prior_cases) > 0
+
+    def set_prior(self, latents: torch.Tensor) -> None:
+        """Fit the latent prior to training latents (N, C, x, y, z) as this UNet models them (after
+        :meth:`normalize_latents`): their mean and their first ``prior_rank`` principal directions, each scaled
+        by its standard deviation over the cases (a Gaussian in the span of the cases, as an active appearance
+        model). torch's SVD, as nothing in MONAI or diffusers fits one to a few hundred volumes."""
+        if not self.config.prior_rank:
+            raise ValueError("this UNet has no latent prior (prior_rank 0)")
+        if latents.ndim != 5 or tuple(latents.shape[1:]) != tuple(self.prior_mean.shape) or latents.shape[0] < 2:
+            raise ValueError(f"the prior is fitted to >= 2 latents of shape {tuple(self.prior_mean.shape)}, "
+                             f"got {tuple(latents.shape)}")
+        flat = latents.detach().reshape(latents.shape[0], -1).double().cpu()
+        mean = flat.mean(0)
+        _, spread, directions = torch.linalg.svd(flat - mean, full_matrices=False)
+        rank = min(int(self.config.prior_rank), directions.shape[0])
+        components = torch.zeros_like(self.prior_components)
+        scaled = directions[:rank] * (spread[:rank, None] / (flat.shape[0] - 1) ** 0.5)
+        components[:rank] = scaled.reshape(rank, *self.prior_mean.shape).to(components)
+        with torch.no_grad():
+            self.prior_mean.copy_(mean.reshape(self.prior_mean.shape).to(self.prior_mean))
+            self.prior_components.copy_(components)
+            self.prior_cases.fill_(int(flat.shape[0]))
+
+    def sample_prior(self, coefficients: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
+        """Latents (N, C, *grid) drawn from the prior: its mean plus ``coefficients`` (N, prior_rank; standard
+        normal for a random draw) times its scaled components, resampled to ``grid`` when it differs."""
+        if not self.has_prior:
+            raise ValueError("this UNet's latent prior was never fitted (set_prior)")
+        components = self.prior_components.to(coefficients.device, torch.float32)
+        draws = self.prior_mean.to(coefficients.device, torch.float32)[None] + torch.einsum(
+            "nk,k...->n...", coefficients.float(), components)
+        if grid is not None and tuple(grid) != tuple(draws.shape[2:]):
+            draws = torch.nn.functional.interpolate(draws, size=tuple(grid), mode="trilinear", align_corners=False)
+        return draws
 
     def _template(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, std = self.template_mean[None], self.template_std[None]
