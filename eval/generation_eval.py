@@ -124,11 +124,13 @@ def _oar_dice(first: np.ndarray, second: np.ndarray, names: Sequence[str]) -> fl
 
 
 def laterality_fidelity(run: str | Path, *, n_per_side: int = 16, steps: int = 25, guidance_scale: float = 3.0,
-                        seed: int = 0, return_samples: bool = False, scheduler: str | None = None) -> dict:
+                        seed: int = 0, return_samples: bool = False, scheduler: str | None = None,
+                        prior_strength: float | None = None) -> dict:
     """Fractions of generated CTs whose primary tumour (or nodes, without one) lies on the prompt's side, judged
     by the image-only baseline contouring the generated image and by the paired masks; ``pairing_oar_dice``:
     mean organ-at-risk Dice between the paired masks and the baseline's contours of the same CTs.
     ``scheduler``: a diffusers scheduler class name swapped in with ``from_config``; default the pipeline's own.
+    ``prior_strength``: the pipeline's argument (default its config's; 1: no latent prior).
     ``return_samples``: also ``"samples"`` (HU volumes), ``"affine"`` and ``"groups"`` (sample indices per
     prompt), e.g. for :func:`realism_and_diversity`."""
 
@@ -141,7 +143,7 @@ def laterality_fidelity(run: str | Path, *, n_per_side: int = 16, steps: int = 2
     for number, (side, prompt) in enumerate(PROMPTS.items()):
         generators = [torch.Generator().manual_seed(seed + 1000 * number + i) for i in range(n_per_side)]
         out = pipe(prompt, num_images_per_prompt=n_per_side, generator=generators, num_inference_steps=steps,
-                   guidance_scale=guidance_scale, return_masks=True)
+                   guidance_scale=guidance_scale, return_masks=True, prior_strength=prior_strength)
         groups.append(list(range(len(samples), len(samples) + n_per_side)))
         for i in range(n_per_side):
             volume, paired = np.asarray(out.ct[i]), np.asarray(out.masks[i])
@@ -153,7 +155,8 @@ def laterality_fidelity(run: str | Path, *, n_per_side: int = 16, steps: int = 2
             pairing.append(_oar_dice(paired, contours, names))
     result = {name: float(np.mean(values)) for name, values in judged.items()} | {
         "pairing_oar_dice": float(np.mean(pairing)), "n": 2 * n_per_side, "steps": steps,
-        "scheduler": type(pipe.scheduler).__name__}
+        "scheduler": type(pipe.scheduler).__name__,
+        "prior_strength": float(pipe.config.prior_strength if prior_strength is None else prior_strength)}
     if return_samples:
         result |= {"samples": samples, "affine": out.affine, "groups": groups, "prompts": list(PROMPTS.values())}
     return result
@@ -167,7 +170,7 @@ N_PROMPTS = ("Left tonsil squamous cell carcinoma, cT2 N0 M0. Elective neck: ips
 
 
 def stage_fidelity(run: str | Path, *, n: int = 8, steps: int = 25, guidance_scale: float = 3.0, seed: int = 0,
-                   scheduler: str | None = None) -> dict:
+                   scheduler: str | None = None, prior_strength: float | None = None) -> dict:
     """T stage: ``n`` seed pairs of a cT1 and a cT4 prompt (same seeds), the fraction whose cT4 sample has the
     larger GTVp. N stage: ``n`` samples each of a cN0 and a cN2 prompt, the fractions without (N0) and with (N2)
     a GTVn of at least :data:`MIN_LESION_ML`. Each judged by the baseline and by the paired masks."""
@@ -178,7 +181,8 @@ def stage_fidelity(run: str | Path, *, n: int = 8, steps: int = 25, guidance_sca
 
     def volumes_ml(prompt: str, structure: str) -> dict[str, np.ndarray]:
         out = pipe(prompt, num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=guidance_scale,
-                   generator=[torch.Generator().manual_seed(seed + i) for i in range(n)], return_masks=True)
+                   generator=[torch.Generator().manual_seed(seed + i) for i in range(n)], return_masks=True,
+                   prior_strength=prior_strength)
         voxel_ml = abs(np.linalg.det(out.affine[:3, :3])) / 1000.0
         c = names.index(structure)
         return {JUDGES[0]: np.array([judge(np.asarray(v))[c].sum() * voxel_ml for v in out.ct]),
@@ -538,16 +542,17 @@ def realism_table(result: dict) -> str:
 
 
 def evaluate(run: str | Path, data: str | Path | None = None, *, n_per_side: int = 16, stage_n: int = 8,
-             steps: int = 25, guidance_scale: float = 3.0, scheduler: str | None = None, seed: int = 0) -> dict:
+             steps: int = 25, guidance_scale: float = 3.0, scheduler: str | None = None, seed: int = 0,
+             prior_strength: float | None = None) -> dict:
     """Everything above in one call: laterality and pairing (``2 * n_per_side`` samples), T/N stage
     (``stage_n`` per prompt), and with ``data`` the autoencoder ceiling on its validation split and realism and
     diversity of the laterality samples against its test split; ``"targets"``: :func:`generation_targets`."""
     from medvlm.data.datalist import load_datalist
 
     fidelity = laterality_fidelity(run, n_per_side=n_per_side, steps=steps, guidance_scale=guidance_scale, seed=seed,
-                                   scheduler=scheduler, return_samples=data is not None)
-    stages = stage_fidelity(run, n=stage_n, steps=steps, guidance_scale=guidance_scale, seed=seed, scheduler=scheduler) \
-        if stage_n else None
+                                   scheduler=scheduler, return_samples=data is not None, prior_strength=prior_strength)
+    stages = stage_fidelity(run, n=stage_n, steps=steps, guidance_scale=guidance_scale, seed=seed, scheduler=scheduler,
+                            prior_strength=prior_strength) if stage_n else None
     ceiling = realism = None
     prompts = fidelity.pop("prompts", None)
     if data is not None:
@@ -568,17 +573,23 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=25, help="sampling steps")
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--scheduler", default=None, help="a diffusers scheduler class name (default: the pipeline's)")
+    parser.add_argument("--prior-strength", type=float, default=None,
+                        help="share of the steps in which the anatomy is free of the UNet's latent prior "
+                             "(default: the pipeline's; 1: no prior)")
     parser.add_argument("--out", default=None, help="also write generation.json and generation.md into this folder")
     parser.add_argument("--overwrite", action="store_true", help="write into an --out that holds other files")
     args = parser.parse_args(argv)
     if args.n < 1 or args.stage_n < 0 or args.steps < 1:
         parser.error("--n and --steps must be >= 1, --stage-n >= 0")
+    if args.prior_strength is not None and not 0.0 < args.prior_strength <= 1.0:
+        parser.error(f"--prior-strength must be in (0, 1], got {args.prior_strength:g}")
     if args.out:
         claim_output(args, "eval generation")
     result = evaluate(args.run, args.data, n_per_side=args.n, stage_n=args.stage_n, steps=args.steps,
-                      guidance_scale=args.guidance_scale, scheduler=args.scheduler)
+                      guidance_scale=args.guidance_scale, scheduler=args.scheduler, prior_strength=args.prior_strength)
     fidelity = result["fidelity"]
-    text = [f"Generated CTs: {fidelity['scheduler']}, {fidelity['steps']} steps, guidance {args.guidance_scale:g}.", "",
+    text = [f"Generated CTs: {fidelity['scheduler']}, {fidelity['steps']} steps, guidance {args.guidance_scale:g}, "
+            f"latent prior strength {fidelity['prior_strength']:g} (1: none).", "",
             targets_table(result["targets"])]
     if result["realism"] is not None:
         text += ["", realism_table(result["realism"])]

@@ -45,6 +45,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.n < 1 or args.steps < 1:
         raise InputError(f"--n and --steps must be >= 1, got {args.n} and {args.steps}")
+    if args.prior_strength is not None and not 0.0 < args.prior_strength <= 1.0:
+        raise InputError(f"--prior-strength must be in (0, 1] (1: no latent prior), got {args.prior_strength:g}")
     out_dir = Path(args.out)
     prompt = text_or_file(args.prompt)
     pipe = ReportToCTPipeline.from_pretrained(args.pipeline)
@@ -53,7 +55,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         count = min(GENERATE_CHUNK, args.n - first)
         generators = [torch.Generator().manual_seed(args.seed + first + k) for k in range(count)]
         out = pipe(prompt, num_images_per_prompt=count, generator=generators,
-                   num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
+                   num_inference_steps=args.steps, guidance_scale=args.guidance_scale, prior_strength=args.prior_strength)
         for k in range(count):
             i = first + k
             save_nifti(out_dir / f"sample_{i:03d}_ct.nii.gz", out.ct[k], out.affine)
@@ -135,6 +137,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--steps", type=int, default=50, help="sampling steps")
     generate.add_argument("--guidance-scale", type=float, default=3.0)
+    generate.add_argument("--prior-strength", type=float, default=None,
+                          help="share of the steps in which the anatomy is free of the latent prior "
+                               "(default: the pipeline's; 1: no prior)")
     generate.add_argument("--out", required=True)
     generate.add_argument("--overwrite", action="store_true", help="replace the samples of an earlier run in --out")
     generate.set_defaults(func=cmd_generate)

@@ -786,8 +786,9 @@ def test_cli_contour_generate_classify_draft(saved, case, tmp_path, capsys):
     contour = ["contour", "--pipeline", str(saved["contour"]), "--ct", str(ct_path), "--report", "left tonsil",
                "--out", str(tmp_path / "masks")]
     assert main(contour) == 2 and "already holds" in capsys.readouterr().err
-    for bad in (["--n", "0"], ["--steps", "0"]):
+    for bad in (["--n", "0"], ["--steps", "0"], ["--prior-strength", "0"]):
         assert main(generate[:-2] + ["--out", str(tmp_path / "gen2")] + bad) == 2
+    assert "--prior-strength must be in (0, 1]" in capsys.readouterr().err
 
 
 def test_cli_errors_are_one_line_with_an_exit_code_and_verbose_shows_the_traceback(saved, small_dataset, tmp_path, capsys):

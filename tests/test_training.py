@@ -883,7 +883,9 @@ def test_generation_fidelity_pairing_and_stages_are_judged_by_the_baseline_and_t
     from eval.generation_eval import JUDGES, centre_side, laterality_fidelity, lesion_side, stage_fidelity
 
     ddpm = laterality_fidelity(trained, n_per_side=1, steps=3, scheduler="DDPMScheduler")
-    assert ddpm["scheduler"] == "DDPMScheduler" and ddpm["n"] == 2
+    assert ddpm["scheduler"] == "DDPMScheduler" and ddpm["n"] == 2 and ddpm["prior_strength"] == 1.0
+    with pytest.raises(ValueError, match="latent prior"):  # passed on to the pipeline, whose UNet has none
+        laterality_fidelity(trained, n_per_side=1, steps=3, prior_strength=0.5)
     assert all(ddpm[judge] in (0.0, 0.5, 1.0) for judge in JUDGES) and 0.0 <= ddpm["pairing_oar_dice"] <= 1.0
     # a judge reads a mask's side: its centre against the body's midline (RAS +x = right)
     mask, affine = np.zeros((10, 4, 4), bool), np.diag([2.0, 2.0, 2.0, 1.0])
