@@ -173,8 +173,19 @@ class UNetModelConfig:
     # cases' own variation, which a UNet trained a few hundred steps does not learn (0: no prior)
     prior_rank: int = 0
     prior_strength: float = 1.0
+    # null: a draw is a Gaussian over the cases' span (a blend of every case); a number >= 0: a draw is one
+    # training case's coefficients plus this many standard deviations of Gaussian spread per component (a real
+    # anatomy, varied). The prior then carries each case's rank-prior_rank coefficients: share a generator
+    # trained on patient CTs only under the terms that cover those CTs
+    prior_spread: float | None = None
 
     def __post_init__(self):
+        if self.prior_spread is not None and (isinstance(self.prior_spread, bool)
+                                              or not isinstance(self.prior_spread, (int, float))
+                                              or not float(self.prior_spread) >= 0.0):
+            raise ConfigError(f"models.unet.prior_spread must be null or a number >= 0, got {self.prior_spread!r}")
+        if self.prior_spread is not None and not self.prior_rank:
+            raise ConfigError("models.unet.prior_spread shapes draws from the latent prior: set models.unet.prior_rank > 0")
         if isinstance(self.prior_rank, bool) or not isinstance(self.prior_rank, int) or self.prior_rank < 0:
             raise ConfigError(f"models.unet.prior_rank must be an integer >= 0, got {self.prior_rank!r}")
         if isinstance(self.prior_strength, bool) or not isinstance(self.prior_strength, (int, float)) \

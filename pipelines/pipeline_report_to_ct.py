@@ -449,7 +449,7 @@ class ReportToCTPipeline(MedVLMPipeline):
             raise ValueError("`prior_strength` < 1 draws the anatomy from the UNet's latent prior, and this UNet has "
                              "none (train it with models.unet.prior_rank > 0, or pass prior_strength=1)")
         batch = latents.shape[0]
-        coefficients = randn_tensor((batch, int(self.unet.config.prior_rank)), generator=generator,
+        coefficients = randn_tensor((batch, self.unet.prior_draw_size), generator=generator,
                                     device=latents.device, dtype=torch.float32)
         clean = self.unet.sample_prior(coefficients, latents.shape[2:]).to(latents.dtype)
         known = torch.zeros_like(clean)

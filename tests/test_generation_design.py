@@ -390,6 +390,57 @@ def test_latent_prior_is_the_training_latents_mean_and_principal_spread_and_roun
     with pytest.raises(ValueError, match="no latent prior"):
         unet(0).set_prior(training)
 
+def test_a_case_prior_draws_around_one_training_case_and_round_trips():
+    """``prior_spread``: a draw picks one training case (uniformly, by the draw's last number) and adds
+    ``prior_spread`` standard deviations per component to that case's own coefficients: at spread 0 with every
+    direction kept each draw is a training latent; a spread varies it; the case coefficients are saved."""
+    import tempfile
+
+    from medvlm.models import ReportConditionedUNet3D
+
+    def unet(rank, spread):
+        return ReportConditionedUNet3D(in_channels=3, out_channels=3, channels=(8, 16, 16), num_head_channels=8,
+                                       norm_num_groups=8, cross_attention_dim=16, prior_rank=rank, prior_size=(4, 4, 4),
+                                       prior_spread=spread)
+
+    torch.manual_seed(0)
+    training = torch.randn(6, 3, 4, 4, 4) * torch.linspace(0.2, 3.0, 64).view(1, 1, 4, 4, 4) + 2.0
+    exact = unet(8, 0.0)
+    assert exact.prior_draw_size == 9 and unet(8, None).prior_draw_size == 8
+    exact.set_prior(training)
+    assert exact.config.prior_rows == 6 and tuple(exact.prior_coefficients.shape) == (6, 8)
+    draws = torch.randn(600, 9, generator=torch.Generator().manual_seed(1))
+    samples = exact.sample_prior(draws)
+    distance = (samples[:, None] - training[None]).flatten(2).abs().amax(-1)  # (draw, case)
+    assert float(distance.amin(1).max()) < 1e-4  # every draw is one of the cases ...
+    picked = distance.argmin(1)
+    assert torch.equal(picked, (torch.special.ndtr(draws[:, 8].double()) * 6).floor().long())  # ... the one its last number picks
+    assert set(picked.tolist()) == set(range(6)) and int(torch.bincount(picked).min()) > 60  # each about equally often
+    assert torch.allclose(exact.sample_prior(draws[:5]), samples[:5], atol=1e-6)  # deterministic
+    spread = unet(8, 0.5)
+    spread.set_prior(training)
+    varied = spread.sample_prior(draws)
+    assert float((varied - samples).abs().max()) > 0.1  # a spread moves the draw off the case ...
+    offsets = (varied - samples).reshape(600, -1)
+    assert abs(float(offsets.var(0).sum() / training.var(0).sum()) - 0.25) < 0.05  # ... by 0.5^2 of the cases' variance
+    truncated = unet(2, 0.0)
+    truncated.set_prior(training)  # two components: a draw is a case's projection on them
+    basis = truncated.prior_components.reshape(2, -1).double()
+    centred = (training - training.mean(0)).reshape(6, -1).double()
+    projection = (centred @ basis.T) @ torch.linalg.pinv(basis.T)
+    assert torch.allclose(truncated.sample_prior(draws[:1, [0, 1, 8]])[0].reshape(-1).double(),
+                          (training.mean(0).reshape(-1).double() + projection[int(picked[0])]), atol=1e-4)
+    with pytest.raises(ValueError, match=r"\(N, 9\)"):
+        exact.sample_prior(torch.zeros(1, 8))
+    with tempfile.TemporaryDirectory() as folder:
+        spread.save_pretrained(folder)
+        again = ReportConditionedUNet3D.from_pretrained(folder)
+    assert again.config.prior_rows == 6 and torch.equal(again.sample_prior(draws), varied)
+    for bad in (-0.1, True, float("nan")):
+        with pytest.raises(ValueError, match="prior_spread"):
+            unet(8, bad)
+
+
 def test_rendered_lesions_replace_the_old_ones_and_draw_the_new_as_the_cases_own_tumour():
     """``rendered`` synthesis: the old lesion's place becomes the soft tissue around it, the new lesion is a mass
     of the source lesion's appearance (also where it grows into air), and nothing else changes."""

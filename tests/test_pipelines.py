@@ -636,6 +636,23 @@ def test_a_latent_prior_holds_the_anatomy_to_its_draw_and_lets_the_targets_follo
     with pytest.raises(ValueError, match="prior_strength"):
         ReportToCTPipeline(vae=base.vae, unet=unet, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
                            scheduler=base.scheduler, prior_strength=0.0)
+    # a case prior (prior_spread 0): the anatomy held is one training latent, the one the draw's last number picks
+    config.models.unet.prior_rank, config.models.unet.prior_spread = 8, 0.0  # 6 cases span 5 directions: all kept
+    cases = build_unet(config.models, base.unet.config.cross_attention_dim, template_size=grid)
+    cases.load_state_dict(base.unet.state_dict(), strict=False)
+    training = torch.randn(6, channels, *grid, generator=torch.Generator().manual_seed(3)) * 2.0 + 1.0
+    cases.set_prior(training)
+    pipe = ReportToCTPipeline(vae=base.vae, unet=cases, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                              scheduler=base.scheduler, preprocess=dict(base.config.preprocess), prior_strength=0.5)
+    run(pipe, callback_on_step_end=callback)
+    draws = torch.Generator().manual_seed(0)
+    randn_tensor((1, channels, *grid), generator=draws)
+    draw = randn_tensor((1, 9), generator=draws)
+    case = int(torch.special.ndtr(draw[0, 8].double()) * 6)
+    assert torch.allclose(cases.sample_prior(draw)[0], training[case], atol=1e-4)
+    expected = noised_latents(pipe.scheduler, training[case:case + 1],
+                              randn_tensor((1, channels, *grid), generator=draws), pipe.scheduler.timesteps[1:2])
+    assert torch.allclose(seen[0][:, held], expected[:, held], atol=1e-4)
 
 @pytest.mark.parametrize("scheduler_class", [DDIMScheduler, DPMSolverMultistepScheduler])
 def test_schedulers_are_swappable(pipes, scheduler_class):

@@ -1079,13 +1079,14 @@ def test_latent_template_and_prior_are_measured_on_the_cached_training_latents(t
         shutil.copytree(trained / stage / "final", tmp_path / stage / "final")
     config = load_config(TINY)
     config.models.unet.latent_template = True
-    config.models.unet.prior_rank = 2
+    config.models.unet.prior_rank, config.models.unet.prior_spread = 2, 0.5
     trainer = DiffusionTrainer(config, tiny_data, tmp_path)
     loss_fn = trainer.setup()
     c = trainer.vae.config.latent_channels
     cached = trainer.cache["latents"]
     rows = trainer._learned_rows(len(cached))
     assert rows[:len(trainer.cases)] == list(range(len(trainer.cases))) and int(trainer.unet.prior_cases) == len(rows)
+    assert trainer.unet.config.prior_rows == len(rows) and tuple(trainer.unet.prior_coefficients.shape) == (len(rows), 2)
     assert all(row >= len(trainer.cases) for row in rows[len(trainer.cases):])
     assert torch.allclose(trainer.unet.prior_mean, trainer.unet.normalize_latents(cached[rows]).mean(0), atol=1e-4)
     assert tuple(trainer.unet.config.template_size) == tuple(cached.shape[2:])

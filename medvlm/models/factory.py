@@ -70,7 +70,8 @@ def build_unet(models: ModelsConfig, context_dim: int, template_size=None) -> Re
                                    norm_num_groups=u.norm_num_groups, transformer_num_layers=u.transformer_num_layers,
                                    template_size=tuple(template_size) if u.latent_template and template_size else None,
                                    prior_rank=u.prior_rank if template_size else 0,
-                                   prior_size=tuple(template_size) if u.prior_rank and template_size else None)
+                                   prior_size=tuple(template_size) if u.prior_rank and template_size else None,
+                                   prior_spread=u.prior_spread if u.prior_rank and template_size else None)
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow_matching")

@@ -55,7 +55,8 @@ class ReportConditionedUNet3D(AlignedModelMixin, ConfigMixin):
                  transformer_num_layers: int = 1, null_tokens: int = 1, report_fields: int = 0, fields_time: bool = False,
                  coordinates: bool = False, canonical_side: str | None = None,
                  structure_levels: Sequence[float] | None = None, template_size: Sequence[int] | None = None,
-                 prior_rank: int = 0, prior_size: Sequence[int] | None = None):
+                 prior_rank: int = 0, prior_size: Sequence[int] | None = None, prior_spread: float | None = None,
+                 prior_rows: int = 0):
         super().__init__()
         if canonical_side not in (None, "left", "right"):
             raise ValueError(f"canonical_side must be None, 'left' or 'right', got {canonical_side!r}")
@@ -87,6 +88,10 @@ class ReportConditionedUNet3D(AlignedModelMixin, ConfigMixin):
             self.register_buffer("prior_mean", torch.zeros(in_channels, *grid))
             self.register_buffer("prior_components", torch.zeros(int(prior_rank), in_channels, *grid))
             self.register_buffer("prior_cases", torch.zeros((), dtype=torch.long))
+            if prior_spread is not None and (isinstance(prior_spread, bool) or not float(prior_spread) >= 0.0):
+                raise ValueError(f"prior_spread must be None (Gaussian draws) or a number >= 0, got {prior_spread!r}")
+            if prior_spread is not None:  # each training case's coefficients (set_prior records prior_rows)
+                self.register_buffer("prior_coefficients", torch.zeros(int(prior_rows), int(prior_rank)))
 
     def set_template(self, latents: torch.Tensor, channels: int | None = None) -> None:
         """Per-voxel mean and standard deviation (floored at 0.05) of training latents (N, C, x, y, z), for the
@@ -117,8 +122,9 @@ class ReportConditionedUNet3D(AlignedModelMixin, ConfigMixin):
                              f"got {tuple(latents.shape)}")
         flat = latents.detach().reshape(latents.shape[0], -1).double().cpu()
         mean = flat.mean(0)
-        _, spread, directions = torch.linalg.svd(flat - mean, full_matrices=False)
+        cases, spread, directions = torch.linalg.svd(flat - mean, full_matrices=False)
         rank = min(int(self.config.prior_rank), directions.shape[0])
+        rank = max(1, min(rank, int((spread > spread[0] * 1e-6).sum())))  # directions the cases actually span
         components = torch.zeros_like(self.prior_components)
         scaled = directions[:rank] * (spread[:rank, None] / (flat.shape[0] - 1) ** 0.5)
         components[:rank] = scaled.reshape(rank, *self.prior_mean.shape).to(components)
@@ -126,12 +132,39 @@ class ReportConditionedUNet3D(AlignedModelMixin, ConfigMixin):
             self.prior_mean.copy_(mean.reshape(self.prior_mean.shape).to(self.prior_mean))
             self.prior_components.copy_(components)
             self.prior_cases.fill_(int(flat.shape[0]))
+        if self.config.prior_spread is not None:
+            # each case's coordinates along the scaled components (its projection, in units of their spread)
+            coefficients = torch.zeros(flat.shape[0], int(self.config.prior_rank), dtype=self.prior_mean.dtype)
+            coefficients[:, :rank] = (cases[:, :rank] * (flat.shape[0] - 1) ** 0.5).to(coefficients)
+            self.register_buffer("prior_coefficients", coefficients.to(self.prior_mean.device))
+            self.register_to_config(prior_rows=int(flat.shape[0]))
+
+    @property
+    def prior_draw_size(self) -> int:
+        """How many standard normal numbers one draw of :meth:`sample_prior` takes: one per component, and with
+        ``prior_spread`` one more that picks the training case the draw is made around."""
+        return int(self.config.prior_rank) + (1 if self.config.prior_spread is not None else 0)
 
     def sample_prior(self, coefficients: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
-        """Latents (N, C, *grid) drawn from the prior: its mean plus ``coefficients`` (N, prior_rank; standard
-        normal for a random draw) times its scaled components, resampled to ``grid`` when it differs."""
+        """Latents (N, C, *grid) drawn from the prior: its mean plus coefficients times its scaled components,
+        resampled to ``grid`` when it differs. ``coefficients`` (N, :attr:`prior_draw_size`), standard normal for
+        a random draw: the coefficients themselves (a Gaussian over the cases' span); with ``prior_spread``, the
+        last column picks one training case (uniformly, through the normal's distribution function) and the
+        others, times ``prior_spread``, are added to that case's own coefficients (a kernel density over the
+        cases: each draw is a real anatomy, varied, not a blend of all of them)."""
         if not self.has_prior:
             raise ValueError("this UNet's latent prior was never fitted (set_prior)")
+        if coefficients.ndim != 2 or coefficients.shape[1] != self.prior_draw_size:
+            raise ValueError(f"a draw of this prior takes (N, {self.prior_draw_size}) numbers, got {tuple(coefficients.shape)}")
+        coefficients = coefficients.float()
+        if self.config.prior_spread is not None:
+            rows = self.prior_coefficients.shape[0]
+            if rows == 0:
+                raise ValueError("this UNet's prior has no case coefficients (fit it with set_prior)")
+            rank = int(self.config.prior_rank)
+            row = (torch.special.ndtr(coefficients[:, rank].double()) * rows).floor().long().clamp(0, rows - 1)
+            coefficients = self.prior_coefficients.to(coefficients.device, torch.float32)[row.to(coefficients.device)] \
+                + float(self.config.prior_spread) * coefficients[:, :rank]
         components = self.prior_components.to(coefficients.device, torch.float32)
         draws = self.prior_mean.to(coefficients.device, torch.float32)[None] + torch.einsum(
             "nk,k...->n...", coefficients.float(), components)
