@@ -566,13 +566,38 @@ def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
     return preset
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently, so a
+    setting repeated further down a long config would override the one its reader sees)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # a complex key: the base loader decides
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(text: str):
+    """One YAML document through :class:`_UniqueKeyLoader` (what ``yaml.safe_load`` does with its own loader)."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_config(path: str | os.PathLike) -> MedVLMConfig:
     """Read a YAML config into a :class:`MedVLMConfig`: a path, or a preset name (``demo``, ``tiny``, ...)."""
     path = resolve_config_path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        mapping = yaml.safe_load(path.read_text(encoding="utf-8"))
+        mapping = _read_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     except UnicodeDecodeError:

@@ -67,6 +67,9 @@ def test_wrong_length_and_invalid_yaml_are_errors(tmp_path):
     path.write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+    path.write_text("models:\n  unet:\n    prior_rank: 8\n    channels: [8, 8, 8]\n    prior_rank: 16\n")
+    with pytest.raises(ConfigError, match="not valid YAML.*key 'prior_rank' is given twice"):
+        load_config(path)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -104,7 +107,7 @@ def test_segmentation_settings_are_checked(tmp_path, text, message):
     ("models:\n  unet: {prior_rank: 8, prior_strength: 0}\n", "prior_strength must be in"),
     ("models:\n  unet: {prior_strength: 0.5}\n", "set models.unet.prior_rank > 0"),
     ("models:\n  unet: {prior_rank: 8, prior_spread: -0.5}\n", "prior_spread must be null or a number >= 0"),
-    ("models:\n  unet: {prior_rank: 8, prior_spread: yes}\n", "prior_spread must be null or a number >= 0"),
+    ("models:\n  unet: {prior_rank: 8, prior_spread: yes}\n", "models.unet.prior_spread: value True matches none"),
     ("models:\n  unet: {prior_spread: 0.5}\n", "prior_spread shapes draws"),
     ("models:\n  vae: {mask_decoding: learned}\n", "mask_decoding must be one of"),
     ("models:\n  vae: {mask_decoding: fields, mask_encoding: fraction}\n", "set models.vae.mask_encoding: distance"),
