@@ -564,6 +564,8 @@ def evaluate(run: str | Path, data: str | Path | None = None, *, n_per_side: int
 
 
 def main(argv=None) -> int:
+    from medvlm.config import valid_prior_strength
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="training run folder (report_to_ct/, zero_shot/, baseline/)")
     parser.add_argument("--data", default=None, help="dataset folder (datalist.json): adds the autoencoder ceiling "
@@ -581,7 +583,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.n < 1 or args.stage_n < 0 or args.steps < 1:
         parser.error("--n and --steps must be >= 1, --stage-n >= 0")
-    if args.prior_strength is not None and not 0.0 < args.prior_strength <= 1.0:
+    if args.prior_strength is not None and not valid_prior_strength(args.prior_strength):
         parser.error(f"--prior-strength must be in (0, 1], got {args.prior_strength:g}")
     if args.out:
         claim_output(args, "eval generation")

@@ -188,8 +188,7 @@ class UNetModelConfig:
             raise ConfigError("models.unet.prior_spread shapes draws from the latent prior: set models.unet.prior_rank > 0")
         if isinstance(self.prior_rank, bool) or not isinstance(self.prior_rank, int) or self.prior_rank < 0:
             raise ConfigError(f"models.unet.prior_rank must be an integer >= 0, got {self.prior_rank!r}")
-        if isinstance(self.prior_strength, bool) or not isinstance(self.prior_strength, (int, float)) \
-                or not 0.0 < float(self.prior_strength) <= 1.0:
+        if not valid_prior_strength(self.prior_strength):
             raise ConfigError(f"models.unet.prior_strength must be in (0, 1] (1: no prior), got {self.prior_strength!r}")
         if self.prior_strength < 1.0 and not self.prior_rank:
             raise ConfigError("models.unet.prior_strength < 1 draws the anatomy from the latent prior: set models.unet.prior_rank > 0")
@@ -552,6 +551,12 @@ PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 def preset_names() -> list[str]:
     """Names of the shipped presets (``configs/<name>.yaml``, installed as ``medvlm/presets``)."""
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")) if PRESETS_DIR.is_dir() else []
+
+
+def valid_prior_strength(value) -> bool:
+    """Whether ``value`` is a latent prior strength: a number in (0, 1] (1: no prior). The one test the config,
+    the report-to-CT pipeline and the commands share."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0.0 < float(value) <= 1.0
 
 
 def resolve_config_path(name_or_path: str | os.PathLike) -> Path:

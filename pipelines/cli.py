@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from medvlm.cli import claim_output, text_or_file
+from medvlm.config import valid_prior_strength
 from medvlm.errors import InputError, MedVLMError
 from pipelines.augment import SYNTHESES
 
@@ -45,7 +46,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.n < 1 or args.steps < 1:
         raise InputError(f"--n and --steps must be >= 1, got {args.n} and {args.steps}")
-    if args.prior_strength is not None and not 0.0 < args.prior_strength <= 1.0:
+    if args.prior_strength is not None and not valid_prior_strength(args.prior_strength):
         raise InputError(f"--prior-strength must be in (0, 1] (1: no latent prior), got {args.prior_strength:g}")
     out_dir = Path(args.out)
     prompt = text_or_file(args.prompt)

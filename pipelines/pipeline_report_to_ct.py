@@ -8,7 +8,7 @@ from diffusers.schedulers import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from medvlm.config import PreprocessConfig, preprocess_from_dict, preprocess_to_dict
+from medvlm.config import PreprocessConfig, preprocess_from_dict, preprocess_to_dict, valid_prior_strength
 from medvlm.data.laterality import (mirror_labels, mirror_volumes, mirrored_channels, other_side, side_of_labels,
                                     swap_side_words)
 from medvlm.vocabulary import STRUCTURE_NAMES, TARGET_NAMES
@@ -25,7 +25,7 @@ MAX_GENERATED_VOXELS = 2 ** 26
 
 
 def _check_prior_strength(value, argument: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+    if not valid_prior_strength(value):
         name = "`prior_strength`" if argument else "prior_strength"
         raise ValueError(f"{name} must be in (0, 1] (1: no latent prior), got {value!r}")
 

@@ -100,6 +100,8 @@ def test_stage_fingerprints_follow_what_each_stage_is_built_on():
     assert changed_by(lambda c: setattr(c.models.vae, "latent_channels", 8)) == {"vae", "diffusion", "segmentation"}
     assert changed_by(lambda c: setattr(c.training.contrastive, "steps", 7)) == {"contrastive", "diffusion", "segmentation"}
     assert changed_by(lambda c: setattr(c.training, "checkpoint_every", 3)) == set()  # bookkeeping, not results
+    assert changed_by(lambda c: setattr(c.models.unet, "prior_strength", 0.5)) == set()  # read when sampling only
+    assert changed_by(lambda c: setattr(c.models.unet, "prior_rank", 4)) == {"diffusion", "segmentation"}
     assert changed_by(lambda c: setattr(c.training, "seed", 5)) == set(STAGE_INPUTS)
 
 

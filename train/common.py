@@ -50,6 +50,9 @@ STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "report_generator": (("text", "models.report_generator", "training.report_generator"), ()),
 }
 _SHARED_INPUTS = ("data.preprocess", "training.seed", "training.mixed_precision", "training.augment")
+# settings only the pipelines read when they sample: no stage's result depends on them, so changing one reuses
+# every stage and rewrites the pipelines
+_SAMPLING_ONLY: dict[str, tuple[str, ...]] = {"models.unet": ("prior_strength",)}
 
 
 def stage_settings(config: MedVLMConfig, stage: str) -> dict:
@@ -60,7 +63,7 @@ def stage_settings(config: MedVLMConfig, stage: str) -> dict:
         value = plain
         for key in path.split("."):
             value = value[key]
-        return value
+        return {k: v for k, v in value.items() if k not in _SAMPLING_ONLY[path]} if path in _SAMPLING_ONLY else value
 
     sections, _ = STAGE_INPUTS[stage]
     return {path: lookup(path) for path in (*_SHARED_INPUTS, *sections)}
