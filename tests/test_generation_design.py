@@ -255,6 +255,26 @@ def test_structure_channels_read_alone_give_back_the_structures_at_the_fitted_le
         CTAutoencoderKL(mask_channels=2, mask_field_thresholds=[0.1])
 
 
+def test_a_structure_cell_above_its_level_keeps_its_centre_voxels():
+    """structure_field_logits: an isolated latent cell above its level (a small node), which trilinear
+    interpolation averages below the level in every voxel, keeps the 2^3 voxels at its centre; a cell below its
+    level adds nothing; what trilinear reads as inside stays inside; levels_matching_volumes reads the same way."""
+    from medvlm.models import CTAutoencoderKL
+
+    vae = CTAutoencoderKL(channels=(8, 16, 16), latent_channels=4, mask_channels=2, backbone="compact")
+    fields = torch.full((1, 2, 4, 4, 4), -0.5)
+    fields[0, 0, 1, 2, 1] = 0.38
+    fields[0, 1, 1, 2, 1] = 0.2
+    fields[0, 1, 2:4, 0:2, 2:4] = 0.9  # a larger structure
+    trilinear = torch.nn.functional.interpolate(fields, size=(16, 16, 16), mode="trilinear", align_corners=False)
+    assert not bool((trilinear[0, 0] > 0.25).any())  # the plain reading loses the cell
+    inside = vae.structure_field_logits(fields, (16, 16, 16), [0.25, 0.25])[0] > 0
+    assert int(inside[0].sum()) == 8 and bool(inside[0, 5:7, 9:11, 5:7].all())
+    assert bool(inside[trilinear[0] > 0.25].all()) and not bool(inside[1, 4:8, 8:12, 4:8].any())
+    assert vae.levels_matching_volumes(fields[:, :1].repeat(1, 2, 1, 1, 1), (16, 16, 16), [8.0, 8.0],
+                                       candidates=(-0.3, 0.25, 0.4)) == [0.25, 0.25]
+
+
 def test_fields_decoding_reads_a_samples_contours_from_its_structure_channels_alone():
     """ReportToCTPipeline(mask_decoding="fields"): the masks are the sampled structure channels cut at their
     levels, whatever the CT latent; "joint" reads them through the decoder with the CT latent."""

@@ -291,9 +291,24 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
         levels = levels or self.config.mask_field_thresholds or [0.0] * k
         if len(levels) != k:
             raise ValueError(f"levels needs one value per structure channel ({k}), got {len(levels)}")
-        fields = torch.nn.functional.interpolate(mask_latents.float(), size=tuple(int(s) for s in spatial_size),
-                                                 mode="trilinear", align_corners=False)
-        return (fields - torch.tensor(levels, device=fields.device, dtype=fields.dtype).view(1, -1, 1, 1, 1)) * 20.0
+        size = tuple(int(s) for s in spatial_size)
+        fields = torch.nn.functional.interpolate(mask_latents.float(), size=size, mode="trilinear", align_corners=False)
+        level = torch.tensor(levels, device=fields.device, dtype=fields.dtype).view(1, -1, 1, 1, 1)
+        logits = (fields - level) * 20.0
+        factors = [s // c for s, c in zip(size, mask_latents.shape[2:])]
+        if all(f >= 2 and f * c == s for f, c, s in zip(factors, mask_latents.shape[2:], size)):
+            # a cell that reads as inside keeps the voxels at its centre: trilinear interpolation averages an
+            # isolated cell (a small node: one cell is 4^3 voxels) with its neighbours, below the level in every
+            # voxel, and a structure the latent carries would vanish from its contours
+            cells = torch.nn.functional.interpolate((mask_latents.float() - level) * 20.0, size=size, mode="nearest")
+            centre = torch.ones(size, dtype=torch.bool, device=fields.device)
+            for axis, f in enumerate(factors):
+                shape = [1, 1, 1]
+                shape[axis] = -1
+                offset = torch.arange(size[axis], device=fields.device) % f
+                centre = centre & ((offset == f // 2 - 1) | (offset == f // 2)).view(shape)
+            logits = torch.where(centre & (cells > 0), torch.maximum(logits, cells), logits)
+        return logits
 
     @torch.no_grad()
     def fit_field_thresholds(self, masks: Sequence[torch.Tensor],
@@ -324,11 +339,9 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
         k = int(self.config.mask_channels)
         if mask_latents.shape[1] != k or len(volumes) != k:
             raise ValueError(f"need {k} structure channels and {k} volumes, got {mask_latents.shape[1]} and {len(volumes)}")
-        fields = torch.nn.functional.interpolate(mask_latents.float(), size=tuple(int(s) for s in spatial_size),
-                                                 mode="trilinear", align_corners=False)
-        grid = torch.tensor(candidates, dtype=fields.dtype).view(-1, 1, 1)
-        flat = fields.transpose(0, 1).flatten(1)  # (K, N * voxels)
-        mean_volume = torch.stack([(flat > level).sum(1) for level in grid.flatten()]).double() / fields.shape[0]  # (levels, K)
+        # read as the pipeline reads them (structure_field_logits), at each candidate level
+        mean_volume = torch.stack([(self.structure_field_logits(mask_latents, spatial_size, [float(level)] * k) > 0)
+                                   .transpose(0, 1).flatten(1).sum(1) for level in candidates]).double() / mask_latents.shape[0]
         target = torch.as_tensor(list(volumes), dtype=torch.float64)
         error = (torch.log1p(mean_volume) - torch.log1p(target)).abs()
         return [float(candidates[int(i)]) for i in error.argmin(0)]
