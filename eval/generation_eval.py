@@ -32,6 +32,7 @@ import torch
 
 from medvlm.data.transforms import BODY_HU, body_midline
 from medvlm.cli import claim_output
+from medvlm.config import valid_prior_strength
 
 # HU ranges of the tissues compared (inside the body, > BODY_HU); air and lung are left out because the
 # ROI's amount of outside air depends on the crop, not on the generator
@@ -564,8 +565,6 @@ def evaluate(run: str | Path, data: str | Path | None = None, *, n_per_side: int
 
 
 def main(argv=None) -> int:
-    from medvlm.config import valid_prior_strength
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="training run folder (report_to_ct/, zero_shot/, baseline/)")
     parser.add_argument("--data", default=None, help="dataset folder (datalist.json): adds the autoencoder ceiling "
