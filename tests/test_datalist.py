@@ -58,6 +58,16 @@ def test_missing_image_file_names_section_item_and_field(dataset):
     assert str(path) in str(info.value)
 
 
+def test_an_image_that_is_not_nifti_is_named_with_the_way_to_convert_it(dataset):
+    (dataset / "images" / "scan.mha").write_bytes(b"ObjectType = Image\n")
+
+    def change(payload):
+        payload["validation"][0]["image"] = "images/scan.mha"
+
+    with pytest.raises(DatalistError, match=r"validation\[0\], field 'image': expected a NIfTI file .*scan.mha.*import-dicom"):
+        load_datalist(_edit_datalist(dataset, change))
+
+
 def test_malformed_json_reports_line_and_column(dataset):
     (dataset / "datalist.json").write_text('{"training": [ {"image": "a.nii.gz",, } ]}')
     with pytest.raises(DatalistError, match=r"not valid JSON \(line 1, column"):

@@ -131,6 +131,20 @@ def test_unet_prediction_and_fused_features(tiny):
     assert out.features[-1].shape == (2, unet.feature_channels, 8, 8, 8)
 
 
+def test_unet_attention_is_torchs_fused_kernel_and_equals_monais_explicit_attention(tiny):
+    unet = _as_if_trained(tiny[1]["unet"])
+    blocks = [m for m in unet.modules() if hasattr(m, "use_flash_attention")]
+    assert blocks and all(m.use_flash_attention for m in blocks)  # self- and cross-attention alike
+    z = torch.randn(2, 13, 8, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        fused = unet(z, torch.tensor([3, 700]), _context()).sample
+        for block in blocks:
+            block.use_flash_attention = False
+        explicit = unet(z, torch.tensor([3, 700]), _context()).sample
+    assert explicit.abs().mean() > 1e-3
+    torch.testing.assert_close(fused, explicit, rtol=1e-4, atol=1e-5)
+
+
 def test_parsed_fields_reach_the_unet_as_a_context_token(tiny):
     unet = _as_if_trained(tiny[1]["unet"])
     size = unet.config.report_fields

@@ -29,6 +29,19 @@ def _resolve(base: Path, value: Any, where: str, field: str) -> str:
     return str(path)
 
 
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def _nifti(base: Path, value: Any, where: str, field: str) -> str:
+    """A datalist image or label: an existing NIfTI file (training and evaluation read them with MONAI's
+    ``NibabelReader``)."""
+    path = _resolve(base, value, where, field)
+    if not path.lower().endswith(NIFTI_SUFFIXES):
+        raise DatalistError(f"{where}, field {field!r}: expected a NIfTI file (.nii or .nii.gz), got {Path(path).name}; "
+                            "convert DICOM series with `medvlm data import-dicom`")
+    return path
+
+
 def _report(base: Path, value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise DatalistError(f"{where}, field 'report': expected text or a .txt path, got {type(value).__name__}")
@@ -108,9 +121,9 @@ def load_datalist(path: str | os.PathLike, *, records_csv: str | os.PathLike | N
             if "image" not in item:
                 raise DatalistError(f"{where}: missing field 'image'")
             entry = dict(item)
-            entry["image"] = _resolve(base, item["image"], where, "image")
+            entry["image"] = _nifti(base, item["image"], where, "image")
             if "label" in item:
-                entry["label"] = _resolve(base, item["label"], where, "label")
+                entry["label"] = _nifti(base, item["label"], where, "label")
             elif require_labels:
                 raise DatalistError(f"{where}: missing field 'label' (labels are required here)")
             if "report" in item and read_reports:
