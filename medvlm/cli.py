@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -290,6 +291,10 @@ def configure_logging(verbose: bool = False) -> None:
     if not verbose:
         for noisy in ("accelerate", "transformers", "diffusers"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # MONAI's LoadImage builds every reader it knows, and its GPU DICOM reader says at each build that
+        # nvImageCodec is missing; medvlm reads NIfTI with nibabel and DICOM with pydicom, so the note is noise
+        logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,8 +49,7 @@ def preprocessing_transforms(config: PreprocessConfig | None = None, *, image_ke
     chain = []
     if load:
         chain += [
-            # datalists hold NIfTI files (DICOM series are imported to NIfTI first): naming the reader keeps
-            # LoadImaged from building every registered reader, and their warnings, for each chain
+            # datalists hold NIfTI files (DICOM series are imported to NIfTI first, medvlm.data.datalist checks)
             LoadImaged(keys=keys, reader="NibabelReader", image_only=True, allow_missing_keys=True),
             EnsureChannelFirstd(keys=image_key, channel_dim="no_channel"),
         ]
