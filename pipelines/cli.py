@@ -51,6 +51,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     prompt = text_or_file(args.prompt)
     pipe = ReportToCTPipeline.from_pretrained(args.pipeline)
+    _for_cpu(pipe)
     claim_output(args, "generate")  # once the inputs are read: a run refused for them leaves --out as it was
     for first in range(0, args.n, GENERATE_CHUNK):  # bounded memory for any --n; seed i makes volume i
         count = min(GENERATE_CHUNK, args.n - first)
@@ -67,6 +68,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _for_cpu(pipe) -> None:
+    """Channels-last 3D convolutions and a few volumes at a time: faster on CPU (where the CLI runs), the same
+    volumes up to float rounding."""
+    pipe.enable_channels_last()
+    pipe.enable_batch_slicing()
+
+
 def cmd_augment(args: argparse.Namespace) -> int:
     from pipelines import ReportToCTPipeline
     from pipelines.augment import augment_dataset
@@ -76,6 +84,7 @@ def cmd_augment(args: argparse.Namespace) -> int:
                          f"{args.per_case}")
     pipe = ReportToCTPipeline.from_pretrained(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
+    _for_cpu(pipe)
     claim_output(args, "augment")  # a rerun of the same command continues: finished cases are reused
     target = augment_dataset(pipe, args.data, args.out, per_case=args.per_case, synthesis=args.synthesis,
                              cases=args.cases, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,

@@ -403,6 +403,29 @@ def test_batch_with_one_generator_each_equals_single_calls(pipes):
     assert np.abs(batch.ct[1] - single.ct[0]).max() < 0.05
 
 
+def test_batch_slicing_runs_the_unet_and_decoder_on_slices_with_the_same_volumes(pipes, monkeypatch):
+    pipe = pipes["report_to_ct"]
+    prompts = ["a left tonsil", "a right larynx", "a left tonsil T4"]
+    kwargs = dict(num_inference_steps=3, generator=[torch.Generator().manual_seed(i) for i in range(3)])
+    whole = pipe(prompts, **kwargs)
+    seen = {"unet": [], "vae": []}
+    unet_forward, decode = pipe.unet.forward, pipe.vae.decode
+    monkeypatch.setattr(pipe.unet, "forward", lambda x, *a, **k: seen["unet"].append(len(x)) or unet_forward(x, *a, **k))
+    monkeypatch.setattr(pipe.vae, "decode", lambda z, *a, **k: seen["vae"].append(len(z)) or decode(z, *a, **k))
+    pipe.enable_batch_slicing(2)
+    try:
+        kwargs["generator"] = [torch.Generator().manual_seed(i) for i in range(3)]
+        sliced = pipe(prompts, **kwargs)
+    finally:
+        pipe.disable_batch_slicing()
+    # guidance doubles the batch to 6: three UNet slices a step; the decoder: 2 + 1 volumes
+    assert seen["unet"] == [2, 2, 2] * 3 and seen["vae"] == [2, 1]
+    assert np.abs(sliced.ct - whole.ct).max() < 0.05 and (sliced.masks != whole.masks).mean() < 1e-3
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="slice_size"):
+            pipe.enable_batch_slicing(bad)
+
+
 def _source(pipe, case):
     """A phantom case on the pipeline's model grid: its CT in HU and its nine structure masks."""
     labels = np.stack([case.labels[case.label_names.index(n)] for n in pipe.config.structure_names])
