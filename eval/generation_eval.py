@@ -113,6 +113,17 @@ def _generator_pipe(run: Path, scheduler: str | None):
     return pipe
 
 
+def _generator_config(run: str | Path | None):
+    """The preprocessing of the run's report-to-CT pipeline (from its ``model_index.json``, no weights read)."""
+    if run is None:
+        raise ValueError("autoencoder_ceiling needs a run folder or the preprocessing `config` of the autoencoder")
+    import json
+
+    from medvlm.config import preprocess_from_dict
+
+    return preprocess_from_dict(json.loads((Path(run) / "report_to_ct" / "model_index.json").read_text())["preprocess"])
+
+
 def _oar_dice(first: np.ndarray, second: np.ndarray, names: Sequence[str]) -> float:
     """Mean Dice over the organs at risk between two (C, X, Y, Z) mask sets (MONAI ``compute_dice``)."""
     from monai.metrics import compute_dice
@@ -283,12 +294,15 @@ def generate_from_test_reports(run: str | Path, data: str | Path, *, n: int = 8,
 
 @torch.no_grad()
 def realism_and_diversity(run: str | Path, data: str | Path, samples: Sequence[np.ndarray], affine: np.ndarray,
-                          groups: Sequence[Sequence[int]], max_pairs: int | None = 32, reconstructions: bool = True) -> dict:
+                          groups: Sequence[Sequence[int]], max_pairs: int | None = 32,
+                          reconstructions: bool | Sequence[tuple] = True) -> dict:
     """Generated CTs (HU, with their affine; ``groups``: indices of samples from one prompt) against the
     held-out test CTs, all on the image tower's preprocessed grid: Frechet distance of contrastive
     embeddings with its real-vs-real floor (validation CTs, as many as samples), tissue statistics, MS-SSIM;
     with ``reconstructions``, the Frechet distance and tissue statistics of the VAE's reconstructions of those
-    validation CTs (:func:`vae_reconstructions`), the ceiling of what generation through that VAE can reach.
+    validation CTs (:func:`vae_reconstructions`), the ceiling of what generation through that VAE can reach;
+    ``reconstructions`` may also be those already made, (HU, affine) or (input HU, HU, label, affine) per
+    validation CT in datalist order.
 
     ``max_pairs``: MS-SSIM means over at most this many pairs per row (None: every pair). 3D MS-SSIM costs
     about a third of a second a pair on 2 CPU cores and 16 samples make 240 pairs in the three rows; of the
@@ -319,8 +333,12 @@ def realism_and_diversity(run: str | Path, data: str | Path, samples: Sequence[n
         chosen = reference[:len(samples)]
         result["frechet_validation_vs_test"] = _frechet(embedder.embed_ct([i["image"] for i in chosen]), real_embeds)
         result["n_reference"] = len(chosen)
-        if reconstructions:
-            rebuilt = torch.cat([embedder.prepare_volumes([hu], affine=affine_) for hu, affine_ in vae_reconstructions(run, chosen)])
+        if reconstructions is not False:
+            made = vae_reconstructions(run, chosen) if reconstructions is True else \
+                [(item[-3], item[-1]) for item in list(reconstructions)[:len(chosen)]]
+            if len(made) != len(chosen):
+                raise ValueError(f"{len(made)} reconstructions given for {len(chosen)} validation CTs")
+            rebuilt = torch.cat([embedder.prepare_volumes([hu], affine=affine_) for hu, affine_ in made])
             result["frechet_reconstructed_vs_test"] = _frechet(embed(rebuilt), real_embeds)
             result["tissues_reconstructed"] = tissue_statistics(real_hu, to_hu(rebuilt.numpy(), config))
     data_range = float(config.output_range[1] - config.output_range[0])
@@ -394,7 +412,8 @@ def lesion_contrast_hu(volume_hu: np.ndarray, lesion: np.ndarray, reference_hu: 
     return float(volume_hu[lesion].mean() - volume_hu[shell].mean()) if shell.any() else None
 
 
-def autoencoder_ceiling(run: str | Path | None, items: Sequence[dict], *, vae=None, config=None) -> dict:
+def autoencoder_ceiling(run: str | Path | None, items: Sequence[dict], *, vae=None, config=None,
+                        reconstructions: Sequence[tuple] | None = None) -> dict:
     """The autoencoder (the run's, or ``vae`` with its preprocessing ``config``) alone on real CTs (``items``, e.g.
     the validation split): mean absolute error inside the body (HU), bone share (> 300 HU) of the reconstructions
     against the inputs', and the GTVp's contrast to its surroundings (inputs vs reconstructions, mean and median
@@ -404,13 +423,17 @@ def autoencoder_ceiling(run: str | Path | None, items: Sequence[dict], *, vae=No
     With the run's image-only baseline (``run`` given and it has one): ``judge_oar_dice_input`` /
     ``judge_oar_dice_reconstruction``, the baseline's mean organ-at-risk Dice against the items' contours on the
     CTs and on their reconstructions. The second bounds the pairing figure: a generated CT is judged by that
-    baseline, and it can look no more real than a reconstruction."""
+    baseline, and it can look no more real than a reconstruction.
+
+    ``reconstructions``: those of ``items`` already made (:func:`vae_reconstructions` with ``with_inputs``)."""
     from medvlm.vocabulary import STRUCTURE_NAMES
 
     errors, bone_in, bone_out, contrast_in, contrast_out = [], 0, 0, [], []
     judged_in, judged_out = [], []
     body_voxels = 0
-    if vae is None:
+    if reconstructions is not None:
+        config = config or _generator_config(run)
+    elif vae is None:
         if run is None:
             raise ValueError("autoencoder_ceiling needs a run folder or an autoencoder (`vae` with its `config`)")
         from pipelines import ReportToCTPipeline
@@ -419,7 +442,9 @@ def autoencoder_ceiling(run: str | Path | None, items: Sequence[dict], *, vae=No
         vae, config = pipe.vae, pipe.preprocess_config
     judge = BaselineJudge(run, config) if run is not None and (Path(run) / "baseline" / "final" / "baseline").is_dir() \
         else None
-    made = reconstruct_items(vae, config, items, with_inputs=True)
+    made = list(reconstructions) if reconstructions is not None else reconstruct_items(vae, config, items, with_inputs=True)
+    if len(made) != len(items) or any(len(m) != 4 for m in made):
+        raise ValueError(f"reconstructions: expected (input HU, HU, label, affine) for each of the {len(items)} items")
     for hu_in, hu_out, label, _ in made:
         if judge is not None and label is not None:
             truth = label.numpy() > 0.5
@@ -561,8 +586,11 @@ def evaluate(run: str | Path, data: str | Path | None = None, *, n_per_side: int
     prompts = fidelity.pop("prompts", None)
     if data is not None:
         validation = load_datalist(data).get("validation", [])
-        ceiling = autoencoder_ceiling(run, validation) if validation else None
-        realism = realism_and_diversity(run, data, fidelity.pop("samples"), fidelity.pop("affine"), fidelity.pop("groups"))
+        # the validation CTs through the autoencoder once: the ceiling's and the realism's reference
+        made = vae_reconstructions(run, validation, with_inputs=True) if validation else None
+        ceiling = autoencoder_ceiling(run, validation, reconstructions=made) if validation else None
+        realism = realism_and_diversity(run, data, fidelity.pop("samples"), fidelity.pop("affine"), fidelity.pop("groups"),
+                                        reconstructions=made if made is not None else True)
     return {"fidelity": fidelity, "stages": stages, "ceiling": ceiling, "realism": realism, "prompts": prompts,
             "targets": generation_targets(ceiling, fidelity, stages, realism)}
 

@@ -911,6 +911,13 @@ def test_generation_fidelity_pairing_and_stages_are_judged_by_the_baseline_and_t
     assert 0.0 <= ceiling["judge_oar_dice_input"] <= 1.0
     with pytest.raises(ValueError, match="needs a run folder or an autoencoder"):
         autoencoder_ceiling(None, items)
+    # reconstructions made once (as `evaluate` shares them with the realism figures) give the same ceiling
+    from eval.generation_eval import vae_reconstructions
+
+    made = vae_reconstructions(trained, items, with_inputs=True)
+    assert autoencoder_ceiling(trained, items, reconstructions=made) == ceiling
+    with pytest.raises(ValueError, match="for each of the 2 items"):
+        autoencoder_ceiling(trained, items, reconstructions=made[:1])
     for judge in JUDGES:
         row = stages[judge]
         assert all(row[k] in (0.0, 0.5, 1.0) for k in ("T4 GTVp larger than T1", "N0 without GTVn", "N2 with GTVn"))
