@@ -10,7 +10,8 @@
    generation``).
 3. Training throughput per stage (samples/s) from a run's ``training_summary.json`` when ``--run`` is given.
 
-Untrained demo-sized networks are used for 1 and 2: time and memory do not depend on the weights.
+Untrained demo-sized networks are used for 1 and 2 (with a latent prior fitted to random latents where the preset
+samples through one): time and memory do not depend on the weights.
 """
 from __future__ import annotations
 
@@ -22,6 +23,25 @@ import time
 from pathlib import Path
 
 
+def _trained_like_unet(config):
+    """The preset's UNet as training exports it: with its latent template and, where the preset samples through
+    one, a latent prior fitted to random latents (sampling time does not depend on the values)."""
+    import torch
+    from transformers import AutoConfig
+
+    from medvlm.models.factory import build_unet, build_vae
+    from medvlm.text.encoders import resolve_text_encoder_path
+
+    context_dim = int(AutoConfig.from_pretrained(resolve_text_encoder_path(config.text.encoder), local_files_only=True).hidden_size)
+    compression = build_vae(config.models, config.data.preprocess).compression
+    grid = [int(s) // compression for s in config.data.preprocess.roi_size]
+    unet = build_unet(config.models, context_dim, template_size=grid)
+    if unet.config.prior_rank:
+        cases = int(unet.config.prior_rank) + 1
+        unet.set_prior(torch.randn(cases, *unet.prior_mean.shape, generator=torch.Generator().manual_seed(0)))
+    return unet
+
+
 def generation_seconds(config_name: str, steps: list[tuple[str, int]]) -> list[tuple[str, int, float]]:
     import diffusers
     import torch
@@ -30,7 +50,8 @@ def generation_seconds(config_name: str, steps: list[tuple[str, int]]) -> list[t
     from pipelines.assemble import build_pipelines
 
     torch.set_num_threads(2)
-    pipe = build_pipelines(load_config(config_name), report_texts=["x"] * 3)["report_to_ct"]
+    config = load_config(config_name)
+    pipe = build_pipelines(config, components={"unet": _trained_like_unet(config)}, report_texts=["x"] * 3)["report_to_ct"]
     pipe.set_progress_bar_config(disable=True)
     pipe.enable_channels_last()
     prompt = "Left tonsil squamous cell carcinoma, T2 N1 M0. Elective neck: ipsilateral (left)."

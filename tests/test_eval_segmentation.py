@@ -131,6 +131,14 @@ def test_benchmark_command_measures_each_schedule(capsys, tmp_path):
     assert [row.split("|")[2].strip() for row in rows] == ["50", "25", "10"]
     assert "| DDIM | 50 |" in printed and "1.00 x" in printed and "| vae | 3 | 1.50 |" in printed
     assert "no report_to_ct pipeline: laterality fidelity per schedule not measured" in printed
+    # a preset that samples through a latent prior (as the demo's) is timed on that path, not refused
+    import yaml
+
+    tiny = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml").read_text())
+    tiny["models"]["unet"] |= {"latent_template": True, "prior_rank": 2, "prior_strength": 0.5, "prior_spread": 0.5}
+    (tmp_path / "prior.yaml").write_text(yaml.safe_dump(tiny))
+    assert benchmark.main(["--config", str(tmp_path / "prior.yaml"), "--skip-ddpm", "--skip-contour"]) == 0
+    assert "| DDIM | 25 |" in capsys.readouterr().out
 
 
 def test_gpu_model_benchmark_runs_every_step_on_the_tiny_preset_on_cpu(capsys):
