@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -63,7 +64,9 @@ def structure_scores(prediction: np.ndarray, truth: np.ndarray, spacing_mm: Sequ
     # distances, found once here with MONAI's own helper and reduced as those classes reduce them
     # (tests/test_eval_segmentation.py checks that the numbers are the classes' numbers). Three times was a
     # fifth of the demo's segmentation evaluation (5 variants x 18 cases x 9 structures).
-    _, (to_truth, to_prediction), _ = get_edge_surface_distance(y_pred[0, 0], y[0, 0], spacing=spacing, symmetric=True)
+    with warnings.catch_warnings():  # MONAI's helper passes its own deprecated argument to get_mask_edges
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+        _, (to_truth, to_prediction), _ = get_edge_surface_distance(y_pred[0, 0], y[0, 0], spacing=spacing, symmetric=True)
     hd95 = torch.maximum(torch.quantile(to_truth.double(), 0.95), torch.quantile(to_prediction.double(), 0.95))
     asd = torch.cat([to_truth, to_prediction]).double().mean()
     nsd = ((to_truth <= SURFACE_TOLERANCE_MM).sum() + (to_prediction <= SURFACE_TOLERANCE_MM).sum()) / (

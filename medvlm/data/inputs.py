@@ -41,7 +41,7 @@ class PreparedCT:
     def to_input_grid(self, prediction: torch.Tensor, *, nearest: bool = False) -> np.ndarray:
         """Map a (C, X, Y, Z) prediction on the processed grid back to the input grid (C, ...)."""
         image = self.data["image"]
-        meta = MetaTensor(prediction.detach().cpu().float(), affine=image.affine, meta=dict(image.meta))
+        meta = MetaTensor(prediction.detach().cpu().float(), meta=dict(image.meta))  # the image's affine with its meta
         meta.applied_operations = list(image.applied_operations)
         restored = invert_to_input(self.transform, {"image": image, "pred": meta}, key="pred", nearest=nearest)
         restored = np.asarray(restored.detach().cpu().numpy())
