@@ -335,7 +335,7 @@ def realism_and_diversity(run: str | Path, data: str | Path, samples: Sequence[n
         result["n_reference"] = len(chosen)
         if reconstructions is not False:
             made = vae_reconstructions(run, chosen) if reconstructions is True else \
-                [(item[-3], item[-1]) for item in list(reconstructions)[:len(chosen)]]
+                [(item[1], item[3]) if len(item) == 4 else tuple(item) for item in list(reconstructions)[:len(chosen)]]
             if len(made) != len(chosen):
                 raise ValueError(f"{len(made)} reconstructions given for {len(chosen)} validation CTs")
             rebuilt = torch.cat([embedder.prepare_volumes([hu], affine=affine_) for hu, affine_ in made])
