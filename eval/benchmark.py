@@ -23,17 +23,16 @@ import time
 from pathlib import Path
 
 
-def _trained_like_unet(config):
+def _trained_like_unet(config, compression: int):
     """The preset's UNet as training exports it: with its latent template and, where the preset samples through
     one, a latent prior fitted to random latents (sampling time does not depend on the values)."""
     import torch
     from transformers import AutoConfig
 
-    from medvlm.models.factory import build_unet, build_vae
+    from medvlm.models.factory import build_unet
     from medvlm.text.encoders import resolve_text_encoder_path
 
     context_dim = int(AutoConfig.from_pretrained(resolve_text_encoder_path(config.text.encoder), local_files_only=True).hidden_size)
-    compression = build_vae(config.models, config.data.preprocess).compression
     grid = [int(s) // compression for s in config.data.preprocess.roi_size]
     unet = build_unet(config.models, context_dim, template_size=grid)
     if unet.config.prior_rank:
@@ -47,11 +46,14 @@ def generation_seconds(config_name: str, steps: list[tuple[str, int]]) -> list[t
     import torch
 
     from medvlm.config import load_config
+    from medvlm.models.factory import build_vae
     from pipelines.assemble import build_pipelines
 
     torch.set_num_threads(2)
     config = load_config(config_name)
-    pipe = build_pipelines(config, components={"unet": _trained_like_unet(config)}, report_texts=["x"] * 3)["report_to_ct"]
+    vae = build_vae(config.models, config.data.preprocess)
+    components = {"vae": vae, "unet": _trained_like_unet(config, vae.compression)}
+    pipe = build_pipelines(config, components=components, report_texts=["x"] * 3)["report_to_ct"]
     pipe.set_progress_bar_config(disable=True)
     pipe.enable_channels_last()
     prompt = "Left tonsil squamous cell carcinoma, T2 N1 M0. Elective neck: ipsilateral (left)."

@@ -113,17 +113,6 @@ def _generator_pipe(run: Path, scheduler: str | None):
     return pipe
 
 
-def _generator_config(run: str | Path | None):
-    """The preprocessing of the run's report-to-CT pipeline (from its ``model_index.json``, no weights read)."""
-    if run is None:
-        raise ValueError("autoencoder_ceiling needs a run folder or the preprocessing `config` of the autoencoder")
-    import json
-
-    from medvlm.config import preprocess_from_dict
-
-    return preprocess_from_dict(json.loads((Path(run) / "report_to_ct" / "model_index.json").read_text())["preprocess"])
-
-
 def _oar_dice(first: np.ndarray, second: np.ndarray, names: Sequence[str]) -> float:
     """Mean Dice over the organs at risk between two (C, X, Y, Z) mask sets (MONAI ``compute_dice``)."""
     from monai.metrics import compute_dice
@@ -431,15 +420,13 @@ def autoencoder_ceiling(run: str | Path | None, items: Sequence[dict], *, vae=No
     errors, bone_in, bone_out, contrast_in, contrast_out = [], 0, 0, [], []
     judged_in, judged_out = [], []
     body_voxels = 0
-    if reconstructions is not None:
-        config = config or _generator_config(run)
-    elif vae is None:
+    if (vae is None and reconstructions is None) or config is None:
         if run is None:
             raise ValueError("autoencoder_ceiling needs a run folder or an autoencoder (`vae` with its `config`)")
         from pipelines import ReportToCTPipeline
 
         pipe = ReportToCTPipeline.from_pretrained(Path(run) / "report_to_ct")
-        vae, config = pipe.vae, pipe.preprocess_config
+        vae, config = (pipe.vae if vae is None else vae), pipe.preprocess_config
     judge = BaselineJudge(run, config) if run is not None and (Path(run) / "baseline" / "final" / "baseline").is_dir() \
         else None
     made = list(reconstructions) if reconstructions is not None else reconstruct_items(vae, config, items, with_inputs=True)
@@ -587,8 +574,14 @@ def evaluate(run: str | Path, data: str | Path | None = None, *, n_per_side: int
     if data is not None:
         validation = load_datalist(data).get("validation", [])
         # the validation CTs through the autoencoder once: the ceiling's and the realism's reference
-        made = vae_reconstructions(run, validation, with_inputs=True) if validation else None
-        ceiling = autoencoder_ceiling(run, validation, reconstructions=made) if validation else None
+        ceiling = made = None
+        if validation:
+            from pipelines import ReportToCTPipeline
+
+            pipe = ReportToCTPipeline.from_pretrained(Path(run) / "report_to_ct")
+            made = reconstruct_items(pipe.vae, pipe.preprocess_config, validation, with_inputs=True)
+            ceiling = autoencoder_ceiling(run, validation, vae=pipe.vae, config=pipe.preprocess_config,
+                                          reconstructions=made)
         realism = realism_and_diversity(run, data, fidelity.pop("samples"), fidelity.pop("affine"), fidelity.pop("groups"),
                                         reconstructions=made if made is not None else True)
     return {"fidelity": fidelity, "stages": stages, "ceiling": ceiling, "realism": realism, "prompts": prompts,

@@ -291,24 +291,35 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
         levels = levels or self.config.mask_field_thresholds or [0.0] * k
         if len(levels) != k:
             raise ValueError(f"levels needs one value per structure channel ({k}), got {len(levels)}")
-        size = tuple(int(s) for s in spatial_size)
-        fields = torch.nn.functional.interpolate(mask_latents.float(), size=size, mode="trilinear", align_corners=False)
+        fields, cells, centre = self._structure_fields(mask_latents, spatial_size)
         level = torch.tensor(levels, device=fields.device, dtype=fields.dtype).view(1, -1, 1, 1, 1)
         logits = (fields - level) * 20.0
-        factors = [s // c for s, c in zip(size, mask_latents.shape[2:])]
-        if all(f >= 2 and f * c == s for f, c, s in zip(factors, mask_latents.shape[2:], size)):
+        if cells is not None:
             # a cell that reads as inside keeps the voxels at its centre: trilinear interpolation averages an
             # isolated cell (a small node: one cell is 4^3 voxels) with its neighbours, below the level in every
             # voxel, and a structure the latent carries would vanish from its contours
-            cells = torch.nn.functional.interpolate((mask_latents.float() - level) * 20.0, size=size, mode="nearest")
-            centre = torch.ones(size, dtype=torch.bool, device=fields.device)
-            for axis, f in enumerate(factors):
-                shape = [1, 1, 1]
-                shape[axis] = -1
-                offset = torch.arange(size[axis], device=fields.device) % f
-                centre = centre & ((offset == f // 2 - 1) | (offset == f // 2)).view(shape)
+            cells = (cells - level) * 20.0
             logits = torch.where(centre & (cells > 0), torch.maximum(logits, cells), logits)
         return logits
+
+    @staticmethod
+    def _structure_fields(mask_latents: torch.Tensor, spatial_size: Sequence[int]):
+        """What reading structure channels at ``spatial_size`` needs, whatever the level: the channels interpolated
+        trilinearly and, where ``spatial_size`` is an integer multiple >= 2 of the latent grid, each voxel's own
+        cell value (nearest) and the mask of the 2^3 voxels at each cell's centre (else None, None)."""
+        size = tuple(int(s) for s in spatial_size)
+        fields = torch.nn.functional.interpolate(mask_latents.float(), size=size, mode="trilinear", align_corners=False)
+        factors = [s // c for s, c in zip(size, mask_latents.shape[2:])]
+        if not all(f >= 2 and f * c == s for f, c, s in zip(factors, mask_latents.shape[2:], size)):
+            return fields, None, None
+        cells = torch.nn.functional.interpolate(mask_latents.float(), size=size, mode="nearest")
+        centre = torch.ones(size, dtype=torch.bool, device=fields.device)
+        for axis, f in enumerate(factors):
+            shape = [1, 1, 1]
+            shape[axis] = -1
+            offset = torch.arange(size[axis], device=fields.device) % f
+            centre = centre & ((offset == f // 2 - 1) | (offset == f // 2)).view(shape)
+        return fields, cells, centre
 
     @torch.no_grad()
     def fit_field_thresholds(self, masks: Sequence[torch.Tensor],
@@ -339,9 +350,12 @@ class CTAutoencoderKL(AlignedModelMixin, ConfigMixin):
         k = int(self.config.mask_channels)
         if mask_latents.shape[1] != k or len(volumes) != k:
             raise ValueError(f"need {k} structure channels and {k} volumes, got {mask_latents.shape[1]} and {len(volumes)}")
-        # read as the pipeline reads them (structure_field_logits), at each candidate level
-        mean_volume = torch.stack([(self.structure_field_logits(mask_latents, spatial_size, [float(level)] * k) > 0)
-                                   .transpose(0, 1).flatten(1).sum(1) for level in candidates]).double() / mask_latents.shape[0]
+        # read as the pipeline reads them (structure_field_logits): a voxel is inside at a level where its trilinear
+        # field, or at a cell's centre voxels the cell's own value, is above it; interpolated once for every level
+        fields, cells, centre = self._structure_fields(mask_latents, spatial_size)
+        reach = fields if cells is None else torch.where(centre, torch.maximum(fields, cells), fields)
+        flat = reach.transpose(0, 1).flatten(1)  # (K, N * voxels)
+        mean_volume = torch.stack([(flat > float(level)).sum(1) for level in candidates]).double() / mask_latents.shape[0]
         target = torch.as_tensor(list(volumes), dtype=torch.float64)
         error = (torch.log1p(mean_volume) - torch.log1p(target)).abs()
         return [float(candidates[int(i)]) for i in error.argmin(0)]
